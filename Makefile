@@ -1,0 +1,27 @@
+# The two commands of the README. `make run`: install and run the main job on the embedded default.
+# `make test`: install and run the whole test suite (lint, types, tests); .ci/run calls exactly this.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test run test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+run: install
+	$(BIN)/idstitch ingest examples/walkthrough.ndjson
+	$(BIN)/idstitch stats
+
+test: install-test
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	$(BIN)/pytest

@@ -1,0 +1,1 @@
+"""Benchmarks: printed figures (and --json for machines), never timed unit tests."""

@@ -1,0 +1,204 @@
+"""Ingest benchmarks: a generated realistic stream through the engine into a store, timed end to end."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from idstitch.config import Config
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import Message, decode_message
+from idstitch.engine import Engine
+from idstitch.sim.population import WorkloadConfig, write_ndjson
+from idstitch.storage.urls import open_store
+
+__all__ = ["BenchResult", "ensure_workload", "parse_only_rate", "percentile", "run_ingest_bench"]
+
+CHECKPOINTS = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000)
+
+
+@dataclass
+class BenchResult:
+    """The figures one ingest benchmark prints."""
+
+    name: str
+    store: str
+    messages: int
+    batch_size: int
+    seconds: float
+    messages_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    peak_rss_mb: float
+    parse_only_messages_per_s: float
+    parse_only_ratio: float
+    rate_by_size: list[dict[str, float]] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object `--json` prints."""
+        return {
+            "benchmark": self.name,
+            "store": self.store,
+            "messages": self.messages,
+            "batch_size": self.batch_size,
+            "seconds": round(self.seconds, 3),
+            "messages_per_s": round(self.messages_per_s, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p95_ms": round(self.p95_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "parse_only_messages_per_s": round(self.parse_only_messages_per_s, 1),
+            "parse_only_ratio": round(self.parse_only_ratio, 4),
+            "rate_by_size": self.rate_by_size,
+            "outcomes": self.outcomes,
+            "stats": self.stats,
+        }
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("IDSTITCH_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "idstitch-bench")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_workload(messages: int, seed: int) -> Path:
+    """The generated NDJSON stream for (messages, seed), written once and reused (it is deterministic)."""
+    path = _cache_dir() / f"workload-{messages}-{seed}.ndjson"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        write_ndjson(partial, WorkloadConfig(messages=messages, seed=seed))
+        partial.replace(path)
+    return path
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        for line in file:
+            if line.strip():
+                yield line
+
+
+def percentile(values: array[float], fraction: float) -> float:
+    """The value below which `fraction` of the (sorted) values lie, nearest-rank."""
+    if not values:
+        return 0.0
+    index = min(len(values) - 1, max(0, round(fraction * len(values)) - 1))
+    return values[index]
+
+
+def parse_only_rate(path: Path, limit: int) -> float:
+    """msgspec JSON decoding of the same bytes, messages per second: the ceiling for any ingest."""
+    decoder = msgspec.json.Decoder()
+    count = 0
+    started = time.perf_counter()
+    for line in _lines(path):
+        decoder.decode(line)
+        count += 1
+        if count >= limit:
+            break
+    elapsed = time.perf_counter() - started
+    return count / elapsed if elapsed > 0 else 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_ingest_bench(
+    name: str,
+    store_url: str,
+    *,
+    messages: int,
+    seed: int = 1,
+    batch_size: int = 100,
+    progress: Callable[[int], None] | None = None,
+) -> BenchResult:
+    """Ingest `messages` generated messages into the store; latency is receipt (line read) to commit."""
+    path = ensure_workload(messages, seed)
+    parse_rate = parse_only_rate(path, messages)
+    store = open_store(store_url)
+    engine = Engine(store, Config.default())
+    space = "default"
+    latencies: array[float] = array("d")
+    outcomes: dict[str, int] = {}
+    checkpoints = [size for size in CHECKPOINTS if size <= messages]
+    rate_by_size: list[dict[str, float]] = []
+    received_at = datetime.now(UTC)
+    batch: list[Message | InvalidEvent] = []
+    receipts: list[float] = []
+    done = 0
+    clock = time.perf_counter
+    gc.freeze()  # the long-lived config and caches need not be scanned on every collection
+    started = clock()
+    last_mark, last_time = 0, started
+
+    def flush() -> None:
+        nonlocal done, last_mark, last_time
+        result = engine.ingest(batch, space=space)
+        committed = clock()
+        latencies.extend(committed - receipt for receipt in receipts)
+        for outcome in result.outcomes:
+            outcomes[outcome.status] = outcomes.get(outcome.status, 0) + 1
+        done += len(batch)
+        batch.clear()
+        receipts.clear()
+        if progress is not None:
+            progress(done)
+        while checkpoints and done >= checkpoints[0]:
+            size = checkpoints.pop(0)
+            rate_by_size.append(
+                {
+                    "messages": size,
+                    "cumulative_messages_per_s": round(done / (committed - started), 1),
+                    "segment_messages_per_s": round((done - last_mark) / (committed - last_time), 1),
+                }
+            )
+            last_mark, last_time = done, committed
+
+    for line in _lines(path):
+        receipts.append(clock())
+        try:
+            batch.append(decode_message(line, received_at=received_at))
+        except InvalidEvent as error:
+            batch.append(error)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    elapsed = clock() - started
+    stats = store.stats(space).as_dict()
+    store.close()
+    latencies = array("d", sorted(latencies))
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return BenchResult(
+        name=name,
+        store=store_url,
+        messages=done,
+        batch_size=batch_size,
+        seconds=elapsed,
+        messages_per_s=rate,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p95_ms=percentile(latencies, 0.95) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        peak_rss_mb=_peak_rss_mb(),
+        parse_only_messages_per_s=parse_rate,
+        parse_only_ratio=rate / parse_rate if parse_rate else 0.0,
+        rate_by_size=rate_by_size,
+        outcomes=outcomes,
+        stats=stats,
+    )

@@ -1,0 +1,633 @@
+"""The command line: `idstitch ingest | profile | explain | stats | bench`.
+
+An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
+0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
+1 the profile asked for does not exist, 2 a usage or configuration error (missing file, unknown space,
+bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C / SIGTERM (every batch
+committed before that is kept; run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from idstitch.config import DEFAULT_STORE_URL, Config, load_config
+from idstitch.core.errors import IdstitchError
+from idstitch.core.identifiers import Identifier, normalise_value, parse_identifier
+from idstitch.core.messages import format_timestamp
+from idstitch.core.rules import IdentityRules
+from idstitch.core.segment_ids import collection_of_segment_id
+from idstitch.storage.base import IdentifierRecord, Store
+from idstitch.storage.urls import open_store
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="idstitch",
+    help="Realtime identity resolution for Segment-spec events: one persistent profile per person.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Piped output is not cut to 80 columns: tables of ids and times need the room.
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+stderr = Console(stderr=True, highlight=False)
+
+COLLECTIONS = ("users", "accounts")
+
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="IDSTITCH_STORE",
+        metavar="URL",
+        help="Store URL: sqlite:///relative.db, sqlite:////absolute.db.",
+        show_default=True,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="IDSTITCH_CONFIG",
+        metavar="FILE",
+        help="TOML config file (default: ./idstitch.toml if present, else one space `default`).",
+        dir_okay=False,
+    ),
+]
+SpaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--space",
+        envvar="IDSTITCH_SPACE",
+        metavar="NAME",
+        help="Space to use (default: the only configured one, or `default`).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+class UsageError(IdstitchError):
+    """A command line that cannot be carried out as given (exit code 2)."""
+
+
+def _error(text: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit."""
+    stderr.print(f"error: {text}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except IdstitchError as error:
+        _error(str(error))
+    except sqlite3.DatabaseError as error:
+        _error(f"store: {error}")
+    except OSError as error:
+        _error(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+
+
+@contextmanager
+def _store(url: str, *, must_exist: bool = False) -> Iterator[Store]:
+    if must_exist and url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path not in ("", ":memory:") and not Path(path).exists():
+            raise UsageError(f"store {url} does not exist yet (run `idstitch ingest FILE` first)")
+    store = open_store(url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _space_for_reading(config: Config, store: Store, space: str | None) -> str:
+    name = space or config.default_space
+    if name in config.spaces or name in store.spaces():
+        return name
+    known = ", ".join(sorted(set(config.spaces) | set(store.spaces()))) or "none"
+    raise UsageError(f"unknown space {name!r} (known: {known})")
+
+
+def _rules(config: Config, store: Store, space: str) -> IdentityRules:
+    base = config.spaces[space].rules if space in config.spaces else IdentityRules.default()
+    return base.with_learned(store.learned_types(space))
+
+
+def _time(value: datetime) -> str:
+    return format_timestamp(value)
+
+
+def _short_time(value: datetime | str) -> str:
+    """A time for tables: `2026-03-02 10:05:00` (UTC)."""
+    text = value if isinstance(value, str) else format_timestamp(value)
+    return text[:19].replace("T", " ")
+
+
+# -- ingest ----------------------------------------------------------------------------------------
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the open batch rolls back cleanly."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+@dataclass
+class _Tally:
+    messages: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    unresolved: int = 0
+    rejected: int = 0
+    profiles_created: int = 0
+    merges: int = 0
+    batches: int = 0
+
+    def as_dict(self, seconds: float) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "unresolved": self.unresolved,
+            "rejected": self.rejected,
+            "profiles_created": self.profiles_created,
+            "merges": self.merges,
+            "batches": self.batches,
+            "seconds": round(seconds, 3),
+            "messages_per_second": round(self.messages / seconds) if seconds > 0 else 0,
+        }
+
+
+@app.command()
+def ingest(
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="FILE...", help="NDJSON / JSON / batch-envelope files, .gz or not; - is stdin."
+        ),
+    ],
+    space: SpaceOption = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            metavar="NAME",
+            help="Source the messages came from (default: the space's only source).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, max=100_000, metavar="N", help="Messages per transaction (group commit)."
+        ),
+    ] = 1000,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Ingest files of Segment messages; each batch commits as one transaction, re-runs skip stored ones."""
+    from idstitch.engine import Engine
+    from idstitch.ingest.files import read_batches
+
+    with _user_errors():
+        for name in files:
+            if name != "-" and not Path(name).is_file():
+                raise UsageError(f"{name}: no such file")
+        settings = load_config(config)
+        with _store(store) as opened:
+            engine = Engine(opened, settings)
+            for record in engine.created_write_keys:
+                stderr.print(
+                    f"created space {record.space} with source {record.name}, write key {record.write_key}",
+                    markup=False,
+                    soft_wrap=True,
+                )
+            space_name = space or settings.default_space
+            space_config = settings.space(space_name)
+            if source is None and len(space_config.sources) == 1:
+                source = next(iter(space_config.sources))
+            elif source is not None and source not in space_config.sources:
+                known = ", ".join(sorted(space_config.sources)) or "none"
+                raise UsageError(f"unknown source {source!r} in space {space_name} (configured: {known})")
+            tally = _Tally()
+            started = time.monotonic()
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[messages]:,} messages"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                disable=quiet or not stderr.is_terminal,
+            )
+            try:
+                with progress:
+                    task = progress.add_task("ingest", total=None, messages=0)
+                    batches = read_batches(files, batch_size=batch_size, received_at=datetime.now(UTC))
+                    for batch in batches:
+                        result = engine.ingest(
+                            [item for _, item in batch.items], space=space_name, source=source
+                        )
+                        tally.batches += 1
+                        for outcome in result.outcomes:
+                            tally.messages += 1
+                            if outcome.status == "resolved":
+                                tally.accepted += 1
+                            elif outcome.status == "duplicate":
+                                tally.duplicates += 1
+                            elif outcome.status == "unresolved":
+                                tally.unresolved += 1
+                            else:
+                                tally.rejected += 1
+                                where = batch.items[outcome.index][0]
+                                stderr.print(f"{where}: {outcome.error}", markup=False, soft_wrap=True)
+                            tally.profiles_created += outcome.created
+                            tally.merges += len(outcome.merged)
+                        progress.update(
+                            task, completed=batch.bytes_read, total=batch.bytes_total, messages=tally.messages
+                        )
+            except (KeyboardInterrupt, _Terminated) as stop:
+                stderr.print(
+                    f"interrupted: {tally.batches} batches ({tally.messages:,} messages) were committed and "
+                    "are kept; run the same command again to resume (stored messages are skipped)",
+                    markup=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+            seconds = time.monotonic() - started
+            _print_summary(tally.as_dict(seconds), len(files), as_json)
+
+
+def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    lines = [
+        f"ingested {summary['messages']:,} messages from {files} file{'s' if files != 1 else ''} "
+        f"in {summary['seconds']:.2f} s ({summary['messages_per_second']:,} messages/s)",
+        f"  accepted          {summary['accepted']:>10,}",
+        f"  duplicates        {summary['duplicates']:>10,}",
+        f"  unresolved        {summary['unresolved']:>10,}",
+        f"  rejected          {summary['rejected']:>10,}",
+        f"  profiles created  {summary['profiles_created']:>10,}",
+        f"  merges            {summary['merges']:>10,}",
+    ]
+    print("\n".join(lines))
+
+
+# -- profile / explain -----------------------------------------------------------------------------
+
+
+def _find_root(
+    store: Store, rules: IdentityRules, space: str, text: str, collection: str | None
+) -> str | None:
+    """The root segment id of `text` (type:value or a segment id, merged ids follow to their root)."""
+    own = collection_of_segment_id(text)
+    if own is not None:
+        root = store.resolve_segment_id(space, text)
+        if root is None or (collection is not None and collection != own):
+            return None
+        return root
+    try:
+        identifier = parse_identifier(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is neither type:value (e.g. user_id:u1) nor a segment id") from None
+    if collection is None:
+        declared = rules.rule(identifier.type).collection if rules.knows(identifier.type) else "users"
+        collection = "accounts" if identifier.type == "group_id" else declared
+    value = normalise_value(identifier.value, rules.rule(identifier.type).normalise)
+    owner = store.find_profile(space, Identifier(identifier.type, value, collection))
+    return None if owner is None else store.resolve_segment_id(space, owner) or owner
+
+
+def _check_collection(collection: str | None) -> None:
+    if collection is not None and collection not in COLLECTIONS:
+        raise UsageError(f"--collection must be users or accounts, got {collection!r}")
+
+
+def _identifier_json(record: IdentifierRecord) -> dict[str, str]:
+    return {
+        "type": record.type,
+        "value": record.value,
+        "first_seen": _time(record.first_seen),
+        "last_seen": _time(record.last_seen),
+    }
+
+
+def _profile_document(store: Store, space: str, root: str) -> dict[str, Any]:
+    record = store.profile(space, root)
+    if record is None:
+        raise UsageError(f"profile {root} vanished while reading it")
+    links = []
+    for linked in store.links(space, root):
+        other = store.profile(space, linked)
+        links.append(
+            {
+                "collection": other.collection
+                if other is not None
+                else ("users" if record.collection == "accounts" else "accounts"),
+                "segment_id": linked,
+                "identifiers": [_identifier_json(item) for item in store.identifiers(space, linked)],
+            }
+        )
+    return {
+        "segment_id": record.segment_id,
+        "collection": record.collection,
+        "identifiers": [_identifier_json(item) for item in store.identifiers(space, root)],
+        "traits": store.traits(space, root),
+        "event_count": store.event_count(space, root),
+        "merged_segment_ids": list(record.merged_segment_ids),
+        "links": links,
+    }
+
+
+def _not_found(text: str, space: str) -> NoReturn:
+    _error(f"no profile {text} in space {space}", code=1)
+
+
+@app.command()
+def profile(
+    id: Annotated[
+        str, typer.Argument(metavar="ID", help="type:value (e.g. email:jane@example.com) or a segment id.")
+    ],
+    space: SpaceOption = None,
+    collection: Annotated[
+        str | None,
+        typer.Option(
+            "--collection", metavar="users|accounts", help="users or accounts (default: inferred from ID)."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Show one profile: identifiers, traits, recent events, links."""
+    with _user_errors():
+        _check_collection(collection)
+        settings = load_config(config)
+        with _store(store, must_exist=True) as opened:
+            space_name = _space_for_reading(settings, opened, space)
+            root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
+            if root is None:
+                _not_found(id, space_name)
+            document = _profile_document(opened, space_name, root)
+            if as_json:
+                print(json.dumps(document, indent=2, ensure_ascii=False))
+                return
+            _render_profile(opened, space_name, document)
+
+
+def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
+    root = document["segment_id"]
+    stdout.print(f"[bold]{root}[/bold] ({document['collection']}, space {space})")
+    if document["merged_segment_ids"]:
+        stdout.print("merged profiles: " + ", ".join(document["merged_segment_ids"]), markup=False)
+    flags = {(item.type, item.value): item for item in store.identifiers(space, root)}
+    table = Table(title="identifiers", title_justify="left")
+    for column in ("type", "value", "first seen (UTC)", "last seen (UTC)", "flags"):
+        table.add_column(column, overflow="fold")
+    for item in document["identifiers"]:
+        record = flags.get((item["type"], item["value"]))
+        notes = (
+            []
+            if record is None
+            else [n for n, on in (("suspect", record.suspect), ("retired", record.retired)) if on]
+        )
+        table.add_row(
+            item["type"],
+            item["value"],
+            _short_time(item["first_seen"]),
+            _short_time(item["last_seen"]),
+            ", ".join(notes),
+        )
+    stdout.print(table)
+    if document["traits"]:
+        traits = Table(title="traits", title_justify="left")
+        traits.add_column("key", overflow="fold")
+        traits.add_column("value", overflow="fold")
+        for key, value in document["traits"].items():
+            traits.add_row(key, json.dumps(value, ensure_ascii=False))
+        stdout.print(traits)
+    events = store.events(space, root, limit=10)
+    shown = f"{len(events)} most recent" if len(events) < document["event_count"] else "all"
+    table = Table(title=f"events: {document['event_count']:,} ({shown})", title_justify="left")
+    for column in ("timestamp (UTC)", "type", "name", "message id"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        table.add_row(_short_time(event.timestamp), event.type, event.name or "", event.message_id)
+    stdout.print(table)
+    if document["links"]:
+        links = Table(title="links", title_justify="left")
+        for column in ("collection", "segment id", "identifiers"):
+            links.add_column(column, overflow="fold")
+        for link in document["links"]:
+            names = ", ".join(f"{item['type']}:{item['value']}" for item in link["identifiers"])
+            links.add_row(link["collection"], link["segment_id"], names)
+        stdout.print(links)
+
+
+@app.command()
+def explain(
+    id: Annotated[str, typer.Argument(metavar="ID", help="type:value or a segment id.")],
+    space: SpaceOption = None,
+    collection: Annotated[
+        str | None,
+        typer.Option(
+            "--collection", metavar="users|accounts", help="users or accounts (default: inferred from ID)."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Why a profile looks the way it does: its merges, the identifiers dropped and why, its suspects."""
+    with _user_errors():
+        _check_collection(collection)
+        settings = load_config(config)
+        with _store(store, must_exist=True) as opened:
+            space_name = _space_for_reading(settings, opened, space)
+            root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
+            if root is None:
+                _not_found(id, space_name)
+            document = _explain_document(opened, space_name, root)
+            if as_json:
+                print(json.dumps(document, indent=2, ensure_ascii=False))
+                return
+            _render_explain(document)
+
+
+def _explain_document(store: Store, space: str, root: str) -> dict[str, Any]:
+    record = store.profile(space, root)
+    if record is None:
+        raise UsageError(f"profile {root} vanished while reading it")
+    identifiers = store.identifiers(space, root)
+    dropped = store.dropped(space, root)
+    on_profile = {f"{item.type}:{item.value}" for item in identifiers if item.suspect}
+    related = on_profile | {item.identifier for item in dropped}
+    suspects = [
+        {
+            "identifier": item.identifier,
+            "on_profile": item.identifier in on_profile,
+            "evidence_type": item.evidence_type,
+            "evidence_values": list(item.evidence_values),
+            "message_id": item.message_id,
+            "at": _time(item.at),
+        }
+        for item in store.suspects(space)
+        if item.collection == record.collection and item.identifier in related
+    ]
+    return {
+        "segment_id": record.segment_id,
+        "collection": record.collection,
+        "merged_segment_ids": list(record.merged_segment_ids),
+        "merges": [
+            {
+                "parent": item.parent_id,
+                "child": item.child_id,
+                "message_id": item.message_id,
+                "via": item.via,
+                "at": _time(item.at),
+            }
+            for item in store.merges(space, root)
+        ],
+        "dropped": [
+            {
+                "identifier": item.identifier,
+                "rule": item.rule,
+                "message_id": item.message_id,
+                "at": _time(item.at),
+            }
+            for item in dropped
+        ],
+        "suspects": suspects,
+    }
+
+
+def _render_explain(document: dict[str, Any]) -> None:
+    lines = [f"profile {document['segment_id']} ({document['collection']})"]
+    merges = document["merges"]
+    lines.append(f"merges: {len(merges)}" + (" (oldest first)" if merges else ""))
+    for item in merges:
+        lines.append(
+            f"  {item['at']}  {item['child']} merged into {item['parent']} via {item['via']} "
+            f"(message {item['message_id']})"
+        )
+    dropped = document["dropped"]
+    lines.append(f"dropped identifiers: {len(dropped)}")
+    for item in dropped:
+        lines.append(
+            f"  {item['at']}  {item['identifier']}  rule: {item['rule']}  (message {item['message_id']})"
+        )
+    suspects = document["suspects"]
+    lines.append(f"suspect identifiers: {len(suspects)}")
+    for item in suspects:
+        where = "on this profile" if item["on_profile"] else "dropped from this profile's messages"
+        values = ", ".join(item["evidence_values"])
+        lines.append(
+            f"  {item['identifier']} ({where}): seen with {len(item['evidence_values'])} "
+            f"{item['evidence_type']} values ({values}); marked at {item['at']} by message {item['message_id']}"
+        )
+    print("\n".join(lines))
+
+
+# -- stats -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def stats(
+    space: Annotated[
+        str | None,
+        typer.Option(
+            "--space", envvar="IDSTITCH_SPACE", metavar="NAME", help="One space (default: every space)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON: one object with --space, else a list with one per space.")
+    ] = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Counts per space: profiles, accounts, identifiers, merges, events, unresolved, suspect, dropped."""
+    with _user_errors():
+        settings = load_config(config)
+        with _store(store, must_exist=True) as opened:
+            names = [_space_for_reading(settings, opened, space)] if space else opened.spaces()
+            counts = [opened.stats(name).as_dict() for name in names]
+            if as_json:
+                print(json.dumps(counts[0] if space else counts, indent=2))
+                return
+            if not counts:
+                print("no spaces yet (run `idstitch ingest FILE`)")
+            blocks = []
+            for item in counts:
+                rows = [f"space {item['space']}"]
+                rows += [f"  {key:<12}{value:>12,}" for key, value in item.items() if key != "space"]
+                blocks.append("\n".join(rows))
+            print("\n\n".join(blocks))
+
+
+# -- bench (written elsewhere, optional) ----------------------------------------------------------
+
+
+def _add_bench() -> None:
+    """Register `idstitch bench` when idstitch.bench.cli is part of this build."""
+    try:
+        module = importlib.import_module("idstitch.bench.cli")
+    except ImportError as error:
+        if error.name is not None and (
+            error.name == "idstitch.bench" or error.name.startswith("idstitch.bench.")
+        ):
+            return
+        raise
+    bench_app = getattr(module, "app", None)
+    if isinstance(bench_app, typer.Typer):
+        app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """Console script entry point."""
+    _add_bench()
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,211 @@
+"""Reading identifiers out of a Segment message: sources (SPEC §2), normalisation and blocked values."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from idstitch.core.messages import Message
+from idstitch.core.rules import IdentityRules, SourcePolicy
+
+__all__ = [
+    "Dropped",
+    "Extraction",
+    "Identifier",
+    "extract_identifiers",
+    "normalise_value",
+    "parse_identifier",
+]
+
+
+class Identifier(NamedTuple):
+    """One external id: `type:value` in a collection (`users` or `accounts`)."""
+
+    type: str
+    value: str
+    collection: str = "users"
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.value}"
+
+
+class Dropped(NamedTuple):
+    """An identifier a message carried that was not used, and the rule that dropped it."""
+
+    identifier: Identifier
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """What a message carries, after normalisation, blocking and source policy."""
+
+    users: tuple[Identifier, ...]
+    accounts: tuple[Identifier, ...]
+    dropped: tuple[Dropped, ...]
+    # alias: the previousId, whose type depends on the graph (user_id if known, else anonymous_id)
+    alias_previous: str | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether nothing usable is left (the message is unresolved)."""
+        return not self.users and not self.accounts and self.alias_previous is None
+
+
+def parse_identifier(text: str) -> Identifier:
+    """`type:value` → Identifier (type lower-cased; the value may itself contain colons)."""
+    identifier_type, separator, value = text.partition(":")
+    if not separator or not identifier_type or not value:
+        raise ValueError(f"{text!r} is not of the form type:value")
+    collection = "accounts" if identifier_type.lower() == "group_id" else "users"
+    return Identifier(identifier_type.lower(), value, collection)
+
+
+def normalise_value(value: str, how: str) -> str:
+    """Apply a type's normalisation (`exact`, `trim`, `lower`, `trim_lower`)."""
+    if how == "exact":
+        return value
+    if how == "trim":
+        return value.strip()
+    if how == "lower":
+        return value.lower()
+    return value.strip().lower()
+
+
+def _as_value(raw: object) -> str | None:
+    # Values are strings; numbers become their decimal string; null, missing and "" are absent.
+    if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        return raw or None
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, float):
+        return str(int(raw)) if raw.is_integer() else repr(raw)
+    return None
+
+
+def _dict(container: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = container.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def _key_variants(key: str) -> tuple[str, ...]:
+    snake = _CAMEL_BOUNDARY.sub(r"_\1", key).lower()
+    parts = snake.split("_")
+    camel = parts[0] + "".join(part.title() for part in parts[1:])
+    pascal = "".join(part.title() for part in parts)
+    return tuple(dict.fromkeys((key, snake, camel, pascal)))
+
+
+def _device_platform(context: Mapping[str, Any]) -> str | None:
+    device = _dict(context, "device")
+    for raw in (device.get("type"), _dict(context, "os").get("name")):
+        if isinstance(raw, str):
+            lowered = raw.lower()
+            if "android" in lowered:
+                return "android"
+            if lowered in ("ios", "ipados", "iphone os", "ipad", "iphone", "tvos"):
+                return "ios"
+    return None
+
+
+def extract_identifiers(
+    message: Message, rules: IdentityRules, source: SourcePolicy | None = None
+) -> Extraction:
+    """Every identifier a message carries, in a fixed order, normalised, with blocked ones dropped."""
+    found: list[Identifier] = []
+    context = message.context
+
+    def add(identifier_type: str, raw: object, collection: str = "users") -> None:
+        value = _as_value(raw)
+        if value is not None:
+            found.append(Identifier(identifier_type, value, collection))
+
+    add("user_id", message.user_id)
+    add("anonymous_id", message.anonymous_id)
+    context_traits = _dict(context, "traits")
+    # On a group call, top-level traits describe the account, not the person.
+    email = None if message.type == "group" else message.traits.get("email")
+    if _as_value(email) is None:
+        email = context_traits.get("email")
+    if _as_value(email) is None and message.type == "track" and rules.email_from_track_properties:
+        email = message.properties.get("email")
+    add("email", email)
+
+    platform = _device_platform(context)
+    if platform is not None:
+        device = _dict(context, "device")
+        add(f"{platform}.id", device.get("id"))
+        if device.get("adTrackingEnabled") is True:
+            add(f"{platform}.idfa", device.get("advertisingId"))
+        add(f"{platform}.push_token", device.get("token"))
+    add("cross_domain_id", context_traits.get("crossDomainId"))
+    for integrations in (message.integrations, _dict(context, "integrations")):
+        client_id = _dict(integrations, "Google Analytics").get("clientId")
+        if _as_value(client_id) is not None:
+            add("ga_client_id", client_id)
+            break
+    if message.type == "group":
+        add("group_id", message.group_id, "accounts")
+    for external in message.external_ids:
+        add(external.type, external.id, external.collection)
+
+    for rule in rules.trait_key_rules():
+        sources: list[Mapping[str, Any]] = [context_traits, message.properties]
+        if message.type != "group":
+            sources.insert(0, message.traits)
+        for key in rule.trait_keys:
+            hit = next(
+                (
+                    container[variant]
+                    for container in sources
+                    for variant in _key_variants(key)
+                    if _as_value(container.get(variant)) is not None
+                ),
+                None,
+            )
+            if hit is not None:
+                add(rule.type, hit, rule.collection)
+                break
+
+    policy = source if source is not None else rules.source(None)
+    users: list[Identifier] = []
+    accounts: list[Identifier] = []
+    dropped: list[Dropped] = []
+    seen: set[Identifier] = set()
+    for identifier in found:
+        rule = rules.rule(identifier.type)
+        value = normalise_value(identifier.value, rule.normalise)
+        normalised = Identifier(identifier.type, value, identifier.collection)
+        if normalised in seen:
+            continue
+        seen.add(normalised)
+        if rules.blocked.matches(value):
+            dropped.append(Dropped(normalised, f"blocked {rules.blocked.describe_match(value)}"))
+        elif not policy.allows(normalised.type):
+            dropped.append(Dropped(normalised, f"source {policy.name} may not contribute {normalised.type}"))
+        elif normalised.collection == "accounts":
+            accounts.append(normalised)
+        else:
+            users.append(normalised)
+
+    alias_previous: str | None = None
+    if message.type == "alias" and rules.alias_enabled:
+        previous = _as_value(message.previous_id)
+        if previous is not None and previous != message.user_id:
+            if rules.blocked.matches(previous):
+                dropped.append(
+                    Dropped(
+                        Identifier("anonymous_id", previous),
+                        f"blocked {rules.blocked.describe_match(previous)}",
+                    )
+                )
+            else:
+                alias_previous = previous
+    return Extraction(tuple(users), tuple(accounts), tuple(dropped), alias_previous)

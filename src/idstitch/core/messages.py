@@ -1,0 +1,546 @@
+"""Segment-spec messages: decode, validate and normalise one message or a batch (SPEC §2, §6).
+
+Pure: no I/O, no clock, no randomness. The caller passes `received_at`; a missing `messageId` is
+derived from the message's content so that a retried message gets the same id.
+
+Dicts in a `Message` (context, integrations, payload, ...) may be shared with the decoded input and
+with the other messages of the same batch (the batch context is not copied per message): treat
+them as read-only.
+"""
+
+import base64
+import binascii
+import contextlib
+import math
+from datetime import UTC, datetime
+from hashlib import blake2b
+from typing import Any
+
+import msgspec
+
+from idstitch.core.errors import InvalidEvent
+
+__all__ = [
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_MESSAGES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_MESSAGE_ID_LENGTH",
+    "MESSAGE_TYPES",
+    "ExternalId",
+    "Message",
+    "decode_json",
+    "decode_message",
+    "format_timestamp",
+    "parse_batch",
+    "parse_message",
+    "parse_timestamp",
+]
+
+MESSAGE_TYPES: frozenset[str] = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_MESSAGES = 2500
+MAX_MESSAGE_ID_LENGTH = 100
+
+_TYPE_CHOICES = ", ".join(sorted(MESSAGE_TYPES))
+_COLLECTIONS = frozenset({"users", "accounts"})
+_ENCODINGS = frozenset({"none", "base64"})
+_EXTERNAL_ID_KEYS = ("id", "type", "collection", "encoding")
+_ABSENT = (None, "")  # null, missing and empty strings all mean "absent" (SPEC §2)
+# Envelope keys that parse_batch applies to the elements itself; the rest go back to the caller.
+_BATCH_KEYS = frozenset({"batch", "context", "integrations", "sentAt"})
+
+_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_canonical_encoder = msgspec.json.Encoder(order="sorted")
+
+
+# gc=False: these structs never take part in reference cycles, and skipping GC tracking
+# matters when tens of thousands are built per second.
+class ExternalId(msgspec.Struct, frozen=True, gc=False):
+    """One validated `context.externalIds` entry; `id` is already base64-decoded."""
+
+    id: str
+    type: str
+    collection: str
+    encoding: str
+
+
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """A validated, normalised Segment message; `payload` is what gets stored."""
+
+    type: str
+    message_id: str
+    timestamp: datetime
+    received_at: datetime
+    user_id: str | None
+    anonymous_id: str | None
+    previous_id: str | None
+    group_id: str | None
+    event: str | None
+    name: str | None
+    traits: dict[str, Any]
+    properties: dict[str, Any]
+    context: dict[str, Any]
+    integrations: dict[str, Any]
+    external_ids: tuple[ExternalId, ...]
+    payload: dict[str, Any]
+
+
+def decode_json(data: bytes) -> object:
+    """Decode JSON bytes, raising InvalidEvent("", "invalid JSON: ...") when malformed."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent("", f"invalid JSON: {exc}") from None
+
+
+def decode_message(data: bytes, *, received_at: datetime, default_type: str | None = None) -> Message:
+    """Decode and parse one message body, enforcing the 32 KB limit before decoding."""
+    size = len(data)
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidEvent("", _size_reason(size))
+    return parse_message(decode_json(data), received_at=received_at, default_type=default_type)
+
+
+def parse_message(
+    raw: object,
+    *,
+    received_at: datetime,
+    batch_context: dict[str, Any] | None = None,
+    batch_integrations: dict[str, Any] | None = None,
+    default_type: str | None = None,
+) -> Message:
+    """Validate one decoded message and normalise it into a Message."""
+    received = _utc_ms(received_at)
+    return _parse(
+        raw, received, format_timestamp(received), batch_context, batch_integrations, default_type, None
+    )
+
+
+def parse_batch(raw: object, *, received_at: datetime) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
+    """Parse a batch envelope into per-element results (Message or its error) and the other envelope keys."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("", "batch request must be a JSON object")
+    batch = raw.get("batch")
+    if batch is None:
+        raise InvalidEvent("batch", "required")
+    if not isinstance(batch, list):
+        raise InvalidEvent("batch", f"must be a list, got {_kind(batch)}")
+    if len(batch) > MAX_BATCH_MESSAGES:
+        raise InvalidEvent("batch", f"{len(batch)} messages, over the {MAX_BATCH_MESSAGES:,} per-batch limit")
+    context = _object(raw.get("context"), "context")
+    integrations = _object(raw.get("integrations"), "integrations")
+    sent_value = raw.get("sentAt")
+    batch_sent = None
+    if sent_value is not None and sent_value != "":
+        batch_sent = (sent_value, parse_timestamp(sent_value, "sentAt"))
+    received = _utc_ms(received_at)
+    received_text = format_timestamp(received)  # the same for every element: format it once
+
+    results: list[Message | InvalidEvent] = []
+    append = results.append
+    for item in batch:
+        try:
+            size = _encoded_size(item)
+            if size > MAX_MESSAGE_BYTES:
+                raise InvalidEvent("", _size_reason(size))
+            append(_parse(item, received, received_text, context, integrations, None, batch_sent))
+        except InvalidEvent as exc:
+            # One bad element must not sink the rest of the batch.
+            append(exc)
+    rest = {key: value for key, value in raw.items() if key not in _BATCH_KEYS}
+    return results, rest
+
+
+def format_timestamp(value: datetime) -> str:
+    """Format a datetime as ISO-8601 UTC with milliseconds and a "Z" suffix (naive means UTC)."""
+    tz = value.tzinfo
+    if tz is not None:
+        if tz is not UTC:
+            value = value.astimezone(UTC)
+        value = value.replace(tzinfo=None)
+    return value.isoformat(timespec="milliseconds") + "Z"
+
+
+def parse_timestamp(value: object, field: str) -> datetime:
+    """Parse an ISO-8601 timestamp (offset, "Z", naive or date-only) into an aware UTC datetime."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = _parse_timestamp_lenient(value, field)
+    elif isinstance(value, datetime):
+        parsed = value
+    else:
+        raise InvalidEvent(field, f"must be an ISO-8601 timestamp string, got {_kind(value)}")
+    tz = parsed.tzinfo
+    if tz is None:
+        return parsed.replace(tzinfo=UTC)
+    if tz is UTC:
+        return parsed
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidEvent(field, "out of range") from None
+
+
+def _parse_timestamp_lenient(value: str, field: str) -> datetime:
+    # fromisoformat rejects surrounding blanks and lower-case "t"/"z", which some clients send.
+    cleaned = value.strip().upper()
+    if cleaned != value:
+        try:
+            return datetime.fromisoformat(cleaned)
+        except ValueError:
+            pass
+    raise InvalidEvent(field, "not an ISO-8601 timestamp")
+
+
+def _parse(
+    raw: object,
+    received_at: datetime,
+    received_text: str,
+    batch_context: dict[str, Any] | None,
+    batch_integrations: dict[str, Any] | None,
+    default_type: str | None,
+    batch_sent: tuple[object, datetime] | None,
+) -> Message:
+    if not isinstance(raw, dict):
+        raise InvalidEvent("", "message must be a JSON object")
+    get = raw.get
+    mtype = _message_type(get("type"), default_type)
+
+    user_id = _identifier(raw, "userId", "user_id")
+    anonymous_id = _identifier(raw, "anonymousId", "anonymous_id")
+    previous_id: str | None = None
+    group_id: str | None = None
+    event: str | None = None
+    name: str | None = None
+    if mtype == "track":
+        event_value = get("event")
+        if event_value is None or event_value == "":
+            raise InvalidEvent("event", "required for track")
+        if not isinstance(event_value, str):
+            raise InvalidEvent("event", f"must be a string, got {_kind(event_value)}")
+        event = event_value
+    elif mtype in ("page", "screen"):
+        name_value = get("name")
+        if name_value is not None and not isinstance(name_value, str):
+            raise InvalidEvent("name", f"must be a string, got {_kind(name_value)}")
+        name = name_value or None
+    elif mtype == "alias":
+        previous_id = _identifier(raw, "previousId", "previous_id")
+        if previous_id is None:
+            raise InvalidEvent("previousId", "required for alias")
+        if user_id is None:
+            raise InvalidEvent("userId", "required for alias")
+    elif mtype == "group":
+        group_id = _identifier(raw, "groupId", "group_id")
+        if group_id is None:
+            raise InvalidEvent("groupId", "required for group")
+
+    traits = _object(get("traits"), "traits")
+    properties = _object(get("properties"), "properties")
+    own_context = _object(get("context"), "context")
+    own_integrations = _object(get("integrations"), "integrations")
+    context = _merge(batch_context, own_context)
+    integrations = _merge(batch_integrations, own_integrations)
+
+    external_ids: tuple[ExternalId, ...] = ()
+    if context:
+        context_traits = context.get("traits")
+        if context_traits is None:
+            if "traits" in context:
+                # Downstream reads context.traits as a dict; a null one is simply absent.
+                context = {key: value for key, value in context.items() if key != "traits"}
+        elif not isinstance(context_traits, dict):
+            raise InvalidEvent("context.traits", f"must be an object, got {_kind(context_traits)}")
+        raw_external_ids = context.get("externalIds")
+        if raw_external_ids is not None:
+            external_ids = _external_ids(raw_external_ids)
+
+    # Timestamps (SPEC §6). An archived message's own receivedAt is kept; a client cannot
+    # break ingestion with a bad one, it is only overridden by the server's.
+    received = received_at
+    own_received = get("receivedAt")
+    if own_received is not None and own_received != "":
+        with contextlib.suppress(InvalidEvent):
+            received = _utc_ms(parse_timestamp(own_received, "receivedAt"))
+            received_text = own_received if _is_canonical(own_received) else format_timestamp(received)
+    sent_value = get("sentAt")
+    sent = None
+    batch_sent_applied = False
+    if sent_value is not None and sent_value != "":
+        sent = parse_timestamp(sent_value, "sentAt")
+    elif batch_sent is not None:
+        sent_value, sent = batch_sent
+        batch_sent_applied = True
+    original_value = get("originalTimestamp")
+    original = None
+    if original_value is not None and original_value != "":
+        original = parse_timestamp(original_value, "originalTimestamp")
+    timestamp_value = get("timestamp")
+    timestamp_text = None
+    if timestamp_value is not None and timestamp_value != "":
+        timestamp = parse_timestamp(timestamp_value, "timestamp")
+        if _is_canonical(timestamp_value):
+            timestamp_text = timestamp_value
+    elif sent is not None and original is not None:
+        try:
+            timestamp = received - (sent - original)
+        except OverflowError:
+            raise InvalidEvent("sentAt", "clock-skew correction out of range") from None
+    elif original is not None:
+        timestamp = original
+    else:
+        timestamp = received
+    timestamp = _truncate_ms(timestamp)
+
+    message_id = _message_id(get("messageId"))
+
+    payload: dict[str, Any] = dict(raw)
+    payload.pop("writeKey", None)  # a secret: never stored
+    payload["type"] = mtype
+    if batch_context or "context" in raw:
+        payload["context"] = context
+    if batch_integrations or "integrations" in raw:
+        payload["integrations"] = integrations
+    if batch_sent_applied:
+        payload["sentAt"] = sent_value
+    if message_id is None:
+        # Without any client-side time, content alone would merge two genuinely separate sends.
+        timeless = sent is None and original is None and timestamp_value in _ABSENT
+        message_id = _generate_message_id(payload, received_text if timeless else None)
+    payload["messageId"] = message_id
+    payload["timestamp"] = timestamp_text or format_timestamp(timestamp)
+    payload["receivedAt"] = received_text
+
+    return Message(
+        type=mtype,
+        message_id=message_id,
+        timestamp=timestamp,
+        received_at=received,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        previous_id=previous_id,
+        group_id=group_id,
+        event=event,
+        name=name,
+        traits=traits if traits is not None else {},
+        properties=properties if properties is not None else {},
+        context=context,
+        integrations=integrations,
+        external_ids=external_ids,
+        payload=payload,
+    )
+
+
+def _message_type(value: object, default_type: str | None) -> str:
+    if value is None or value == "":
+        value = default_type
+        if value is None:
+            raise InvalidEvent("type", "required")
+    if not isinstance(value, str):
+        raise InvalidEvent("type", f"must be a string, got {_kind(value)}")
+    if value in MESSAGE_TYPES:
+        return value
+    lowered = value.lower()
+    if lowered in MESSAGE_TYPES:
+        return lowered
+    raise InvalidEvent("type", f"must be one of {_TYPE_CHOICES}")
+
+
+def _identifier(raw: dict[Any, Any], camel: str, snake: str) -> str | None:
+    value = raw.get(camel)
+    field = camel
+    if value is None or value == "":
+        alternative = raw.get(snake)
+        if alternative is not None:
+            value, field = alternative, snake
+    return _id_string(value, field)
+
+
+def _id_string(value: object, field: str) -> str | None:
+    """Identifier value as a string; None when absent (null or empty)."""
+    if isinstance(value, str):
+        return value or None
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidEvent(field, "must be a string or number, got boolean")
+    if isinstance(value, int):
+        try:
+            return str(value)
+        except ValueError:  # beyond Python's int-to-str digit limit
+            raise InvalidEvent(field, "number too large") from None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidEvent(field, "must be a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise InvalidEvent(field, f"must be a string or number, got {_kind(value)}")
+
+
+def _message_id(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        message_id = value
+    else:
+        converted = _id_string(value, "messageId")
+        if converted is None:
+            return None
+        message_id = converted
+    if len(message_id) > MAX_MESSAGE_ID_LENGTH:
+        raise InvalidEvent("messageId", f"longer than {MAX_MESSAGE_ID_LENGTH} characters")
+    return message_id
+
+
+def _generate_message_id(payload: dict[str, Any], received_text: str | None) -> str:
+    try:
+        canonical = _canonical_encoder.encode(payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
+    digest = blake2b(canonical, digest_size=16)
+    if received_text is not None:
+        digest.update(b"\x00receivedAt=" + received_text.encode())
+    return "gen-" + digest.hexdigest()
+
+
+def _object(value: object, field: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidEvent(field, f"must be an object, got {_kind(value)}")
+
+
+def _merge(base: dict[str, Any] | None, over: dict[str, Any] | None) -> dict[str, Any]:
+    """Deep-merge `over` onto `base` (over wins), copying only the dicts that really merge."""
+    if not base:
+        return over if over is not None else {}
+    if not over:
+        return base
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict):
+            under = merged.get(key)
+            if isinstance(under, dict):
+                merged[key] = _merge(under, value)
+                continue
+        merged[key] = value
+    return merged
+
+
+def _external_ids(value: object) -> tuple[ExternalId, ...]:
+    if not isinstance(value, list):
+        raise InvalidEvent("context.externalIds", f"must be a list, got {_kind(value)}")
+    result: list[ExternalId] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidEvent(_external_id_path(index), f"must be an object, got {_kind(item)}")
+        id_value = item.get("id")
+        id_type = item.get("type")
+        collection = item.get("collection")
+        encoding = item.get("encoding")
+        if id_value in _ABSENT or id_type in _ABSENT or collection in _ABSENT or encoding in _ABSENT:
+            for key in _EXTERNAL_ID_KEYS:
+                if item.get(key) in _ABSENT:
+                    raise InvalidEvent(_external_id_path(index, key), "required")
+        id_text = (
+            _id_string(id_value, _external_id_path(index, "id"))
+            if not isinstance(id_value, str)
+            else id_value
+        )
+        assert id_text is not None  # empty values were rejected above
+        if not isinstance(id_type, str):
+            raise InvalidEvent(_external_id_path(index, "type"), f"must be a string, got {_kind(id_type)}")
+        collection = collection.lower() if isinstance(collection, str) else None
+        if collection not in _COLLECTIONS:
+            raise InvalidEvent(_external_id_path(index, "collection"), "must be one of users, accounts")
+        encoding = encoding.lower() if isinstance(encoding, str) else None
+        if encoding not in _ENCODINGS:
+            raise InvalidEvent(_external_id_path(index, "encoding"), "must be one of none, base64")
+        if encoding == "base64":
+            id_text = _decode_base64(id_text, _external_id_path(index, "id"))
+        result.append(ExternalId(id=id_text, type=id_type.lower(), collection=collection, encoding=encoding))
+    return tuple(result)
+
+
+def _external_id_path(index: int, key: str | None = None) -> str:
+    # Built only when an error is raised: formatting it for every entry costs on the hot path.
+    path = f"context.externalIds[{index}]"
+    return f"{path}.{key}" if key else path
+
+
+def _decode_base64(value: str, field: str) -> str:
+    # Accept the url-safe alphabet and missing padding as well: clients differ.
+    text = value.strip().replace("-", "+").replace("_", "/").rstrip("=")
+    if len(text) % 4 == 1:
+        raise InvalidEvent(field, "not valid base64")
+    text += "=" * (-len(text) % 4)
+    try:
+        decoded = base64.b64decode(text, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        raise InvalidEvent(field, "not valid base64") from None
+    if not decoded:
+        raise InvalidEvent(field, "required")
+    return decoded
+
+
+def _encoded_size(item: object) -> int:
+    try:
+        return len(_encoder.encode(item))
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
+
+
+def _size_reason(size: int) -> str:
+    return f"message is {size} bytes, over the {MAX_MESSAGE_BYTES // 1024} KB per-message limit"
+
+
+def _is_canonical(text: object) -> bool:
+    """Whether a successfully parsed timestamp string is already exactly what format_timestamp gives."""
+    # Reusing the string skips a costly isoformat() per message; the separators pin the layout
+    # (fromisoformat already vouched for the digits), which rules out week dates and the like.
+    return (
+        isinstance(text, str)
+        and len(text) == 24
+        and text[23] == "Z"
+        and text[19] == "."
+        and text[16] == ":"
+        and text[13] == ":"
+        and text[10] == "T"
+        and text[7] == "-"
+        and text[4] == "-"
+    )
+
+
+def _utc_ms(value: datetime) -> datetime:
+    tz = value.tzinfo
+    if tz is None:
+        value = value.replace(tzinfo=UTC)
+    elif tz is not UTC:
+        value = value.astimezone(UTC)
+    return _truncate_ms(value)
+
+
+def _truncate_ms(value: datetime) -> datetime:
+    # Stored payloads carry milliseconds; truncating here keeps a Message equal to the one
+    # re-parsed from its own stored payload (replays are then exact).
+    extra = value.microsecond % 1000
+    return value.replace(microsecond=value.microsecond - extra) if extra else value
+
+
+def _kind(value: object) -> str:
+    """JSON name of a value's type, for error reasons."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

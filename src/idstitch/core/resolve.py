@@ -1,0 +1,405 @@
+"""Flat matching (SPEC §4): which profile a message belongs to, what merges, what is added or dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
+from idstitch.core.identifiers import Dropped, Extraction, Identifier
+from idstitch.core.messages import Message
+from idstitch.core.rules import IdentityRules, SourcePolicy
+from idstitch.core.segment_ids import new_segment_id
+
+__all__ = [
+    "MergeStep",
+    "MessageResolution",
+    "Resolution",
+    "SuspectMark",
+    "resolve_collection",
+    "resolve_message",
+    "view_keys",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeStep:
+    """One child profile fused into the target, and the message identifier that linked it."""
+
+    child_id: str
+    via: Identifier
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectMark:
+    """An identifier found non-unique, with the evidence: a more trusted type and the values seen with it."""
+
+    identifier: Identifier
+    evidence_type: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The decision for one collection of one message; the store applies it atomically."""
+
+    collection: str
+    profile_id: str
+    timestamp: datetime
+    created: bool
+    created_at: datetime
+    merges: tuple[MergeStep, ...]
+    added: tuple[Identifier, ...]
+    touched: tuple[Identifier, ...]
+    dropped: tuple[Dropped, ...]
+    retired: tuple[Identifier, ...]
+    suspects: tuple[SuspectMark, ...]
+    evidence: tuple[tuple[Identifier, Identifier], ...]
+    device_owned: tuple[Identifier, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageResolution:
+    """The decision for a whole message: its person, its account (if any), and whether they link."""
+
+    users: Resolution | None
+    accounts: Resolution | None
+    dropped: tuple[Dropped, ...]
+    new_types: tuple[tuple[str, str], ...]
+
+    @property
+    def unresolved(self) -> bool:
+        """True when every identifier was blocked: the message creates no profile."""
+        return self.users is None and self.accounts is None
+
+
+def view_keys(extraction: Extraction) -> tuple[list[Identifier], list[Identifier]]:
+    """The identifiers whose graph neighbourhood must be loaded for a message (users, accounts)."""
+    users = list(extraction.users)
+    if extraction.alias_previous is not None:
+        users += [
+            Identifier("user_id", extraction.alias_previous),
+            Identifier("anonymous_id", extraction.alias_previous),
+        ]
+    return users, list(extraction.accounts)
+
+
+def resolve_message(
+    message: Message,
+    extraction: Extraction,
+    *,
+    space: str,
+    rules: IdentityRules,
+    users_view: GraphView,
+    accounts_view: GraphView,
+    source: SourcePolicy,
+) -> MessageResolution:
+    """Resolve both collections of one message against views the store loaded for `view_keys`."""
+    users = list(extraction.users)
+    retire: list[Identifier] = []
+    if extraction.alias_previous is not None:
+        # E11: previousId is whichever identifier it already is (user_id first), else an anonymous_id.
+        as_user = Identifier("user_id", extraction.alias_previous)
+        as_anonymous = Identifier("anonymous_id", extraction.alias_previous)
+        previous = as_user if as_user in users_view.identifiers else as_anonymous
+        if previous == as_user and any(item.type == "user_id" for item in users):
+            retire.append(as_user)
+        if previous not in users:
+            users.append(previous)
+    new_types = tuple(
+        dict.fromkeys(
+            (identifier.type, identifier.collection)
+            for identifier in (*users, *extraction.accounts)
+            if not rules.knows(identifier.type)
+        )
+    )
+    if new_types:
+        rules = rules.with_learned(new_types)
+    user_resolution = (
+        resolve_collection(
+            users,
+            collection="users",
+            space=space,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            rules=rules,
+            view=users_view,
+            source=source,
+            retire=retire,
+        )
+        if users
+        else None
+    )
+    account_resolution = (
+        resolve_collection(
+            list(extraction.accounts),
+            collection="accounts",
+            space=space,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            rules=rules,
+            view=accounts_view,
+            source=source,
+        )
+        if extraction.accounts
+        else None
+    )
+    return MessageResolution(user_resolution, account_resolution, extraction.dropped, new_types)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    target: str | None
+    children: list[MergeStep]
+    added: list[Identifier]
+    touched: list[Identifier]
+    violation: str | None
+
+
+def resolve_collection(
+    identifiers: Sequence[Identifier],
+    *,
+    collection: str,
+    space: str,
+    message_id: str,
+    timestamp: datetime,
+    rules: IdentityRules,
+    view: GraphView,
+    source: SourcePolicy,
+    retire: Iterable[Identifier] = (),
+) -> Resolution:
+    """Flat matching of one collection's identifiers; drops the least trusted and retries on a violation."""
+    if not identifiers:
+        raise ValueError("resolve_collection needs at least one identifier")
+    retired = tuple(retire)
+    suspect = {
+        identifier
+        for identifier in identifiers
+        if identifier in view.suspects or rules.non_unique.matches(identifier.value)
+    }
+    active = list(identifiers)
+    dropped: list[Dropped] = []
+    while True:
+        attempt = _attempt(active, suspect, rules, view, source, timestamp, retired)
+        if attempt.violation is None or len(active) == 1:
+            break
+        # Least trusted first; among equals, the later type in the rules' order, then the later one sent.
+        victim = max(enumerate(active), key=lambda pair: (rules.rank(pair[1].type), pair[0]))[1]
+        active.remove(victim)
+        dropped.append(Dropped(victim, attempt.violation))
+
+    created = attempt.target is None
+    profile_id = attempt.target or new_segment_id(space, message_id, collection)
+    created_at = timestamp if created else view.profiles[profile_id].created_at
+
+    added = attempt.added
+    current_total = 0 if created else len(view.profiles[profile_id].identifiers)
+    current_total += sum(len(view.profiles[step.child_id].identifiers) for step in attempt.children)
+    excess = current_total + len(added) - rules.max_identifiers
+    if excess > 0:
+        # Past the identifier cap the message still resolves, but nothing new is attached.
+        by_trust = sorted(added, key=lambda item: rules.rank(item.type), reverse=True)
+        refused = set(by_trust[:excess])
+        dropped += [
+            Dropped(item, f"cap {rules.max_identifiers} identifiers per profile")
+            for item in by_trust[:excess]
+        ]
+        added = [item for item in added if item not in refused]
+
+    kept = set(active)
+    for item in dropped:
+        kept.discard(item.identifier)
+    evidence, suspects = _evidence(identifiers, suspect, rules, view, timestamp)
+    final_trusted = min((rules.rank(item.type) for item in kept), default=None)
+    stored_or_added = set(added) | set(view.identifiers)
+    device_owned = tuple(
+        item
+        for item in identifiers
+        if final_trusted is not None and rules.rank(item.type) > final_trusted and item in stored_or_added
+    )
+    suspects += [
+        SuspectMark(item, "declared", ()) for item in added if item in suspect and item not in view.suspects
+    ]
+    return Resolution(
+        collection=collection,
+        profile_id=profile_id,
+        timestamp=timestamp,
+        created=created,
+        created_at=created_at,
+        merges=tuple(attempt.children),
+        added=tuple(added),
+        touched=tuple(attempt.touched),
+        dropped=tuple(dropped),
+        retired=tuple(item for item in retired if item in kept),
+        suspects=tuple(suspects),
+        evidence=tuple(evidence),
+        device_owned=device_owned,
+    )
+
+
+def _attempt(
+    active: Sequence[Identifier],
+    suspect: set[Identifier],
+    rules: IdentityRules,
+    view: GraphView,
+    source: SourcePolicy,
+    timestamp: datetime,
+    retired: Sequence[Identifier],
+) -> _Attempt:
+    owned = [
+        (identifier, view.identifiers[identifier]) for identifier in active if identifier in view.identifiers
+    ]
+    matching = [(identifier, stored) for identifier, stored in owned if identifier not in suspect]
+    target: str | None
+    children: list[MergeStep] = []
+    if all(identifier in suspect for identifier in active):
+        # Only suspect identifiers: the device belongs to whoever last logged in on it (SPEC §5).
+        target = _device_owner_target(owned, rules, view) if owned else None
+    else:
+        mergeable: dict[str, Identifier] = {}
+        if source.merge:
+            for identifier, stored in sorted(matching, key=lambda pair: rules.rank(pair[0].type)):
+                if rules.rule(identifier.type).merge:
+                    mergeable.setdefault(stored.profile_id, identifier)
+        if mergeable:
+            target = min(mergeable, key=lambda profile_id: view.profiles[profile_id].age_key)
+            children = [
+                MergeStep(profile_id, via) for profile_id, via in mergeable.items() if profile_id != target
+            ]
+        elif matching:
+            # A refused merge: the message goes to the profile of its most trusted match (ties: oldest).
+            best = min(
+                matching,
+                key=lambda pair: (rules.rank(pair[0].type), view.profiles[pair[1].profile_id].age_key),
+            )
+            target = best[1].profile_id
+        else:
+            target = None
+
+    family = {target, *(step.child_id for step in children)}
+    added = [identifier for identifier in active if identifier not in view.identifiers]
+    touched = [
+        identifier for identifier, stored in owned if stored.profile_id in family and target is not None
+    ]
+    violation = _violation(target, children, added, touched, rules, view, timestamp, retired)
+    return _Attempt(target, children, added, touched, violation)
+
+
+def _device_owner_target(
+    owned: Sequence[tuple[Identifier, StoredIdentifier]], rules: IdentityRules, view: GraphView
+) -> str:
+    by_trust = sorted(owned, key=lambda pair: rules.rank(pair[0].type))
+    for _, stored in by_trust:
+        if stored.device_owner is not None and stored.device_owner in view.profiles:
+            return stored.device_owner
+    best_rank = rules.rank(by_trust[0][0].type)
+    return min(
+        (stored.profile_id for identifier, stored in by_trust if rules.rank(identifier.type) == best_rank),
+        key=lambda profile_id: view.profiles[profile_id].age_key,
+    )
+
+
+def _violation(
+    target: str | None,
+    children: Sequence[MergeStep],
+    added: Sequence[Identifier],
+    touched: Sequence[Identifier],
+    rules: IdentityRules,
+    view: GraphView,
+    timestamp: datetime,
+    retired: Sequence[Identifier],
+) -> str | None:
+    target_state: ProfileState | None = view.profiles.get(target) if target is not None else None
+    if children:
+        merge_total = (target_state.merge_count if target_state else 0) + sum(
+            view.profiles[step.child_id].merge_count + 1 for step in children
+        )
+        if merge_total > rules.max_merges:
+            return f"cap {rules.max_merges} merges per profile"
+        total = (len(target_state.identifiers) if target_state else 0) + sum(
+            len(view.profiles[step.child_id].identifiers) for step in children
+        )
+        if total > rules.max_identifiers:
+            return f"cap {rules.max_identifiers} identifiers per profile"
+
+    retired_set = set(retired)
+    before: dict[str, dict[str, datetime]] = {}
+    if target_state is not None:
+        for stored in target_state.identifiers:
+            if not stored.retired:
+                before.setdefault(stored.identifier.type, {})[stored.identifier.value] = stored.last_seen
+    after = {type_: dict(values) for type_, values in before.items()}
+    for step in children:
+        for stored in view.profiles[step.child_id].identifiers:
+            if stored.retired:
+                continue
+            values = after.setdefault(stored.identifier.type, {})
+            previous = values.get(stored.identifier.value)
+            if previous is None or stored.last_seen > previous:
+                values[stored.identifier.value] = stored.last_seen
+    for identifier in (*touched, *added):
+        values = after.setdefault(identifier.type, {})
+        previous = values.get(identifier.value)
+        if previous is None or timestamp > previous:
+            values[identifier.value] = timestamp
+    for identifier in retired_set:
+        after.get(identifier.type, {}).pop(identifier.value, None)
+
+    for identifier_type in sorted(after, key=rules.rank):
+        values = after[identifier_type]
+        if not values.keys() - before.get(identifier_type, {}).keys():
+            continue  # only a type that gains values can break its limit
+        rule = rules.rule(identifier_type)
+        window = rule.window_length
+        if window is None:
+            count = len(values)
+        else:
+            start = timestamp - window
+            count = sum(1 for last_seen in values.values() if last_seen > start)
+        if count > rule.limit:
+            return rule.describe()
+    return None
+
+
+def _evidence(
+    identifiers: Sequence[Identifier],
+    suspect: set[Identifier],
+    rules: IdentityRules,
+    view: GraphView,
+    timestamp: datetime,
+) -> tuple[list[tuple[Identifier, Identifier]], list[SuspectMark]]:
+    """Pairs seen together (dropped ones count), and identifiers this message proves non-unique."""
+    pairs: list[tuple[Identifier, Identifier]] = []
+    marks: list[SuspectMark] = []
+    for lower in identifiers:
+        lower_rank = rules.rank(lower.type)
+        partners = [
+            higher
+            for higher in identifiers
+            if higher.type != lower.type and rules.rank(higher.type) < lower_rank
+        ]
+        if not partners:
+            continue
+        if lower in suspect:
+            continue  # already non-unique: more evidence changes nothing, and would grow without bound
+        pairs += [(lower, higher) for higher in partners]
+        if not rules.detect_non_unique:
+            continue
+        seen: dict[str, dict[str, datetime]] = {}
+        for higher, last in view.evidence.get(lower, {}).items():
+            seen.setdefault(higher.type, {})[higher.value] = last
+        for higher in partners:
+            seen.setdefault(higher.type, {})[higher.value] = timestamp
+        for higher_type in sorted(seen, key=rules.rank):
+            rule = rules.rule(higher_type)
+            window = rule.window_length
+            values = [
+                value
+                for value, last in seen[higher_type].items()
+                if window is None or last > timestamp - window
+            ]
+            if len(values) > rule.limit:
+                marks.append(SuspectMark(lower, higher_type, tuple(sorted(values))))
+                break
+    return pairs, marks

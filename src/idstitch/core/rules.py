@@ -1,0 +1,372 @@
+"""Identity rules of a space: priority, limits with windows, blocked values, merge flags, source policy."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Final
+
+from idstitch.core.defaults import (
+    DEFAULT_BLOCKED_EXACT,
+    DEFAULT_BLOCKED_REGEX,
+    DEFAULT_CUSTOM_RULE,
+    DEFAULT_IDENTIFIER_RULES,
+    DEFAULT_MAX_IDENTIFIERS,
+    DEFAULT_MAX_MERGES,
+)
+from idstitch.core.errors import RuleViolation
+
+__all__ = [
+    "COLLECTIONS",
+    "NORMALISATIONS",
+    "WINDOWS",
+    "IdentifierRule",
+    "IdentityRules",
+    "SourcePolicy",
+    "ValueList",
+]
+
+COLLECTIONS: Final = ("users", "accounts")
+
+# A windowed limit counts values last seen inside the window that ends at the message's timestamp.
+WINDOWS: Final[Mapping[str, timedelta | None]] = {
+    "ever": None,
+    "annually": timedelta(days=365),
+    "monthly": timedelta(days=30),
+    "weekly": timedelta(days=7),
+    "daily": timedelta(days=1),
+}
+
+NORMALISATIONS: Final = ("exact", "trim", "lower", "trim_lower")
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierRule:
+    """How one identifier type is read, trusted and limited."""
+
+    type: str
+    priority: int
+    limit: int
+    window: str = "ever"
+    merge: bool = True
+    collection: str = "users"
+    trait_keys: tuple[str, ...] = ()
+    normalise: str = "exact"
+
+    @property
+    def window_length(self) -> timedelta | None:
+        """The window as a duration; None means `ever`."""
+        return WINDOWS[self.window]
+
+    def describe(self) -> str:
+        """The rule as a person would say it, e.g. `user_id limit 1 ever`."""
+        return f"{self.type} limit {self.limit} {self.window}"
+
+
+@dataclass(frozen=True, slots=True)
+class ValueList:
+    """Values matched exactly (case-insensitively) or by regular expression."""
+
+    exact: frozenset[str] = frozenset()
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    def matches(self, value: str) -> bool:
+        """Whether the value is on the list."""
+        if value.lower() in self.exact:
+            return True
+        return any(pattern.search(value) for pattern in self.patterns)
+
+    def describe_match(self, value: str) -> str:
+        """Which entry matched, for the record of a dropped identifier."""
+        if value.lower() in self.exact:
+            return f"exact {value!r}"
+        for pattern in self.patterns:
+            if pattern.search(value):
+                return f"regex {pattern.pattern!r}"
+        return "no match"
+
+    @classmethod
+    def build(cls, exact: Iterable[str], regex: Iterable[str], where: str) -> ValueList:
+        """Compile a list, naming `where` in the error for a bad pattern."""
+        compiled: list[re.Pattern[str]] = []
+        for pattern in regex:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as error:
+                raise RuleViolation(f"{where}: invalid regex {pattern!r}: {error}") from None
+        return cls(frozenset(value.lower() for value in exact), tuple(compiled))
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePolicy:
+    """What one source may do: contribute which identifier types, and whether it may fuse profiles."""
+
+    name: str
+    merge: bool = True
+    identifier_types: frozenset[str] | None = None
+
+    def allows(self, identifier_type: str) -> bool:
+        """Whether this source may contribute identifiers of this type."""
+        return self.identifier_types is None or identifier_type in self.identifier_types
+
+
+UNRESTRICTED_SOURCE: Final = SourcePolicy(name="")
+
+
+@dataclass(frozen=True)
+class IdentityRules:
+    """All identity rules of one space; immutable, so a resolution always sees one consistent set."""
+
+    configured: Mapping[str, IdentifierRule]
+    blocked: ValueList
+    non_unique: ValueList = field(default_factory=ValueList)
+    sources: Mapping[str, SourcePolicy] = field(default_factory=dict)
+    learned_types: tuple[tuple[str, str], ...] = ()
+    custom_limit: int = 5
+    custom_window: str = "ever"
+    max_merges: int = DEFAULT_MAX_MERGES
+    max_identifiers: int = DEFAULT_MAX_IDENTIFIERS
+    alias_enabled: bool = True
+    detect_non_unique: bool = True
+    email_from_track_properties: bool = False
+    _all: dict[str, IdentifierRule] = field(init=False, repr=False, compare=False)
+    _rank: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ordered = sorted(self.configured.values(), key=lambda rule: rule.priority)
+        all_rules = {rule.type: rule for rule in ordered}
+        next_priority = max((rule.priority for rule in ordered), default=0) + 1
+        for identifier_type, collection in self.learned_types:
+            if identifier_type in all_rules:
+                continue
+            all_rules[identifier_type] = IdentifierRule(
+                type=identifier_type,
+                priority=next_priority,
+                limit=self.custom_limit,
+                window=self.custom_window,
+                collection=collection,
+            )
+            next_priority += 1
+        object.__setattr__(self, "_all", all_rules)
+        # Rank breaks priority ties: "the later type in the rules' order" loses.
+        object.__setattr__(
+            self,
+            "_rank",
+            {name: (rule.priority, index) for index, (name, rule) in enumerate(all_rules.items())},
+        )
+
+    def rule(self, identifier_type: str) -> IdentifierRule:
+        """The rule of a type; a type never seen before ranks below every known one."""
+        found = self._all.get(identifier_type)
+        if found is not None:
+            return found
+        return IdentifierRule(
+            type=identifier_type,
+            priority=10_000,
+            limit=self.custom_limit,
+            window=self.custom_window,
+        )
+
+    def rank(self, identifier_type: str) -> tuple[int, int]:
+        """Sort key: lower is more trusted (priority, then position in the rules' order)."""
+        found = self._rank.get(identifier_type)
+        return found if found is not None else (self.rule(identifier_type).priority, len(self._rank))
+
+    def knows(self, identifier_type: str) -> bool:
+        """Whether the type is configured or already learned."""
+        return identifier_type in self._all
+
+    @property
+    def rules(self) -> tuple[IdentifierRule, ...]:
+        """Every known rule in priority order."""
+        return tuple(self._all.values())
+
+    def trait_key_rules(self) -> tuple[IdentifierRule, ...]:
+        """Rules that read identifiers from trait or property keys."""
+        return tuple(rule for rule in self._all.values() if rule.trait_keys)
+
+    def source(self, name: str | None) -> SourcePolicy:
+        """The policy of a source; unknown or unnamed sources are unrestricted."""
+        if name is None:
+            return UNRESTRICTED_SOURCE
+        return self.sources.get(name, UNRESTRICTED_SOURCE)
+
+    def with_learned(self, types: Iterable[tuple[str, str]]) -> IdentityRules:
+        """These rules with custom types (type, collection) appended in first-seen order."""
+        new = [item for item in types if not self.knows(item[0])]
+        if not new:
+            return self
+        seen = list(self.learned_types)
+        for item in new:
+            if item not in seen:
+                seen.append(item)
+        return replace(self, learned_types=tuple(seen))
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able description (for `GET …/rules` and the CLI)."""
+        return {
+            "identifiers": [
+                {
+                    "type": rule.type,
+                    "priority": rule.priority,
+                    "limit": rule.limit,
+                    "window": rule.window,
+                    "merge": rule.merge,
+                    "collection": rule.collection,
+                    "trait_keys": list(rule.trait_keys),
+                    "normalise": rule.normalise,
+                }
+                for rule in self._all.values()
+            ],
+            "blocked": {
+                "exact": sorted(self.blocked.exact),
+                "regex": [pattern.pattern for pattern in self.blocked.patterns],
+            },
+            "non_unique": {
+                "exact": sorted(self.non_unique.exact),
+                "regex": [pattern.pattern for pattern in self.non_unique.patterns],
+            },
+            "sources": {
+                name: {
+                    "merge": policy.merge,
+                    "identifier_types": None
+                    if policy.identifier_types is None
+                    else sorted(policy.identifier_types),
+                }
+                for name, policy in self.sources.items()
+            },
+            "max_merges": self.max_merges,
+            "max_identifiers": self.max_identifiers,
+            "alias": self.alias_enabled,
+            "detect_non_unique": self.detect_non_unique,
+        }
+
+    @classmethod
+    def default(cls) -> IdentityRules:
+        """The rules of a new space (DEFAULTS.md)."""
+        return cls.from_config({})
+
+    @classmethod
+    def from_config(cls, space: Mapping[str, Any], where: str = "space") -> IdentityRules:
+        """Rules from one `[spaces.X]` table of the config file, on top of the defaults."""
+        configured: dict[str, IdentifierRule] = {}
+        for row in DEFAULT_IDENTIFIER_RULES:
+            configured[row["type"]] = _rule_from_row(row["type"], row, where)
+        overrides = space.get("identifiers", {})
+        if not isinstance(overrides, Mapping):
+            raise RuleViolation(f"{where}.identifiers: must be a table")
+        next_priority = max(rule.priority for rule in configured.values()) + 1
+        for name, row in overrides.items():
+            if not isinstance(row, Mapping):
+                raise RuleViolation(f"{where}.identifiers.{name}: must be a table")
+            identifier_type = str(name).lower()
+            base: dict[str, Any] = {}
+            existing = configured.get(identifier_type)
+            if existing is not None:
+                base = {
+                    "priority": existing.priority,
+                    "limit": existing.limit,
+                    "window": existing.window,
+                    "merge": existing.merge,
+                    "collection": existing.collection,
+                    "normalise": existing.normalise,
+                    "trait_keys": existing.trait_keys,
+                }
+            else:
+                base = dict(DEFAULT_CUSTOM_RULE, priority=next_priority)
+                next_priority += 1
+            configured[identifier_type] = _rule_from_row(
+                identifier_type, {**base, **row}, f"{where}.identifiers.{name}"
+            )
+
+        blocked_table = _table(space, "blocked", where)
+        replace_defaults = bool(blocked_table.get("replace_defaults", False))
+        exact = [] if replace_defaults else list(DEFAULT_BLOCKED_EXACT)
+        regex = [] if replace_defaults else list(DEFAULT_BLOCKED_REGEX)
+        exact += _strings(blocked_table.get("exact", []), f"{where}.blocked.exact")
+        regex += _strings(blocked_table.get("regex", []), f"{where}.blocked.regex")
+        non_unique_table = _table(space, "non_unique", where)
+
+        sources: dict[str, SourcePolicy] = {}
+        for source_name, source in _table(space, "sources", where).items():
+            if not isinstance(source, Mapping):
+                raise RuleViolation(f"{where}.sources.{source_name}: must be a table")
+            types = source.get("identifier_types")
+            sources[str(source_name)] = SourcePolicy(
+                name=str(source_name),
+                merge=bool(source.get("merge", True)),
+                identifier_types=None
+                if types is None
+                else frozenset(t.lower() for t in _strings(types, f"{where}.sources.{source_name}")),
+            )
+        custom_window = str(space.get("custom_window", DEFAULT_CUSTOM_RULE["window"]))
+        _check_window(custom_window, f"{where}.custom_window")
+        return cls(
+            configured=configured,
+            blocked=ValueList.build(exact, regex, f"{where}.blocked"),
+            non_unique=ValueList.build(
+                _strings(non_unique_table.get("exact", []), f"{where}.non_unique.exact"),
+                _strings(non_unique_table.get("regex", []), f"{where}.non_unique.regex"),
+                f"{where}.non_unique",
+            ),
+            sources=sources,
+            custom_limit=_positive(space.get("custom_limit", DEFAULT_CUSTOM_RULE["limit"]), where),
+            custom_window=custom_window,
+            max_merges=_positive(space.get("max_merges", DEFAULT_MAX_MERGES), f"{where}.max_merges"),
+            max_identifiers=_positive(
+                space.get("max_identifiers", DEFAULT_MAX_IDENTIFIERS), f"{where}.max_identifiers"
+            ),
+            alias_enabled=bool(space.get("alias", True)),
+            detect_non_unique=bool(space.get("detect_non_unique", True)),
+            email_from_track_properties=bool(space.get("email_from_track_properties", False)),
+        )
+
+
+def _table(space: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = space.get(key, {})
+    if not isinstance(value, Mapping):
+        raise RuleViolation(f"{where}.{key}: must be a table")
+    return value
+
+
+def _strings(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise RuleViolation(f"{where}: must be a list of strings")
+    return list(value)
+
+
+def _positive(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuleViolation(f"{where}: must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _check_window(window: str, where: str) -> None:
+    if window not in WINDOWS:
+        raise RuleViolation(f"{where}: window must be one of {', '.join(WINDOWS)}, got {window!r}")
+
+
+def _rule_from_row(identifier_type: str, row: Mapping[str, Any], where: str) -> IdentifierRule:
+    window = str(row.get("window", "ever"))
+    _check_window(window, f"{where}.window")
+    collection = str(row.get("collection", "users"))
+    if collection not in COLLECTIONS:
+        raise RuleViolation(f"{where}.collection: must be users or accounts, got {collection!r}")
+    normalise = str(row.get("normalise", "exact"))
+    if normalise not in NORMALISATIONS:
+        raise RuleViolation(f"{where}.normalise: must be one of {', '.join(NORMALISATIONS)}")
+    priority = row.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise RuleViolation(f"{where}.priority: must be a whole number")
+    return IdentifierRule(
+        type=identifier_type,
+        priority=priority,
+        limit=_positive(row.get("limit"), f"{where}.limit"),
+        window=window,
+        merge=bool(row.get("merge", True)),
+        collection=collection,
+        trait_keys=tuple(_strings(list(row.get("trait_keys", ())), f"{where}.trait_keys")),
+        normalise=normalise,
+    )

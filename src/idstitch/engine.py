@@ -1,0 +1,249 @@
+"""The engine: runs messages through the core and the store in transactions; the only place they meet."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from idstitch.config import Config, SourceConfig
+from idstitch.core.errors import IdstitchError, InvalidEvent
+from idstitch.core.graph import GraphView
+from idstitch.core.identifiers import Dropped, extract_identifiers
+from idstitch.core.messages import Message
+from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
+from idstitch.core.rules import IdentityRules
+from idstitch.core.traits import account_trait_updates, user_trait_updates
+from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransaction
+
+__all__ = ["Engine", "IngestResult", "MessageOutcome"]
+
+_EMPTY_VIEW = GraphView()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageOutcome:
+    """What happened to one message of a batch."""
+
+    index: int
+    message_id: str | None
+    status: str  # resolved | duplicate | unresolved | rejected
+    profile_id: str | None = None
+    account_id: str | None = None
+    created: bool = False
+    merged: tuple[str, ...] = ()
+    dropped: tuple[Dropped, ...] = ()
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class IngestResult:
+    """Outcomes of one batch, in input order; committed durably before it is returned."""
+
+    outcomes: list[MessageOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        """How many messages ended with this status."""
+        return sum(1 for outcome in self.outcomes if outcome.status == status)
+
+    @property
+    def rejected(self) -> list[MessageOutcome]:
+        """The messages that were not accepted, with reasons."""
+        return [outcome for outcome in self.outcomes if outcome.status == "rejected"]
+
+
+class Engine:
+    """Identity resolution over one store, with the spaces and rules of one config."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self._rules: dict[str, IdentityRules] = {}
+        self.created_write_keys: list[SourceRecord] = []
+        self._bootstrap()
+
+    def _bootstrap(self) -> None:
+        existing = {(source.space, source.name): source for source in self.store.sources()}
+        for space in self.config.spaces.values():
+            self.store.ensure_space(space.name)
+            for source in space.sources.values():
+                self._ensure_source(space.name, source, existing.get((space.name, source.name)))
+
+    def _ensure_source(self, space: str, source: SourceConfig, existing: SourceRecord | None) -> None:
+        if source.write_key is None:
+            if existing is not None:
+                return
+            # First run without a config: make a key once and keep it in the store, so it stays valid.
+            record = SourceRecord(space, source.name, "wk_" + secrets.token_urlsafe(18))
+            self.store.upsert_source(record)
+            self.created_write_keys.append(record)
+        elif existing is None or existing.write_key != source.write_key:
+            self.store.upsert_source(SourceRecord(space, source.name, source.write_key))
+
+    def rules(self, space: str) -> IdentityRules:
+        """The rules of a space, with the custom types it has learned."""
+        cached = self._rules.get(space)
+        if cached is None:
+            cached = self.config.space(space).rules.with_learned(self.store.learned_types(space))
+            self._rules[space] = cached
+        return cached
+
+    def source_for_write_key(self, write_key: str) -> SourceRecord | None:
+        """The source a write key belongs to."""
+        for source in self.store.sources():
+            if source.write_key == write_key:
+                return source
+        return None
+
+    def ingest(
+        self,
+        items: Iterable[Message | InvalidEvent],
+        *,
+        space: str,
+        source: str | None = None,
+    ) -> IngestResult:
+        """Resolve messages in order and commit them together; invalid ones are rejected, the rest land."""
+        self.config.space(space)  # unknown space: a ConfigError before anything is written
+        result = IngestResult()
+        try:
+            with self.store.transaction() as transaction:
+                for index, item in enumerate(items):
+                    result.outcomes.append(self._ingest_one(transaction, index, item, space, source))
+        except BaseException:
+            self._rules.pop(space, None)  # learned types of a rolled-back batch must be forgotten
+            raise
+        return result
+
+    def _ingest_one(
+        self,
+        transaction: StoreTransaction,
+        index: int,
+        item: Message | InvalidEvent,
+        space: str,
+        source: str | None,
+    ) -> MessageOutcome:
+        if isinstance(item, InvalidEvent):
+            return MessageOutcome(index, None, "rejected", error=str(item))
+        if transaction.has_message(space, item.message_id):
+            return MessageOutcome(index, item.message_id, "duplicate")
+        try:
+            with transaction.savepoint():
+                return self._resolve(transaction, index, item, space, source)
+        except IdstitchError as error:
+            return MessageOutcome(index, item.message_id, "rejected", error=str(error))
+
+    def _resolve(
+        self, transaction: StoreTransaction, index: int, message: Message, space: str, source: str | None
+    ) -> MessageOutcome:
+        rules = self.rules(space)
+        policy = rules.source(source)
+        extraction = extract_identifiers(message, rules, policy)
+        if extraction.is_empty and not extraction.dropped:
+            raise InvalidEvent(
+                "",
+                "message carries no identifier: needs userId, anonymousId, traits.email, "
+                "context.externalIds or another configured identifier",
+            )
+        user_keys, account_keys = view_keys(extraction)
+        decision = resolve_message(
+            message,
+            extraction,
+            space=space,
+            rules=rules,
+            users_view=transaction.load_view(space, "users", user_keys) if user_keys else _EMPTY_VIEW,
+            accounts_view=transaction.load_view(space, "accounts", account_keys)
+            if account_keys
+            else _EMPTY_VIEW,
+            source=policy,
+        )
+        if decision.new_types:
+            transaction.learn_types(space, decision.new_types)
+            self._rules[space] = rules.with_learned(decision.new_types)
+        carried = tuple(
+            dict.fromkeys(
+                str(item)
+                for item in (
+                    *extraction.users,
+                    *extraction.accounts,
+                    *(drop.identifier for drop in extraction.dropped),
+                    *(
+                        item
+                        for resolution in (decision.users, decision.accounts)
+                        if resolution is not None
+                        for item in (
+                            *resolution.added,
+                            *resolution.touched,
+                            *(drop.identifier for drop in resolution.dropped),
+                        )
+                    ),
+                )
+            )
+        )
+        return self._write(transaction, index, message, space, source, decision, carried)
+
+    def _write(
+        self,
+        transaction: StoreTransaction,
+        index: int,
+        message: Message,
+        space: str,
+        source: str | None,
+        decision: MessageResolution,
+        carried: tuple[str, ...],
+    ) -> MessageOutcome:
+        users, accounts = decision.users, decision.accounts
+        at = message.timestamp
+        for resolution in (users, accounts):
+            if resolution is not None:
+                transaction.apply_resolution(space, resolution, message.message_id)
+        if users is not None and accounts is not None:
+            transaction.link(space, users.profile_id, accounts.profile_id, at)
+        if users is not None:
+            updates = user_trait_updates(message)
+            if updates:
+                transaction.set_traits(space, users.profile_id, updates, at)
+        if accounts is not None:
+            updates = account_trait_updates(message)
+            if updates:
+                transaction.set_traits(space, accounts.profile_id, updates, at)
+        owner = users.profile_id if users is not None else None
+        owner = owner or (accounts.profile_id if accounts is not None else None)
+        if decision.dropped:
+            transaction.record_dropped(space, decision.dropped, message.message_id, at, owner)
+        transaction.add_event(
+            space,
+            EventRecord(
+                message_id=message.message_id,
+                type=message.type,
+                name=message.event if message.type == "track" else message.name,
+                timestamp=at,
+                received_at=message.received_at,
+                source=source,
+                profile_id=users.profile_id if users is not None else None,
+                account_id=accounts.profile_id if accounts is not None else None,
+                identifiers=carried,
+                payload=msgspec.json.encode(message.payload),
+            ),
+        )
+        if decision.unresolved:
+            return MessageOutcome(index, message.message_id, "unresolved", dropped=decision.dropped)
+        all_dropped = decision.dropped + tuple(
+            item for resolution in (users, accounts) if resolution is not None for item in resolution.dropped
+        )
+        return MessageOutcome(
+            index,
+            message.message_id,
+            "resolved",
+            profile_id=users.profile_id if users is not None else None,
+            account_id=accounts.profile_id if accounts is not None else None,
+            created=bool(users and users.created),
+            merged=tuple(
+                step.child_id
+                for resolution in (users, accounts)
+                if resolution is not None
+                for step in resolution.merges
+            ),
+            dropped=all_dropped,
+        )

@@ -1,0 +1,639 @@
+"""Readers for batch files of Segment messages: NDJSON, JSON arrays, batch envelopes, gzip, stdin.
+
+Every reader yields ``(location, item)`` pairs in file order, where ``item`` is a validated
+:class:`~idstitch.core.messages.Message` or the :class:`~idstitch.core.errors.InvalidEvent` that says
+why that part of the file is not one, and ``location`` is ``file:line`` (``file:line[index]`` for the
+elements of a JSON array or of a batch envelope; ``line`` is the line the element starts on).
+
+Formats, detected from the content and not the file name:
+
+* NDJSON: one message per line; a line may also be a whole batch envelope
+  ``{"batch": [...], "context": ..., "integrations": ..., "sentAt": ...}`` (Segment's archives).
+* A JSON array of messages (possibly pretty-printed), read element by element.
+* One batch envelope or one message as the whole (pretty-printed) file.
+* Any of these gzip-compressed (recognised by its magic bytes), and ``-`` for standard input.
+
+Memory stays bounded: NDJSON is read line by line, arrays element by element, and an element or a
+line over the limits is skipped without being held. Only a pretty-printed single document is read
+whole, up to :data:`MAX_DOCUMENT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Final, TypeVar
+
+import msgspec
+
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import (
+    MAX_BATCH_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    Message,
+    decode_json,
+    parse_batch,
+    parse_message,
+)
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "MAX_LINE_BYTES",
+    "Batch",
+    "InputFile",
+    "Item",
+    "batched",
+    "read_batches",
+    "read_items",
+]
+
+Item = tuple[str, Message | InvalidEvent]
+"""One element of a file: where it is (``file:line`` or ``file:line[index]``) and what it is."""
+
+MAX_LINE_BYTES: Final = 64 * 1024 * 1024
+"""Longest NDJSON line read (a whole batch envelope may be on one line); longer lines are rejected."""
+
+MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
+"""Largest pretty-printed single document (an envelope or a message spread over lines) read whole."""
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_CHUNK: Final = 1024 * 1024
+_BUFFER: Final = 64 * 1024  # read-ahead: small enough for the progress of the bytes on disk to be exact-ish
+_GZIP_READ: Final = 64 * 1024
+_WHITESPACE: Final = b" \t\r\n"
+_BOM: Final = b"\xef\xbb\xbf"
+
+
+def _size_error(size: int) -> InvalidEvent:
+    return InvalidEvent(
+        "", f"message is {size} bytes, over the {MAX_MESSAGE_BYTES // 1024} KB per-message limit"
+    )
+
+
+class _CountingReader(io.RawIOBase):
+    """A read-only stream that counts the bytes taken from the one below (the bytes on disk)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        # read1: return what a pipe has now instead of blocking until a whole chunk arrives
+        self._read = getattr(raw, "read1", raw.read)
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._read(len(view))
+        size = len(data)
+        view[:size] = data
+        self.count += size
+        return size
+
+
+class _GunzipReader(io.RawIOBase):
+    """Decompresses gzip (several members too) and hands out everything readable before any damage.
+
+    A truncated or corrupt stream does not raise: it ends early and `error` says what was wrong, so
+    that every complete message before the damage is still read (GzipFile would drop a whole chunk).
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._inflate = zlib.decompressobj(wbits=31)
+        self._pending = b""
+        self._done = False
+        self.error: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while not self._pending and not self._done:
+            try:
+                self._pending = self._more()
+            except zlib.error as error:
+                self.error = f"is corrupt ({error})"
+                self._done = True
+        size = min(len(view), len(self._pending))
+        view[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _more(self) -> bytes:
+        inflate = self._inflate
+        if inflate.unconsumed_tail:
+            return inflate.decompress(inflate.unconsumed_tail, _CHUNK)
+        if inflate.eof:
+            data = inflate.unused_data or self._raw.read(_GZIP_READ)
+            if not data.strip(b"\0"):  # end of the stream (or zero padding after it)
+                self._done = True
+                return b""
+            self._inflate = inflate = zlib.decompressobj(wbits=31)  # the next member
+            return inflate.decompress(data, _CHUNK)
+        data = self._raw.read(_GZIP_READ)
+        if not data:
+            self.error = "ends before the end of the compressed stream (truncated file?)"
+            self._done = True
+            return b""
+        return inflate.decompress(data, _CHUNK)
+
+
+class InputFile:
+    """One input (a path or ``-``): opened, decompressed when gzip, and read as items.
+
+    ``size`` is the number of bytes on disk (None for stdin); ``position`` how many of them have been
+    read so far (compressed bytes for a gzip file), for progress bars.
+    """
+
+    def __init__(self, path: str | Path, *, received_at: datetime, stdin: IO[bytes] | None = None) -> None:
+        self.name = str(path)
+        self.received_at = received_at
+        if self.name == "-":
+            source: IO[bytes] = stdin if stdin is not None else sys.stdin.buffer
+            self.size: int | None = None
+            self._owned: IO[bytes] | None = None
+        else:
+            source = open(path, "rb")  # noqa: SIM115 - closed by close()
+            self._owned = source
+            try:
+                self.size = os.fstat(source.fileno()).st_size
+            except OSError:
+                self.size = None
+        self._counter = _CountingReader(source)
+        buffered = io.BufferedReader(self._counter, buffer_size=_BUFFER)
+        self.compressed = buffered.peek(2)[:2] == _GZIP_MAGIC
+        self._gunzip = _GunzipReader(buffered) if self.compressed else None
+        self._stream: IO[bytes] = (
+            io.BufferedReader(self._gunzip, buffer_size=_BUFFER) if self._gunzip is not None else buffered
+        )
+
+    @property
+    def position(self) -> int:
+        """Bytes of the input consumed so far (read ahead in chunks, so it leads by at most one chunk)."""
+        return self._counter.count
+
+    def close(self) -> None:
+        """Close the file (standard input is left open)."""
+        if self._owned is not None:
+            self._owned.close()
+
+    def __enter__(self) -> InputFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Item]:
+        """Every item of the input, in order; a damaged gzip stream ends with one InvalidEvent saying so."""
+        yield from self._items()
+        if self._gunzip is not None and self._gunzip.error is not None:
+            yield (
+                self.name,
+                InvalidEvent("", f"gzip data {self._gunzip.error}; the rest of the file is skipped"),
+            )
+
+    def _items(self) -> Iterator[Item]:
+        stream = self._stream
+        head = _peek_content(stream)
+        if head == b"[":
+            yield from _array_items(stream, self.name, self.received_at)
+            return
+        if head == b"{":
+            document, stream = _whole_document(stream)
+            if document is not None:
+                yield from _document_items(document, self.name, self.received_at)
+                return
+        yield from _ndjson_items(stream, self.name, self.received_at)
+
+
+def _peek_content(stream: IO[bytes]) -> bytes:
+    """The first byte that is not whitespace (or a UTF-8 BOM), without consuming anything."""
+    assert isinstance(stream, io.BufferedReader)
+    data = stream.peek(4096)
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    stripped = data.lstrip(_WHITESPACE)
+    return stripped[:1]
+
+
+def _stands_alone(line: bytes) -> bool:
+    try:
+        decode_json(line.strip().removeprefix(_BOM))
+    except InvalidEvent:
+        return False
+    return True
+
+
+def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[bytes]]:
+    """A single JSON object spread over several lines (a pretty-printed envelope or message), if any.
+
+    Returns the document (with the line it starts on) or None, meaning "read it as NDJSON", and the
+    stream to go on reading: the first or second non-blank line is a JSON value on its own, or the
+    start of the file does not form one document within MAX_DOCUMENT_BYTES.
+    """
+    assert isinstance(stream, io.BufferedReader)
+    head = stream.peek(_BUFFER)
+    lines = [line for line in head.split(b"\n", 3)[:3] if line.strip()]
+    if b"\n" not in head.rstrip():
+        return None, stream  # one (long) line: NDJSON, whatever it holds
+    if any(_stands_alone(line) for line in lines[:2]):
+        return None, stream  # NDJSON, perhaps with a broken line here or there
+    # Bounded look-ahead: a BufferedReader cannot peek this far, so read into a side buffer and
+    # hand the bytes back through a fresh reader if they turn out not to be one document.
+    data = stream.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) <= MAX_DOCUMENT_BYTES:
+        try:
+            document = decode_json(data.removeprefix(_BOM))
+        except InvalidEvent:
+            document = None
+        if isinstance(document, dict):
+            start_line = data[: len(data) - len(data.lstrip(_WHITESPACE))].count(b"\n") + 1
+            return (start_line, document), stream
+    return None, io.BufferedReader(_Concat(data, stream), buffer_size=_BUFFER)
+
+
+class _Concat(io.RawIOBase):
+    """Bytes already read, followed by the rest of a stream."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            size = min(len(view), len(self._head))
+            view[:size] = self._head[:size]
+            self._head = self._head[size:]
+            return size
+        data = self._rest.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+def _document_items(document: tuple[int, object], name: str, received_at: datetime) -> Iterator[Item]:
+    line, value = document
+    if isinstance(value, dict) and _is_envelope(value):
+        yield from _envelope_items(value, f"{name}:{line}", received_at)
+        return
+    where = f"{name}:{line}"
+    try:
+        size = len(_encode(value))
+        if size > MAX_MESSAGE_BYTES:
+            raise _size_error(size)
+        yield where, parse_message(value, received_at=received_at)
+    except InvalidEvent as error:
+        yield where, error
+
+
+def _is_envelope(value: dict[str, Any]) -> bool:
+    return "batch" in value and value.get("type") in (None, "", "batch")
+
+
+def _encode(value: object) -> bytes:
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
+
+
+def _envelope_items(envelope: dict[str, Any], where: str, received_at: datetime) -> Iterator[Item]:
+    """Elements of one batch envelope; an envelope over the per-request message limit is read in slices."""
+    batch = envelope.get("batch")
+    slices: Iterable[tuple[int, object]]
+    if isinstance(batch, list) and len(batch) > MAX_BATCH_MESSAGES:
+        # The 2,500-message limit protects the HTTP API; an archived envelope is read in slices.
+        slices = (
+            (start, {**envelope, "batch": batch[start : start + MAX_BATCH_MESSAGES]})
+            for start in range(0, len(batch), MAX_BATCH_MESSAGES)
+        )
+    else:
+        slices = ((0, envelope),)
+    for offset, part in slices:
+        try:
+            results, _rest = parse_batch(part, received_at=received_at)
+        except InvalidEvent as error:
+            yield where, InvalidEvent(error.field, f"batch envelope: {error.reason}")
+            return
+        for index, item in enumerate(results, offset):
+            yield f"{where}[{index}]", item
+
+
+def _ndjson_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterator[Item]:
+    number = 0
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            size = len(line)
+            while True:  # skip the rest of the over-long line without holding it
+                more = stream.readline(_CHUNK)
+                size += len(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            yield (
+                f"{name}:{number}",
+                InvalidEvent(
+                    "", f"line is {size} bytes, over the {MAX_LINE_BYTES // (1024 * 1024)} MB line limit"
+                ),
+            )
+            continue
+        if number == 1:
+            line = line.removeprefix(_BOM)
+        text = line.strip()
+        if not text:
+            continue
+        yield from _line_items(text, f"{name}:{number}", received_at)
+
+
+def _line_items(text: bytes, where: str, received_at: datetime) -> Iterator[Item]:
+    """One NDJSON line: a message, or a batch envelope with several."""
+    size = len(text)
+    try:
+        value = decode_json(text)
+    except InvalidEvent as error:
+        # Like decode_message: a message over the limit is reported as such, whatever it contains.
+        yield where, _size_error(size) if size > MAX_MESSAGE_BYTES else error
+        return
+    if isinstance(value, dict) and _is_envelope(value):
+        yield from _envelope_items(value, where, received_at)
+        return
+    if size > MAX_MESSAGE_BYTES:
+        yield where, _size_error(size)
+        return
+    try:
+        yield where, parse_message(value, received_at=received_at)
+    except InvalidEvent as error:
+        yield where, error
+
+
+# -- JSON arrays, element by element --------------------------------------------------------------
+
+_STRUCTURE = re.compile(rb'[\[\]{}",]')
+_STRING_END = re.compile(rb'["\\]')
+
+
+class _ArrayScanner:
+    """Splits a stream holding one (or several) top-level JSON arrays into its elements' bytes.
+
+    Tracks strings and nesting only; each element is then decoded and validated on its own, so a
+    malformed element is reported and the scanner carries on with the next one. Elements longer
+    than the message limit are measured but not kept.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.line = 1  # line of the start of `chunk`
+        self.chunk = b""
+        self.pos = 0
+        self._counted = (0, 1)  # (position in chunk, its line): lines are counted incrementally
+
+    def _fill(self) -> bool:
+        """Move to the next chunk; False at the end of the stream."""
+        self.line += self.chunk.count(b"\n")
+        self.chunk = self.stream.read(_CHUNK)
+        self.pos = 0
+        self._counted = (0, self.line)
+        return bool(self.chunk)
+
+    def _skip_whitespace(self) -> bytes:
+        """The next byte that is not whitespace (not consumed), or b"" at the end."""
+        while True:
+            chunk, pos = self.chunk, self.pos
+            while pos < len(chunk) and chunk[pos] in _WHITESPACE:
+                pos += 1
+            self.pos = pos
+            if pos < len(chunk):
+                return chunk[pos : pos + 1]
+            if not self._fill():
+                return b""
+
+    def _current_line(self) -> int:
+        counted, line = self._counted
+        if self.pos < counted:
+            counted, line = 0, self.line
+        line += self.chunk.count(b"\n", counted, self.pos)
+        self._counted = (self.pos, line)
+        return line
+
+    def elements(self) -> Iterator[tuple[int, int, bytes | int | InvalidEvent]]:
+        """(line, index, bytes of the element | its size when too big | a structural error)."""
+        if not self.chunk:
+            self._fill()
+            if self.chunk.startswith(_BOM):
+                self.pos = len(_BOM)
+        while True:
+            head = self._skip_whitespace()
+            if not head:
+                return
+            if head != b"[":
+                yield (
+                    self._current_line(),
+                    0,
+                    InvalidEvent(
+                        "", "invalid JSON: expected '[' (a JSON array of messages) or one message per line"
+                    ),
+                )
+                return
+            self.pos += 1
+            index = 0
+            expect_element = True
+            while True:
+                head = self._skip_whitespace()
+                if not head:
+                    yield (
+                        self._current_line(),
+                        index,
+                        InvalidEvent("", "invalid JSON: the array is not closed"),
+                    )
+                    return
+                if head == b"]":
+                    self.pos += 1
+                    break
+                if head == b",":
+                    self.pos += 1
+                    if expect_element:
+                        yield self._current_line(), index, InvalidEvent("", "invalid JSON: missing element")
+                        index += 1
+                    expect_element = True
+                    continue
+                line = self._current_line()
+                element = self._element()
+                if not expect_element:
+                    element = InvalidEvent("", "invalid JSON: missing ',' between elements")
+                yield line, index, element
+                index += 1
+                expect_element = False
+
+    def _element(self) -> bytes | int | InvalidEvent:
+        """Consume one element starting at the current position."""
+        pieces: list[bytes] = []
+        size = 0
+        depth = 0
+        in_string = False
+        escape = False
+        start = self.pos
+        while True:
+            chunk = self.chunk
+            pos = self.pos
+            end: int | None = None
+            while pos < len(chunk):
+                if in_string:
+                    if escape:
+                        escape = False
+                        pos += 1
+                        continue
+                    match = _STRING_END.search(chunk, pos)
+                    if match is None:
+                        pos = len(chunk)
+                        break
+                    pos = match.end()
+                    if match.group() == b"\\":
+                        escape = True
+                    else:
+                        in_string = False
+                        if depth == 0:
+                            end = pos
+                            break
+                    continue
+                match = _STRUCTURE.search(chunk, pos)
+                if match is None:
+                    pos = len(chunk)
+                    break
+                token = match.group()
+                if token == b'"':
+                    in_string = True
+                    pos = match.end()
+                elif token in (b"{", b"["):
+                    depth += 1
+                    pos = match.end()
+                elif token in (b"}", b"]"):
+                    if depth == 0:  # the end of the array: a scalar element ends before it
+                        end = match.start()
+                        break
+                    depth -= 1
+                    pos = match.end()
+                    if depth == 0:
+                        end = pos
+                        break
+                else:  # ","
+                    if depth == 0:
+                        end = match.start()
+                        break
+                    pos = match.end()
+            stop = pos if end is None else end
+            size += stop - start
+            if size <= MAX_MESSAGE_BYTES:
+                pieces.append(chunk[start:stop])
+            else:
+                pieces.clear()
+            if end is not None:
+                self.pos = end
+                break
+            self.pos = len(chunk)
+            if not self._fill():
+                break
+            start = 0
+        if size > MAX_MESSAGE_BYTES:
+            return size
+        return b"".join(pieces).rstrip(_WHITESPACE)
+
+
+def _array_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterator[Item]:
+    for line, index, element in _ArrayScanner(stream).elements():
+        where = f"{name}:{line}[{index}]"
+        if isinstance(element, InvalidEvent):
+            yield where, element
+            continue
+        if isinstance(element, int):
+            yield where, _size_error(element)
+            continue
+        try:
+            value = decode_json(element)
+            if isinstance(value, dict) and _is_envelope(value):
+                # An array of envelopes: each element's messages are sub-indexed.
+                yield from _envelope_items(value, where, received_at)
+                continue
+            yield where, parse_message(value, received_at=received_at)
+        except InvalidEvent as error:
+            yield where, error
+
+
+# -- convenience -----------------------------------------------------------------------------------
+
+
+def read_items(path: str | Path, *, received_at: datetime, stdin: IO[bytes] | None = None) -> Iterator[Item]:
+    """Every item of one file (or ``-``), in order."""
+    with InputFile(path, received_at=received_at, stdin=stdin) as source:
+        yield from source
+
+
+_T = TypeVar("_T")
+
+
+def batched(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    """Lists of up to `size` consecutive items."""
+    if size < 1:
+        raise ValueError("batch size must be at least 1")
+    batch: list[_T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Up to N consecutive items (possibly spanning files) with the progress made once it is read."""
+
+    items: list[Item]
+    bytes_read: int  # bytes of every input consumed so far (compressed bytes for gzip)
+    bytes_total: int | None  # sum of the inputs' sizes; None when one of them is stdin
+
+
+def read_batches(
+    paths: Sequence[str | Path],
+    *,
+    batch_size: int,
+    received_at: datetime,
+    stdin: IO[bytes] | None = None,
+    on_open: Callable[[InputFile], None] | None = None,
+) -> Iterator[Batch]:
+    """Items of every file in order, in batches of `batch_size` (one transaction each: group commit).
+
+    Files are opened one at a time, as they are reached; `on_open` is called with each.
+    """
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    sizes: list[int | None] = [None if str(path) == "-" else Path(path).stat().st_size for path in paths]
+    total = None if any(size is None for size in sizes) else sum(size or 0 for size in sizes)
+    done_before = 0
+    batch: list[Item] = []
+    for path in paths:
+        with InputFile(path, received_at=received_at, stdin=stdin) as source:
+            if on_open is not None:
+                on_open(source)
+            for item in source:
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    yield Batch(batch, done_before + source.position, total)
+                    batch = []
+            done_before += source.position
+    if batch:
+        yield Batch(batch, done_before, total)

@@ -1,0 +1,1 @@
+"""Synthetic workloads with ground truth: a simulated population emitting Segment-spec messages."""

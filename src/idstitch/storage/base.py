@@ -1,0 +1,282 @@
+"""The Store protocol: what the engine needs from a database, and the records reads return.
+
+Every adapter (SQLite, PostgreSQL, memory) passes the same contract suite in tests/store_contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from idstitch.core.graph import GraphView
+from idstitch.core.identifiers import Dropped, Identifier
+from idstitch.core.resolve import Resolution
+
+__all__ = [
+    "DroppedRecord",
+    "EventRecord",
+    "IdentifierRecord",
+    "MergeRecord",
+    "ProfileRecord",
+    "SourceRecord",
+    "SpaceStats",
+    "Store",
+    "StoreTransaction",
+    "SuspectRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """A source: its space and write key."""
+
+    space: str
+    name: str
+    write_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One stored message: which profile it resolved to (None: unresolved) and what it carried."""
+
+    message_id: str
+    type: str
+    name: str | None
+    timestamp: datetime
+    received_at: datetime
+    source: str | None
+    profile_id: str | None
+    account_id: str | None
+    identifiers: tuple[str, ...]
+    payload: bytes
+    sequence: int = 0  # store-assigned ingest order; a stable cursor while new events arrive
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierRecord:
+    """An identifier on a profile."""
+
+    type: str
+    value: str
+    collection: str
+    first_seen: datetime
+    last_seen: datetime
+    retired: bool = False
+    suspect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    """A root profile."""
+
+    segment_id: str
+    collection: str
+    created_at: datetime
+    merge_count: int
+    merged_segment_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MergeRecord:
+    """One entry of the merge log."""
+
+    parent_id: str
+    child_id: str
+    message_id: str
+    via: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRecord:
+    """An identifier a message carried that was not attached, with the rule that dropped it."""
+
+    message_id: str
+    identifier: str
+    rule: str
+    at: datetime
+    profile_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectRecord:
+    """An identifier found non-unique, with its evidence."""
+
+    identifier: str
+    collection: str
+    evidence_type: str
+    evidence_values: tuple[str, ...]
+    message_id: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceStats:
+    """Counts of one space."""
+
+    space: str
+    profiles: int = 0
+    accounts: int = 0
+    identifiers: int = 0
+    merges: int = 0
+    events: int = 0
+    unresolved: int = 0
+    suspect: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "space": self.space,
+            "profiles": self.profiles,
+            "accounts": self.accounts,
+            "identifiers": self.identifiers,
+            "merges": self.merges,
+            "events": self.events,
+            "unresolved": self.unresolved,
+            "suspect": self.suspect,
+            "dropped": self.dropped,
+        }
+
+
+class StoreTransaction(Protocol):
+    """One write transaction; everything in it commits together or not at all."""
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """A nested unit: a failing message rolls back alone while the rest of the batch lands."""
+        ...
+
+    def has_message(self, space: str, message_id: str) -> bool:
+        """Whether this space already stored a message with this id (de-duplication)."""
+        ...
+
+    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
+        """The graph neighbourhood of these identifiers: owners (roots), their profiles, evidence, suspects."""
+        ...
+
+    def apply_resolution(self, space: str, resolution: Resolution, message_id: str) -> None:
+        """Write one collection's decision: new profile, merges, identifiers, suspects, evidence, drops."""
+        ...
+
+    def record_dropped(
+        self, space: str, dropped: Sequence[Dropped], message_id: str, at: datetime, profile_id: str | None
+    ) -> None:
+        """Record identifiers dropped before resolution (blocked values, source policy)."""
+        ...
+
+    def set_traits(self, space: str, profile_id: str, updates: Mapping[str, Any], at: datetime) -> None:
+        """Set traits where `at` is not older than the stored value's time; None values remove."""
+        ...
+
+    def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
+        """Link a user profile and an account profile (idempotent)."""
+        ...
+
+    def add_event(self, space: str, event: EventRecord) -> None:
+        """Store one message (resolved or not)."""
+        ...
+
+    def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
+        """Remember custom identifier types (type, collection) in first-seen order."""
+        ...
+
+
+class Store(Protocol):
+    """A graph store. One writer at a time; reads may run concurrently with it."""
+
+    url: str
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[StoreTransaction]:
+        """A write transaction; commits durably on success, rolls back on an exception."""
+        ...
+
+    # spaces and sources
+    def ensure_space(self, space: str) -> None:
+        """Create the space if it does not exist."""
+        ...
+
+    def spaces(self) -> list[str]:
+        """Every space, sorted."""
+        ...
+
+    def upsert_source(self, source: SourceRecord) -> None:
+        """Create or update a source (keyed by space and name)."""
+        ...
+
+    def sources(self) -> list[SourceRecord]:
+        """Every source."""
+        ...
+
+    def learned_types(self, space: str) -> list[tuple[str, str]]:
+        """Custom identifier types of a space in first-seen order."""
+        ...
+
+    # reads
+    def find_profile(self, space: str, identifier: Identifier) -> str | None:
+        """The root profile owning an identifier."""
+        ...
+
+    def resolve_segment_id(self, space: str, segment_id: str) -> str | None:
+        """The root of a segment id (itself, or its parent once merged)."""
+        ...
+
+    def profile(self, space: str, segment_id: str) -> ProfileRecord | None:
+        """A root profile (call resolve_segment_id first for a possibly merged id)."""
+        ...
+
+    def identifiers(self, space: str, profile_id: str) -> list[IdentifierRecord]:
+        """Identifiers of a root profile, in first-seen order."""
+        ...
+
+    def traits(self, space: str, profile_id: str) -> dict[str, Any]:
+        """Current traits of a root profile."""
+        ...
+
+    def event_count(self, space: str, profile_id: str) -> int:
+        """How many events a root profile (with its merged children) has."""
+        ...
+
+    def events(
+        self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
+    ) -> list[EventRecord]:
+        """Events of a root profile, newest first by timestamp then sequence; page with after_sequence."""
+        ...
+
+    def links(self, space: str, profile_id: str) -> list[str]:
+        """Root profiles of the other collection linked to this one."""
+        ...
+
+    def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
+        """The merge log of a root profile's family, oldest first."""
+        ...
+
+    def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
+        """Identifiers dropped from messages that resolved to this profile's family."""
+        ...
+
+    def suspects(self, space: str) -> list[SuspectRecord]:
+        """Identifiers marked non-unique in a space."""
+        ...
+
+    def unresolved(self, space: str, *, limit: int = 100) -> list[EventRecord]:
+        """Messages whose identifiers were all blocked."""
+        ...
+
+    def stats(self, space: str) -> SpaceStats:
+        """Counts of a space."""
+        ...
+
+    def dump(self, space: str) -> dict[str, Any]:
+        """The whole graph of a space in a canonical JSON-able form (tests compare graphs with it)."""
+        ...
+
+    def iter_event_ids(self, space: str) -> Iterator[str]:
+        """Every stored message id of a space."""
+        ...

@@ -1,0 +1,864 @@
+"""The SQLite store: the embedded default. WAL, one writer, durable group commit per batch."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
+from idstitch.core.identifiers import Dropped, Identifier
+from idstitch.core.resolve import Resolution
+from idstitch.storage.base import (
+    DroppedRecord,
+    EventRecord,
+    IdentifierRecord,
+    MergeRecord,
+    ProfileRecord,
+    SourceRecord,
+    SpaceStats,
+    SuspectRecord,
+)
+from idstitch.storage.graph_cache import (
+    DEFAULT_MAX_IDENTIFIERS,
+    GraphCache,
+    IdentifierEntry,
+    IdentifierKey,
+    ProfileEntry,
+)
+from idstitch.storage.times import from_micros, to_micros
+
+__all__ = ["SQLiteStore", "SQLiteTransaction"]
+
+_json_encode = msgspec.json.encode
+_json_decode = msgspec.json.decode
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("idstitch.storage.migrations.sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            number, _, name = entry.name.removesuffix(".sql").partition("_")
+            found.append((int(number), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _connect(target: str, uri: bool) -> sqlite3.Connection:
+    connection = sqlite3.connect(target, uri=uri, isolation_level=None, check_same_thread=False, timeout=30)
+    connection.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before ingest reports success; batches amortise the fsync.
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA foreign_keys=OFF")
+    connection.execute("PRAGMA cache_size=-65536")
+    connection.execute("PRAGMA temp_store=MEMORY")
+    return connection
+
+
+class SQLiteStore:
+    """A store in one SQLite file (`sqlite:///path.db`) or in memory (`sqlite://`)."""
+
+    def __init__(
+        self, path: str | Path, url: str | None = None, cache_size: int = DEFAULT_MAX_IDENTIFIERS
+    ) -> None:
+        self.path = str(path)
+        self.url = url or f"sqlite:///{self.path}"
+        self._memory = self.path in ("", ":memory:")
+        if self._memory:
+            # One shared in-memory database per store, readable from every thread.
+            self._target, self._uri = f"file:idstitch_{id(self)}?mode=memory&cache=shared", True
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._target, self._uri = self.path, False
+        self._writer = _connect(self._target, self._uri)
+        self._write_lock = threading.Lock()
+        self._cache = GraphCache(cache_size)
+        self._data_version: int | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._migrate()
+
+    # -- connections --------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        if self._memory:
+            return self._writer  # shared-cache memory databases read best through the one connection
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = _connect(self._target, self._uri)
+            self._local.connection = connection
+            self._readers.append(connection)
+        return connection
+
+    def close(self) -> None:
+        """Close every connection."""
+        for connection in self._readers:
+            connection.close()
+        self._readers.clear()
+        self._writer.close()
+
+    def _migrate(self) -> None:
+        with self._write_lock:
+            db = self._writer
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+            for version, name, script in _migrations():
+                if version in applied:
+                    continue
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in script.split(";\n"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (version, name)
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+
+    def schema_version(self) -> int:
+        """The newest applied migration."""
+        row = self._reader().execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    # -- writes ------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[SQLiteTransaction]:
+        """One write transaction (BEGIN IMMEDIATE … COMMIT); the only writer while it is open."""
+        with self._write_lock:
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            cache = self._cache
+            try:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._data_version:
+                    cache.invalidate()  # another connection committed: what we hold may be stale
+                    self._data_version = version
+                if cache.over_bound():
+                    cache.clear()
+                if not cache.loaded:
+                    self._load_cache(db, cache)
+                writes = cache.writes
+                yield SQLiteTransaction(db, cache)
+            except BaseException:
+                db.execute("ROLLBACK")
+                if cache.writes != writes:
+                    cache.invalidate()
+                raise
+            db.execute("COMMIT")
+
+    def _load_cache(self, db: sqlite3.Connection, cache: GraphCache) -> None:
+        """Suspects always; the whole graph too while it fits the bound (then misses mean "absent")."""
+        cache.suspects = {
+            (row[0], row[1], row[2], row[3])
+            for row in db.execute("SELECT space, collection, type, value FROM suspects")
+        }
+        cache.loaded = True
+        count = db.execute("SELECT count(*) FROM identifiers").fetchone()[0]
+        if count > cache.max_identifiers // 2:
+            return
+        for row in db.execute(
+            "SELECT space, segment_id, collection, created_at, merge_count, parent_id FROM profiles"
+        ):
+            cache.profiles[(row[0], row[1])] = ProfileEntry(row[2], row[3], row[4], row[5])
+        for (space, segment_id), entry in cache.profiles.items():
+            if entry.parent_id is not None:
+                cache.profiles[(space, entry.parent_id)].children.append(segment_id)
+        for row in db.execute(
+            "SELECT space, collection, type, value, profile_id, first_seen, last_seen, retired, device_owner, "
+            "device_owner_at FROM identifiers"
+        ):
+            key = (row[0], row[1], row[2], row[3])
+            cache.identifiers[key] = IdentifierEntry(row[4], row[5], row[6], bool(row[7]), row[8], row[9])
+            cache.profiles[(row[0], row[4])].members.add(key)
+        for row in db.execute(
+            "SELECT space, collection, type, value, other_type, other_value, last_seen FROM evidence"
+        ):
+            cache.evidence.setdefault((row[0], row[1], row[2], row[3]), {})[(row[4], row[5])] = row[6]
+        cache.complete = True
+
+    def ensure_space(self, space: str) -> None:
+        """Create the space if new."""
+        with self.transaction() as transaction:
+            transaction.db.execute(
+                "INSERT OR IGNORE INTO spaces VALUES (?, strftime('%s','now') * 1000000)", (space,)
+            )
+
+    def upsert_source(self, source: SourceRecord) -> None:
+        """Create or update a source."""
+        with self.transaction() as transaction:
+            transaction.db.execute(
+                "INSERT INTO sources VALUES (?, ?, ?) "
+                "ON CONFLICT (space, name) DO UPDATE SET write_key = excluded.write_key",
+                (source.space, source.name, source.write_key),
+            )
+
+    # -- reads -------------------------------------------------------------------------------
+    def spaces(self) -> list[str]:
+        """Every space."""
+        return [row[0] for row in self._reader().execute("SELECT name FROM spaces ORDER BY name")]
+
+    def sources(self) -> list[SourceRecord]:
+        """Every source."""
+        rows = self._reader().execute("SELECT space, name, write_key FROM sources ORDER BY space, name")
+        return [SourceRecord(*row) for row in rows]
+
+    def learned_types(self, space: str) -> list[tuple[str, str]]:
+        """Custom types of a space, first seen first."""
+        rows = self._reader().execute(
+            "SELECT type, collection FROM learned_types WHERE space = ? ORDER BY position", (space,)
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    def find_profile(self, space: str, identifier: Identifier) -> str | None:
+        """Root owning an identifier."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT profile_id FROM identifiers WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                (space, identifier.collection, identifier.type, identifier.value),
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def resolve_segment_id(self, space: str, segment_id: str) -> str | None:
+        """Root of a segment id."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT coalesce(parent_id, segment_id) FROM profiles WHERE space = ? AND segment_id = ?",
+                (space, segment_id),
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def profile(self, space: str, segment_id: str) -> ProfileRecord | None:
+        """A root profile with its merged children's ids."""
+        db = self._reader()
+        row = db.execute(
+            "SELECT segment_id, collection, created_at, merge_count FROM profiles "
+            "WHERE space = ? AND segment_id = ? AND parent_id IS NULL",
+            (space, segment_id),
+        ).fetchone()
+        if row is None:
+            return None
+        children = db.execute(
+            "SELECT segment_id FROM profiles WHERE space = ? AND parent_id = ? ORDER BY created_at, segment_id",
+            (space, segment_id),
+        )
+        return ProfileRecord(
+            row[0], row[1], from_micros(row[2]), row[3], tuple(child[0] for child in children)
+        )
+
+    def identifiers(self, space: str, profile_id: str) -> list[IdentifierRecord]:
+        """Identifiers of a root, first seen first."""
+        rows = self._reader().execute(
+            "SELECT i.type, i.value, i.collection, i.first_seen, i.last_seen, i.retired, "
+            "s.type IS NOT NULL FROM identifiers i INDEXED BY identifiers_by_profile LEFT JOIN suspects s ON s.space = i.space "
+            "AND s.collection = i.collection AND s.type = i.type AND s.value = i.value "
+            "WHERE i.space = ? AND i.profile_id = ? ORDER BY i.first_seen, i.type, i.value",
+            (space, profile_id),
+        )
+        return [
+            IdentifierRecord(
+                row[0], row[1], row[2], from_micros(row[3]), from_micros(row[4]), bool(row[5]), bool(row[6])
+            )
+            for row in rows
+        ]
+
+    def traits(self, space: str, profile_id: str) -> dict[str, Any]:
+        """Current traits of a root."""
+        rows = self._reader().execute(
+            "SELECT key, value FROM traits WHERE space = ? AND profile_id = ? AND value IS NOT NULL "
+            "ORDER BY key",
+            (space, profile_id),
+        )
+        return {row[0]: _json_decode(row[1]) for row in rows}
+
+    def _family(self, db: sqlite3.Connection, space: str, profile_id: str) -> list[str]:
+        children = db.execute(
+            "SELECT segment_id FROM profiles WHERE space = ? AND parent_id = ?", (space, profile_id)
+        )
+        return [profile_id, *(row[0] for row in children)]
+
+    def _family_column(self, db: sqlite3.Connection, space: str, profile_id: str) -> str:
+        row = db.execute(
+            "SELECT collection FROM profiles WHERE space = ? AND segment_id = ?", (space, profile_id)
+        ).fetchone()
+        return "account_id" if row is not None and row[0] == "accounts" else "profile_id"
+
+    def event_count(self, space: str, profile_id: str) -> int:
+        """Events of a root's family."""
+        db = self._reader()
+        family = self._family(db, space, profile_id)
+        column = self._family_column(db, space, profile_id)
+        marks = ",".join("?" * len(family))
+        row = db.execute(
+            f"SELECT count(*) FROM events WHERE space = ? AND {column} IN ({marks})", (space, *family)
+        ).fetchone()
+        return int(row[0])
+
+    def events(
+        self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
+    ) -> list[EventRecord]:
+        """Events of a root's family, newest ingested first; page with the last sequence seen."""
+        db = self._reader()
+        family = self._family(db, space, profile_id)
+        column = self._family_column(db, space, profile_id)
+        marks = ",".join("?" * len(family))
+        cursor = "" if after_sequence is None else " AND sequence < ?"
+        parameters: list[Any] = [space, *family]
+        if after_sequence is not None:
+            parameters.append(after_sequence)
+        rows = db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = ? AND {column} IN ({marks}){cursor} "
+            "ORDER BY sequence DESC LIMIT ?",
+            (*parameters, limit),
+        )
+        return [_event(row) for row in rows]
+
+    def links(self, space: str, profile_id: str) -> list[str]:
+        """Roots of the other collection linked to a root."""
+        db = self._reader()
+        if self._family_column(db, space, profile_id) == "account_id":
+            sql = "SELECT user_id FROM links WHERE space = ? AND account_id = ? ORDER BY at, user_id"
+        else:
+            sql = "SELECT account_id FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
+        return [row[0] for row in db.execute(sql, (space, profile_id))]
+
+    def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
+        """Merge log of a root's family."""
+        db = self._reader()
+        family = self._family(db, space, profile_id)
+        marks = ",".join("?" * len(family))
+        rows = db.execute(
+            f"SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = ? "
+            f"AND parent_id IN ({marks}) ORDER BY sequence",
+            (space, *family),
+        )
+        return [MergeRecord(row[0], row[1], row[2], row[3], from_micros(row[4])) for row in rows]
+
+    def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
+        """Dropped identifiers of a root's family."""
+        db = self._reader()
+        family = self._family(db, space, profile_id)
+        marks = ",".join("?" * len(family))
+        rows = db.execute(
+            f"SELECT message_id, identifier, rule, at, profile_id FROM dropped WHERE space = ? "
+            f"AND profile_id IN ({marks}) ORDER BY sequence",
+            (space, *family),
+        )
+        return [DroppedRecord(row[0], row[1], row[2], from_micros(row[3]), row[4]) for row in rows]
+
+    def suspects(self, space: str) -> list[SuspectRecord]:
+        """Suspect identifiers of a space."""
+        rows = self._reader().execute(
+            "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
+            "WHERE space = ? ORDER BY at, type, value",
+            (space,),
+        )
+        return [
+            SuspectRecord(
+                f"{row[0]}:{row[1]}", row[2], row[3], tuple(_json_decode(row[4])), row[5], from_micros(row[6])
+            )
+            for row in rows
+        ]
+
+    def unresolved(self, space: str, *, limit: int = 100) -> list[EventRecord]:
+        """Messages whose identifiers were all blocked."""
+        rows = self._reader().execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = ? AND profile_id IS NULL "
+            "AND account_id IS NULL ORDER BY sequence DESC LIMIT ?",
+            (space, limit),
+        )
+        return [_event(row) for row in rows]
+
+    def stats(self, space: str) -> SpaceStats:
+        """Counts of a space."""
+        db = self._reader()
+
+        def count(sql: str) -> int:
+            return int(db.execute(sql, (space,)).fetchone()[0])
+
+        return SpaceStats(
+            space=space,
+            profiles=count(
+                "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'users'"
+            ),
+            accounts=count(
+                "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'accounts'"
+            ),
+            identifiers=count("SELECT count(*) FROM identifiers WHERE space = ?"),
+            merges=count("SELECT count(*) FROM merges WHERE space = ?"),
+            events=count("SELECT count(*) FROM events WHERE space = ?"),
+            unresolved=count(
+                "SELECT count(*) FROM events WHERE space = ? AND profile_id IS NULL AND account_id IS NULL"
+            ),
+            suspect=count("SELECT count(*) FROM suspects WHERE space = ?"),
+            dropped=count("SELECT count(*) FROM dropped WHERE space = ?"),
+        )
+
+    def iter_event_ids(self, space: str) -> Iterator[str]:
+        """Every stored message id."""
+        for row in self._reader().execute(
+            "SELECT message_id FROM events WHERE space = ? ORDER BY sequence", (space,)
+        ):
+            yield row[0]
+
+    def dump(self, space: str) -> dict[str, Any]:
+        """The graph of a space, canonical (sorted, times as microseconds)."""
+        db = self._reader()
+
+        def rows(sql: str) -> list[list[Any]]:
+            return [list(row) for row in db.execute(sql, (space,))]
+
+        return {
+            "profiles": rows(
+                "SELECT segment_id, collection, coalesce(parent_id, ''), created_at, merge_count "
+                "FROM profiles WHERE space = ? ORDER BY segment_id"
+            ),
+            "identifiers": rows(
+                "SELECT collection, type, value, profile_id, first_seen, last_seen, retired, "
+                "coalesce(device_owner, '') FROM identifiers WHERE space = ? ORDER BY collection, type, value"
+            ),
+            "traits": rows(
+                "SELECT profile_id, key, coalesce(value, 'null'), set_at FROM traits WHERE space = ? "
+                "ORDER BY profile_id, key"
+            ),
+            "links": rows(
+                "SELECT user_id, account_id FROM links WHERE space = ? ORDER BY user_id, account_id"
+            ),
+            "merges": rows(
+                "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = ? "
+                "ORDER BY at, child_id"
+            ),
+            "events": rows(
+                "SELECT message_id, coalesce(profile_id, ''), coalesce(account_id, ''), identifiers "
+                "FROM events WHERE space = ? ORDER BY message_id"
+            ),
+            "suspects": rows(
+                "SELECT collection, type, value, evidence_type, evidence_values FROM suspects WHERE space = ? "
+                "ORDER BY collection, type, value"
+            ),
+            "dropped": rows(
+                "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped WHERE space = ? "
+                "ORDER BY message_id, identifier, rule"
+            ),
+        }
+
+
+_EVENT_COLUMNS = (
+    "message_id, type, name, timestamp, received_at, source, profile_id, account_id, identifiers, payload, "
+    "sequence"
+)
+
+
+def _event(row: Sequence[Any]) -> EventRecord:
+    return EventRecord(
+        message_id=row[0],
+        type=row[1],
+        name=row[2],
+        timestamp=from_micros(row[3]),
+        received_at=from_micros(row[4]),
+        source=row[5],
+        profile_id=row[6],
+        account_id=row[7],
+        identifiers=tuple(_json_decode(row[8])),
+        payload=bytes(row[9]),
+        sequence=row[10],
+    )
+
+
+class SQLiteTransaction:
+    """The write side of one open transaction."""
+
+    def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
+        self.db = db
+        self.cache = cache
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit that rolls back alone."""
+        # One constant name: savepoints nest as a stack, and unique SQL strings would evict the
+        # statement cache that keeps the hot path fast.
+        self.db.execute("SAVEPOINT message")
+        writes = self.cache.writes
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO message")
+            self.db.execute("RELEASE message")
+            if self.cache.writes != writes:
+                self.cache.invalidate()  # what this message wrote to the cache is gone from the database
+            raise
+        self.db.execute("RELEASE message")
+
+    def has_message(self, space: str, message_id: str) -> bool:
+        """Whether the message id is stored in this space."""
+        row = self.db.execute(
+            "SELECT 1 FROM events WHERE space = ? AND message_id = ?", (space, message_id)
+        ).fetchone()
+        return row is not None
+
+    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
+        """Owners, their profiles, evidence and suspects for a message's identifiers."""
+        cache = self.cache
+        owned: dict[Identifier, StoredIdentifier] = {}
+        evidence: dict[Identifier, dict[Identifier, datetime]] = {}
+        suspects: set[Identifier] = set()
+        roots: dict[str, None] = {}
+        for identifier in identifiers:
+            key = (space, collection, identifier.type, identifier.value)
+            entry = self._identifier(key)
+            if entry is not None:
+                owner = entry.device_owner
+                if owner is not None:
+                    owner = self._profile(space, owner).parent_id or owner
+                    roots[owner] = None
+                owned[identifier] = StoredIdentifier(
+                    identifier,
+                    entry.profile_id,
+                    from_micros(entry.first_seen),
+                    from_micros(entry.last_seen),
+                    entry.retired,
+                    owner,
+                    None if entry.device_owner_at is None else from_micros(entry.device_owner_at),
+                )
+                roots[entry.profile_id] = None
+            if key in cache.suspects:
+                suspects.add(identifier)
+                continue  # a suspect stays suspect: its evidence is never needed again
+            partners = self._evidence(key)
+            if partners:
+                evidence[identifier] = {
+                    Identifier(other_type, other_value, collection): from_micros(last_seen)
+                    for (other_type, other_value), last_seen in partners.items()
+                }
+        profiles = {root: self._profile_state(space, root) for root in roots}
+        return GraphView(owned, profiles, evidence, frozenset(suspects))
+
+    def _identifier(self, key: IdentifierKey) -> IdentifierEntry | None:
+        cache = self.cache
+        if key in cache.identifiers:
+            return cache.identifiers[key]
+        if cache.complete:
+            return None
+        row = self.db.execute(
+            "SELECT profile_id, first_seen, last_seen, retired, device_owner, device_owner_at "
+            "FROM identifiers WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+            key,
+        ).fetchone()
+        entry = None if row is None else IdentifierEntry(row[0], row[1], row[2], bool(row[3]), row[4], row[5])
+        cache.identifiers[key] = entry
+        return entry
+
+    def _evidence(self, key: IdentifierKey) -> dict[tuple[str, str], int]:
+        cache = self.cache
+        found = cache.evidence.get(key)
+        if found is not None or cache.complete:
+            return found or {}
+        rows = self.db.execute(
+            "SELECT other_type, other_value, last_seen FROM evidence "
+            "WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+            key,
+        )
+        loaded = {(row[0], row[1]): row[2] for row in rows}
+        cache.evidence[key] = loaded
+        return loaded
+
+    def _profile(self, space: str, segment_id: str) -> ProfileEntry:
+        cache = self.cache
+        found = cache.profiles.get((space, segment_id))
+        if found is not None:
+            return found
+        db = self.db
+        row = db.execute(
+            "SELECT collection, created_at, merge_count, parent_id FROM profiles "
+            "WHERE space = ? AND segment_id = ?",
+            (space, segment_id),
+        ).fetchone()
+        entry = ProfileEntry(row[0], row[1], row[2], row[3])
+        if row[3] is None:
+            for kind, value, first_seen, last_seen, retired, owner, owner_at in db.execute(
+                "SELECT type, value, first_seen, last_seen, retired, device_owner, device_owner_at "
+                "FROM identifiers INDEXED BY identifiers_by_profile WHERE space = ? AND profile_id = ?",
+                (space, segment_id),
+            ):
+                key = (space, row[0], kind, value)
+                entry.members.add(key)
+                if cache.identifiers.get(key) is None:
+                    cache.identifiers[key] = IdentifierEntry(
+                        segment_id, first_seen, last_seen, bool(retired), owner, owner_at
+                    )
+            entry.children = [
+                child[0]
+                for child in db.execute(
+                    "SELECT segment_id FROM profiles WHERE space = ? AND parent_id = ?", (space, segment_id)
+                )
+            ]
+        cache.profiles[(space, segment_id)] = entry
+        return entry
+
+    def _profile_state(self, space: str, root: str) -> ProfileState:
+        entry = self._profile(space, root)
+        members = []
+        for key in entry.members:
+            member = self._identifier(key)
+            assert member is not None, key
+            members.append(
+                StoredIdentifier(
+                    Identifier(key[2], key[3], key[1]),
+                    root,
+                    from_micros(member.first_seen),
+                    from_micros(member.last_seen),
+                    member.retired,
+                )
+            )
+        return ProfileState(
+            root, entry.collection, from_micros(entry.created_at), entry.merge_count, tuple(members)
+        )
+
+    def apply_resolution(self, space: str, resolution: Resolution, message_id: str) -> None:
+        """Write one collection's decision, to the database and the cache alike."""
+        db = self.db
+        cache = self.cache
+        cache.writes += 1
+        target = resolution.profile_id
+        collection = resolution.collection
+        now = to_micros(resolution.timestamp)
+        if resolution.created:
+            created_at = to_micros(resolution.created_at)
+            db.execute(
+                "INSERT INTO profiles (space, segment_id, collection, created_at, created_by) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (space, target, collection, created_at, message_id),
+            )
+            cache.profiles[(space, target)] = ProfileEntry(collection, created_at)
+        for step in resolution.merges:
+            self._merge(space, collection, target, step.child_id, message_id, str(step.via), now)
+        if resolution.added:
+            db.executemany(
+                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (space, item.collection, item.type, item.value, target, now, now)
+                    for item in resolution.added
+                ],
+            )
+            members = self._profile(space, target).members
+            for item in resolution.added:
+                key = (space, item.collection, item.type, item.value)
+                cache.identifiers[key] = IdentifierEntry(target, now, now)
+                members.add(key)
+        touch = []
+        for item in resolution.touched:
+            entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+            if entry is not None:
+                if entry.last_seen >= now and entry.first_seen <= now:
+                    continue  # nothing would change: skip the write
+                entry.last_seen = max(entry.last_seen, now)
+                entry.first_seen = min(entry.first_seen, now)
+            touch.append((now, now, space, item.collection, item.type, item.value))
+        if touch:
+            db.executemany(
+                "UPDATE identifiers SET last_seen = max(last_seen, ?), first_seen = min(first_seen, ?) "
+                "WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                touch,
+            )
+        if resolution.retired:
+            db.executemany(
+                "UPDATE identifiers SET retired = 1 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                [(space, item.collection, item.type, item.value) for item in resolution.retired],
+            )
+            for item in resolution.retired:
+                entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+                if entry is not None:
+                    entry.retired = True
+        owned = []
+        for item in resolution.device_owned:
+            entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+            if entry is not None:
+                if entry.device_owner_at is not None and entry.device_owner_at > now:
+                    continue  # a newer login on this device already owns it
+                if entry.device_owner == target and entry.device_owner_at == now:
+                    continue
+                entry.device_owner, entry.device_owner_at = target, now
+            owned.append((target, now, space, item.collection, item.type, item.value, now))
+        if owned:
+            db.executemany(
+                "UPDATE identifiers SET device_owner = ?, device_owner_at = ? WHERE space = ? "
+                "AND collection = ? AND type = ? AND value = ? "
+                "AND (device_owner_at IS NULL OR device_owner_at <= ?)",
+                owned,
+            )
+        seen_together = []
+        for lower, higher in resolution.evidence:
+            key = (space, lower.collection, lower.type, lower.value)
+            partners = cache.evidence.get(key)
+            if partners is None and cache.complete:
+                partners = cache.evidence[key] = {}
+            if partners is not None:
+                pair = (higher.type, higher.value)
+                last = partners.get(pair)
+                if last is not None and last >= now:
+                    continue
+                partners[pair] = now
+            seen_together.append(
+                (space, lower.collection, lower.type, lower.value, higher.type, higher.value, now)
+            )
+        if seen_together:
+            db.executemany(
+                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                "SET last_seen = max(last_seen, excluded.last_seen)",
+                seen_together,
+            )
+        if resolution.suspects:
+            db.executemany(
+                "INSERT OR IGNORE INTO suspects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        space,
+                        mark.identifier.collection,
+                        mark.identifier.type,
+                        mark.identifier.value,
+                        mark.evidence_type,
+                        _json_encode(list(mark.values)).decode(),
+                        message_id,
+                        now,
+                    )
+                    for mark in resolution.suspects
+                ],
+            )
+            for mark in resolution.suspects:
+                item = mark.identifier
+                cache.suspects.add((space, item.collection, item.type, item.value))
+        if resolution.dropped:
+            self.record_dropped(space, resolution.dropped, message_id, resolution.timestamp, target)
+
+    def _merge(
+        self, space: str, collection: str, target: str, child: str, message_id: str, via: str, at: int
+    ) -> None:
+        db = self.db
+        child_entry = self._profile(space, child)
+        target_entry = self._profile(space, target)
+        for moved in (*child_entry.children, child):
+            moved_entry = self.cache.profiles.get((space, moved))
+            if moved_entry is not None:
+                moved_entry.parent_id = target
+        target_entry.children += [*child_entry.children, child]
+        target_entry.merge_count += child_entry.merge_count + 1
+        for key in child_entry.members:
+            member = self._identifier(key)
+            if member is not None:
+                member.profile_id = target
+        target_entry.members |= child_entry.members
+        child_entry.members = set()
+        child_entry.children = []
+        merge_count = child_entry.merge_count
+        db.execute(
+            "UPDATE profiles SET parent_id = ?, merged_at = ? WHERE space = ? AND (segment_id = ? OR parent_id = ?)",
+            (target, at, space, child, child),
+        )
+        db.execute(
+            "UPDATE profiles SET merge_count = merge_count + ? WHERE space = ? AND segment_id = ?",
+            (merge_count + 1, space, target),
+        )
+        db.execute(
+            "UPDATE identifiers INDEXED BY identifiers_by_profile SET profile_id = ? "
+            "WHERE space = ? AND profile_id = ?",
+            (target, space, child),
+        )
+        # Per trait key the newest value wins; the parent keeps its value on a tie.
+        db.execute(
+            "INSERT INTO traits (space, profile_id, key, value, set_at) "
+            "SELECT space, ?, key, value, set_at FROM traits WHERE space = ? AND profile_id = ? AND true "
+            "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at "
+            "WHERE excluded.set_at > traits.set_at",
+            (target, space, child),
+        )
+        db.execute("DELETE FROM traits WHERE space = ? AND profile_id = ?", (space, child))
+        own, other = ("account_id", "user_id") if collection == "accounts" else ("user_id", "account_id")
+        db.execute(
+            f"INSERT OR IGNORE INTO links (space, {own}, {other}, at) "
+            f"SELECT space, ?, {other}, at FROM links WHERE space = ? AND {own} = ?",
+            (target, space, child),
+        )
+        db.execute(f"DELETE FROM links WHERE space = ? AND {own} = ?", (space, child))
+        db.execute(
+            "INSERT INTO merges (space, parent_id, child_id, message_id, via, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (space, target, child, message_id, via, at),
+        )
+
+    def record_dropped(
+        self, space: str, dropped: Sequence[Dropped], message_id: str, at: datetime, profile_id: str | None
+    ) -> None:
+        """Record dropped identifiers."""
+        micros = to_micros(at)
+        self.db.executemany(
+            "INSERT INTO dropped (space, profile_id, message_id, identifier, rule, at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
+        )
+
+    def set_traits(self, space: str, profile_id: str, updates: Mapping[str, Any], at: datetime) -> None:
+        """Set traits unless a newer value is stored."""
+        micros = to_micros(at)
+        self.db.executemany(
+            "INSERT INTO traits VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+            "SET value = excluded.value, set_at = excluded.set_at WHERE excluded.set_at >= traits.set_at",
+            [
+                (space, profile_id, key, None if value is None else _json_encode(value).decode(), micros)
+                for key, value in updates.items()
+            ],
+        )
+
+    def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
+        """Link a user and an account."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO links VALUES (?, ?, ?, ?)", (space, user_id, account_id, to_micros(at))
+        )
+
+    def add_event(self, space: str, event: EventRecord) -> None:
+        """Store a message."""
+        self.db.execute(
+            "INSERT INTO events (space, message_id, type, name, timestamp, received_at, source, profile_id, "
+            "account_id, identifiers, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                space,
+                event.message_id,
+                event.type,
+                event.name,
+                to_micros(event.timestamp),
+                to_micros(event.received_at),
+                event.source,
+                event.profile_id,
+                event.account_id,
+                _json_encode(list(event.identifiers)).decode(),
+                event.payload,
+            ),
+        )
+
+    def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
+        """Append custom types in first-seen order."""
+        row = self.db.execute(
+            "SELECT coalesce(max(position), 0) FROM learned_types WHERE space = ?", (space,)
+        ).fetchone()
+        position = int(row[0])
+        for identifier_type, collection in types:
+            position += 1
+            self.db.execute(
+                "INSERT OR IGNORE INTO learned_types VALUES (?, ?, ?, ?)",
+                (space, position, identifier_type, collection),
+            )

@@ -1,0 +1,1077 @@
+"""The store contract suite: what every Store adapter must do, written only against storage/base.py.
+
+A test module runs it for its adapters with `from store_contract import *` and two fixtures:
+
+- `store`: a fresh, migrated, empty Store;
+- `reopen`: a callable that closes `store` and opens it again from the same URL (returning the new
+  Store), or None when the store does not persist (memory stores).
+
+Resolutions are built by hand (core/resolve.py dataclasses), so the tests pin the store alone.
+Where an adapter-specific exception is expected (uniqueness), any Exception is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
+from idstitch.core.identifiers import Dropped, Identifier
+from idstitch.core.resolve import MergeStep, Resolution, SuspectMark
+from idstitch.storage.base import (
+    DroppedRecord,
+    EventRecord,
+    IdentifierRecord,
+    MergeRecord,
+    ProfileRecord,
+    SourceRecord,
+    SpaceStats,
+    Store,
+    StoreTransaction,
+    SuspectRecord,
+)
+from idstitch.storage.times import to_micros
+
+Reopen = Callable[[], Store] | None
+
+SPACE = "contract"
+OTHER = "other"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def t(seconds: float) -> datetime:
+    """A time `seconds` after T0."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def us(seconds: float) -> int:
+    """The same time as integer microseconds (how dump() reports times)."""
+    return to_micros(t(seconds))
+
+
+def uid(value: str) -> Identifier:
+    return Identifier("user_id", value)
+
+
+def anon(value: str) -> Identifier:
+    return Identifier("anonymous_id", value)
+
+
+def email(value: str) -> Identifier:
+    return Identifier("email", value)
+
+
+def group(value: str) -> Identifier:
+    return Identifier("group_id", value, "accounts")
+
+
+def resolution(
+    profile_id: str,
+    at: datetime,
+    *,
+    collection: str = "users",
+    created: bool = False,
+    merges: tuple[MergeStep, ...] = (),
+    added: tuple[Identifier, ...] = (),
+    touched: tuple[Identifier, ...] = (),
+    dropped: tuple[Dropped, ...] = (),
+    retired: tuple[Identifier, ...] = (),
+    suspects: tuple[SuspectMark, ...] = (),
+    evidence: tuple[tuple[Identifier, Identifier], ...] = (),
+    device_owned: tuple[Identifier, ...] = (),
+) -> Resolution:
+    """A Resolution with everything empty unless given."""
+    return Resolution(
+        collection=collection,
+        profile_id=profile_id,
+        timestamp=at,
+        created=created,
+        created_at=at,
+        merges=merges,
+        added=added,
+        touched=touched,
+        dropped=dropped,
+        retired=retired,
+        suspects=suspects,
+        evidence=evidence,
+        device_owned=device_owned,
+    )
+
+
+def create(
+    tx: StoreTransaction,
+    profile_id: str,
+    at: datetime,
+    *identifiers: Identifier,
+    message_id: str | None = None,
+    space: str = SPACE,
+) -> None:
+    """A new profile owning `identifiers` (its collection is that of the first identifier)."""
+    collection = identifiers[0].collection if identifiers else "users"
+    tx.apply_resolution(
+        space,
+        resolution(profile_id, at, collection=collection, created=True, added=identifiers),
+        message_id or f"create-{profile_id}",
+    )
+
+
+def merge(
+    tx: StoreTransaction,
+    target: str,
+    at: datetime,
+    *children: tuple[str, Identifier],
+    message_id: str = "merge",
+    collection: str = "users",
+) -> None:
+    """Merge `children` (child id, via identifier) into `target`."""
+    steps = tuple(MergeStep(child, via) for child, via in children)
+    tx.apply_resolution(SPACE, resolution(target, at, collection=collection, merges=steps), message_id)
+
+
+def event(
+    message_id: str,
+    at: datetime,
+    profile_id: str | None = None,
+    account_id: str | None = None,
+    identifiers: tuple[str, ...] = (),
+    *,
+    source: str | None = "web",
+    name: str | None = "Viewed",
+) -> EventRecord:
+    """An event as the engine writes it."""
+    return EventRecord(
+        message_id=message_id,
+        type="track",
+        name=name,
+        timestamp=at,
+        received_at=at + timedelta(milliseconds=250),
+        source=source,
+        profile_id=profile_id,
+        account_id=account_id,
+        identifiers=identifiers,
+        payload=json.dumps({"messageId": message_id}).encode(),
+    )
+
+
+def view(store: Store, identifiers: list[Identifier], collection: str = "users") -> GraphView:
+    """load_view in a transaction of its own."""
+    with store.transaction() as tx:
+        return tx.load_view(SPACE, collection, identifiers)
+
+
+def without_sequence(record: EventRecord) -> EventRecord:
+    return dataclasses.replace(record, sequence=0)
+
+
+def snapshot(store: Store, space: str = SPACE) -> dict[str, Any]:
+    """Everything the reads say about a space and its profiles (for "nothing changed" checks)."""
+    dump = store.dump(space)
+    profiles = sorted({row[0] for row in dump["profiles"]} | {"use_a", "use_b", "use_c", "acc_x"})
+    identifiers = [Identifier(row[1], row[2], row[0]) for row in dump["identifiers"]]
+    identifiers += [uid("u1"), anon("a1"), anon("a2"), anon("a3"), group("g1")]
+    with store.transaction() as tx:
+        users = tx.load_view(space, "users", [item for item in identifiers if item.collection == "users"])
+        accounts = tx.load_view(
+            space, "accounts", [item for item in identifiers if item.collection != "users"]
+        )
+        seen = {message_id: tx.has_message(space, message_id) for message_id in ("m1", "m2", "m3", "m4")}
+    return {
+        "spaces": store.spaces(),
+        "sources": store.sources(),
+        "dump": dump,
+        "stats": store.stats(space),
+        "learned": store.learned_types(space),
+        "suspects": store.suspects(space),
+        "unresolved": store.unresolved(space),
+        "event_ids": list(store.iter_event_ids(space)),
+        "seen": seen,
+        "views": (_comparable(users), _comparable(accounts)),
+        "find": {item: store.find_profile(space, item) for item in identifiers},
+        "profiles": {
+            profile_id: (
+                store.resolve_segment_id(space, profile_id),
+                store.profile(space, profile_id),
+                store.identifiers(space, profile_id),
+                store.traits(space, profile_id),
+                store.event_count(space, profile_id),
+                store.events(space, profile_id, limit=1000),
+                store.links(space, profile_id),
+                store.merges(space, profile_id),
+                store.dropped(space, profile_id),
+            )
+            for profile_id in profiles
+        },
+    }
+
+
+def _comparable(graph: GraphView) -> tuple[Any, ...]:
+    """A GraphView with member order ignored (the order of ProfileState.identifiers is not contractual)."""
+    return (
+        dict(graph.identifiers),
+        {
+            root: dataclasses.replace(state, identifiers=tuple(sorted(state.identifiers, key=repr)))
+            for root, state in graph.profiles.items()
+        },
+        {key: dict(value) for key, value in graph.evidence.items()},
+        graph.suspects,
+    )
+
+
+def members(state: ProfileState) -> set[StoredIdentifier]:
+    return set(state.identifiers)
+
+
+def populate(store: Store) -> None:
+    """A small graph touching every table: two users merged, an account, traits, events, drops."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"), message_id="m1")
+        tx.set_traits(SPACE, "use_a", {"name": "Ann", "age": None}, t(1))
+        create(tx, "acc_x", t(1), group("g1"), message_id="m1")
+        tx.link(SPACE, "use_a", "acc_x", t(1))
+        tx.add_event(
+            SPACE, event("m1", t(1), "use_a", "acc_x", ("user_id:u1", "anonymous_id:a1", "group_id:g1"))
+        )
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_b",
+                t(2),
+                created=True,
+                added=(anon("a2"),),
+                dropped=(Dropped(anon("null"), "blocked value"),),
+            ),
+            "m2",
+        )
+        tx.add_event(SPACE, event("m2", t(2), "use_b", None, ("anonymous_id:a2", "anonymous_id:null")))
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(3),
+                merges=(MergeStep("use_b", anon("a2")),),
+                touched=(uid("u1"), anon("a2")),
+                retired=(anon("a1"),),
+                suspects=(SuspectMark(anon("a2"), "user_id", ("u1", "u9")),),
+                device_owned=(anon("a2"),),
+                evidence=((anon("a2"), uid("u1")),),
+            ),
+            "m3",
+        )
+        tx.add_event(SPACE, event("m3", t(3), "use_a", None, ("user_id:u1", "anonymous_id:a2")))
+        tx.add_event(SPACE, event("m4", t(4), None, None, ("anonymous_id:undefined",)))
+        tx.record_dropped(SPACE, [Dropped(anon("undefined"), "blocked value")], "m4", t(4), None)
+        tx.learn_types(SPACE, [("crm_id", "users")])
+
+
+# -- lifecycle, spaces, sources -----------------------------------------------------------------
+def test_reopen_keeps_everything_and_migrates_once(store: Store, reopen: Reopen) -> None:
+    if reopen is None:
+        pytest.skip("this store does not persist")
+    populate(store)
+    store.upsert_source(SourceRecord(SPACE, "web", "wk_web"))
+    before = snapshot(store)
+    again = reopen()  # running the migrations a second time would fail or lose the data
+    assert snapshot(again) == before
+    again.ensure_space(OTHER)
+    third = reopen()
+    assert third.spaces() == [SPACE, OTHER]
+    assert snapshot(third)["dump"] == before["dump"]
+
+
+def test_empty_store_reads(store: Store) -> None:
+    assert store.spaces() == []
+    assert store.sources() == []
+    assert store.learned_types(SPACE) == []
+    assert store.find_profile(SPACE, uid("u1")) is None
+    assert store.resolve_segment_id(SPACE, "use_a") is None
+    assert store.profile(SPACE, "use_a") is None
+    assert store.identifiers(SPACE, "use_a") == []
+    assert store.traits(SPACE, "use_a") == {}
+    assert store.event_count(SPACE, "use_a") == 0
+    assert store.events(SPACE, "use_a") == []
+    assert store.links(SPACE, "use_a") == []
+    assert store.merges(SPACE, "use_a") == []
+    assert store.dropped(SPACE, "use_a") == []
+    assert store.suspects(SPACE) == []
+    assert store.unresolved(SPACE) == []
+    assert store.stats(SPACE) == SpaceStats(SPACE)
+    assert list(store.iter_event_ids(SPACE)) == []
+    empty = store.dump(SPACE)
+    assert empty == {
+        key: []
+        for key in ("profiles", "identifiers", "traits", "links", "merges", "events", "suspects", "dropped")
+    }
+    with store.transaction() as tx:
+        assert not tx.has_message(SPACE, "m1")
+        graph = tx.load_view(SPACE, "users", [uid("u1")])
+    assert graph == GraphView({}, {}, {}, frozenset())
+
+
+def test_spaces_are_created_once_and_listed_sorted(store: Store) -> None:
+    store.ensure_space("b")
+    store.ensure_space("a")
+    store.ensure_space("b")
+    assert store.spaces() == ["a", "b"]
+
+
+def test_sources_upsert_by_space_and_name(store: Store) -> None:
+    store.ensure_space("a")
+    store.ensure_space("b")
+    store.upsert_source(SourceRecord("b", "web", "k1"))
+    store.upsert_source(SourceRecord("a", "web", "k2"))
+    store.upsert_source(SourceRecord("a", "app", "k3"))
+    assert store.sources() == [
+        SourceRecord("a", "app", "k3"),
+        SourceRecord("a", "web", "k2"),
+        SourceRecord("b", "web", "k1"),
+    ]
+    store.upsert_source(SourceRecord("a", "web", "k4"))  # rotate a key
+    store.upsert_source(SourceRecord("a", "web", "k4"))  # same again: no change
+    store.upsert_source(SourceRecord("b", "app", "k2"))  # the rotated-away key is free again
+    assert store.sources() == [
+        SourceRecord("a", "app", "k3"),
+        SourceRecord("a", "web", "k4"),
+        SourceRecord("b", "app", "k2"),
+        SourceRecord("b", "web", "k1"),
+    ]
+
+
+def test_write_keys_are_unique_across_spaces(store: Store) -> None:
+    store.ensure_space("a")
+    store.ensure_space("b")
+    store.upsert_source(SourceRecord("a", "web", "k1"))
+    store.upsert_source(SourceRecord("a", "app", "k2"))
+    before = store.sources()
+    with pytest.raises(Exception):  # noqa: B017 - the adapter's integrity error
+        store.upsert_source(SourceRecord("b", "web", "k1"))
+    with pytest.raises(Exception):  # noqa: B017
+        store.upsert_source(SourceRecord("a", "app", "k1"))
+    assert store.sources() == before
+
+
+def test_learned_types_keep_first_seen_order(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.learn_types(SPACE, [("crm_id", "users"), ("shop_id", "users")])
+        tx.learn_types(SPACE, [])
+    with store.transaction() as tx:
+        # a type is learned once, with the collection it was first seen in
+        tx.learn_types(SPACE, [("shop_id", "accounts"), ("z_id", "users"), ("a_id", "accounts")])
+        tx.learn_types(OTHER, [("a_id", "users")])
+    assert store.learned_types(SPACE) == [
+        ("crm_id", "users"),
+        ("shop_id", "users"),
+        ("z_id", "users"),
+        ("a_id", "accounts"),
+    ]
+    assert store.learned_types(OTHER) == [("a_id", "users")]
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.learn_types(SPACE, [("lost_id", "users")])
+        raise RuntimeError
+    assert store.learned_types(SPACE)[-1] == ("a_id", "accounts")
+
+
+# -- apply_resolution ----------------------------------------------------------------------------
+def test_create_add_and_touch(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(10), uid("u1"), anon("a1"), message_id="m1")
+    assert store.find_profile(SPACE, uid("u1")) == "use_a"
+    assert store.find_profile(SPACE, anon("a1")) == "use_a"
+    assert store.find_profile(SPACE, Identifier("user_id", "u1", "accounts")) is None
+    assert store.resolve_segment_id(SPACE, "use_a") == "use_a"
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, ())
+    assert store.stats(SPACE).profiles == 1
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE, resolution("use_a", t(20), added=(email("e"),), touched=(uid("u1"),)), "m2"
+        )
+    with store.transaction() as tx:  # an older message lowers first_seen and keeps last_seen
+        tx.apply_resolution(SPACE, resolution("use_a", t(5), touched=(anon("a1"), uid("u1"))), "m3")
+    assert store.identifiers(SPACE, "use_a") == [
+        IdentifierRecord("anonymous_id", "a1", "users", t(5), t(10)),
+        IdentifierRecord("user_id", "u1", "users", t(5), t(20)),
+        IdentifierRecord("email", "e", "users", t(20), t(20)),
+    ]
+    # created_at is the creating message's time, not changed by later messages
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, ())
+
+
+def test_identifiers_are_ordered_by_first_seen_then_type_then_value(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("b"), anon("a"), email("z"))
+    assert [(record.type, record.value) for record in store.identifiers(SPACE, "use_a")] == [
+        ("anonymous_id", "a"),
+        ("anonymous_id", "b"),
+        ("email", "z"),
+        ("user_id", "u1"),
+    ]
+
+
+def test_an_identifier_has_one_owner_and_a_profile_is_created_once(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+    before = snapshot(store)
+    with pytest.raises(Exception), store.transaction() as tx:  # noqa: B017
+        create(tx, "use_b", t(2), anon("a9"), uid("u1"))
+    with pytest.raises(Exception), store.transaction() as tx:  # noqa: B017
+        create(tx, "use_a", t(2), anon("a8"))
+    assert snapshot(store) == before
+
+
+def _merge_fixture(store: Store) -> None:
+    """use_c merged into use_b; then use_b (with use_c) is ready to merge into use_a."""
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(2), anon("b1"))
+        create(tx, "use_c", t(3), anon("c1"))
+        create(tx, "acc_x", t(1), group("gx"))
+        create(tx, "acc_y", t(1), group("gy"))
+        tx.set_traits(SPACE, "use_a", {"name": "A", "plan": "free", "age": 30, "color": "red"}, t(1))
+        tx.set_traits(SPACE, "use_a", {"plan": "team", "color": "red"}, t(6))
+        tx.set_traits(SPACE, "use_b", {"name": "B", "age": None}, t(4))  # newer name; newer removal
+        tx.set_traits(SPACE, "use_b", {"plan": "pro"}, t(2))  # older than the parent's plan
+        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(6))  # a tie: the parent keeps its value
+        tx.set_traits(SPACE, "use_c", {"city": "Oslo"}, t(3))
+        tx.link(SPACE, "use_a", "acc_x", t(1))
+        tx.link(SPACE, "use_b", "acc_x", t(2))
+        tx.link(SPACE, "use_b", "acc_y", t(3))
+        tx.link(SPACE, "use_c", "acc_y", t(3))
+        tx.add_event(SPACE, event("e1", t(1), "use_a", "acc_x"))
+        tx.add_event(SPACE, event("e2", t(2), "use_b"))
+        tx.add_event(SPACE, event("e3", t(3), "use_c", "acc_y"))
+        tx.record_dropped(SPACE, [Dropped(anon("null"), "blocked value")], "e2", t(2), "use_b")
+        tx.record_dropped(SPACE, [Dropped(anon("-1"), "blocked value")], "e3", t(3), "use_c")
+    with store.transaction() as tx:
+        merge(tx, "use_b", t(4), ("use_c", anon("c1")), message_id="m-bc")
+
+
+def test_merge_repoints_flattens_and_moves_everything(store: Store) -> None:
+    _merge_fixture(store)
+    assert store.resolve_segment_id(SPACE, "use_c") == "use_b"
+    assert store.profile(SPACE, "use_b") == ProfileRecord("use_b", "users", t(2), 1, ("use_c",))
+    assert store.links(SPACE, "use_b") == ["acc_x", "acc_y"]  # use_c's link to acc_y de-duplicated
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(10), ("use_b", anon("b1")), message_id="m-ab")
+
+    # children repointed, grandchildren flattened, merge_count adds the child's own merges
+    assert store.resolve_segment_id(SPACE, "use_b") == "use_a"
+    assert store.resolve_segment_id(SPACE, "use_c") == "use_a"
+    assert store.profile(SPACE, "use_b") is None
+    assert store.profile(SPACE, "use_c") is None
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(1), 2, ("use_b", "use_c"))
+    parents = {row[0]: row[2] for row in store.dump(SPACE)["profiles"]}
+    assert parents == {"use_a": "", "use_b": "use_a", "use_c": "use_a", "acc_x": "", "acc_y": ""}
+    assert store.stats(SPACE).profiles == 1
+    assert store.stats(SPACE).accounts == 2
+
+    # identifiers live on the root
+    assert [record.value for record in store.identifiers(SPACE, "use_a")] == ["u1", "b1", "c1"]
+    assert store.identifiers(SPACE, "use_b") == []
+    assert store.identifiers(SPACE, "use_c") == []
+    for identifier in (uid("u1"), anon("b1"), anon("c1")):
+        assert store.find_profile(SPACE, identifier) == "use_a"
+
+    # traits: newest per key wins, the parent keeps ties, a newer removal removes
+    assert store.traits(SPACE, "use_a") == {"name": "B", "plan": "team", "color": "red", "city": "Oslo"}
+    assert store.traits(SPACE, "use_b") == {}
+    assert store.traits(SPACE, "use_c") == {}
+    traits = [row for row in store.dump(SPACE)["traits"] if row[0].startswith("use_")]
+    assert traits == [
+        ["use_a", "age", "null", us(4)],
+        ["use_a", "city", '"Oslo"', us(3)],
+        ["use_a", "color", '"red"', us(6)],
+        ["use_a", "name", '"B"', us(4)],
+        ["use_a", "plan", '"team"', us(6)],
+    ]
+
+    # links move to the root and are de-duplicated (the root's own link keeps its time)
+    assert store.links(SPACE, "use_a") == ["acc_x", "acc_y"]
+    assert store.links(SPACE, "use_b") == []
+    assert store.links(SPACE, "acc_x") == ["use_a"]
+    assert store.links(SPACE, "acc_y") == ["use_a"]
+    assert store.dump(SPACE)["links"] == [["use_a", "acc_x"], ["use_a", "acc_y"]]
+
+    # the merge log of the family, oldest first
+    assert store.merges(SPACE, "use_a") == [
+        MergeRecord("use_b", "use_c", "m-bc", "anonymous_id:c1", t(4)),
+        MergeRecord("use_a", "use_b", "m-ab", "anonymous_id:b1", t(10)),
+    ]
+    assert store.stats(SPACE).merges == 2
+
+    # events and drops follow the family
+    assert store.event_count(SPACE, "use_a") == 3
+    assert [record.message_id for record in store.events(SPACE, "use_a")] == ["e3", "e2", "e1"]
+    assert [record.message_id for record in store.dropped(SPACE, "use_a")] == ["e2", "e3"]
+
+
+def test_merge_of_accounts_moves_account_links(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_d", t(1), uid("u4"))
+        create(tx, "acc_x", t(1), group("g1"))
+        create(tx, "acc_z", t(2), group("g2"))
+        tx.link(SPACE, "use_a", "acc_x", t(5))
+        tx.link(SPACE, "use_a", "acc_z", t(2))
+        tx.link(SPACE, "use_d", "acc_z", t(3))
+        tx.set_traits(SPACE, "acc_z", {"plan": "pro"}, t(2))
+        tx.add_event(SPACE, event("e1", t(1), "use_a", "acc_z"))
+    with store.transaction() as tx:
+        merge(tx, "acc_x", t(6), ("acc_z", group("g2")), collection="accounts")
+    assert store.resolve_segment_id(SPACE, "acc_z") == "acc_x"
+    assert store.find_profile(SPACE, group("g2")) == "acc_x"
+    assert store.links(SPACE, "acc_x") == ["use_d", "use_a"]  # by link time: use_d t3, use_a t5
+    assert store.links(SPACE, "acc_z") == []
+    assert store.links(SPACE, "use_a") == ["acc_x"]
+    assert store.links(SPACE, "use_d") == ["acc_x"]
+    assert store.traits(SPACE, "acc_x") == {"plan": "pro"}
+    assert store.event_count(SPACE, "acc_x") == 1  # accounts count the events' account side
+    assert store.event_count(SPACE, "use_a") == 1
+    assert store.profile(SPACE, "acc_x") == ProfileRecord("acc_x", "accounts", t(1), 1, ("acc_z",))
+    assert store.stats(SPACE).accounts == 1
+
+
+def test_retired_identifiers(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("old"), anon("a1"))
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE,
+            resolution("use_a", t(2), added=(uid("new"),), retired=(uid("old"), uid("unknown"))),
+            "m2",
+        )
+    with store.transaction() as tx:  # retiring again changes nothing
+        tx.apply_resolution(SPACE, resolution("use_a", t(3), retired=(uid("old"),)), "m3")
+    records = {record.value: record for record in store.identifiers(SPACE, "use_a")}
+    assert records["old"].retired and not records["new"].retired and not records["a1"].retired
+    assert store.find_profile(SPACE, uid("old")) == "use_a"  # still owned, no longer counted
+    graph = view(store, [uid("old")])
+    assert graph.identifiers[uid("old")].retired
+    assert {item.identifier: item.retired for item in graph.profiles["use_a"].identifiers} == {
+        uid("old"): True,
+        anon("a1"): False,
+        uid("new"): False,
+    }
+    row = next(row for row in store.dump(SPACE)["identifiers"] if row[2] == "old")
+    assert row == ["users", "user_id", "old", "use_a", us(1), us(1), 1, ""]
+
+
+def test_device_owner_newer_wins_older_ignored_and_follows_merges(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), anon("d1"))
+        create(tx, "use_b", t(1), uid("ub"))
+        create(tx, "use_c", t(1), uid("uc"))
+        create(tx, "use_e", t(1), uid("ue"))
+    assert view(store, [anon("d1")]).identifiers[anon("d1")].device_owner is None
+
+    def own(owner: str, at: datetime) -> None:
+        with store.transaction() as tx:
+            tx.apply_resolution(SPACE, resolution(owner, at, device_owned=(anon("d1"), anon("none"))), "m")
+
+    own("use_b", t(10))
+    stored = view(store, [anon("d1")]).identifiers[anon("d1")]
+    assert (stored.profile_id, stored.device_owner, stored.device_owner_at) == ("use_a", "use_b", t(10))
+    own("use_c", t(5))  # older: ignored
+    assert view(store, [anon("d1")]).identifiers[anon("d1")].device_owner == "use_b"
+    own("use_c", t(10))  # same time: the later write wins
+    assert view(store, [anon("d1")]).identifiers[anon("d1")].device_owner == "use_c"
+    own("use_b", t(11))
+    graph = view(store, [anon("d1")])
+    assert graph.identifiers[anon("d1")].device_owner == "use_b"
+    assert set(graph.profiles) == {"use_a", "use_b"}  # the owner's profile comes with the view
+    with store.transaction() as tx:
+        merge(tx, "use_e", t(12), ("use_b", uid("ub")))
+    graph = view(store, [anon("d1")])
+    assert graph.identifiers[anon("d1")].device_owner == "use_e"  # read through the merge to the root
+    assert graph.identifiers[anon("d1")].device_owner_at == t(11)
+    assert set(graph.profiles) == {"use_a", "use_e"}
+    row = next(row for row in store.dump(SPACE)["identifiers"] if row[2] == "d1")
+    assert row[3] == "use_a" and row[7] == "use_b"  # dump shows the stored (pre-merge) owner
+
+
+def test_evidence_upsert_keeps_the_latest_time(store: Store) -> None:
+    def see(at: datetime, *pairs: tuple[Identifier, Identifier]) -> None:
+        with store.transaction() as tx:
+            tx.apply_resolution(SPACE, resolution("use_a", at, evidence=pairs), f"m{at.timestamp()}")
+
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"))
+    see(t(10), (anon("a1"), uid("u1")))
+    see(t(5), (anon("a1"), uid("u1")))  # older: the time stays
+    assert view(store, [anon("a1")]).evidence == {anon("a1"): {uid("u1"): t(10)}}
+    see(t(20), (anon("a1"), uid("u1")), (anon("a1"), uid("u2")), (anon("zz"), uid("u1")))
+    graph = view(store, [anon("a1"), anon("zz"), uid("u1")])
+    assert graph.evidence == {
+        anon("a1"): {uid("u1"): t(20), uid("u2"): t(20)},
+        anon("zz"): {uid("u1"): t(20)},  # evidence does not need an owner
+    }
+    assert view(store, [Identifier("anonymous_id", "a1", "accounts")], "accounts").evidence == {}
+
+
+def test_suspects_first_mark_wins(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"))
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(10),
+                suspects=(
+                    SuspectMark(anon("a1"), "user_id", ("u1", "u2")),
+                    SuspectMark(anon("free"), "declared", ()),
+                ),
+            ),
+            "m1",
+        )
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE, resolution("use_a", t(20), suspects=(SuspectMark(anon("a1"), "email", ("x", "y")),)), "m2"
+        )
+    assert store.suspects(SPACE) == [
+        SuspectRecord("anonymous_id:a1", "users", "user_id", ("u1", "u2"), "m1", t(10)),
+        SuspectRecord("anonymous_id:free", "users", "declared", (), "m1", t(10)),
+    ]
+    assert {record.value: record.suspect for record in store.identifiers(SPACE, "use_a")} == {
+        "u1": False,
+        "a1": True,
+    }
+    assert view(store, [anon("a1"), anon("free"), uid("u1")]).suspects == {anon("a1"), anon("free")}
+    assert store.stats(SPACE).suspect == 2
+    assert store.dump(SPACE)["suspects"] == [
+        ["users", "anonymous_id", "a1", "user_id", '["u1","u2"]'],
+        ["users", "anonymous_id", "free", "declared", "[]"],
+    ]
+
+
+def test_dropped_identifiers_follow_the_family(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_b", t(2), created=True, added=(anon("b1"),), dropped=(Dropped(email("e"), "cap 1"),)
+            ),
+            "m2",
+        )
+        tx.record_dropped(SPACE, [Dropped(anon("null"), "blocked value")], "m1", t(1), "use_a")
+        tx.record_dropped(
+            SPACE,
+            [Dropped(anon("undefined"), "blocked value"), Dropped(anon("0"), "blocked value")],
+            "m3",
+            t(3),
+            None,
+        )
+        tx.record_dropped(SPACE, [], "m4", t(4), "use_a")
+    assert store.dropped(SPACE, "use_a") == [
+        DroppedRecord("m1", "anonymous_id:null", "blocked value", t(1), "use_a")
+    ]
+    assert store.dropped(SPACE, "use_b") == [DroppedRecord("m2", "email:e", "cap 1", t(2), "use_b")]
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(5), ("use_b", anon("b1")))
+    assert [record.message_id for record in store.dropped(SPACE, "use_a")] == ["m2", "m1"]  # recording order
+    assert store.stats(SPACE).dropped == 4
+    assert store.dump(SPACE)["dropped"] == [
+        ["m1", "anonymous_id:null", "blocked value", "use_a"],
+        ["m2", "email:e", "cap 1", "use_b"],
+        ["m3", "anonymous_id:0", "blocked value", ""],
+        ["m3", "anonymous_id:undefined", "blocked value", ""],
+    ]
+
+
+# -- traits and links -----------------------------------------------------------------------------
+def test_set_traits_newer_wins_ties_go_to_the_later_write_and_removals_stick(store: Store) -> None:
+    def put(at: float, **updates: Any) -> None:
+        with store.transaction() as tx:
+            tx.set_traits(SPACE, "use_a", updates, t(at))
+
+    put(10, name="Ann", plan="free", nested={"a": [1, 2.5, None, True]}, count=3)
+    put(5, name="Old", city="Oslo")  # older: name stays, a new key lands
+    assert store.traits(SPACE, "use_a") == {
+        "name": "Ann",
+        "plan": "free",
+        "nested": {"a": [1, 2.5, None, True]},
+        "count": 3,
+        "city": "Oslo",
+    }
+    put(10, plan="pro")  # a tie: the later write wins
+    put(20, name=None)  # a removal
+    put(15, name="Older")  # older than the removal: stays removed
+    traits = store.traits(SPACE, "use_a")
+    assert "name" not in traits and traits["plan"] == "pro"
+    assert ["use_a", "name", "null", us(20)] in store.dump(SPACE)["traits"]
+    put(25, name="Back")
+    assert store.traits(SPACE, "use_a")["name"] == "Back"
+    assert list(store.traits(SPACE, "use_a")) == sorted(store.traits(SPACE, "use_a"))
+    with store.transaction() as tx:
+        tx.set_traits(SPACE, "use_a", {}, t(30))
+    assert store.traits(SPACE, "use_b") == {}
+
+
+def test_links_are_idempotent_and_ordered_by_first_link(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.link(SPACE, "use_a", "acc_x", t(5))
+        tx.link(SPACE, "use_a", "acc_y", t(3))
+        tx.link(SPACE, "use_b", "acc_x", t(1))
+    with store.transaction() as tx:
+        tx.link(SPACE, "use_a", "acc_x", t(1))  # again, earlier: the first link's time is kept
+        tx.link(SPACE, "use_a", "acc_x", t(9))
+    assert store.links(SPACE, "use_a") == ["acc_y", "acc_x"]
+    assert store.links(SPACE, "use_b") == ["acc_x"]
+    assert store.dump(SPACE)["links"] == [["use_a", "acc_x"], ["use_a", "acc_y"], ["use_b", "acc_x"]]
+
+
+# -- events ---------------------------------------------------------------------------------------
+def test_add_event_has_message_and_uniqueness(store: Store) -> None:
+    original = event("m1", t(1), "use_a", "acc_x", ("user_id:u1", "group_id:g1"), source=None, name=None)
+    with store.transaction() as tx:
+        assert not tx.has_message(SPACE, "m1")
+        tx.add_event(SPACE, original)
+        assert tx.has_message(SPACE, "m1")
+        assert not tx.has_message(OTHER, "m1")
+    stored = store.events(SPACE, "use_a")
+    assert len(stored) == 1 and stored[0].sequence > 0
+    assert without_sequence(stored[0]) == original
+    assert isinstance(stored[0].identifiers, tuple) and isinstance(stored[0].payload, bytes)
+    assert store.events(SPACE, "acc_x") == []  # acc_x has no profile row: read as a users profile
+    before = snapshot(store)
+    with pytest.raises(Exception), store.transaction() as tx:  # noqa: B017
+        tx.add_event(SPACE, event("m2", t(2), "use_a"))
+        tx.add_event(SPACE, event("m1", t(3), "use_b"))
+    assert snapshot(store) == before
+    with store.transaction() as tx:
+        tx.add_event(OTHER, event("m1", t(1), "use_a"))  # message ids are unique per space
+        assert tx.has_message(OTHER, "m1")
+    with store.transaction() as tx:
+        tx.add_event(SPACE, event("m2", t(2), "use_a"))
+    assert list(store.iter_event_ids(SPACE)) == ["m1", "m2"]
+    sequences = [record.sequence for record in store.events(SPACE, "use_a")]
+    assert sequences == sorted(sequences, reverse=True) and len(set(sequences)) == 2
+
+
+def test_events_page_newest_first_and_the_cursor_is_stable(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(1), anon("b1"))
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(2), ("use_b", anon("b1")))
+    # Timestamps deliberately out of order: pages follow ingest order (the sequence), which is what
+    # makes `after_sequence` a stable cursor.
+    times = [5, 3, 9, 1, 7, 2, 8]
+    with store.transaction() as tx:
+        for number, seconds in enumerate(times):
+            owner = "use_a" if number % 2 == 0 else "use_b"
+            tx.add_event(SPACE, event(f"e{number}", t(seconds), owner))
+            tx.add_event(SPACE, event(f"x{number}", t(seconds), "use_x"))  # someone else's
+    first = store.events(SPACE, "use_a", limit=3)
+    assert [record.message_id for record in first] == ["e6", "e5", "e4"]
+    with store.transaction() as tx:  # new events arrive while a reader pages
+        tx.add_event(SPACE, event("e7", t(0), "use_b"))
+        tx.add_event(SPACE, event("e8", t(99), "use_a"))
+    second = store.events(SPACE, "use_a", limit=3, after_sequence=first[-1].sequence)
+    assert [record.message_id for record in second] == ["e3", "e2", "e1"]
+    third = store.events(SPACE, "use_a", limit=3, after_sequence=second[-1].sequence)
+    assert [record.message_id for record in third] == ["e0"]
+    assert store.events(SPACE, "use_a", limit=3, after_sequence=third[-1].sequence) == []
+    assert [record.message_id for record in store.events(SPACE, "use_a", limit=2)] == ["e8", "e7"]
+    everything = store.events(SPACE, "use_a", limit=100)
+    assert [record.message_id for record in everything] == [f"e{n}" for n in range(8, -1, -1)]
+    assert store.events(SPACE, "use_a", limit=0) == []
+    assert store.event_count(SPACE, "use_a") == 9
+    assert store.event_count(SPACE, "use_x") == 7
+
+
+def test_event_count_and_events_of_an_account_family(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "acc_x", t(1), group("g1"))
+        create(tx, "acc_z", t(1), group("g2"))
+        create(tx, "use_a", t(1), uid("u1"))
+        tx.add_event(SPACE, event("e1", t(1), "use_a", "acc_x"))
+        tx.add_event(SPACE, event("e2", t(2), None, "acc_z"))
+        tx.add_event(SPACE, event("e3", t(3), "use_a", None))
+    with store.transaction() as tx:
+        merge(tx, "acc_x", t(4), ("acc_z", group("g2")), collection="accounts")
+    assert store.event_count(SPACE, "acc_x") == 2
+    assert [record.message_id for record in store.events(SPACE, "acc_x")] == ["e2", "e1"]
+    assert store.event_count(SPACE, "use_a") == 2
+    assert store.unresolved(SPACE) == []  # an event with only an account is resolved
+
+
+def test_unresolved_newest_first(store: Store) -> None:
+    with store.transaction() as tx:
+        for number in range(5):
+            tx.add_event(SPACE, event(f"u{number}", t(number), None, None, ("anonymous_id:null",)))
+            tx.add_event(SPACE, event(f"r{number}", t(number), "use_a"))
+    assert [record.message_id for record in store.unresolved(SPACE)] == ["u4", "u3", "u2", "u1", "u0"]
+    assert [record.message_id for record in store.unresolved(SPACE, limit=2)] == ["u4", "u3"]
+    assert store.unresolved(SPACE)[0].identifiers == ("anonymous_id:null",)
+    assert store.unresolved(OTHER) == []
+    stats = store.stats(SPACE)
+    assert (stats.events, stats.unresolved) == (10, 5)
+
+
+# -- whole-space reads ----------------------------------------------------------------------------
+def test_stats(store: Store) -> None:
+    populate(store)
+    assert store.stats(SPACE) == SpaceStats(
+        space=SPACE,
+        profiles=1,
+        accounts=1,
+        identifiers=4,
+        merges=1,
+        events=4,
+        unresolved=1,
+        suspect=1,
+        dropped=2,
+    )
+    assert store.stats(SPACE).as_dict()["identifiers"] == 4
+    assert store.stats(OTHER) == SpaceStats(OTHER)
+
+
+def test_dump_is_canonical(store: Store) -> None:
+    populate(store)
+    dump = store.dump(SPACE)
+    assert dump == {
+        "profiles": [
+            ["acc_x", "accounts", "", us(1), 0],
+            ["use_a", "users", "", us(1), 1],
+            ["use_b", "users", "use_a", us(2), 0],
+        ],
+        "identifiers": [
+            ["accounts", "group_id", "g1", "acc_x", us(1), us(1), 0, ""],
+            ["users", "anonymous_id", "a1", "use_a", us(1), us(1), 1, ""],
+            ["users", "anonymous_id", "a2", "use_a", us(2), us(3), 0, "use_a"],
+            ["users", "user_id", "u1", "use_a", us(1), us(3), 0, ""],
+        ],
+        "traits": [
+            ["use_a", "age", "null", us(1)],
+            ["use_a", "name", '"Ann"', us(1)],
+        ],
+        "links": [["use_a", "acc_x"]],
+        "merges": [["use_a", "use_b", "m3", "anonymous_id:a2", us(3)]],
+        "events": [
+            ["m1", "use_a", "acc_x", '["user_id:u1","anonymous_id:a1","group_id:g1"]'],
+            ["m2", "use_b", "", '["anonymous_id:a2","anonymous_id:null"]'],
+            ["m3", "use_a", "", '["user_id:u1","anonymous_id:a2"]'],
+            ["m4", "", "", '["anonymous_id:undefined"]'],
+        ],
+        "suspects": [["users", "anonymous_id", "a2", "user_id", '["u1","u9"]']],
+        "dropped": [
+            ["m2", "anonymous_id:null", "blocked value", "use_b"],
+            ["m4", "anonymous_id:undefined", "blocked value", ""],
+        ],
+    }
+    assert json.loads(json.dumps(dump)) == dump  # plain JSON: lists, strings and integers
+    assert store.dump(OTHER) == {key: [] for key in dump}
+
+
+def test_spaces_are_isolated(store: Store) -> None:
+    for space, owner, trait in ((SPACE, "use_a", "one"), (OTHER, "use_a", "two")):
+        store.ensure_space(space)
+        with store.transaction() as tx:
+            create(tx, owner, t(1), uid("u1"), message_id="m1", space=space)
+            tx.set_traits(space, owner, {"which": trait}, t(1))
+            tx.add_event(space, event("m1", t(1), owner))
+            tx.learn_types(space, [(f"{trait}_id", "users")])
+    with store.transaction() as tx:
+        create(tx, "use_b", t(2), anon("a1"), space=OTHER)
+        tx.apply_resolution(
+            OTHER,
+            resolution(
+                "use_a",
+                t(3),
+                merges=(MergeStep("use_b", anon("a1")),),
+                suspects=(SuspectMark(uid("u1"), "declared", ()),),
+                evidence=((anon("a1"), uid("u1")),),
+            ),
+            "m3",
+        )
+    assert store.traits(SPACE, "use_a") == {"which": "one"}
+    assert store.traits(OTHER, "use_a") == {"which": "two"}
+    assert store.find_profile(SPACE, anon("a1")) is None
+    assert store.find_profile(OTHER, anon("a1")) == "use_a"
+    assert store.resolve_segment_id(SPACE, "use_b") is None
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(1), 0, ())
+    assert store.merges(SPACE, "use_a") == []
+    assert store.suspects(SPACE) == []
+    assert store.learned_types(SPACE) == [("one_id", "users")]
+    assert [record.value for record in store.identifiers(SPACE, "use_a")] == ["u1"]
+    graph = view(store, [uid("u1"), anon("a1")])
+    assert graph.evidence == {} and graph.suspects == frozenset()
+    assert set(graph.profiles) == {"use_a"}
+    assert graph.profiles["use_a"].merge_count == 0
+    assert store.stats(SPACE).merges == 0 and store.stats(OTHER).merges == 1
+    assert len(store.dump(SPACE)["identifiers"]) == 1 and len(store.dump(OTHER)["identifiers"]) == 2
+
+
+# -- load_view ------------------------------------------------------------------------------------
+def test_load_view_gives_the_resolver_its_neighbourhood(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"))
+        create(tx, "use_b", t(2), anon("a2"), email("e2"))
+        create(tx, "use_c", t(3), anon("c1"))
+        create(tx, "acc_x", t(1), group("g1"))
+    with store.transaction() as tx:
+        merge(tx, "use_b", t(4), ("use_c", anon("c1")))
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(5),
+                touched=(uid("u1"),),
+                device_owned=(anon("a2"),),
+                evidence=((anon("a1"), uid("u1")),),
+                suspects=(SuspectMark(anon("a3"), "user_id", ("u1", "u2")),),
+            ),
+            "m5",
+        )
+    wanted = [uid("u1"), anon("a1"), anon("a2"), anon("a3"), anon("nobody")]
+    graph = view(store, wanted)
+    assert graph.identifiers == {
+        uid("u1"): StoredIdentifier(uid("u1"), "use_a", t(1), t(5)),
+        anon("a1"): StoredIdentifier(anon("a1"), "use_a", t(1), t(1)),
+        anon("a2"): StoredIdentifier(anon("a2"), "use_b", t(2), t(2), False, "use_a", t(5)),
+    }
+    assert set(graph.profiles) == {"use_a", "use_b"}
+    state_a, state_b = graph.profiles["use_a"], graph.profiles["use_b"]
+    assert (state_a.segment_id, state_a.collection, state_a.created_at, state_a.merge_count) == (
+        "use_a",
+        "users",
+        t(1),
+        0,
+    )
+    assert members(state_a) == {
+        StoredIdentifier(uid("u1"), "use_a", t(1), t(5)),
+        StoredIdentifier(anon("a1"), "use_a", t(1), t(1)),
+    }
+    # a root's state carries its merged children's identifiers
+    assert (state_b.created_at, state_b.merge_count) == (t(2), 1)
+    assert members(state_b) == {
+        StoredIdentifier(anon("a2"), "use_b", t(2), t(2)),
+        StoredIdentifier(email("e2"), "use_b", t(2), t(2)),
+        StoredIdentifier(anon("c1"), "use_b", t(3), t(3)),
+    }
+    assert graph.evidence == {anon("a1"): {uid("u1"): t(5)}}
+    assert graph.suspects == frozenset({anon("a3")})
+    # an identifier owned by a merged child is reported on the root
+    assert view(store, [anon("c1")]).identifiers[anon("c1")].profile_id == "use_b"
+    # collections are separate key spaces
+    accounts = view(store, [group("g1"), Identifier("group_id", "u1", "accounts")], "accounts")
+    assert accounts.identifiers == {group("g1"): StoredIdentifier(group("g1"), "acc_x", t(1), t(1))}
+    assert accounts.profiles["acc_x"].collection == "accounts"
+    assert view(store, []) == GraphView({}, {}, {}, frozenset())
+
+
+# -- atomicity --------------------------------------------------------------------------------------
+def _write_everything(tx: StoreTransaction) -> None:
+    """One of every write, touching rows that already exist (see populate)."""
+    create(tx, "use_c", t(9), anon("a3"), message_id="m9")
+    tx.apply_resolution(
+        SPACE,
+        resolution(
+            "use_a",
+            t(10),
+            merges=(MergeStep("use_c", anon("a3")),),
+            added=(email("new"),),
+            touched=(uid("u1"), anon("a2")),
+            retired=(uid("u1"),),
+            suspects=(SuspectMark(uid("u1"), "declared", ()),),
+            evidence=((anon("a2"), uid("u1")), (anon("a1"), uid("u1"))),
+            device_owned=(anon("a1"), anon("a2")),
+            dropped=(Dropped(anon("x"), "cap"),),
+        ),
+        "m10",
+    )
+    tx.apply_resolution(
+        SPACE,
+        resolution("acc_y", t(10), collection="accounts", created=True, added=(group("g2"),)),
+        "m10",
+    )
+    tx.set_traits(SPACE, "use_a", {"name": "Changed", "age": 4, "new": True}, t(10))
+    tx.set_traits(SPACE, "acc_x", {"plan": "pro"}, t(10))
+    tx.link(SPACE, "use_a", "acc_y", t(10))
+    tx.add_event(SPACE, event("m10", t(10), "use_a", "acc_y"))
+    tx.add_event(SPACE, event("m11", t(11), None, None))
+    tx.record_dropped(SPACE, [Dropped(anon("y"), "blocked")], "m11", t(11), None)
+    tx.learn_types(SPACE, [("crm_id", "users"), ("shop_id", "users")])
+
+
+def test_a_failed_transaction_leaves_nothing(store: Store) -> None:
+    populate(store)
+    store.upsert_source(SourceRecord(SPACE, "web", "wk"))
+    before = snapshot(store)
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        _write_everything(tx)
+        with tx.savepoint():
+            tx.add_event(SPACE, event("m12", t(12), "use_a"))
+        raise RuntimeError("boom")
+    assert snapshot(store) == before
+    # and the store still works: the same writes land when committed
+    with store.transaction() as tx:
+        _write_everything(tx)
+    assert store.resolve_segment_id(SPACE, "use_c") == "use_a"
+    assert store.links(SPACE, "use_a") == ["acc_x", "acc_y"]
+    assert store.learned_types(SPACE) == [("crm_id", "users"), ("shop_id", "users")]
+
+
+def test_a_failed_savepoint_undoes_only_its_part(store: Store) -> None:
+    populate(store)
+    with store.transaction() as tx:
+        with tx.savepoint():
+            create(tx, "use_d", t(8), anon("a8"), message_id="m8")
+            tx.add_event(SPACE, event("m8", t(8), "use_d"))
+        # the transaction sees its own writes
+        assert tx.has_message(SPACE, "m8")
+        assert tx.load_view(SPACE, "users", [anon("a8")]).identifiers[anon("a8")].profile_id == "use_d"
+    before = snapshot(store)
+    with store.transaction() as tx:
+        with pytest.raises(RuntimeError), tx.savepoint():
+            _write_everything(tx)
+            raise RuntimeError("one bad message")
+        assert not tx.has_message(SPACE, "m10")
+        with tx.savepoint():
+            tx.set_traits(SPACE, "use_d", {"kept": 1}, t(12))
+            with pytest.raises(RuntimeError), tx.savepoint():  # nested: the inner one alone rolls back
+                tx.set_traits(SPACE, "use_d", {"lost": 1, "kept": 2}, t(12))
+                tx.add_event(SPACE, event("m13", t(13), "use_d"))
+                raise RuntimeError
+            tx.add_event(SPACE, event("m12", t(12), "use_d"))
+    after = snapshot(store)
+    assert store.traits(SPACE, "use_d") == {"kept": 1}
+    assert list(store.iter_event_ids(SPACE)) == ["m1", "m2", "m3", "m4", "m8", "m12"]
+    assert store.resolve_segment_id(SPACE, "use_c") is None
+    assert store.learned_types(SPACE) == [("crm_id", "users")]
+    # apart from the trait and the event, nothing changed
+    for key in ("profiles", "identifiers", "links", "merges", "suspects", "dropped"):
+        assert after["dump"][key] == before["dump"][key]
+    assert after["dump"]["traits"] == [*before["dump"]["traits"], ["use_d", "kept", "1", us(12)]]
+    assert after["stats"] == dataclasses.replace(before["stats"], events=before["stats"].events + 1)
+
+
+def test_suspects_survive_a_failed_savepoint(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(1),
+                created=True,
+                added=(anon("shared"),),
+                suspects=(SuspectMark(anon("shared"), "user_id", ("u1", "u2")),),
+            ),
+            "m1",
+        )
+    with store.transaction() as tx:
+        with pytest.raises(RuntimeError), tx.savepoint():
+            create(tx, "use_b", t(2), uid("u9"), message_id="m2")
+            raise RuntimeError("a rejected message")
+        graph = tx.load_view(SPACE, "users", [anon("shared")])
+        assert graph.suspects == frozenset({anon("shared")})
+        assert graph.evidence == {}

@@ -1,0 +1,406 @@
+"""The command line, run as a real process: ingest, profile, explain, stats, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idstitch.storage.urls import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+WALKTHROUGH = ROOT / "examples" / "walkthrough.ndjson"
+
+
+class CLI:
+    """Runs `python -m idstitch` against one store in a scratch directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.url = f"sqlite:///{directory}/t.db"
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+
+    def run(
+        self, *args: str, input: bytes | None = None, env: dict[str, str] | None = None, store: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "idstitch", *args]
+        if store and "--store" not in args:
+            command += ["--store", self.url]
+        done = subprocess.run(
+            command,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            cwd=self.directory,
+            env={**self.env, **(env or {})},
+            timeout=120,
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        return done
+
+    def ok(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        done = self.run(*args, **kwargs)
+        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+        return done
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json").stdout)
+
+    def write(self, name: str, *messages: dict[str, Any] | str) -> Path:
+        path = self.directory / name
+        lines = [item if isinstance(item, str) else json.dumps(item) for item in messages]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    return CLI(tmp_path)
+
+
+def at(minute: int) -> str:
+    return f"2026-03-02T09:{minute:02d}:00.000Z"
+
+
+def msg(n: int, kind: str = "page", **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"type": kind, "messageId": f"m{n}", "timestamp": at(n)}
+    if kind == "track":
+        base["event"] = "Clicked"
+    return {**base, **fields}
+
+
+IDENTIFIER_KEYS = {"type", "value", "first_seen", "last_seen"}
+PROFILE_KEYS = {
+    "segment_id",
+    "collection",
+    "identifiers",
+    "traits",
+    "event_count",
+    "merged_segment_ids",
+    "links",
+}
+
+
+def test_anonymous_to_known_profile_json_has_the_exact_shape(cli: CLI) -> None:
+    path = cli.write(
+        "e2.ndjson",
+        msg(1, anonymousId="a1", name="Home"),
+        msg(2, anonymousId="a1", name="Pricing"),
+        msg(3, anonymousId="a1", name="Signup"),
+        msg(4, "identify", userId="u1", anonymousId="a1", traits={"email": "j@x.io", "plan": "pro"}),
+    )
+    done = cli.ok("ingest", str(path))
+    assert "created space default with source default, write key wk_" in done.stderr
+    assert "accepted" in done.stdout and "messages/s" in done.stdout
+
+    document = cli.json("profile", "user_id:u1")
+    assert set(document) == PROFILE_KEYS
+    assert document["segment_id"].startswith("use_") and len(document["segment_id"]) == 31
+    assert document["collection"] == "users"
+    assert document["traits"] == {"email": "j@x.io", "plan": "pro"}
+    assert document["event_count"] == 4
+    assert document["merged_segment_ids"] == []
+    assert document["links"] == []
+    assert all(set(item) == IDENTIFIER_KEYS for item in document["identifiers"])
+    by_type = {item["type"]: item for item in document["identifiers"]}
+    assert set(by_type) == {"anonymous_id", "user_id", "email"}
+    assert by_type["anonymous_id"] == {
+        "type": "anonymous_id",
+        "value": "a1",
+        "first_seen": at(1),
+        "last_seen": at(4),
+    }
+    assert by_type["user_id"] == {"type": "user_id", "value": "u1", "first_seen": at(4), "last_seen": at(4)}
+    assert by_type["email"]["value"] == "j@x.io"
+
+    # Every identifier and the segment id find the same profile; email lookups are normalised.
+    for key in ("anonymous_id:a1", "email:J@X.io", document["segment_id"]):
+        assert cli.json("profile", key)["segment_id"] == document["segment_id"]
+
+    # The second run prints no new write key (it is kept in the store).
+    again = cli.ok("ingest", str(path))
+    assert "write key" not in again.stderr
+
+
+def test_a_merged_childs_segment_id_resolves_to_the_parent_and_explain_shows_the_merge(cli: CLI) -> None:
+    cli.ok(
+        "ingest",
+        str(
+            cli.write("one.ndjson", msg(1, anonymousId="a1"), msg(2, "identify", traits={"email": "j@x.io"}))
+        ),
+    )
+    parent = cli.json("profile", "anonymous_id:a1")["segment_id"]
+    child = cli.json("profile", "email:j@x.io")["segment_id"]
+    assert parent != child
+
+    cli.ok(
+        "ingest",
+        str(cli.write("two.ndjson", msg(3, "identify", anonymousId="a1", traits={"email": "j@x.io"}))),
+    )
+    merged = cli.json("profile", child)
+    assert merged["segment_id"] == parent
+    assert merged["merged_segment_ids"] == [child]
+    assert merged["event_count"] == 3
+    assert {(item["type"], item["value"]) for item in merged["identifiers"]} == {
+        ("anonymous_id", "a1"),
+        ("email", "j@x.io"),
+    }
+
+    explained = cli.json("explain", child)
+    assert explained["segment_id"] == parent
+    assert explained["merges"] == [
+        {"parent": parent, "child": child, "message_id": "m3", "via": "email:j@x.io", "at": at(3)}
+    ]
+    text = cli.ok("explain", "email:j@x.io").stdout
+    assert f"{child} merged into {parent} via email:j@x.io (message m3)" in text
+
+    stats = cli.json("stats", "--space", "default")
+    assert stats["merges"] == 1 and stats["profiles"] == 1
+
+
+def test_unknown_id_exits_1_with_one_line_on_stderr(cli: CLI) -> None:
+    cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
+    for unknown in ("user_id:nobody", "use_000000000000000000000000000", "acc_000000000000000000000000000"):
+        done = cli.run("profile", unknown, "--json")
+        assert done.returncode == 1
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1 and unknown in done.stderr
+    done = cli.run("explain", "email:nobody@x.io")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    # The anonymous id exists, but not in the accounts collection.
+    assert cli.run("profile", "anonymous_id:a1", "--collection", "accounts").returncode == 1
+    # Neither type:value nor a segment id: a usage error.
+    done = cli.run("profile", "justtext")
+    assert done.returncode == 2 and "type:value" in done.stderr
+
+
+def test_shared_device_junk_ids_explain_and_stats(cli: CLI) -> None:
+    cli.ok(
+        "ingest",
+        str(
+            cli.write(
+                "library.ndjson",
+                msg(1, "identify", userId="alice", anonymousId="lib1"),
+                msg(2, "identify", userId="bob", anonymousId="lib1"),
+                msg(3, anonymousId="lib1", name="Later"),
+                msg(4, "identify", userId="kim", anonymousId="null"),
+                msg(5, "identify", userId="lee", anonymousId="null"),
+            )
+        ),
+    )
+    alice = cli.json("profile", "user_id:alice")
+    bob = cli.json("profile", "user_id:bob")
+    assert alice["segment_id"] != bob["segment_id"]
+    assert bob["event_count"] == 2  # the later anonymous page lands on the last user of the device
+    assert {(i["type"], i["value"]) for i in bob["identifiers"]} == {("user_id", "bob")}
+
+    explained = cli.json("explain", "user_id:bob")
+    assert explained["merges"] == []
+    assert [(d["identifier"], d["rule"], d["message_id"]) for d in explained["dropped"]] == [
+        ("anonymous_id:lib1", "user_id limit 1 ever", "m2")
+    ]
+    assert [s["identifier"] for s in explained["suspects"]] == ["anonymous_id:lib1"]
+    assert set(explained["suspects"][0]["evidence_values"]) == {"alice", "bob"}
+    text = cli.ok("explain", "user_id:bob").stdout
+    assert "anonymous_id:lib1" in text and "rule: user_id limit 1 ever" in text
+
+    # "null" is blocked: never an identifier, and the two users stay apart.
+    assert cli.run("profile", "anonymous_id:null").returncode == 1
+    kim = cli.json("explain", "user_id:kim")
+    assert [d["identifier"] for d in kim["dropped"]] == ["anonymous_id:null"]
+    assert kim["dropped"][0]["rule"].startswith("blocked")
+
+    stats = cli.json("stats", "--space", "default")
+    assert stats == {
+        "space": "default",
+        "profiles": 4,
+        "accounts": 0,
+        "identifiers": 5,
+        "merges": 0,
+        "events": 5,
+        "unresolved": 0,
+        "suspect": 1,
+        "dropped": 3,
+    }
+    assert cli.json("stats") == [stats]
+    assert "suspect" in cli.ok("stats").stdout
+
+
+def test_bad_input_is_reported_per_line_and_every_good_line_lands(cli: CLI) -> None:
+    big = msg(6, "track", userId="u6", properties={"blob": "x" * (40 * 1024)})
+    path = cli.write(
+        "bad.ndjson",
+        msg(1, "identify", userId="u1", traits={"email": "one@x.io"}),
+        '{"type": "track", "userId": "u2", "event": "Broken"',
+        msg(3, "track", userId="u3"),
+        msg(4, "track", properties={"note": "no identifier at all"}),
+        msg(
+            5,
+            "track",
+            userId="u5",
+            context={"externalIds": [{"id": "c1", "type": "crm_id", "encoding": "none"}]},
+        ),
+        json.dumps(big),
+        "",
+        msg(8, "track", userId="u8"),
+    )
+    done = cli.ok("ingest", str(path), "--json")
+    errors = [line for line in done.stderr.strip().split("\n") if not line.startswith("created space")]
+    assert len(errors) == 4, done.stderr
+    assert errors[0].startswith(f"{path}:2: invalid JSON")
+    assert errors[1].startswith(f"{path}:4: ") and "no identifier" in errors[1]
+    assert errors[2] == f"{path}:5: context.externalIds[0].collection: required"
+    assert errors[3].startswith(f"{path}:6: ") and "32 KB" in errors[3] and "limit" in errors[3]
+    summary = json.loads(done.stdout)
+    assert summary["messages"] == 7 and summary["accepted"] == 3 and summary["rejected"] == 4
+
+    for user in ("u1", "u3", "u8"):
+        assert cli.json("profile", f"user_id:{user}")["event_count"] == 1
+    assert cli.json("profile", "email:one@x.io")["traits"] == {"email": "one@x.io"}
+    for user in ("u2", "u5", "u6"):
+        assert cli.run("profile", f"user_id:{user}").returncode == 1
+    assert cli.json("stats", "--space", "default")["events"] == 3
+
+
+def test_rerunning_the_same_file_changes_nothing(cli: CLI) -> None:
+    first = json.loads(cli.ok("ingest", str(WALKTHROUGH), "--json").stdout)
+    assert first["rejected"] == 0 and first["accepted"] > 0
+    stats = cli.json("stats")
+    store = open_store(cli.url)
+    try:
+        dump = store.dump("default")
+    finally:
+        store.close()
+
+    again = json.loads(cli.ok("ingest", str(WALKTHROUGH), "--json", "--batch-size", "3").stdout)
+    assert again["duplicates"] == first["messages"]
+    assert again["accepted"] == again["profiles_created"] == again["merges"] == 0
+    assert cli.json("stats") == stats
+    store = open_store(cli.url)
+    try:
+        assert store.dump("default") == dump
+    finally:
+        store.close()
+
+
+def test_the_walkthrough_tells_the_story_of_the_readme(cli: CLI) -> None:
+    cli.ok("ingest", str(WALKTHROUGH))
+    jane = cli.json("profile", "anonymous_id:anon_5f2a")
+    assert {(i["type"], i["value"]) for i in jane["identifiers"]} == {
+        ("anonymous_id", "anon_5f2a"),
+        ("user_id", "u_jane"),
+        ("email", "jane@example.com"),
+    }
+    assert jane["event_count"] == 5
+    assert [link["identifiers"][0]["value"] for link in jane["links"]] == ["acme"]
+
+    mark = cli.json("profile", "anonymous_id:ios_7c1e")
+    assert {"ios_7c1e", "andr_3b9d"} <= {i["value"] for i in mark["identifiers"]}
+    assert mark["event_count"] == 3
+
+    bob = cli.json("explain", "user_id:u_bob")
+    assert [(d["identifier"], d["rule"]) for d in bob["dropped"]] == [
+        ("anonymous_id:lib_pc_1", "user_id limit 1 ever")
+    ]
+    stats = cli.json("stats", "--space", "default")
+    assert stats["suspect"] == 1 and stats["merges"] == 1 and stats["accounts"] == 1
+    assert cli.run("profile", "anonymous_id:null").returncode == 1
+
+    acme = cli.json("profile", "group_id:acme")
+    assert acme["collection"] == "accounts" and acme["traits"]["plan"] == "enterprise"
+    assert acme["links"][0]["collection"] == "users"
+    # Without --json: a readable rendering with the same facts.
+    text = cli.ok("profile", "user_id:u_jane").stdout
+    assert "anon_5f2a" in text and "jane@example.com" in text and "acme" in text
+
+
+def test_stdin_and_gzip_inputs(cli: CLI) -> None:
+    import gzip
+
+    data = (json.dumps(msg(1, anonymousId="a1")) + "\n").encode()
+    done = cli.ok("ingest", "-", "--json", input=data)
+    assert json.loads(done.stdout)["accepted"] == 1
+    packed = cli.directory / "events.bin"
+    packed.write_bytes(gzip.compress((json.dumps(msg(2, anonymousId="a1")) + "\n").encode()))
+    assert json.loads(cli.ok("ingest", str(packed), "--json").stdout)["accepted"] == 1
+    assert cli.json("profile", "anonymous_id:a1")["event_count"] == 2
+
+
+def test_config_file_spaces_sources_and_account_types(cli: CLI) -> None:
+    config = cli.directory / "idstitch-test.toml"
+    config.write_text(
+        """
+[spaces.app_a]
+profile_tokens = ["pt_a"]
+[spaces.app_a.sources.web]
+write_key = "wk_a_web"
+[spaces.app_a.sources.crm]
+write_key = "wk_a_crm"
+merge = false
+
+[spaces.app_b.sources.web]
+write_key = "wk_b_web"
+"""
+    )
+    external = {"id": "sf_1", "type": "salesforce_id", "collection": "accounts", "encoding": "none"}
+    path = cli.write("a.ndjson", msg(1, "track", userId="u1", context={"externalIds": [external]}))
+    done = cli.ok("ingest", str(path), "--config", str(config), "--space", "app_a", "--source", "web")
+    assert "write key" not in done.stderr
+    env = {"IDSTITCH_CONFIG": str(config)}
+    account = json.loads(
+        cli.ok("profile", "salesforce_id:sf_1", "--space", "app_a", "--json", env=env).stdout
+    )
+    assert account["collection"] == "accounts"
+    assert account["links"][0]["identifiers"][0]["value"] == "u1"
+    # Spaces are separate; IDSTITCH_SPACE picks one.
+    assert cli.run("profile", "user_id:u1", env={**env, "IDSTITCH_SPACE": "app_b"}).returncode == 1
+    assert cli.run("profile", "user_id:u1", env={**env, "IDSTITCH_SPACE": "app_a"}).returncode == 0
+    listed = json.loads(cli.ok("stats", "--json", env=env).stdout)
+    assert [item["space"] for item in listed] == ["app_a", "app_b"]
+    assert [item["events"] for item in listed] == [1, 0]
+
+    # Unknown space or source, and two spaces with no --space: usage errors naming the problem.
+    for args, needle in (
+        (["--space", "nope"], "unknown space"),
+        (["--space", "app_a", "--source", "nope"], "unknown source"),
+        ([], "unknown space 'default'"),
+    ):
+        done = cli.run("ingest", str(path), *args, env=env)
+        assert done.returncode == 2 and needle in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["ingest", "missing.ndjson"], "missing.ndjson: no such file"),
+        (["ingest", "{file}", "--store", "mysql://x"], "unknown scheme"),
+        (["ingest", "{file}", "--store", "sqlite:relative.db"], "sqlite:///"),
+        (["ingest", "{file}", "--config", "nowhere.toml"], "does not exist"),
+        (["ingest", "{file}", "--config", "{bad_config}"], "invalid TOML"),
+        (["stats", "--store", "sqlite:///never-created.db"], "does not exist"),
+        (["stats", "--space", "nope"], "unknown space"),
+        (["profile", "user_id:u1", "--collection", "people"], "--collection"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(cli: CLI, args: list[str], needle: str) -> None:
+    good = cli.write("good.ndjson", msg(1, anonymousId="a1"))
+    cli.ok("ingest", str(good))
+    bad_config = cli.directory / "bad.toml"
+    bad_config.write_text("[spaces.x\n")
+    filled = [arg.format(file=good, bad_config=bad_config) for arg in args]
+    done = cli.run(*filled)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert needle in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_help_lists_every_command(cli: CLI) -> None:
+    text = cli.ok("--help", store=False).stdout
+    for command in ("ingest", "profile", "explain", "stats"):
+        assert command in text
+    assert "--batch-size" in cli.ok("ingest", "--help", store=False).stdout

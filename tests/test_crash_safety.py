@@ -1,0 +1,213 @@
+"""Crash safety of `idstitch ingest`: kill -9 mid-run, run again, and get exactly the uninterrupted graph.
+
+Only whole committed batches survive a kill, and a re-run skips what is stored (duplicates by
+messageId), so the resumed store must equal, dump for dump, a store built in one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from idstitch.storage.urls import open_store
+
+MESSAGES = int(os.environ.get("IDSTITCH_CRASH_MESSAGES", "30000"))
+BATCH_SIZE = "100"
+DEADLINE_SECONDS = 90.0
+
+
+def write_workload(path: Path, messages: int, seed: int) -> None:
+    """The simulator's realistic stream when it is available, else a small deterministic one."""
+    try:
+        from idstitch.sim.population import WorkloadConfig, write_ndjson
+    except ImportError:
+        _write_simple_workload(path, messages, seed)
+        return
+    assert write_ndjson(path, WorkloadConfig(messages=messages, seed=seed)) == messages
+
+
+def _write_simple_workload(path: Path, messages: int, seed: int) -> None:
+    # anonymous browsing, logins joining devices, a shared device, junk ids and retries
+    with path.open("w") as out:
+        for n in range(messages):
+            person = (n * 7919 + seed) % max(messages // 8, 1)
+            device = f"anon_{person}_{n % 3}"
+            stamp = f"2026-01-{1 + n * 28 // messages:02d}T{n % 24:02d}:00:00.000Z"
+            message: dict[str, object] = {
+                "type": "page",
+                "anonymousId": device,
+                "messageId": f"s{seed}-{n}",
+                "timestamp": stamp,
+            }
+            if n % 5 == 0:
+                message = {
+                    "type": "identify",
+                    "userId": f"u{person}",
+                    "anonymousId": device,
+                    "messageId": f"s{seed}-{n}",
+                    "timestamp": stamp,
+                    "traits": {"email": f"p{person}@x.io"},
+                }
+            if n % 97 == 0:
+                message["anonymousId"] = "shared_kiosk" if n % 2 else "null"
+            if n % 101 == 0 and n > 0:
+                message["messageId"] = f"s{seed}-{n - 1}"  # a retry
+            out.write(json.dumps(message) + "\n")
+
+
+def message_ids(path: Path) -> list[str]:
+    """Unique message ids in file order."""
+    seen: dict[str, None] = {}
+    with path.open("rb") as lines:
+        for line in lines:
+            if line.strip():
+                seen.setdefault(json.loads(line)["messageId"], None)
+    return list(seen)
+
+
+def ingest_command(path: Path, url: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "idstitch",
+        "ingest",
+        str(path),
+        "--store",
+        url,
+        "--batch-size",
+        BATCH_SIZE,
+        "--quiet",
+        "--json",
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+
+
+def stored_events(database: Path) -> int:
+    """Events committed so far, read through a separate read-only connection (0 before the schema exists)."""
+    if not database.exists():
+        return 0
+    try:
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(connection.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
+    """Poll a condition (bounded) while the process runs."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        assert process.poll() is None, f"ingest ended (exit {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def dump_and_ids(url: str) -> tuple[dict[str, object], set[str]]:
+    store = open_store(url)
+    try:
+        return store.dump("default"), set(store.iter_event_ids("default"))
+    finally:
+        store.close()
+
+
+def assert_committed_prefix(database: Path, ids: list[str]) -> int:
+    """The stored messages are exactly the first k messages of the file: only whole batches landed."""
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        stored = {row[0] for row in connection.execute("SELECT message_id FROM events")}
+    finally:
+        connection.close()
+    assert stored == set(ids[: len(stored)])
+    return len(stored)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_ingest_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    workload = tmp_path / "workload.ndjson"
+    write_workload(workload, MESSAGES, seed=20260301)
+    ids = message_ids(workload)
+    crashed_db, reference_db = tmp_path / "crashed.db", tmp_path / "reference.db"
+    crashed_url, reference_url = f"sqlite:///{crashed_db}", f"sqlite:///{reference_db}"
+
+    # The uninterrupted reference runs alongside (two cores): the test takes one ingest's time, not two.
+    reference = subprocess.Popen(
+        ingest_command(workload, reference_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    victim = subprocess.Popen(
+        ingest_command(workload, crashed_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+    )
+    try:
+        wait_for(lambda: stored_events(crashed_db) >= 1000, "1,000 committed events", victim)
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+
+    committed = assert_committed_prefix(crashed_db, ids)
+    assert 1000 <= committed < len(ids), "the kill must land mid-run"
+
+    resumed = subprocess.run(
+        ingest_command(workload, crashed_url), capture_output=True, env=clean_env(), timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["duplicates"] >= committed
+    assert summary["rejected"] == 0
+
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    reference_summary = json.loads(out)
+    assert reference_summary["messages"] == MESSAGES
+
+    crashed_dump, crashed_ids = dump_and_ids(crashed_url)
+    reference_dump, reference_ids = dump_and_ids(reference_url)
+    assert crashed_ids == reference_ids == set(ids)
+    assert crashed_dump == reference_dump
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_between_batches(tmp_path: Path) -> None:
+    workload = tmp_path / "workload.ndjson"
+    write_workload(workload, 8000, seed=7)
+    ids = message_ids(workload)
+    database = tmp_path / "t.db"
+    process = subprocess.Popen(
+        ingest_command(workload, f"sqlite:///{database}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        wait_for(lambda: stored_events(database) >= 300, "300 committed events", process)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143
+    assert b"interrupted" in err and b"run the same command again to resume" in err
+    assert b"Traceback" not in err
+    committed = assert_committed_prefix(database, ids)
+    assert committed < len(ids)

@@ -1,0 +1,271 @@
+"""The batch-file readers: every format, gzip, stdin, locations, bad lines, oversize messages."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import MAX_MESSAGE_BYTES, Message
+from idstitch.ingest.files import InputFile, batched, read_batches, read_items
+
+RECEIVED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def message(n: int, **extra: object) -> dict[str, object]:
+    return {
+        "type": "track",
+        "event": "Viewed",
+        "anonymousId": f"anon_{n}",
+        "messageId": f"m{n}",
+        "timestamp": "2026-03-01T10:00:00.000Z",
+        **extra,
+    }
+
+
+def items(path: Path | str, **kwargs: object) -> list[tuple[str, Message | InvalidEvent]]:
+    return list(read_items(path, received_at=RECEIVED, **kwargs))  # type: ignore[arg-type]
+
+
+def summary(found: list[tuple[str, Message | InvalidEvent]]) -> list[tuple[str, str]]:
+    """(location, message id or error text) pairs."""
+    return [(where, item.message_id if isinstance(item, Message) else f"! {item}") for where, item in found]
+
+
+def ndjson(*lines: object) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+
+
+def test_ndjson_lines_with_locations_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(ndjson(message(1), b"", b"   ", message(2)) + json.dumps(message(3)).encode())
+    assert summary(items(path)) == [
+        (f"{path}:1", "m1"),
+        (f"{path}:4", "m2"),
+        (f"{path}:5", "m3"),  # last line without a newline
+    ]
+
+
+def test_invalid_json_and_invalid_messages_are_located_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.ndjson"
+    path.write_bytes(ndjson(message(1), b'{"type": "track", "event": ', [1, 2], {"type": "nope"}, message(5)))
+    found = summary(items(path))
+    assert found[0] == (f"{path}:1", "m1")
+    assert found[1][0] == f"{path}:2" and found[1][1].startswith("! invalid JSON")
+    assert found[2] == (f"{path}:3", "! message must be a JSON object")
+    assert found[3][0] == f"{path}:4" and "type" in found[3][1]
+    assert found[4] == (f"{path}:5", "m5")
+
+
+def test_oversize_message_names_the_32_kb_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.ndjson"
+    big = message(2, properties={"blob": "x" * (40 * 1024)})
+    broken_big = b'{"type": "track", "blob": "' + b"y" * (40 * 1024)
+    path.write_bytes(ndjson(message(1), big, broken_big, message(4)))
+    found = items(path)
+    assert [where for where, _ in found] == [f"{path}:{n}" for n in (1, 2, 3, 4)]
+    for _, item in found[1:3]:
+        assert isinstance(item, InvalidEvent)
+        assert "32 KB" in str(item) and "limit" in str(item)
+    assert isinstance(found[3][1], Message)
+
+
+def test_message_just_under_the_limit_is_accepted(tmp_path: Path) -> None:
+    base = json.dumps(message(1, properties={"blob": ""}), separators=(",", ":"))
+    body = json.dumps(
+        message(1, properties={"blob": "x" * (MAX_MESSAGE_BYTES - len(base))}), separators=(",", ":")
+    )
+    assert len(body) == MAX_MESSAGE_BYTES
+    path = tmp_path / "edge.ndjson"
+    path.write_text(body + "\n")
+    assert summary(items(path)) == [(f"{path}:1", "m1")]
+
+
+def test_json_array_pretty_printed_is_read_element_by_element(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    tricky = message(2, properties={"text": 'brackets ] } [ { and "quotes", commas \\ too'})
+    text = json.dumps([message(1), tricky, {"type": "nope"}, 7, message(5)], indent=2)
+    path.write_text(text)
+    starts = [n for n, line in enumerate(text.split("\n"), 1) if line.startswith(("  {", "  7"))]
+    found = summary(items(path))
+    assert [where.rsplit(":", 1)[1] for where, _ in found] == [f"{n}[{i}]" for i, n in enumerate(starts)]
+    assert [text for _, text in found][:2] == ["m1", "m2"]
+    assert found[2][1].startswith("! type")
+    assert found[3][1] == "! message must be a JSON object"
+    assert found[4][1] == "m5"
+    [(_, parsed)] = [entry for entry in items(path) if entry[0].endswith("[1]")]
+    assert isinstance(parsed, Message)
+    assert parsed.properties["text"] == tricky["properties"]["text"]  # type: ignore[index]
+
+
+def test_json_array_with_a_broken_element_and_an_oversize_one(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    big = json.dumps(message(3, properties={"blob": "z" * (40 * 1024)}))
+    path.write_text(f'[{json.dumps(message(1))},\n{{"type": }},\n{big},\n{json.dumps(message(4))}]\n')
+    found = summary(items(path))
+    assert found[0] == (f"{path}:1[0]", "m1")
+    assert found[1][0] == f"{path}:2[1]" and found[1][1].startswith("! invalid JSON")
+    assert found[2][0] == f"{path}:3[2]" and "32 KB" in found[2][1]
+    assert found[3] == (f"{path}:4[3]", "m4")
+
+
+def test_unclosed_array_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "cut.json"
+    path.write_text(f"[{json.dumps(message(1))},\n")
+    found = summary(items(path))
+    assert found[0] == (f"{path}:1[0]", "m1")
+    assert "not closed" in found[-1][1]
+
+
+def test_batch_envelopes_one_per_line_apply_the_batch_context(tmp_path: Path) -> None:
+    path = tmp_path / "archive.ndjson"
+    envelope = {
+        "batch": [message(1), {"type": "track"}, message(3)],
+        "context": {"library": {"name": "analytics-node"}},
+        "sentAt": "2026-03-01T10:00:05.000Z",
+        "writeKey": "wk_secret",
+    }
+    path.write_bytes(ndjson(message(0), envelope))
+    found = items(path)
+    assert [where for where, _ in found] == [f"{path}:1", f"{path}:2[0]", f"{path}:2[1]", f"{path}:2[2]"]
+    first = found[1][1]
+    assert isinstance(first, Message)
+    assert first.context["library"] == {"name": "analytics-node"}
+    assert "writeKey" not in first.payload
+    assert isinstance(found[2][1], InvalidEvent) and "event" in str(found[2][1])
+
+
+def test_a_whole_file_envelope_pretty_printed(tmp_path: Path) -> None:
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps({"batch": [message(1), message(2)], "context": {"ip": "10.0.0.1"}}, indent=2))
+    found = items(path)
+    assert summary(found) == [(f"{path}:1[0]", "m1"), (f"{path}:1[1]", "m2")]
+    assert isinstance(found[0][1], Message) and found[0][1].context["ip"] == "10.0.0.1"
+
+
+def test_a_single_pretty_printed_message(tmp_path: Path) -> None:
+    path = tmp_path / "one.json"
+    path.write_text("\n" + json.dumps(message(1), indent=2))
+    assert summary(items(path)) == [(f"{path}:2", "m1")]
+
+
+def test_an_envelope_over_the_http_batch_limit_is_read_in_slices(tmp_path: Path) -> None:
+    path = tmp_path / "huge.ndjson"
+    path.write_bytes(ndjson({"batch": [message(n) for n in range(2600)]}))
+    found = items(path)
+    assert len(found) == 2600
+    assert found[-1][0] == f"{path}:1[2599]"
+    assert all(isinstance(item, Message) for _, item in found)
+
+
+@pytest.mark.parametrize("layout", ["ndjson", "array", "envelope"])
+def test_gzip_is_detected_by_magic_bytes_not_the_name(tmp_path: Path, layout: str) -> None:
+    messages = [message(n) for n in range(3)]
+    if layout == "ndjson":
+        raw = ndjson(*messages)
+    elif layout == "array":
+        raw = json.dumps(messages, indent=1).encode()
+    else:
+        raw = json.dumps({"batch": messages}).encode()
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(raw)
+    packed = tmp_path / "packed.data"  # no .gz suffix
+    packed.write_bytes(gzip.compress(raw))
+    with InputFile(packed, received_at=RECEIVED) as source:
+        assert source.compressed
+        found = list(source)
+    expected = summary(items(plain))
+    assert summary(found) == [(where.replace(str(plain), str(packed)), text) for where, text in expected]
+    assert [text for _, text in expected] == ["m0", "m1", "m2"]
+
+
+def test_truncated_gzip_reports_the_damage_after_the_good_part(tmp_path: Path) -> None:
+    raw = ndjson(*(message(n) for n in range(2000)))
+    path = tmp_path / "cut.ndjson.gz"
+    packed = gzip.compress(raw)
+    path.write_bytes(packed[: len(packed) // 2])
+    found = items(path)
+    assert isinstance(found[0][1], Message)
+    assert isinstance(found[-1][1], InvalidEvent) and "gzip" in str(found[-1][1])
+
+
+def test_stdin_dash_reads_the_given_stream() -> None:
+    stream = io.BytesIO(gzip.compress(ndjson(message(1), message(2))))
+    assert summary(items("-", stdin=stream)) == [("-:1", "m1"), ("-:2", "m2")]
+
+
+def test_stdin_dash_in_a_real_process() -> None:
+    code = (
+        "import sys\n"
+        "from datetime import UTC, datetime\n"
+        "from idstitch.ingest.files import read_items\n"
+        "for where, item in read_items('-', received_at=datetime.now(UTC)):\n"
+        "    print(where, getattr(item, 'message_id', None))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps([message(1), message(2)]).encode(),
+        capture_output=True,
+        check=True,
+    )
+    assert done.stdout.decode().split("\n") == ["-:1[0] m1", "-:1[1] m2", ""]
+
+
+def test_received_at_is_the_runs_time_unless_the_message_has_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(ndjson(message(1), message(2, receivedAt="2026-02-01T00:00:00.000Z")))
+    first, second = (item for _, item in items(path))
+    assert isinstance(first, Message) and isinstance(second, Message)
+    assert first.received_at == RECEIVED
+    assert second.received_at == datetime(2026, 2, 1, tzinfo=UTC)
+
+
+def test_read_batches_groups_items_across_files_and_reports_bytes(tmp_path: Path) -> None:
+    first = tmp_path / "a.ndjson"
+    first.write_bytes(ndjson(*(message(n) for n in range(5))))
+    second = tmp_path / "b.ndjson.gz"
+    second.write_bytes(gzip.compress(ndjson(*(message(n) for n in range(5, 8)))))
+    total = first.stat().st_size + second.stat().st_size
+    batches = list(read_batches([first, second], batch_size=3, received_at=RECEIVED))
+    assert [len(batch.items) for batch in batches] == [3, 3, 2]
+    assert [where for batch in batches for where, _ in batch.items][3:6] == [
+        f"{first}:4",
+        f"{first}:5",
+        f"{second}:1",
+    ]
+    assert all(batch.bytes_total == total for batch in batches)
+    assert batches[-1].bytes_read == total
+    assert [batch.bytes_read for batch in batches] == sorted(batch.bytes_read for batch in batches)
+
+
+def test_batched() -> None:
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError):
+        list(batched([], 0))
+
+
+def test_memory_stays_bounded_on_a_large_file(tmp_path: Path) -> None:
+    """NDJSON is streamed: reading a file much larger than the read-ahead never holds it whole."""
+    import tracemalloc
+
+    path = tmp_path / "large.ndjson"
+    line = json.dumps(message(0, properties={"pad": "p" * 2000})).encode()
+    with path.open("wb") as out:
+        for n in range(12_000):
+            out.write(line.replace(b'"m0"', f'"m{n}"'.encode()) + b"\n")
+    assert path.stat().st_size > 24_000_000
+    tracemalloc.start()
+    count = sum(1 for _ in read_items(path, received_at=RECEIVED))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == 12_000
+    assert peak < 8_000_000

@@ -1,0 +1,1065 @@
+"""Tests of idstitch.core.messages: decoding, validation and normalisation of Segment messages."""
+
+import base64
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from hashlib import blake2b
+from typing import Any
+
+import msgspec
+import pytest
+
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_ID_LENGTH,
+    MESSAGE_TYPES,
+    ExternalId,
+    Message,
+    decode_json,
+    decode_message,
+    format_timestamp,
+    parse_batch,
+    parse_message,
+    parse_timestamp,
+)
+
+RECEIVED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+TS = "2026-03-01T11:00:00.000Z"
+
+
+def parse(raw: object, **kwargs: Any) -> Message:
+    kwargs.setdefault("received_at", RECEIVED)
+    return parse_message(raw, **kwargs)
+
+
+def track(**fields: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "track", "event": "Signed Up", "userId": "u1"}
+    message.update(fields)
+    return message
+
+
+def error_of(call: Callable[[], object]) -> tuple[str, str]:
+    with pytest.raises(InvalidEvent) as info:
+        call()
+    return info.value.field, info.value.reason
+
+
+def parse_error(raw: object, **kwargs: Any) -> tuple[str, str]:
+    return error_of(lambda: parse(raw, **kwargs))
+
+
+def ext(**fields: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": "123-456", "type": "phone", "collection": "users", "encoding": "none"}
+    item.update(fields)
+    return item
+
+
+def with_external_ids(*items: object) -> dict[str, Any]:
+    return track(context={"externalIds": list(items)})
+
+
+# --- constants ------------------------------------------------------------------------------
+
+
+def test_constants() -> None:
+    assert frozenset({"identify", "track", "page", "screen", "group", "alias"}) == MESSAGE_TYPES
+    assert MAX_MESSAGE_BYTES == 32768
+    assert MAX_BATCH_BYTES == 512000
+    assert MAX_BATCH_MESSAGES == 2500
+    assert MAX_MESSAGE_ID_LENGTH == 100
+
+
+# --- shape and type ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [[], "track", None, 3, True])
+def test_message_must_be_object(raw: object) -> None:
+    assert parse_error(raw) == ("", "message must be a JSON object")
+
+
+def test_invalid_event_str_includes_field() -> None:
+    with pytest.raises(InvalidEvent, match=r"^event: required for track$"):
+        parse({"type": "track", "userId": "u"})
+
+
+def test_type_missing_without_default() -> None:
+    assert parse_error({"userId": "u"}) == ("type", "required")
+    assert parse_error({"type": None, "userId": "u"}) == ("type", "required")
+    assert parse_error({"type": "", "userId": "u"}) == ("type", "required")
+
+
+def test_default_type_applies_when_type_missing() -> None:
+    message = parse({"event": "E", "userId": "u"}, default_type="track")
+    assert message.type == "track"
+    assert message.payload["type"] == "track"
+    assert parse({"userId": "u"}, default_type="IDENTIFY").type == "identify"
+
+
+def test_message_type_wins_over_default() -> None:
+    assert parse({"type": "identify", "userId": "u"}, default_type="track").type == "identify"
+
+
+def test_type_is_lower_cased() -> None:
+    message = parse({"type": "Track", "event": "E", "userId": "u"})
+    assert message.type == "track"
+    assert message.payload["type"] == "track"
+
+
+@pytest.mark.parametrize("value", ["purchase", "action", "batch"])
+def test_unknown_type(value: str) -> None:
+    expected = ("type", "must be one of alias, group, identify, page, screen, track")
+    assert parse_error({"type": value, "userId": "u"}) == expected
+
+
+def test_unknown_default_type() -> None:
+    assert parse_error({"userId": "u"}, default_type="nope")[0] == "type"
+
+
+def test_action_is_not_an_alias_of_type() -> None:
+    assert parse_error({"action": "track", "event": "E", "userId": "u"}) == ("type", "required")
+
+
+def test_type_not_a_string() -> None:
+    assert parse_error({"type": 3, "userId": "u"}) == ("type", "must be a string, got number")
+    assert parse_error({"type": ["track"], "userId": "u"}) == ("type", "must be a string, got array")
+
+
+# --- identifiers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("U1", "U1"),
+        (" u1 ", " u1 "),
+        (123, "123"),
+        (0, "0"),
+        (-7, "-7"),
+        (1.0, "1"),
+        (1.5, "1.5"),
+        (12345678901234567890, "12345678901234567890"),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_identifier_values(value: object, expected: str | None) -> None:
+    message = parse({"type": "identify", "userId": value, "anonymousId": value})
+    assert message.user_id == expected
+    assert message.anonymous_id == expected
+
+
+def test_identifier_missing_is_none() -> None:
+    message = parse({"type": "identify"})
+    assert (message.user_id, message.anonymous_id, message.previous_id, message.group_id) == (None,) * 4
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(True, "boolean"), (False, "boolean"), ([1], "array"), ({"a": 1}, "object")]
+)
+@pytest.mark.parametrize("key", ["userId", "anonymousId"])
+def test_identifier_bad_types(key: str, value: object, kind: str) -> None:
+    assert parse_error({"type": "identify", key: value}) == (key, f"must be a string or number, got {kind}")
+
+
+def test_identifier_number_too_large() -> None:
+    assert parse_error({"type": "identify", "userId": 10**5000}) == ("userId", "number too large")
+
+
+def test_identifier_non_finite_float() -> None:
+    assert parse_error({"type": "identify", "userId": float("inf")}) == ("userId", "must be a finite number")
+
+
+def test_previous_and_group_id_converted_and_validated() -> None:
+    alias = parse({"type": "alias", "userId": 1, "previousId": 2.0})
+    assert (alias.user_id, alias.previous_id) == ("1", "2")
+    group = parse({"type": "group", "userId": "u", "groupId": 42})
+    assert group.group_id == "42"
+    assert parse_error({"type": "alias", "userId": "u", "previousId": True}) == (
+        "previousId",
+        "must be a string or number, got boolean",
+    )
+    assert parse_error({"type": "group", "groupId": ["g"]}) == (
+        "groupId",
+        "must be a string or number, got array",
+    )
+
+
+def test_previous_and_group_id_only_on_their_types() -> None:
+    message = parse(track(previousId="p", groupId="g"))
+    assert message.previous_id is None
+    assert message.group_id is None
+
+
+def test_snake_case_fallbacks() -> None:
+    message = parse({"type": "identify", "user_id": "u1", "anonymous_id": 5})
+    assert (message.user_id, message.anonymous_id) == ("u1", "5")
+    alias = parse({"type": "alias", "user_id": "u", "previous_id": "p"})
+    assert alias.previous_id == "p"
+    group = parse({"type": "group", "anonymous_id": "a", "group_id": "g"})
+    assert group.group_id == "g"
+
+
+def test_camel_case_wins_over_snake_case() -> None:
+    message = parse({"type": "identify", "userId": "camel", "user_id": "snake"})
+    assert message.user_id == "camel"
+
+
+@pytest.mark.parametrize("camel", [None, ""])
+def test_snake_case_used_when_camel_is_absent(camel: object) -> None:
+    assert parse({"type": "identify", "userId": camel, "user_id": "snake"}).user_id == "snake"
+
+
+def test_snake_case_error_names_the_snake_field() -> None:
+    assert parse_error({"type": "identify", "user_id": True}) == (
+        "user_id",
+        "must be a string or number, got boolean",
+    )
+
+
+# --- per-type requirements ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", [None, ""])
+def test_track_requires_event(event: object) -> None:
+    assert parse_error(track(event=event)) == ("event", "required for track")
+
+
+def test_track_event_missing() -> None:
+    assert parse_error({"type": "track", "userId": "u"}) == ("event", "required for track")
+
+
+def test_track_event_must_be_string() -> None:
+    assert parse_error(track(event=5)) == ("event", "must be a string, got number")
+
+
+def test_track_event_kept() -> None:
+    message = parse(track(event="Order Completed"))
+    assert message.event == "Order Completed"
+    assert message.name is None
+
+
+def test_alias_requires_previous_id_and_user_id() -> None:
+    assert parse_error({"type": "alias", "userId": "u"}) == ("previousId", "required for alias")
+    assert parse_error({"type": "alias", "previousId": "p"}) == ("userId", "required for alias")
+    assert parse_error({"type": "alias", "userId": "u", "previousId": ""}) == (
+        "previousId",
+        "required for alias",
+    )
+    assert parse_error({"type": "alias", "anonymousId": "a", "previousId": "p"}) == (
+        "userId",
+        "required for alias",
+    )
+
+
+def test_group_requires_group_id() -> None:
+    assert parse_error({"type": "group", "userId": "u"}) == ("groupId", "required for group")
+    assert parse_error({"type": "group", "userId": "u", "groupId": None}) == ("groupId", "required for group")
+
+
+@pytest.mark.parametrize("mtype", ["identify", "page", "screen"])
+def test_other_types_need_nothing_and_identifiers_are_not_checked_here(mtype: str) -> None:
+    message = parse({"type": mtype})
+    assert message.type == mtype
+    assert message.user_id is None
+    assert message.anonymous_id is None
+
+
+@pytest.mark.parametrize("mtype", ["page", "screen"])
+def test_page_and_screen_name(mtype: str) -> None:
+    assert parse({"type": mtype, "anonymousId": "a", "name": "Pricing"}).name == "Pricing"
+    assert parse({"type": mtype, "anonymousId": "a", "name": ""}).name is None
+    assert parse({"type": mtype, "anonymousId": "a"}).name is None
+    assert parse_error({"type": mtype, "name": 3}) == ("name", "must be a string, got number")
+
+
+def test_name_and_event_ignored_on_other_types() -> None:
+    message = parse({"type": "identify", "userId": "u", "name": "n", "event": "e"})
+    assert message.name is None
+    assert message.event is None
+
+
+# --- objects ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["traits", "properties", "context", "integrations"])
+@pytest.mark.parametrize(
+    ("value", "kind"), [([], "array"), ("x", "string"), (1, "number"), (True, "boolean")]
+)
+def test_objects_must_be_objects(key: str, value: object, kind: str) -> None:
+    assert parse_error(track(**{key: value})) == (key, f"must be an object, got {kind}")
+
+
+@pytest.mark.parametrize("key", ["traits", "properties", "context", "integrations"])
+def test_null_objects_are_empty(key: str) -> None:
+    message = parse(track(**{key: None}))
+    assert getattr(message, key) == {}
+
+
+def test_absent_objects_are_empty() -> None:
+    message = parse(track())
+    assert (message.traits, message.properties, message.context, message.integrations) == ({}, {}, {}, {})
+    assert message.external_ids == ()
+
+
+def test_objects_kept() -> None:
+    message = parse(
+        track(
+            traits={"plan": "pro"},
+            properties={"revenue": 3},
+            context={"ip": "1.2.3.4"},
+            integrations={"All": True},
+        )
+    )
+    assert message.traits == {"plan": "pro"}
+    assert message.properties == {"revenue": 3}
+    assert message.context == {"ip": "1.2.3.4"}
+    assert message.integrations == {"All": True}
+
+
+def test_identify_context_traits_stay_in_context() -> None:
+    message = parse({"type": "identify", "userId": "u", "context": {"traits": {"email": "a@b.c"}}})
+    assert message.traits == {}
+    assert message.context["traits"] == {"email": "a@b.c"}
+
+
+def test_identify_and_group_top_level_traits() -> None:
+    assert parse({"type": "identify", "userId": "u", "traits": {"email": "x@y.z"}}).traits == {
+        "email": "x@y.z"
+    }
+    group = parse({"type": "group", "userId": "u", "groupId": "g", "traits": {"name": "Acme"}})
+    assert group.traits == {"name": "Acme"}
+
+
+def test_context_traits_must_be_object() -> None:
+    assert parse_error(track(context={"traits": ["x"]})) == ("context.traits", "must be an object, got array")
+
+
+def test_context_traits_null_is_absent() -> None:
+    message = parse(track(context={"traits": None, "ip": "1.1.1.1"}))
+    assert message.context == {"ip": "1.1.1.1"}
+
+
+# --- externalIds -----------------------------------------------------------------------------------
+
+
+def test_external_ids_valid() -> None:
+    message = parse(
+        with_external_ids(
+            ext(),
+            ext(id="acc-1", type="Salesforce_ID", collection="ACCOUNTS", encoding="NONE"),
+        )
+    )
+    assert message.external_ids == (
+        ExternalId(id="123-456", type="phone", collection="users", encoding="none"),
+        ExternalId(id="acc-1", type="salesforce_id", collection="accounts", encoding="none"),
+    )
+
+
+def test_external_ids_null_and_empty() -> None:
+    assert parse(track(context={"externalIds": None})).external_ids == ()
+    assert parse(track(context={"externalIds": []})).external_ids == ()
+
+
+def test_external_ids_must_be_list() -> None:
+    assert parse_error(track(context={"externalIds": {"id": "x"}})) == (
+        "context.externalIds",
+        "must be a list, got object",
+    )
+
+
+def test_external_id_item_must_be_object() -> None:
+    assert parse_error(with_external_ids(ext(), "phone:1")) == (
+        "context.externalIds[1]",
+        "must be an object, got string",
+    )
+
+
+@pytest.mark.parametrize("key", ["id", "type", "collection", "encoding"])
+@pytest.mark.parametrize("missing", ["delete", None, ""])
+def test_external_id_keys_required(key: str, missing: object) -> None:
+    item = ext()
+    if missing == "delete":
+        del item[key]
+    else:
+        item[key] = missing
+    assert parse_error(with_external_ids(ext(), item)) == (f"context.externalIds[1].{key}", "required")
+
+
+def test_external_id_numeric_id() -> None:
+    assert parse(with_external_ids(ext(id=5551234))).external_ids[0].id == "5551234"
+    assert parse(with_external_ids(ext(id=7.0))).external_ids[0].id == "7"
+
+
+def test_external_id_bad_id_type() -> None:
+    assert parse_error(with_external_ids(ext(id=True))) == (
+        "context.externalIds[0].id",
+        "must be a string or number, got boolean",
+    )
+    assert parse_error(with_external_ids(ext(id={"v": 1}))) == (
+        "context.externalIds[0].id",
+        "must be a string or number, got object",
+    )
+
+
+def test_external_id_type_must_be_string() -> None:
+    assert parse_error(with_external_ids(ext(type=3))) == (
+        "context.externalIds[0].type",
+        "must be a string, got number",
+    )
+
+
+@pytest.mark.parametrize("collection", ["user", "groups", 1, ["users"]])
+def test_external_id_collection(collection: object) -> None:
+    assert parse_error(with_external_ids(ext(collection=collection))) == (
+        "context.externalIds[0].collection",
+        "must be one of users, accounts",
+    )
+
+
+@pytest.mark.parametrize("encoding", ["utf8", "hex", 0])
+def test_external_id_encoding(encoding: object) -> None:
+    assert parse_error(with_external_ids(ext(encoding=encoding))) == (
+        "context.externalIds[0].encoding",
+        "must be one of none, base64",
+    )
+
+
+# Chosen so that their standard encodings use "+", "/" and "=" padding, where the alphabets differ.
+BASE64_TEXTS = ["~~~?>>ü", "?>?>ü~"]
+
+
+def test_base64_texts_exercise_the_differing_alphabet() -> None:
+    standard = "".join(base64.b64encode(text.encode()).decode() for text in BASE64_TEXTS)
+    assert "+" in standard
+    assert "/" in standard
+    assert "=" in standard
+
+
+@pytest.mark.parametrize("text", BASE64_TEXTS)
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda raw: base64.b64encode(raw).decode(),
+        lambda raw: base64.urlsafe_b64encode(raw).decode(),
+        lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        lambda raw: base64.b64encode(raw).decode().rstrip("="),
+    ],
+    ids=["standard", "urlsafe", "urlsafe-unpadded", "standard-unpadded"],
+)
+def test_external_id_base64_decoded(text: str, encode: Callable[[bytes], str]) -> None:
+    message = parse(with_external_ids(ext(id=encode(text.encode()), encoding="Base64")))
+    assert message.external_ids == (ExternalId(id=text, type="phone", collection="users", encoding="base64"),)
+
+
+@pytest.mark.parametrize("encoded", ["not base64!", "abcde", base64.b64encode(b"\xff\xfe\xfd").decode()])
+def test_external_id_invalid_base64(encoded: str) -> None:
+    assert parse_error(with_external_ids(ext(), ext(id=encoded, encoding="base64"))) == (
+        "context.externalIds[1].id",
+        "not valid base64",
+    )
+
+
+def test_external_ids_from_batch_context_are_validated() -> None:
+    message = parse(track(), batch_context={"externalIds": [ext(id="b1")]})
+    assert message.external_ids[0].id == "b1"
+
+
+# --- batch-level merge ---------------------------------------------------------------------------------
+
+
+def test_batch_context_deep_merge() -> None:
+    batch_context = {"library": {"name": "analytics-python", "version": "2.3"}, "traits": {"plan": "free"}}
+    before = copy.deepcopy(batch_context)
+    message = parse(
+        track(context={"traits": {"email": "a@b.c"}, "library": {"version": "9"}, "ip": "1.2.3.4"}),
+        batch_context=batch_context,
+    )
+    assert message.context == {
+        "library": {"name": "analytics-python", "version": "9"},
+        "traits": {"plan": "free", "email": "a@b.c"},
+        "ip": "1.2.3.4",
+    }
+    assert message.payload["context"] == message.context
+    assert batch_context == before
+
+
+def test_batch_merge_message_wins_over_non_dict() -> None:
+    message = parse(track(context={"library": "custom"}), batch_context={"library": {"name": "x"}, "ip": "a"})
+    assert message.context == {"library": "custom", "ip": "a"}
+    message = parse(track(context={"library": {"name": "y"}}), batch_context={"library": "flat"})
+    assert message.context == {"library": {"name": "y"}}
+
+
+def test_batch_integrations_deep_merge() -> None:
+    message = parse(
+        track(integrations={"Amplitude": {"session_id": 1}, "All": False}),
+        batch_integrations={"All": True, "Amplitude": {"groups": ["a"]}, "Mixpanel": False},
+    )
+    assert message.integrations == {
+        "All": False,
+        "Amplitude": {"groups": ["a"], "session_id": 1},
+        "Mixpanel": False,
+    }
+    assert message.payload["integrations"] == message.integrations
+
+
+def test_batch_context_not_copied_when_message_has_none() -> None:
+    batch_context = {"library": {"name": "lib"}}
+    message = parse(track(), batch_context=batch_context)
+    assert message.context is batch_context
+    assert message.payload["context"] is batch_context
+
+
+def test_untouched_nested_dicts_are_shared_not_copied() -> None:
+    library = {"name": "lib"}
+    message = parse(track(context={"ip": "x"}), batch_context={"library": library})
+    assert message.context["library"] is library
+
+
+# --- messageId ---------------------------------------------------------------------------------------
+
+
+def test_message_id_kept() -> None:
+    message = parse(track(messageId="ajs-123"))
+    assert message.message_id == "ajs-123"
+    assert message.payload["messageId"] == "ajs-123"
+
+
+def test_message_id_number() -> None:
+    assert parse(track(messageId=12345)).message_id == "12345"
+
+
+def test_message_id_length_limit() -> None:
+    assert parse(track(messageId="m" * 100)).message_id == "m" * 100
+    assert parse_error(track(messageId="m" * 101)) == ("messageId", "longer than 100 characters")
+
+
+def test_message_id_bad_type() -> None:
+    assert parse_error(track(messageId=True)) == ("messageId", "must be a string or number, got boolean")
+
+
+def test_generated_message_id_format_and_hash() -> None:
+    raw = track(timestamp=TS)
+    message = parse(raw)
+    expected = "gen-" + blake2b(msgspec.json.encode(raw, order="sorted"), digest_size=16).hexdigest()
+    assert message.message_id == expected
+    assert message.payload["messageId"] == expected
+    assert len(message.message_id) == 4 + 32
+
+
+@pytest.mark.parametrize("missing", [None, ""])
+def test_generated_message_id_when_empty(missing: object) -> None:
+    assert parse(track(messageId=missing)).message_id.startswith("gen-")
+
+
+def test_generated_message_id_is_deterministic() -> None:
+    first = parse(track(timestamp=TS, properties={"a": 1, "b": 2}))
+    second = parse(track(properties={"b": 2, "a": 1}, timestamp=TS))  # key order does not matter
+    assert first.message_id == second.message_id
+
+
+def test_generated_message_id_depends_on_content() -> None:
+    assert parse(track(timestamp=TS)).message_id != parse(track(timestamp=TS, event="Other")).message_id
+
+
+def test_generated_message_id_ignores_received_at_when_message_has_time() -> None:
+    later = RECEIVED + timedelta(minutes=5)
+    for extra in ({"timestamp": TS}, {"sentAt": TS}, {"originalTimestamp": TS}):
+        raw = track(**extra)
+        assert parse(raw).message_id == parse(raw, received_at=later).message_id
+
+
+def test_generated_message_id_uses_received_at_when_message_has_no_time() -> None:
+    raw = track()
+    later = RECEIVED + timedelta(seconds=1)
+    assert parse(raw).message_id == parse(raw).message_id
+    assert parse(raw).message_id != parse(raw, received_at=later).message_id
+
+
+def test_generated_message_id_includes_batch_merge_and_ignores_write_key() -> None:
+    raw = track(timestamp=TS)
+    plain = parse(raw).message_id
+    assert parse(dict(raw, writeKey="secret")).message_id == plain
+    assert parse(raw, batch_context={"ip": "1"}).message_id != plain
+    assert (
+        parse(raw, batch_context={"ip": "1"}).message_id
+        == parse(track(timestamp=TS, context={"ip": "1"})).message_id
+    )
+
+
+# --- timestamps ------------------------------------------------------------------------------------------
+
+
+def test_received_at_is_argument_and_timestamp_defaults_to_it() -> None:
+    message = parse(track())
+    assert message.received_at == RECEIVED
+    assert message.timestamp == RECEIVED
+    assert message.payload["receivedAt"] == "2026-03-01T12:00:00.000Z"
+    assert message.payload["timestamp"] == "2026-03-01T12:00:00.000Z"
+
+
+def test_naive_received_at_is_utc() -> None:
+    message = parse(track(), received_at=datetime(2026, 3, 1, 12, 0, 0))
+    assert message.received_at == RECEIVED
+    assert message.received_at.tzinfo is UTC
+
+
+def test_received_at_in_other_zone_converted() -> None:
+    plus2 = timezone(timedelta(hours=2))
+    message = parse(track(), received_at=datetime(2026, 3, 1, 14, 0, 0, tzinfo=plus2))
+    assert message.received_at == RECEIVED
+    assert message.received_at.tzinfo is UTC
+
+
+def test_explicit_timestamp_wins() -> None:
+    message = parse(
+        track(
+            timestamp="2026-02-01T00:00:00+01:00",
+            sentAt="2026-03-01T11:00:10Z",
+            originalTimestamp="2026-03-01T11:00:00Z",
+        )
+    )
+    assert message.timestamp == datetime(2026, 1, 31, 23, 0, 0, tzinfo=UTC)
+    assert message.timestamp.tzinfo is UTC
+    assert message.payload["timestamp"] == "2026-01-31T23:00:00.000Z"
+
+
+def test_clock_skew_correction() -> None:
+    # The client clock is 1h05m behind; the call happened 5 s before sending.
+    message = parse(track(sentAt="2026-03-01T10:55:05.000Z", originalTimestamp="2026-03-01T10:55:00.000Z"))
+    assert message.timestamp == RECEIVED - timedelta(seconds=5)
+    assert message.payload["timestamp"] == "2026-03-01T11:59:55.000Z"
+
+
+def test_clock_skew_correction_with_offsets_and_millis() -> None:
+    message = parse(
+        track(sentAt="2026-03-01T13:00:01.250+02:00", originalTimestamp="2026-03-01T10:59:59.000Z"),
+    )
+    assert message.timestamp == RECEIVED - timedelta(seconds=2, milliseconds=250)
+
+
+def test_original_timestamp_alone() -> None:
+    message = parse(track(originalTimestamp="2026-02-02T02:02:02.002Z"))
+    assert message.timestamp == datetime(2026, 2, 2, 2, 2, 2, 2000, tzinfo=UTC)
+
+
+def test_sent_at_alone_falls_back_to_received_at() -> None:
+    assert parse(track(sentAt="2020-01-01T00:00:00Z")).timestamp == RECEIVED
+
+
+def test_message_received_at_is_kept() -> None:
+    message = parse(track(receivedAt="2019-05-05T05:05:05.555Z"))
+    archived = datetime(2019, 5, 5, 5, 5, 5, 555000, tzinfo=UTC)
+    assert message.received_at == archived
+    assert message.timestamp == archived
+    assert message.payload["receivedAt"] == "2019-05-05T05:05:05.555Z"
+
+
+def test_message_received_at_used_in_skew_correction() -> None:
+    message = parse(
+        track(
+            receivedAt="2019-05-05T00:00:00Z",
+            sentAt="2019-05-05T00:00:10Z",
+            originalTimestamp="2019-05-05T00:00:00Z",
+        )
+    )
+    assert message.timestamp == datetime(2019, 5, 4, 23, 59, 50, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad", ["yesterday", 17, None, ""])
+def test_invalid_message_received_at_is_replaced_by_server_time(bad: object) -> None:
+    message = parse(track(receivedAt=bad))
+    assert message.received_at == RECEIVED
+    assert message.payload["receivedAt"] == "2026-03-01T12:00:00.000Z"
+
+
+@pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
+def test_invalid_timestamp_strings(field: str) -> None:
+    assert parse_error(track(**{field: "last tuesday"})) == (field, "not an ISO-8601 timestamp")
+    assert parse_error(track(**{field: "2026-13-01T00:00:00Z"})) == (field, "not an ISO-8601 timestamp")
+
+
+@pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
+def test_timestamp_not_a_string(field: str) -> None:
+    assert parse_error(track(**{field: 1700000000})) == (
+        field,
+        "must be an ISO-8601 timestamp string, got number",
+    )
+
+
+@pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
+def test_null_and_empty_timestamps_are_absent(field: str) -> None:
+    assert parse(track(**{field: None})).timestamp == RECEIVED
+    assert parse(track(**{field: ""})).timestamp == RECEIVED
+
+
+def test_timestamps_truncated_to_milliseconds() -> None:
+    message = parse(
+        track(timestamp="2026-01-01T00:00:00.123456789Z"), received_at=RECEIVED.replace(microsecond=987654)
+    )
+    assert message.timestamp == datetime(2026, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+    assert message.received_at == RECEIVED.replace(microsecond=987000)
+
+
+def test_canonical_timestamp_strings_kept_and_others_normalised() -> None:
+    message = parse(track(timestamp="2026-01-02T03:04:05.678Z", receivedAt="2026-01-02T03:04:06+00:00"))
+    assert message.payload["timestamp"] == "2026-01-02T03:04:05.678Z"
+    assert message.payload["receivedAt"] == "2026-01-02T03:04:06.000Z"
+    message = parse(track(timestamp="2026-01-02T03:04:05.6789Z", receivedAt="2026-01-02T03:04:06.123Z"))
+    assert message.payload["timestamp"] == "2026-01-02T03:04:05.678Z"
+    assert message.payload["receivedAt"] == "2026-01-02T03:04:06.123Z"
+    assert message.received_at == datetime(2026, 1, 2, 3, 4, 6, 123000, tzinfo=UTC)
+    # A week date has the canonical length and "Z" but must still be rewritten as a calendar date.
+    message = parse(track(timestamp="2026-W01-1T03:04:05.678Z"))
+    assert message.payload["timestamp"] == "2025-12-29T03:04:05.678Z"
+
+
+def test_clock_skew_correction_out_of_range() -> None:
+    raw = track(sentAt="9999-12-31T23:59:59Z", originalTimestamp="0001-01-01T00:00:00Z")
+    assert parse_error(raw) == ("sentAt", "clock-skew correction out of range")
+
+
+def test_date_only_timestamp() -> None:
+    assert parse(track(timestamp="2026-01-02")).timestamp == datetime(2026, 1, 2, tzinfo=UTC)
+
+
+# --- parse_timestamp / format_timestamp ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-01-02T03:04:05.678Z", datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)),
+        ("2026-01-02T03:04:05Z", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2026-01-02T05:04:05+02:00", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2026-01-01T22:04:05-05:00", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2026-01-02T03:04:05", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2026-01-02", datetime(2026, 1, 2, tzinfo=UTC)),
+        ("2026-01-02t03:04:05z", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        (" 2026-01-02T03:04:05Z\n", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ],
+)
+def test_parse_timestamp(text: str, expected: datetime) -> None:
+    parsed = parse_timestamp(text, "timestamp")
+    assert parsed == expected
+    assert parsed.tzinfo is UTC
+
+
+def test_parse_timestamp_accepts_datetimes() -> None:
+    plus1 = timezone(timedelta(hours=1))
+    assert parse_timestamp(datetime(2026, 1, 1, 1, tzinfo=plus1), "t") == datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_timestamp(datetime(2026, 1, 1), "t").tzinfo is UTC
+
+
+@pytest.mark.parametrize("text", ["", "not a date", "2026-1-2", "2026-01-02T25:00:00Z", "2026-01-02X"])
+def test_parse_timestamp_invalid(text: str) -> None:
+    assert error_of(lambda: parse_timestamp(text, "a.b")) == ("a.b", "not an ISO-8601 timestamp")
+
+
+def test_parse_timestamp_non_string() -> None:
+    assert error_of(lambda: parse_timestamp(None, "x")) == (
+        "x",
+        "must be an ISO-8601 timestamp string, got null",
+    )
+    assert error_of(lambda: parse_timestamp([], "x")) == (
+        "x",
+        "must be an ISO-8601 timestamp string, got array",
+    )
+
+
+def test_parse_timestamp_out_of_range() -> None:
+    assert error_of(lambda: parse_timestamp("0001-01-01T00:00:00+01:00", "x")) == ("x", "out of range")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC), "2026-01-02T03:04:05.678Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05.000Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, 678999, tzinfo=UTC), "2026-01-02T03:04:05.678Z"),
+        (datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2))), "2026-01-02T03:04:05.000Z"),
+        (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05.000Z"),
+    ],
+)
+def test_format_timestamp(value: datetime, expected: str) -> None:
+    assert format_timestamp(value) == expected
+
+
+def test_format_parse_round_trip() -> None:
+    value = datetime(2026, 7, 8, 9, 10, 11, 12000, tzinfo=UTC)
+    assert parse_timestamp(format_timestamp(value), "t") == value
+
+
+# --- payload -------------------------------------------------------------------------------------------
+
+
+def test_payload_contents() -> None:
+    raw = {
+        "type": "TRACK",
+        "event": "Signed Up",
+        "userId": 42,
+        "writeKey": "secret",
+        "sentAt": "2026-03-01T11:00:10Z",
+        "originalTimestamp": "2026-03-01T11:00:00Z",
+        "properties": {"plan": "pro"},
+        "context": {"ip": "1.2.3.4"},
+        "version": 2,
+        "channel": "server",
+    }
+    before = copy.deepcopy(raw)
+    message = parse(raw, batch_context={"library": {"name": "lib"}}, batch_integrations={"All": True})
+    assert message.payload == {
+        "type": "track",
+        "event": "Signed Up",
+        "userId": 42,
+        "sentAt": "2026-03-01T11:00:10Z",
+        "originalTimestamp": "2026-03-01T11:00:00Z",
+        "properties": {"plan": "pro"},
+        "context": {"ip": "1.2.3.4", "library": {"name": "lib"}},
+        "integrations": {"All": True},
+        "version": 2,
+        "channel": "server",
+        "messageId": message.message_id,
+        "timestamp": "2026-03-01T11:59:50.000Z",
+        "receivedAt": "2026-03-01T12:00:00.000Z",
+    }
+    assert raw == before  # the input is never mutated
+
+
+def test_payload_has_no_context_key_when_none_given() -> None:
+    payload = parse(track()).payload
+    assert "context" not in payload
+    assert "integrations" not in payload
+
+
+def test_message_is_frozen() -> None:
+    message = parse(track())
+    with pytest.raises(AttributeError):
+        message.user_id = "other"  # type: ignore[misc]
+
+
+def test_payload_is_json_encodable() -> None:
+    message = parse(track(context={"externalIds": [ext()]}))
+    assert msgspec.json.decode(msgspec.json.encode(message.payload)) == message.payload
+
+
+def test_reparsing_stored_payload_gives_the_same_message() -> None:
+    message = parse(
+        track(sentAt="2026-03-01T11:00:10.5Z", originalTimestamp="2026-03-01T11:00:00Z", context={"ip": "1"}),
+        batch_context={"library": {"name": "lib"}},
+        received_at=RECEIVED.replace(microsecond=123456),
+    )
+    later = RECEIVED + timedelta(days=30)
+    assert parse(message.payload, received_at=later) == message
+
+
+# --- decode_json / decode_message ---------------------------------------------------------------------
+
+
+def test_decode_json() -> None:
+    assert decode_json(b'{"a": [1, 2.5, null, true]}') == {"a": [1, 2.5, None, True]}
+
+
+@pytest.mark.parametrize("data", [b"{", b"", b"{'a': 1}", b"nope"])
+def test_decode_json_invalid(data: bytes) -> None:
+    field, reason = error_of(lambda: decode_json(data))
+    assert field == ""
+    assert reason.startswith("invalid JSON: ")
+
+
+def test_decode_message() -> None:
+    message = decode_message(b'{"event": "E", "userId": 7}', received_at=RECEIVED, default_type="track")
+    assert (message.type, message.event, message.user_id) == ("track", "E", "7")
+
+
+def test_decode_message_invalid_json() -> None:
+    field, reason = error_of(lambda: decode_message(b'{"type": "track",', received_at=RECEIVED))
+    assert field == ""
+    assert reason.startswith("invalid JSON: ")
+
+
+def test_decode_message_not_an_object() -> None:
+    assert error_of(lambda: decode_message(b"[1]", received_at=RECEIVED)) == (
+        "",
+        "message must be a JSON object",
+    )
+
+
+def test_decode_message_40kb_rejected() -> None:
+    data = msgspec.json.encode(track(properties={"blob": "x" * 40 * 1024}))
+    assert error_of(lambda: decode_message(data, received_at=RECEIVED)) == (
+        "",
+        f"message is {len(data)} bytes, over the 32 KB per-message limit",
+    )
+
+
+def test_decode_message_size_checked_before_decoding() -> None:
+    data = b"{" * (MAX_MESSAGE_BYTES + 1)  # not even JSON
+    assert error_of(lambda: decode_message(data, received_at=RECEIVED)) == (
+        "",
+        "message is 32769 bytes, over the 32 KB per-message limit",
+    )
+
+
+def test_decode_message_at_exact_limit_is_accepted() -> None:
+    base = msgspec.json.encode(track(properties={"blob": ""}))
+    data = msgspec.json.encode(track(properties={"blob": "x" * (MAX_MESSAGE_BYTES - len(base))}))
+    assert len(data) == MAX_MESSAGE_BYTES
+    assert decode_message(data, received_at=RECEIVED).type == "track"
+
+
+# --- parse_batch -----------------------------------------------------------------------------------------
+
+
+def batch_error(raw: object) -> tuple[str, str]:
+    return error_of(lambda: parse_batch(raw, received_at=RECEIVED))
+
+
+def test_batch_envelope_errors() -> None:
+    assert batch_error([]) == ("", "batch request must be a JSON object")
+    assert batch_error({}) == ("batch", "required")
+    assert batch_error({"batch": None}) == ("batch", "required")
+    assert batch_error({"batch": {"type": "track"}}) == ("batch", "must be a list, got object")
+    assert batch_error({"batch": [], "context": []}) == ("context", "must be an object, got array")
+    assert batch_error({"batch": [], "integrations": "x"}) == (
+        "integrations",
+        "must be an object, got string",
+    )
+    assert batch_error({"batch": [], "sentAt": "soon"}) == ("sentAt", "not an ISO-8601 timestamp")
+
+
+def test_batch_over_message_limit() -> None:
+    assert batch_error({"batch": [track()] * 2501}) == (
+        "batch",
+        "2501 messages, over the 2,500 per-batch limit",
+    )
+
+
+def test_batch_at_message_limit() -> None:
+    results, _ = parse_batch({"batch": [track(messageId=str(i)) for i in range(2500)]}, received_at=RECEIVED)
+    assert len(results) == 2500
+    assert all(isinstance(result, Message) for result in results)
+
+
+def test_empty_batch() -> None:
+    assert parse_batch({"batch": []}, received_at=RECEIVED) == ([], {})
+
+
+def test_batch_rejects_elements_individually_in_order() -> None:
+    results, _ = parse_batch(
+        {
+            "batch": [
+                track(messageId="a"),
+                {"type": "track", "userId": "u"},
+                "not an object",
+                {"type": "identify", "userId": True},
+                {"type": "group", "userId": "u", "groupId": "g"},
+            ]
+        },
+        received_at=RECEIVED,
+    )
+    assert len(results) == 5
+    first, second, third, fourth, fifth = results
+    assert isinstance(first, Message)
+    assert first.message_id == "a"
+    assert isinstance(second, InvalidEvent)
+    assert (second.field, second.reason) == ("event", "required for track")
+    assert isinstance(third, InvalidEvent)
+    assert (third.field, third.reason) == ("", "message must be a JSON object")
+    assert isinstance(fourth, InvalidEvent)
+    assert fourth.field == "userId"
+    assert isinstance(fifth, Message)
+    assert fifth.group_id == "g"
+
+
+def test_batch_element_needs_its_own_type() -> None:
+    (result,), _ = parse_batch({"batch": [{"event": "E", "userId": "u"}]}, received_at=RECEIVED)
+    assert isinstance(result, InvalidEvent)
+    assert (result.field, result.reason) == ("type", "required")
+
+
+def test_batch_oversized_element_rejected() -> None:
+    big = track(properties={"blob": "x" * 40 * 1024})
+    size = len(msgspec.json.encode(big))
+    results, _ = parse_batch({"batch": [big, track()]}, received_at=RECEIVED)
+    rejected, accepted = results
+    assert isinstance(rejected, InvalidEvent)
+    assert (rejected.field, rejected.reason) == (
+        "",
+        f"message is {size} bytes, over the 32 KB per-message limit",
+    )
+    assert isinstance(accepted, Message)
+
+
+def test_batch_element_not_json_encodable() -> None:
+    results, _ = parse_batch({"batch": [track(properties={"x": object()}), track()]}, received_at=RECEIVED)
+    rejected, accepted = results
+    assert isinstance(rejected, InvalidEvent)
+    assert rejected.field == ""
+    assert rejected.reason.startswith("message is not JSON-encodable")
+    assert isinstance(accepted, Message)
+
+
+def test_batch_context_integrations_and_rest() -> None:
+    envelope = {
+        "batch": [track(context={"ip": "1"}), track(event="Two")],
+        "context": {"library": {"name": "analytics-node"}},
+        "integrations": {"All": False},
+        "writeKey": "wk",
+        "extra": 1,
+    }
+    results, rest = parse_batch(envelope, received_at=RECEIVED)
+    assert rest == {"writeKey": "wk", "extra": 1}
+    first, second = results
+    assert isinstance(first, Message)
+    assert isinstance(second, Message)
+    assert first.context == {"library": {"name": "analytics-node"}, "ip": "1"}
+    assert second.context == {"library": {"name": "analytics-node"}}
+    assert first.integrations == second.integrations == {"All": False}
+    assert "writeKey" not in first.payload
+
+
+def test_batch_sent_at_applies_and_element_sent_at_wins() -> None:
+    envelope = {
+        "batch": [
+            track(originalTimestamp="2026-03-01T10:00:00Z"),
+            track(originalTimestamp="2026-03-01T10:00:00Z", sentAt="2026-03-01T10:00:03Z"),
+            track(),
+        ],
+        "sentAt": "2026-03-01T10:00:10Z",
+    }
+    results, rest = parse_batch(envelope, received_at=RECEIVED)
+    assert rest == {}
+    first, second, third = results
+    assert isinstance(first, Message)
+    assert isinstance(second, Message)
+    assert isinstance(third, Message)
+    assert first.timestamp == RECEIVED - timedelta(seconds=10)
+    assert first.payload["sentAt"] == "2026-03-01T10:00:10Z"
+    assert second.timestamp == RECEIVED - timedelta(seconds=3)
+    assert second.payload["sentAt"] == "2026-03-01T10:00:03Z"
+    assert third.timestamp == RECEIVED
+
+
+def test_batch_element_same_as_single_message() -> None:
+    raw = track(timestamp=TS, context={"ip": "1"})
+    (from_batch,), _ = parse_batch(
+        {"batch": [raw], "context": {"library": {"name": "l"}}}, received_at=RECEIVED
+    )
+    single = parse(raw, batch_context={"library": {"name": "l"}})
+    assert from_batch == single
+
+
+def test_batch_generated_ids_distinguish_different_elements() -> None:
+    results, _ = parse_batch(
+        {"batch": [track(event="A"), track(event="B"), track(event="A")]},
+        received_at=RECEIVED,
+    )
+    ids = [result.message_id for result in results if isinstance(result, Message)]
+    assert len(ids) == 3
+    assert ids[0] != ids[1]
+    assert ids[0] == ids[2]  # identical content, same arrival: a duplicate

@@ -1,0 +1,322 @@
+"""IdentityRules: parsing a space's config, the DEFAULTS.md rows, errors, learned custom types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import World, at, config_from_toml, open_space, open_world
+from idstitch.core.errors import ConfigError, RuleViolation
+from idstitch.core.rules import IdentityRules
+
+# DEFAULTS.md, row by row: priority, type, limit, window, merge.
+DEFAULT_ROWS = [
+    (1, "user_id", 1, "ever", True),
+    (2, "email", 5, "annually", True),
+    (3, "android.id", 5, "annually", True),
+    (4, "android.idfa", 5, "annually", True),
+    (5, "android.push_token", 5, "annually", False),
+    (6, "anonymous_id", 5, "weekly", True),
+    (7, "cross_domain_id", 5, "weekly", True),
+    (8, "ga_client_id", 5, "weekly", True),
+    (9, "ios.id", 5, "annually", True),
+    (10, "ios.idfa", 5, "annually", True),
+    (11, "ios.push_token", 5, "annually", False),
+]
+DEFAULT_BLOCKED_EXACT = {
+    "-1",
+    "null",
+    "undefined",
+    "none",
+    "nil",
+    "anonymous",
+    "unknown",
+    "[object Object]",
+    "",
+}
+
+
+def ext(id: str, type: str, collection: str = "users") -> dict[str, Any]:
+    return {"id": id, "type": type, "collection": collection, "encoding": "none"}
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("priority, kind, limit, window, merge", DEFAULT_ROWS)
+def test_default_row(priority: int, kind: str, limit: int, window: str, merge: bool) -> None:
+    rule = IdentityRules.default().rule(kind)
+    assert (rule.priority, rule.type, rule.limit, rule.window, rule.merge, rule.collection) == (
+        priority,
+        kind,
+        limit,
+        window,
+        merge,
+        "users",
+    )
+    assert rule.normalise == ("trim_lower" if kind == "email" else "exact")
+
+
+def test_default_users_rules_are_exactly_the_table_in_priority_order() -> None:
+    rules = IdentityRules.default()
+    users = [rule for rule in rules.rules if rule.collection == "users"]
+    assert [(rule.priority, rule.type) for rule in users] == [(row[0], row[1]) for row in DEFAULT_ROWS]
+    ranked = sorted((row[1] for row in DEFAULT_ROWS), key=rules.rank)
+    assert ranked == [row[1] for row in DEFAULT_ROWS]
+
+
+def test_default_accounts_rule() -> None:
+    rule = IdentityRules.default().rule("group_id")
+    assert (rule.collection, rule.limit, rule.window, rule.merge) == ("accounts", 1, "ever", True)
+
+
+def test_default_custom_types_rank_below_every_default() -> None:
+    rules = IdentityRules.default().with_learned([("crm_id", "users")])
+    rule = rules.rule("crm_id")
+    assert (rule.priority, rule.limit, rule.window, rule.merge) == (12, 5, "ever", True)
+    assert all(rules.rank("crm_id") > rules.rank(row[1]) for row in DEFAULT_ROWS)
+
+
+def test_default_caps_blocked_and_switches() -> None:
+    rules = IdentityRules.default()
+    assert (rules.max_merges, rules.max_identifiers) == (100, 1000)
+    for value in DEFAULT_BLOCKED_EXACT:
+        assert rules.blocked.matches(value), value
+    assert [pattern.pattern for pattern in rules.blocked.patterns] == ["^[0-]*$"]
+    for value in ("0", "0000", "00000000-0000-0000-0000-000000000000", "-"):
+        assert rules.blocked.matches(value)
+    for value in ("u1", "10", "0-1-a", "nullable", "anonymous_1"):
+        assert not rules.blocked.matches(value), value
+    assert rules.alias_enabled is True
+    assert rules.detect_non_unique is True
+    assert rules.sources == {}
+
+
+def test_defaults_are_independent_per_space() -> None:
+    config = config_from_toml('[spaces.a]\n[spaces.a.blocked]\nexact = ["void"]\n[spaces.b]\n')
+    assert config.space("a").rules.blocked.matches("void")
+    assert not config.space("b").rules.blocked.matches("void")
+    assert config.space("b").rules == IdentityRules.default()
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def test_override_one_row_keeps_the_rest() -> None:
+    rules = IdentityRules.from_config({"identifiers": {"email": {"limit": 2}}})
+    email = rules.rule("email")
+    assert (email.priority, email.limit, email.window, email.merge, email.normalise) == (
+        2,
+        2,
+        "annually",
+        True,
+        "trim_lower",
+    )
+    assert rules.rule("user_id") == IdentityRules.default().rule("user_id")
+
+
+def test_spec_config_file_shape_is_accepted() -> None:
+    config = config_from_toml(
+        """
+[spaces.app_a]
+profile_tokens = ["pt_app_a_read"]
+admin_tokens = ["at_app_a"]
+[spaces.app_a.sources.web]
+write_key = "wk_app_a_web"
+[spaces.app_a.sources.crm]
+write_key = "wk_app_a_crm"
+merge = false
+[spaces.app_a.identifiers.user_id]
+priority = 1
+limit = 1
+window = "ever"
+[spaces.app_a.identifiers.phone]
+priority = 3
+limit = 2
+window = "ever"
+trait_keys = ["phone"]
+[spaces.app_a.blocked]
+exact = ["void", "abc123"]
+regex = ["^test-.*$"]
+"""
+    )
+    space = config.space("app_a")
+    rules = space.rules
+    assert space.profile_tokens == ("pt_app_a_read",) and space.admin_tokens == ("at_app_a",)
+    assert {name: source.write_key for name, source in space.sources.items()} == {
+        "web": "wk_app_a_web",
+        "crm": "wk_app_a_crm",
+    }
+    assert rules.source("crm").merge is False and rules.source("web").merge is True
+    phone = rules.rule("phone")
+    assert (phone.priority, phone.limit, phone.window, phone.trait_keys) == (3, 2, "ever", ("phone",))
+    assert rules.knows("phone")
+    assert (
+        rules.blocked.matches("void") and rules.blocked.matches("abc123") and rules.blocked.matches("test-1")
+    )
+    assert rules.blocked.matches("null")  # added to the defaults, not instead of them
+
+
+def test_configured_custom_type_without_priority_follows_the_defaults() -> None:
+    rules = IdentityRules.from_config({"identifiers": {"Loyalty_Card": {"trait_keys": ["loyalty_card"]}}})
+    rule = rules.rule("loyalty_card")  # types are lower-case
+    assert (rule.priority, rule.limit, rule.window, rule.merge) == (12, 5, "ever", True)
+
+
+def test_same_priority_ties_go_to_the_rules_order() -> None:
+    rules = IdentityRules.from_config({"identifiers": {"phone": {"priority": 2}}})
+    assert rules.rule("phone").priority == rules.rule("email").priority == 2
+    assert rules.rank("email") < rules.rank("phone") < rules.rank("android.id")
+
+
+def test_priority_tie_drops_the_later_type_first(tmp_path: Path) -> None:
+    toml = "[spaces.s.identifiers.phone]\npriority = 2\ntrait_keys = ['phone']\n"
+    with open_space(tmp_path, toml) as space:
+        first = space.send(
+            "identify", userId="abc", traits={"email": "e@x.io", "phone": "+1"}, at=at(minutes=1)
+        )
+        second = space.send(
+            "identify", userId="new", traits={"email": "e@x.io", "phone": "+1"}, at=at(minutes=2)
+        )
+        assert second.created and second.profile_id != first.profile_id
+        assert [str(d.identifier) for d in second.dropped] == ["phone:+1", "email:e@x.io"]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table, field",
+    [
+        ({"identifiers": {"email": {"window": "fortnightly"}}}, "identifiers.email.window"),
+        ({"identifiers": {"email": {"limit": 0}}}, "identifiers.email.limit"),
+        ({"identifiers": {"email": {"limit": -3}}}, "identifiers.email.limit"),
+        ({"identifiers": {"email": {"limit": "5"}}}, "identifiers.email.limit"),
+        ({"identifiers": {"email": {"limit": True}}}, "identifiers.email.limit"),
+        ({"identifiers": {"phone": {"priority": "high"}}}, "identifiers.phone.priority"),
+        ({"identifiers": {"phone": {"collection": "people"}}}, "identifiers.phone.collection"),
+        ({"identifiers": {"phone": {"normalise": "soundex"}}}, "identifiers.phone.normalise"),
+        ({"identifiers": {"phone": {"trait_keys": [1]}}}, "identifiers.phone.trait_keys"),
+        ({"identifiers": {"phone": 3}}, "identifiers.phone"),
+        ({"identifiers": []}, "identifiers"),
+        ({"blocked": {"regex": ["("]}}, "blocked"),
+        ({"blocked": {"regex": "^x$"}}, "blocked.regex"),
+        ({"blocked": {"exact": [1]}}, "blocked.exact"),
+        ({"non_unique": {"regex": ["[a-"]}}, "non_unique"),
+        ({"max_merges": 0}, "max_merges"),
+        ({"max_identifiers": 0}, "max_identifiers"),
+        ({"custom_limit": 0}, "custom_limit"),
+        ({"custom_window": "hourly"}, "custom_window"),
+        ({"sources": {"crm": "no"}}, "sources.crm"),
+    ],
+)
+def test_bad_rules_name_the_field(table: dict[str, Any], field: str) -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config(table, "spaces.app_a")
+    assert f"spaces.app_a.{field}" in str(info.value)
+
+
+def test_bad_regex_error_names_the_pattern() -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config({"blocked": {"regex": ["^ok$", "(unclosed"]}})
+    assert "regex" in str(info.value) and "(unclosed" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "toml, field",
+    [
+        ('[spaces.app_a.identifiers.email]\nwindow = "biweekly"\n', "spaces.app_a.identifiers.email.window"),
+        ("[spaces.app_a.identifiers.email]\nlimit = 0\n", "spaces.app_a.identifiers.email.limit"),
+        ('[spaces.app_a.blocked]\nregex = ["*x"]\n', "spaces.app_a.blocked"),
+    ],
+)
+def test_config_errors_name_the_field(toml: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_toml(toml)
+    assert field in str(info.value)
+
+
+# --- learned custom types -----------------------------------------------------------------------
+
+
+def test_with_learned_appends_in_first_seen_order() -> None:
+    rules = IdentityRules.default()
+    learned = rules.with_learned([("zeta", "users"), ("alpha", "users"), ("email", "users")])
+    learned = learned.with_learned([("alpha", "users"), ("beta", "accounts")])
+    assert [rule.type for rule in learned.rules][-3:] == ["zeta", "alpha", "beta"]
+    assert [learned.rule(t).priority for t in ("zeta", "alpha", "beta")] == [12, 13, 14]
+    assert learned.rule("beta").collection == "accounts"
+    assert learned.rule("email") == rules.rule("email")
+    assert rules.with_learned([("email", "users")]) is rules
+
+
+def _learned(world: World, space: str) -> list[tuple[str, int, int, str, bool, str]]:
+    rules = world.engine.rules(space)
+    configured = {rule.type for rule in IdentityRules.default().rules} | {"phone"}
+    return [
+        (rule.type, rule.priority, rule.limit, rule.window, rule.merge, rule.collection)
+        for rule in rules.rules
+        if rule.type not in configured
+    ]
+
+
+def test_learned_types_get_the_lowest_priority_and_persist_across_restarts(tmp_path: Path) -> None:
+    toml = "[spaces.s]\n[spaces.s.identifiers.phone]\ntrait_keys = ['phone']\n"
+    world = open_world(tmp_path, toml)
+    try:
+        space = world.space()
+        assert space.rules.rule("phone").priority == 12  # configured custom type first
+        space.send("track", userId="u1", context={"externalIds": [ext("z1", "Zeta"), ext("a1", "alpha")]})
+        space.send("track", userId="u1", context={"externalIds": [ext("b1", "beta", "accounts")]})
+        space.send("track", userId="u2", context={"externalIds": [ext("z2", "zeta")]})
+        expected = [
+            ("zeta", 13, 5, "ever", True, "users"),
+            ("alpha", 14, 5, "ever", True, "users"),
+            ("beta", 15, 5, "ever", True, "accounts"),
+        ]
+        assert _learned(world, "s") == expected
+        assert world.store.learned_types("s") == [("zeta", "users"), ("alpha", "users"), ("beta", "accounts")]
+    finally:
+        world.close()
+
+    # A new process on the same file: the same rules, and new types go after the old ones.
+    world = open_world(tmp_path, toml)
+    try:
+        assert _learned(world, "s") == expected
+        world.space().send("track", userId="u3", context={"externalIds": [ext("g1", "gamma")]})
+        assert _learned(world, "s") == [*expected, ("gamma", 16, 5, "ever", True, "users")]
+        # the learned types resolve as before the restart
+        assert world.space().profile_of("zeta:z1") == world.space().profile_of("user_id:u1")
+    finally:
+        world.close()
+    world = open_world(tmp_path, toml)
+    try:
+        assert [row[0] for row in _learned(world, "s")] == ["zeta", "alpha", "beta", "gamma"]
+    finally:
+        world.close()
+
+
+def test_learned_types_are_per_space(tmp_path: Path) -> None:
+    world = open_world(tmp_path, "[spaces.a]\n[spaces.b]\n")
+    try:
+        world.space("a").send("track", userId="u1", context={"externalIds": [ext("x", "only_a")]})
+        world.space("b").send("track", userId="u1", context={"externalIds": [ext("x", "only_b")]})
+        assert [row[0] for row in _learned(world, "a")] == ["only_a"]
+        assert [row[0] for row in _learned(world, "b")] == ["only_b"]
+    finally:
+        world.close()
+
+
+def test_rejected_message_learns_no_type(tmp_path: Path) -> None:
+    world = open_world(tmp_path)
+    try:
+        space = world.space()
+        space.send("track", userId="u1", context={"externalIds": [ext("x", "kept")]})
+        # a rejected message (no valid externalIds entry) learns nothing
+        space.send("track", userId="u1", context={"externalIds": [{"id": "x", "type": "lost"}]})
+        assert [row[0] for row in _learned(world, "default")] == ["kept"]
+        assert world.store.learned_types("default") == [("kept", "users")]
+    finally:
+        world.close()

@@ -1,0 +1,287 @@
+"""The memory store behaves exactly like the SQLite store: same stream in, same graph and reads out."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from idstitch.config import Config
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.identifiers import Dropped, Identifier
+from idstitch.core.messages import Message, parse_message
+from idstitch.core.resolve import MergeStep, Resolution, SuspectMark
+from idstitch.engine import Engine
+from idstitch.sim.population import WorkloadConfig, generate
+from idstitch.storage.base import EventRecord, Store, StoreTransaction
+from idstitch.storage.urls import open_store
+
+RECEIVED = datetime(2026, 6, 1, tzinfo=UTC)
+SPACE = "default"
+
+
+def _messages(count: int, seed: int) -> list[Message | InvalidEvent]:
+    parsed: list[Message | InvalidEvent] = []
+    for generated in generate(WorkloadConfig(messages=count, seed=seed)):
+        try:
+            parsed.append(parse_message(generated.message, received_at=RECEIVED))
+        except InvalidEvent as error:
+            parsed.append(error)
+    return parsed
+
+
+def _reads(store: Store, space: str) -> dict[str, Any]:
+    """The dump plus every per-profile read, for a sample of profiles (merged ones included)."""
+    dump = store.dump(space)
+    sample = [row[0] for row in dump["profiles"]][::7]
+    return {
+        "dump": dump,
+        "stats": store.stats(space),
+        "learned": store.learned_types(space),
+        "suspects": store.suspects(space),
+        "unresolved": store.unresolved(space, limit=1000),
+        "event_ids": list(store.iter_event_ids(space)),
+        "find": [
+            store.find_profile(space, Identifier(row[1], row[2], row[0])) for row in dump["identifiers"]
+        ],
+        "profiles": {
+            segment_id: (
+                store.resolve_segment_id(space, segment_id),
+                store.profile(space, segment_id),
+                store.identifiers(space, segment_id),
+                store.traits(space, segment_id),
+                store.event_count(space, segment_id),
+                store.events(space, segment_id, limit=5),
+                store.links(space, segment_id),
+                store.merges(space, segment_id),
+                store.dropped(space, segment_id),
+            )
+            for segment_id in sample
+        },
+    }
+
+
+@pytest.mark.slow
+def test_engine_on_memory_and_sqlite_builds_the_same_graph() -> None:
+    messages = _messages(20_000, seed=3)
+    results: dict[str, dict[str, Any]] = {}
+    for url in ("sqlite://", "memory://"):
+        store = open_store(url)
+        try:
+            engine = Engine(store, Config.default())
+            for start in range(0, len(messages), 500):
+                engine.ingest(messages[start : start + 500], space=SPACE, source="default")
+            results[url] = _reads(store, SPACE)
+        finally:
+            store.close()
+    sqlite, memory = results["sqlite://"], results["memory://"]
+    assert sqlite["stats"].merges > 0 and sqlite["stats"].suspect > 0 and sqlite["stats"].dropped > 0
+    for key in sqlite["dump"]:
+        assert memory["dump"][key] == sqlite["dump"][key], key
+    assert memory == sqlite
+
+
+# -- random protocol operations, applied to both stores ---------------------------------------------
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+Op = Callable[[StoreTransaction], None]
+
+
+class _Model:
+    """Just enough of the graph to generate valid random writes (one owner per identifier, roots only)."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.roots: dict[str, str] = {}  # root -> collection
+        self.owner: dict[Identifier, str] = {}
+        self.messages = 0
+        self.profiles = 0
+
+    def save(self) -> tuple[dict[str, str], dict[Identifier, str]]:
+        return dict(self.roots), dict(self.owner)
+
+    def restore(self, saved: tuple[dict[str, str], dict[Identifier, str]]) -> None:
+        self.roots, self.owner = dict(saved[0]), dict(saved[1])
+
+    def time(self) -> datetime:
+        return T0 + timedelta(seconds=self.random.randrange(0, 50))
+
+    def identifier(self, collection: str) -> Identifier:
+        kinds = ("group_id",) if collection == "accounts" else ("user_id", "anonymous_id", "email")
+        return Identifier(self.random.choice(kinds), f"v{self.random.randrange(40)}", collection)
+
+    def operation(self) -> tuple[str, Op]:
+        rnd = self.random
+        collection = "accounts" if rnd.random() < 0.25 else "users"
+        roots = [root for root, kind in self.roots.items() if kind == collection]
+        at = self.time()
+        self.messages += 1
+        message_id = f"m{self.messages}"
+        choice = rnd.random()
+        if choice < 0.25 or not roots:
+            free = {self.identifier(collection) for _ in range(rnd.randrange(1, 4))} - set(self.owner)
+            self.profiles += 1
+            profile_id = f"{'acc' if collection == 'accounts' else 'use'}_{self.profiles:03d}"
+            self.roots[profile_id] = collection
+            for item in free:
+                self.owner[item] = profile_id
+            decision = _resolution(profile_id, at, collection, created=True, added=tuple(sorted(free)))
+            return "create", lambda tx: tx.apply_resolution(SPACE, decision, message_id)
+        target = rnd.choice(roots)
+        if choice < 0.4 and len(roots) > 1:
+            children = rnd.sample([root for root in roots if root != target], k=min(len(roots) - 1, 2))
+            steps = []
+            for child in children:
+                del self.roots[child]
+                mine = [item for item, owner in self.owner.items() if owner == child]
+                for item in mine:
+                    self.owner[item] = target
+                steps.append(MergeStep(child, mine[0] if mine else self.identifier(collection)))
+            decision = _resolution(target, at, collection, merges=tuple(steps))
+            return "merge", lambda tx: tx.apply_resolution(SPACE, decision, message_id)
+        if choice < 0.7:
+            known = list(self.owner)
+            picked = {self.identifier(collection) for _ in range(4)}
+            added = tuple(sorted(picked - set(self.owner)))
+            for item in added:
+                self.owner[item] = target
+            sample = rnd.sample(known, k=min(len(known), 3))
+            decision = _resolution(
+                target,
+                at,
+                collection,
+                added=added,
+                touched=tuple(item for item in sample if self.owner[item] == target),
+                retired=tuple(sample[:1]) if rnd.random() < 0.2 else (),
+                device_owned=tuple(sample) if rnd.random() < 0.5 else (),
+                evidence=tuple((a, b) for a in sample for b in sample if a != b),
+                suspects=tuple(SuspectMark(item, "user_id", ("x", item.value)) for item in sample[:1])
+                if rnd.random() < 0.3
+                else (),
+                dropped=(Dropped(self.identifier(collection), "cap"),) if rnd.random() < 0.3 else (),
+            )
+            return "update", lambda tx: tx.apply_resolution(SPACE, decision, message_id)
+        if choice < 0.8:
+            updates = {key: rnd.choice([None, 1, "x", [1, {"a": 2}]]) for key in rnd.sample("abcdef", k=2)}
+            return "traits", lambda tx: tx.set_traits(SPACE, target, updates, at)
+        if choice < 0.87:
+            users = [root for root, kind in self.roots.items() if kind == "users"]
+            accounts = [root for root, kind in self.roots.items() if kind == "accounts"]
+            if users and accounts:
+                user, account = rnd.choice(users), rnd.choice(accounts)
+                return "link", lambda tx: tx.link(SPACE, user, account, at)
+        if choice < 0.95:
+            user_side: str | None = target if collection == "users" else None
+            account_side: str | None = target if collection == "accounts" else None
+            if rnd.random() < 0.1:
+                user_side = account_side = None
+            record = EventRecord(
+                message_id, "track", "x", at, at, None, user_side, account_side, ("a:b",), b"{}"
+            )
+            return "event", lambda tx: tx.add_event(SPACE, record)
+        drops = [Dropped(self.identifier(collection), "blocked")]
+        owner = target if rnd.random() < 0.7 else None
+        return "dropped", lambda tx: tx.record_dropped(SPACE, drops, message_id, at, owner)
+
+
+def _resolution(
+    profile_id: str, at: datetime, collection: str, *, created: bool = False, **parts: Any
+) -> Resolution:
+    fields: dict[str, Any] = {
+        "merges": (),
+        "added": (),
+        "touched": (),
+        "dropped": (),
+        "retired": (),
+        "suspects": (),
+        "evidence": (),
+        "device_owned": (),
+    }
+    fields.update(parts)
+    return Resolution(collection, profile_id, at, created, at, **fields)
+
+
+class _Boom(Exception):
+    pass
+
+
+def _view(tx: StoreTransaction, model: _Model) -> tuple[Any, ...]:
+    """load_view of a few random identifiers, with the order of profile members ignored."""
+    collection = model.random.choice(["users", "accounts"])
+    wanted = [model.identifier(collection) for _ in range(3)]
+    graph = tx.load_view(SPACE, collection, wanted)
+    return (
+        dict(graph.identifiers),
+        {root: (state, set(state.identifiers)) for root, state in graph.profiles.items()},
+        graph.evidence,
+        graph.suspects,
+    )
+
+
+def _comparable_state(view: tuple[Any, ...]) -> tuple[Any, ...]:
+    identifiers, profiles, evidence, suspects = view
+    return (
+        identifiers,
+        {
+            root: (dataclasses.replace(state, identifiers=()), members)
+            for root, (state, members) in profiles.items()
+        },
+        evidence,
+        suspects,
+    )
+
+
+# Known SQLite adapter bug (see test_store_contract.KNOWN_BUGS): once a savepoint that wrote rolls back,
+# its graph cache is invalidated, suspects included, and load_view reports no suspects (and loads their
+# evidence) until the next transaction. Set to False once fixed.
+SQLITE_FORGETS_SUSPECTS_AFTER_A_FAILED_SAVEPOINT = True
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_writes_give_the_same_reads(seed: int) -> None:
+    """Random valid writes, some in failing savepoints or transactions, applied to both stores in step."""
+    stores = [open_store("sqlite://"), open_store("memory://")]
+    model = _Model(seed)
+    fate = random.Random(seed + 1000)
+    try:
+        for _ in range(40):
+            saved_batch = model.save()
+            try:
+                with contextlib.ExitStack() as stack:
+                    transactions = [stack.enter_context(store.transaction()) for store in stores]
+                    failed_in_transaction = False
+                    for _ in range(fate.randrange(1, 12)):
+                        saved = model.save()
+                        name, op = model.operation()
+                        fail = fate.random() < 0.15
+                        for tx in transactions:
+                            with contextlib.suppress(_Boom), tx.savepoint():
+                                op(tx)
+                                if fail:
+                                    raise _Boom
+                        if fail:
+                            model.restore(saved)
+                            failed_in_transaction = True
+                        state = model.random.getstate()
+                        views = []
+                        for tx in transactions:
+                            model.random.setstate(state)
+                            views.append(_comparable_state(_view(tx, model)))
+                        if failed_in_transaction and SQLITE_FORGETS_SUSPECTS_AFTER_A_FAILED_SAVEPOINT:
+                            views = [view[:2] for view in views]  # owners and profiles only
+                        assert views[1] == views[0], name
+                    if fate.random() < 0.15:
+                        raise _Boom
+            except _Boom:
+                model.restore(saved_batch)
+        first, second = (_reads(store, SPACE) for store in stores)
+        for key in first["dump"]:
+            assert second["dump"][key] == first["dump"][key], key
+        assert second == first
+    finally:
+        for store in stores:
+            store.close()
