@@ -4,7 +4,7 @@ A test module runs it for its adapters with `from store_contract import *` and t
 
 - `store`: a fresh, migrated, empty Store;
 - `reopen`: a callable that closes `store` and opens it again from the same URL (returning the new
-  Store), or None when the store does not persist (memory stores).
+  Store); tests that take it run only on adapters that persist.
 
 Resolutions are built by hand (core/resolve.py dataclasses), so the tests pin the store alone.
 Where an adapter-specific exception is expected (uniqueness), any Exception is accepted.
@@ -37,7 +37,7 @@ from idstitch.storage.base import (
 )
 from idstitch.storage.times import to_micros
 
-Reopen = Callable[[], Store] | None
+Reopen = Callable[[], Store]
 
 SPACE = "contract"
 OTHER = "other"
@@ -274,8 +274,6 @@ def populate(store: Store) -> None:
 
 # -- lifecycle, spaces, sources -----------------------------------------------------------------
 def test_reopen_keeps_everything_and_migrates_once(store: Store, reopen: Reopen) -> None:
-    if reopen is None:
-        pytest.skip("this store does not persist")
     populate(store)
     store.upsert_source(SourceRecord(SPACE, "web", "wk_web"))
     before = snapshot(store)

@@ -17,7 +17,15 @@ ADAPTERS = ["sqlite", "sqlite-memory", "memory"]
 PERSISTENT = {"sqlite"}
 
 
-@pytest.fixture(params=ADAPTERS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every adapter for every test; only adapters that persist for tests that reopen the store."""
+    if "store_url" in metafunc.fixturenames:
+        persistent = "reopen" in metafunc.fixturenames
+        adapters = [name for name in ADAPTERS if name in PERSISTENT or not persistent]
+        metafunc.parametrize("store_url", adapters, indirect=True)
+
+
+@pytest.fixture
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return {
         "sqlite": f"sqlite:///{tmp_path / 'graph.db'}",
@@ -26,35 +34,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     }[request.param]
 
 
-# Contract tests an adapter is known to fail: (test, adapter) -> the bug. Strict: a fix makes them pass,
-# and then the entry must go.
-_SUSPECTS_LOST = (
-    "SQLite graph cache: a savepoint that wrote and rolled back invalidates the cache, suspects included, "
-    "and load_view reads suspects from the cache only, so none are reported until the next transaction"
-)
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("test_suspects_survive_a_failed_savepoint", "sqlite"): _SUSPECTS_LOST,
-    ("test_suspects_survive_a_failed_savepoint", "sqlite-memory"): _SUSPECTS_LOST,
-}
-
-
 @pytest.fixture
 def store(request: pytest.FixtureRequest, store_url: str) -> Iterator[Store]:
-    bug = KNOWN_BUGS.get((request.node.originalname, request.node.callspec.params["store_url"]))
-    if bug is not None:
-        request.applymarker(pytest.mark.xfail(reason=bug, strict=True))
     opened = open_store(store_url)
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def reopen(
-    request: pytest.FixtureRequest, store: Store, store_url: str
-) -> Iterator[Callable[[], Store] | None]:
-    if request.node.callspec.params["store_url"] not in PERSISTENT:
-        yield None
-        return
+def reopen(store: Store, store_url: str) -> Iterator[Callable[[], Store]]:
     opened: list[Store] = [store]
 
     def again() -> Store:
@@ -70,15 +58,7 @@ def reopen(
 @pytest.mark.parametrize(
     "url",
     [
-        pytest.param(
-            "sqlite://",
-            marks=pytest.mark.xfail(
-                reason="SQLite names its shared in-memory database after id(self): a new store can get the "
-                "address of a freed one whose connection is still open (e.g. held by a transaction object) "
-                "and attach to its data",
-                strict=False,
-            ),
-        ),
+        "sqlite://",
         "memory://",
     ],
 )

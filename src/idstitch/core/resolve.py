@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
 from idstitch.core.identifiers import Dropped, Extraction, Identifier
@@ -258,22 +259,23 @@ def _attempt(
         target = _device_owner_target(owned, rules, view) if owned else None
     else:
         mergeable: dict[str, Identifier] = {}
-        if source.merge:
-            for identifier, stored in sorted(matching, key=lambda pair: rules.rank(pair[0].type)):
-                if rules.rule(identifier.type).merge:
-                    mergeable.setdefault(stored.profile_id, identifier)
-        if mergeable:
-            target = min(mergeable, key=lambda profile_id: view.profiles[profile_id].age_key)
-            children = [
-                MergeStep(profile_id, via) for profile_id, via in mergeable.items() if profile_id != target
-            ]
-        elif matching:
-            # A refused merge: the message goes to the profile of its most trusted match (ties: oldest).
+        for identifier, stored in sorted(matching, key=lambda pair: rules.rank(pair[0].type)):
+            if source.merge and rules.rule(identifier.type).merge:
+                mergeable.setdefault(stored.profile_id, identifier)
+        found = {stored.profile_id for _, stored in matching}
+        if len(found) > 1 and not found <= mergeable.keys():
+            # A refused merge (merge: false type or source policy): no profile fuses; the message goes
+            # to the profile of its most trusted match (ties: oldest), as SPEC §3 says.
             best = min(
                 matching,
                 key=lambda pair: (rules.rank(pair[0].type), view.profiles[pair[1].profile_id].age_key),
             )
             target = best[1].profile_id
+        elif found:
+            target = min(found, key=lambda profile_id: view.profiles[profile_id].age_key)
+            children = [
+                MergeStep(profile_id, via) for profile_id, via in mergeable.items() if profile_id != target
+            ]
         else:
             target = None
 
@@ -339,6 +341,9 @@ def _violation(
             if previous is None or stored.last_seen > previous:
                 values[stored.identifier.value] = stored.last_seen
     for identifier in (*touched, *added):
+        stored_identifier = view.identifiers.get(identifier)
+        if stored_identifier is not None and stored_identifier.retired:
+            continue  # E11: a retired identifier still resolves but no longer counts
         values = after.setdefault(identifier.type, {})
         previous = values.get(identifier.value)
         if previous is None or timestamp > previous:
@@ -347,19 +352,40 @@ def _violation(
         after.get(identifier.type, {}).pop(identifier.value, None)
 
     for identifier_type in sorted(after, key=rules.rank):
-        values = after[identifier_type]
-        if not values.keys() - before.get(identifier_type, {}).keys():
-            continue  # only a type that gains values can break its limit
+        values_after = after[identifier_type]
+        values_before = before.get(identifier_type, {})
+        if values_after == values_before:
+            continue
         rule = rules.rule(identifier_type)
-        window = rule.window_length
-        if window is None:
-            count = len(values)
-        else:
-            start = timestamp - window
-            count = sum(1 for last_seen in values.values() if last_seen > start)
-        if count > rule.limit:
+        if _breaks_limit(values_before, values_after, rule.limit, rule.window_length):
             return rule.describe()
     return None
+
+
+def _breaks_limit(
+    before: Mapping[str, datetime], after: Mapping[str, datetime], limit: int, window: timedelta | None
+) -> bool:
+    """True when some window holds more values than the limit after the message, and more than before.
+
+    Every window ending at a last-seen time is checked, not only the one ending at the message, so that a
+    backfilled message cannot push a later week over its limit. A profile already over its limit (a rule
+    change) is not this message's fault: only a window whose count the message raises can break it.
+    """
+    if window is None:
+        return len(after) > limit and len(after) > len(before)
+    if len(after) <= limit:
+        return False
+    after_times = sorted(after.values())
+    before_times = sorted(before.values())
+    for end in after_times:
+        start = end - window
+        count_after = bisect_right(after_times, end) - bisect_right(after_times, start)
+        if count_after <= limit:
+            continue
+        count_before = bisect_right(before_times, end) - bisect_right(before_times, start)
+        if count_after > count_before:
+            return True
+    return False
 
 
 def _evidence(
@@ -397,7 +423,7 @@ def _evidence(
             values = [
                 value
                 for value, last in seen[higher_type].items()
-                if window is None or last > timestamp - window
+                if window is None or timestamp - window < last <= timestamp
             ]
             if len(values) > rule.limit:
                 marks.append(SuspectMark(lower, higher_type, tuple(sorted(values))))

@@ -312,7 +312,9 @@ class IdentityRules:
                 f"{where}.non_unique",
             ),
             sources=sources,
-            custom_limit=_positive(space.get("custom_limit", DEFAULT_CUSTOM_RULE["limit"]), where),
+            custom_limit=_positive(
+                space.get("custom_limit", DEFAULT_CUSTOM_RULE["limit"]), f"{where}.custom_limit"
+            ),
             custom_window=custom_window,
             max_merges=_positive(space.get("max_merges", DEFAULT_MAX_MERGES), f"{where}.max_merges"),
             max_identifiers=_positive(

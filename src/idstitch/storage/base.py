@@ -246,7 +246,7 @@ class Store(Protocol):
     def events(
         self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
     ) -> list[EventRecord]:
-        """Events of a root profile, newest first by timestamp then sequence; page with after_sequence."""
+        """Events of a root and its merged children, newest first by sequence; page with after_sequence."""
         ...
 
     def links(self, space: str, profile_id: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,6 +63,14 @@ def _connect(target: str, uri: bool) -> sqlite3.Connection:
     return connection
 
 
+def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
+    """Every suspect identifier of every space, as the cache keys them."""
+    return {
+        (row[0], row[1], row[2], row[3])
+        for row in db.execute("SELECT space, collection, type, value FROM suspects")
+    }
+
+
 class SQLiteStore:
     """A store in one SQLite file (`sqlite:///path.db`) or in memory (`sqlite://`)."""
 
@@ -73,7 +82,7 @@ class SQLiteStore:
         self._memory = self.path in ("", ":memory:")
         if self._memory:
             # One shared in-memory database per store, readable from every thread.
-            self._target, self._uri = f"file:idstitch_{id(self)}?mode=memory&cache=shared", True
+            self._target, self._uri = f"file:idstitch_{secrets.token_hex(8)}?mode=memory&cache=shared", True
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._target, self._uri = self.path, False
@@ -160,10 +169,7 @@ class SQLiteStore:
 
     def _load_cache(self, db: sqlite3.Connection, cache: GraphCache) -> None:
         """Suspects always; the whole graph too while it fits the bound (then misses mean "absent")."""
-        cache.suspects = {
-            (row[0], row[1], row[2], row[3])
-            for row in db.execute("SELECT space, collection, type, value FROM suspects")
-        }
+        cache.suspects = _load_suspects(db)
         cache.loaded = True
         count = db.execute("SELECT count(*) FROM identifiers").fetchone()[0]
         if count > cache.max_identifiers // 2:
@@ -455,7 +461,7 @@ class SQLiteStore:
             ),
             "dropped": rows(
                 "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped WHERE space = ? "
-                "ORDER BY message_id, identifier, rule"
+                "ORDER BY message_id, identifier, rule, 4"
             ),
         }
 
@@ -502,7 +508,10 @@ class SQLiteTransaction:
             self.db.execute("ROLLBACK TO message")
             self.db.execute("RELEASE message")
             if self.cache.writes != writes:
-                self.cache.invalidate()  # what this message wrote to the cache is gone from the database
+                # What this message wrote to the cache is gone from the database; the transaction goes
+                # on, so the suspects (always held in full) are read again now.
+                self.cache.clear()
+                self.cache.suspects = _load_suspects(self.db)
             raise
         self.db.execute("RELEASE message")
 
