@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -18,7 +18,7 @@ from idstitch.core.rules import IdentityRules
 from idstitch.core.traits import account_trait_updates, user_trait_updates
 from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransaction
 
-__all__ = ["Engine", "IngestResult", "MessageOutcome"]
+__all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome"]
 
 _EMPTY_VIEW = GraphView()
 
@@ -52,6 +52,15 @@ class IngestResult:
     def rejected(self) -> list[MessageOutcome]:
         """The messages that were not accepted, with reasons."""
         return [outcome for outcome in self.outcomes if outcome.status == "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestBatch:
+    """One caller's messages for one space, as given to `Engine.ingest_group`."""
+
+    items: list[Message | InvalidEvent]
+    space: str
+    source: str | None = None
 
 
 class Engine:
@@ -105,16 +114,24 @@ class Engine:
         source: str | None = None,
     ) -> IngestResult:
         """Resolve messages in order and commit them together; invalid ones are rejected, the rest land."""
-        self.config.space(space)  # unknown space: a ConfigError before anything is written
-        result = IngestResult()
+        return self.ingest_group([IngestBatch(list(items), space, source)])[0]
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        """Several callers' batches, in order, in one transaction: one durable commit for all of them."""
+        for batch in batches:
+            self.config.space(batch.space)  # unknown space: a ConfigError before anything is written
+        results = [IngestResult() for _ in batches]
         try:
             with self.store.transaction() as transaction:
-                for index, item in enumerate(items):
-                    result.outcomes.append(self._ingest_one(transaction, index, item, space, source))
+                for batch, result in zip(batches, results, strict=True):
+                    for index, item in enumerate(batch.items):
+                        outcome = self._ingest_one(transaction, index, item, batch.space, batch.source)
+                        result.outcomes.append(outcome)
         except BaseException:
-            self._rules.pop(space, None)  # learned types of a rolled-back batch must be forgotten
+            for batch in batches:
+                self._rules.pop(batch.space, None)
             raise
-        return result
+        return results
 
     def _ingest_one(
         self,

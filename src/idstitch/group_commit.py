@@ -1,0 +1,163 @@
+"""One writer thread, many callers: concurrent batches are resolved in order and committed together.
+
+A durable commit (fsync) costs milliseconds whatever it holds, so callers that arrive while one commit
+is running share the next one. Each caller still gets its own `IngestResult`, and only after the commit
+that made its messages durable. The backlog is bounded: past it `submit` raises `WriterBusy` at once
+(the HTTP edge turns that into 429 + Retry-After) instead of queueing without limit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+
+from idstitch.core.errors import IdstitchError, InvalidEvent
+from idstitch.core.messages import Message
+from idstitch.engine import Engine, IngestBatch, IngestResult
+
+__all__ = ["GroupCommitWriter", "WriterBusy", "WriterClosed"]
+
+
+class WriterBusy(IdstitchError):
+    """The writer's backlog is full; the caller should retry later."""
+
+
+class WriterClosed(IdstitchError):
+    """The writer was closed; it accepts nothing more."""
+
+
+@dataclass(slots=True)
+class _Request:
+    batch: IngestBatch
+    future: Future[IngestResult]
+
+
+_STOP = object()
+
+
+class GroupCommitWriter:
+    """Runs `Engine.ingest_group` on one thread for batches submitted from any number of threads."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_pending_messages: int = 50_000,
+        max_group_messages: int = 5_000,
+    ) -> None:
+        self.engine = engine
+        self.max_pending_messages = max_pending_messages
+        self.max_group_messages = max_group_messages
+        self.commits = 0
+        self.batches = 0
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="idstitch-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_messages(self) -> int:
+        """Messages submitted and not yet committed."""
+        return self._pending
+
+    def submit(
+        self, items: Iterable[Message | InvalidEvent], *, space: str, source: str | None = None
+    ) -> Future[IngestResult]:
+        """Queue a batch; the future completes once its messages are committed (or fails with why)."""
+        batch = IngestBatch(list(items), space, source)
+        self.engine.config.space(space)  # unknown space: fail the caller now, not the whole group
+        size = max(len(batch.items), 1)
+        with self._lock:
+            if self._closed:
+                raise WriterClosed("the writer is shut down")
+            # An empty backlog always admits one batch, however large, so nothing valid can starve.
+            if self._pending and self._pending + size > self.max_pending_messages:
+                raise WriterBusy(
+                    f"{self._pending} messages are waiting to be written (bound {self.max_pending_messages})"
+                )
+            self._pending += size
+        future: Future[IngestResult] = Future()
+        self._queue.put(_Request(batch, future))
+        return future
+
+    def ingest(
+        self, items: Iterable[Message | InvalidEvent], *, space: str, source: str | None = None
+    ) -> IngestResult:
+        """Submit a batch and wait until it is committed."""
+        return self.submit(items, space=space, source=source).result()
+
+    def close(self) -> None:
+        """Stop accepting, write everything already accepted, then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def __enter__(self) -> GroupCommitWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            assert isinstance(first, _Request)
+            group = [first]
+            size = len(first.batch.items)
+            while size < self.max_group_messages:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stopping = True  # finish this group first: everything accepted gets written
+                    break
+                assert isinstance(more, _Request)
+                group.append(more)
+                size += len(more.batch.items)
+            self._write(group)
+
+    def _write(self, group: list[_Request]) -> None:
+        try:
+            results = self.engine.ingest_group([request.batch for request in group])
+        except BaseException as error:
+            if len(group) == 1:
+                self._finish(group[0], error=error)
+                return
+            # One caller's failure must not fail the others: write each batch alone.
+            for request in group:
+                self._write([request])
+            return
+        self.commits += 1
+        self.batches += len(group)
+        for request, result in zip(group, results, strict=True):
+            self._finish(request, result=result)
+
+    def _finish(
+        self, request: _Request, *, result: IngestResult | None = None, error: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            self._pending -= max(len(request.batch.items), 1)
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            assert result is not None
+            request.future.set_result(result)
