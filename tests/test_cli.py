@@ -404,3 +404,18 @@ def test_help_lists_every_command(cli: CLI) -> None:
     for command in ("ingest", "profile", "explain", "stats"):
         assert command in text
     assert "--batch-size" in cli.ok("ingest", "--help", store=False).stdout
+
+
+def test_rerunning_a_file_without_message_ids_or_timestamps_changes_nothing(cli: CLI) -> None:
+    # A hand-written export: no messageId, no time. Two identical page views are two events, and a
+    # re-run (with a later receivedAt) recognises all of them, in a file of any shape.
+    page = {"type": "page", "name": "Home", "anonymousId": "a1"}
+    ndjson = cli.write("plain.ndjson", page, page, {"type": "identify", "userId": "u1", "anonymousId": "a1"})
+    envelope = cli.directory / "envelope.json"
+    envelope.write_text(json.dumps({"batch": [page, {"type": "track", "event": "X", "userId": "u2"}]}))
+    first = json.loads(cli.ok("ingest", str(ndjson), str(envelope), "--json").stdout)
+    assert first["accepted"] == 5 and first["duplicates"] == 0
+    again = json.loads(cli.ok("ingest", str(envelope), str(ndjson), "--json").stdout)
+    assert again["accepted"] == 0 and again["duplicates"] == 5
+    assert cli.json("profile", "anonymous_id:a1")["event_count"] == 4
+    assert cli.json("stats")[0]["events"] == 5

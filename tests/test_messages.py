@@ -19,6 +19,7 @@ from idstitch.core.messages import (
     MESSAGE_TYPES,
     ExternalId,
     Message,
+    SourceOccurrences,
     decode_json,
     decode_message,
     format_timestamp,
@@ -1063,3 +1064,31 @@ def test_batch_generated_ids_distinguish_different_elements() -> None:
     assert len(ids) == 3
     assert ids[0] != ids[1]
     assert ids[0] == ids[2]  # identical content, same arrival: a duplicate
+
+
+def test_a_replayable_source_gives_timeless_messages_the_same_ids_on_every_run() -> None:
+    raw = {"type": "page", "name": "Home", "anonymousId": "a1"}
+    runs = []
+    for received in (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)):
+        occurrences = SourceOccurrences("export.ndjson")
+        runs.append(
+            [parse_message(raw, received_at=received, occurrences=occurrences).message_id for _ in range(3)]
+        )
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) == 3  # identical lines of one source are separate events
+    other = SourceOccurrences("other.ndjson")
+    assert (
+        parse_message(raw, received_at=datetime(2026, 3, 1, tzinfo=UTC), occurrences=other).message_id
+        not in runs[0]
+    )
+    # Without a replayable source the server's clock separates them (two sends of one page view).
+    assert (
+        parse_message(raw, received_at=datetime(2026, 3, 1, tzinfo=UTC)).message_id
+        != parse_message(raw, received_at=datetime(2026, 4, 1, tzinfo=UTC)).message_id
+    )
+    # A message with a timestamp keeps its content id: a retry of it is a duplicate.
+    timed = {**raw, "timestamp": "2026-02-01T00:00:00.000Z"}
+    occurrences = SourceOccurrences("export.ndjson")
+    assert parse_message(
+        timed, received_at=datetime(2026, 3, 1, tzinfo=UTC), occurrences=occurrences
+    ).message_id == (parse_message(timed, received_at=datetime(2026, 4, 1, tzinfo=UTC)).message_id)

@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import math
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "ExternalId",
     "Message",
+    "SourceOccurrences",
     "decode_json",
     "decode_message",
     "format_timestamp",
@@ -95,6 +97,14 @@ def decode_json(data: bytes) -> object:
         raise InvalidEvent("", f"invalid JSON: {exc}") from None
 
 
+@dataclass(slots=True)
+class SourceOccurrences:
+    """How often each timeless message without a messageId has been seen so far in one named source."""
+
+    source: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
 def decode_message(data: bytes, *, received_at: datetime, default_type: str | None = None) -> Message:
     """Decode and parse one message body, enforcing the 32 KB limit before decoding."""
     size = len(data)
@@ -110,15 +120,30 @@ def parse_message(
     batch_context: dict[str, Any] | None = None,
     batch_integrations: dict[str, Any] | None = None,
     default_type: str | None = None,
+    occurrences: SourceOccurrences | None = None,
 ) -> Message:
-    """Validate one decoded message and normalise it into a Message."""
+    """Validate one decoded message and normalise it into a Message.
+
+    `occurrences` is for replayable sources (files): a message with neither messageId nor any timestamp
+    then gets an id from its content, the source's name and how many identical ones came before it
+    there, so a re-run gives the same ids; without it, the id also depends on `received_at`.
+    """
     received = _utc_ms(received_at)
     return _parse(
-        raw, received, format_timestamp(received), batch_context, batch_integrations, default_type, None
+        raw,
+        received,
+        format_timestamp(received),
+        batch_context,
+        batch_integrations,
+        default_type,
+        None,
+        occurrences,
     )
 
 
-def parse_batch(raw: object, *, received_at: datetime) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
+def parse_batch(
+    raw: object, *, received_at: datetime, occurrences: SourceOccurrences | None = None
+) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
     """Parse a batch envelope into per-element results (Message or its error) and the other envelope keys."""
     if not isinstance(raw, dict):
         raise InvalidEvent("", "batch request must be a JSON object")
@@ -145,7 +170,9 @@ def parse_batch(raw: object, *, received_at: datetime) -> tuple[list[Message | I
             size = _encoded_size(item)
             if size > MAX_MESSAGE_BYTES:
                 raise InvalidEvent("", _size_reason(size))
-            append(_parse(item, received, received_text, context, integrations, None, batch_sent))
+            append(
+                _parse(item, received, received_text, context, integrations, None, batch_sent, occurrences)
+            )
         except InvalidEvent as exc:
             # One bad element must not sink the rest of the batch.
             append(exc)
@@ -204,6 +231,7 @@ def _parse(
     batch_integrations: dict[str, Any] | None,
     default_type: str | None,
     batch_sent: tuple[object, datetime] | None,
+    occurrences: SourceOccurrences | None = None,
 ) -> Message:
     if not isinstance(raw, dict):
         raise InvalidEvent("", "message must be a JSON object")
@@ -310,7 +338,13 @@ def _parse(
     if message_id is None:
         # Without any client-side time, content alone would merge two genuinely separate sends.
         timeless = sent is None and original is None and timestamp_value in _ABSENT
-        message_id = _generate_message_id(payload, received_text if timeless else None)
+        if timeless and occurrences is not None:
+            base = _generate_message_id(payload, None)
+            seen = occurrences.counts.get(base, 0)
+            occurrences.counts[base] = seen + 1
+            message_id = _generate_message_id(payload, f"{occurrences.source}#{seen}")
+        else:
+            message_id = _generate_message_id(payload, f"receivedAt={received_text}" if timeless else None)
     payload["messageId"] = message_id
     payload["timestamp"] = timestamp_text or format_timestamp(timestamp)
     payload["receivedAt"] = received_text
@@ -395,14 +429,14 @@ def _message_id(value: object) -> str | None:
     return message_id
 
 
-def _generate_message_id(payload: dict[str, Any], received_text: str | None) -> str:
+def _generate_message_id(payload: dict[str, Any], salt: str | None) -> str:
     try:
         canonical = _canonical_encoder.encode(payload)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
     digest = blake2b(canonical, digest_size=16)
-    if received_text is not None:
-        digest.update(b"\x00receivedAt=" + received_text.encode())
+    if salt is not None:
+        digest.update(b"\x00" + salt.encode())
     return "gen-" + digest.hexdigest()
 
 

@@ -38,6 +38,7 @@ from idstitch.core.messages import (
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
     Message,
+    SourceOccurrences,
     decode_json,
     parse_batch,
     parse_message,
@@ -156,6 +157,7 @@ class InputFile:
     def __init__(self, path: str | Path, *, received_at: datetime, stdin: IO[bytes] | None = None) -> None:
         self.name = str(path)
         self.received_at = received_at
+        self._parsing = _Parsing(self.name, received_at)
         if self.name == "-":
             source: IO[bytes] = stdin if stdin is not None else sys.stdin.buffer
             self.size: int | None = None
@@ -204,14 +206,31 @@ class InputFile:
         stream = self._stream
         head = _peek_content(stream)
         if head == b"[":
-            yield from _array_items(stream, self.name, self.received_at)
+            yield from _array_items(stream, self.name, self._parsing)
             return
         if head == b"{":
             document, stream = _whole_document(stream)
             if document is not None:
-                yield from _document_items(document, self.name, self.received_at)
+                yield from _document_items(document, self.name, self._parsing)
                 return
-        yield from _ndjson_items(stream, self.name, self.received_at)
+        yield from _ndjson_items(stream, self.name, self._parsing)
+
+
+class _Parsing:
+    """Parses the messages of one input; timeless messages without a messageId get ids that a re-run repeats."""
+
+    def __init__(self, name: str, received_at: datetime) -> None:
+        self.received_at = received_at
+        # Named by the file's base name: the same file re-run from another directory is the same source.
+        self.occurrences = SourceOccurrences(Path(name).name)
+
+    def message(self, value: object) -> Message:
+        """One message of this input."""
+        return parse_message(value, received_at=self.received_at, occurrences=self.occurrences)
+
+    def batch(self, value: object) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
+        """One batch envelope of this input."""
+        return parse_batch(value, received_at=self.received_at, occurrences=self.occurrences)
 
 
 def _peek_content(stream: IO[bytes]) -> bytes:
@@ -282,17 +301,17 @@ class _Concat(io.RawIOBase):
         return len(data)
 
 
-def _document_items(document: tuple[int, object], name: str, received_at: datetime) -> Iterator[Item]:
+def _document_items(document: tuple[int, object], name: str, parsing: _Parsing) -> Iterator[Item]:
     line, value = document
     if isinstance(value, dict) and _is_envelope(value):
-        yield from _envelope_items(value, f"{name}:{line}", received_at)
+        yield from _envelope_items(value, f"{name}:{line}", parsing)
         return
     where = f"{name}:{line}"
     try:
         size = len(_encode(value))
         if size > MAX_MESSAGE_BYTES:
             raise _size_error(size)
-        yield where, parse_message(value, received_at=received_at)
+        yield where, parsing.message(value)
     except InvalidEvent as error:
         yield where, error
 
@@ -308,7 +327,7 @@ def _encode(value: object) -> bytes:
         raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
 
 
-def _envelope_items(envelope: dict[str, Any], where: str, received_at: datetime) -> Iterator[Item]:
+def _envelope_items(envelope: dict[str, Any], where: str, parsing: _Parsing) -> Iterator[Item]:
     """Elements of one batch envelope; an envelope over the per-request message limit is read in slices."""
     batch = envelope.get("batch")
     slices: Iterable[tuple[int, object]]
@@ -322,7 +341,7 @@ def _envelope_items(envelope: dict[str, Any], where: str, received_at: datetime)
         slices = ((0, envelope),)
     for offset, part in slices:
         try:
-            results, _rest = parse_batch(part, received_at=received_at)
+            results, _rest = parsing.batch(part)
         except InvalidEvent as error:
             yield where, InvalidEvent(error.field, f"batch envelope: {error.reason}")
             return
@@ -330,7 +349,7 @@ def _envelope_items(envelope: dict[str, Any], where: str, received_at: datetime)
             yield f"{where}[{index}]", item
 
 
-def _ndjson_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterator[Item]:
+def _ndjson_items(stream: IO[bytes], name: str, parsing: _Parsing) -> Iterator[Item]:
     number = 0
     while True:
         line = stream.readline(MAX_LINE_BYTES + 1)
@@ -356,10 +375,10 @@ def _ndjson_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterat
         text = line.strip()
         if not text:
             continue
-        yield from _line_items(text, f"{name}:{number}", received_at)
+        yield from _line_items(text, f"{name}:{number}", parsing)
 
 
-def _line_items(text: bytes, where: str, received_at: datetime) -> Iterator[Item]:
+def _line_items(text: bytes, where: str, parsing: _Parsing) -> Iterator[Item]:
     """One NDJSON line: a message, or a batch envelope with several."""
     size = len(text)
     try:
@@ -369,13 +388,13 @@ def _line_items(text: bytes, where: str, received_at: datetime) -> Iterator[Item
         yield where, _size_error(size) if size > MAX_MESSAGE_BYTES else error
         return
     if isinstance(value, dict) and _is_envelope(value):
-        yield from _envelope_items(value, where, received_at)
+        yield from _envelope_items(value, where, parsing)
         return
     if size > MAX_MESSAGE_BYTES:
         yield where, _size_error(size)
         return
     try:
-        yield where, parse_message(value, received_at=received_at)
+        yield where, parsing.message(value)
     except InvalidEvent as error:
         yield where, error
 
@@ -552,7 +571,7 @@ class _ArrayScanner:
         return b"".join(pieces).rstrip(_WHITESPACE)
 
 
-def _array_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterator[Item]:
+def _array_items(stream: IO[bytes], name: str, parsing: _Parsing) -> Iterator[Item]:
     for line, index, element in _ArrayScanner(stream).elements():
         where = f"{name}:{line}[{index}]"
         if isinstance(element, InvalidEvent):
@@ -565,9 +584,9 @@ def _array_items(stream: IO[bytes], name: str, received_at: datetime) -> Iterato
             value = decode_json(element)
             if isinstance(value, dict) and _is_envelope(value):
                 # An array of envelopes: each element's messages are sub-indexed.
-                yield from _envelope_items(value, where, received_at)
+                yield from _envelope_items(value, where, parsing)
                 continue
-            yield where, parse_message(value, received_at=received_at)
+            yield where, parsing.message(value)
         except InvalidEvent as error:
             yield where, error
 
