@@ -34,6 +34,7 @@ from idstitch.storage.graph_cache import (
     IdentifierKey,
     ProfileEntry,
 )
+from idstitch.storage.sqlite_checkpoint import Checkpointer
 from idstitch.storage.times import from_micros, to_micros
 
 __all__ = ["SQLiteStore", "SQLiteTransaction"]
@@ -52,13 +53,13 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def _connect(target: str, uri: bool) -> sqlite3.Connection:
+def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
     connection = sqlite3.connect(target, uri=uri, isolation_level=None, check_same_thread=False, timeout=30)
     connection.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before ingest reports success; batches amortise the fsync.
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA foreign_keys=OFF")
-    connection.execute("PRAGMA cache_size=-65536")
+    connection.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     connection.execute("PRAGMA temp_store=MEMORY")
     return connection
 
@@ -71,11 +72,18 @@ def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
     }
 
 
+DEFAULT_PAGE_CACHE_MB = 256
+
+
 class SQLiteStore:
     """A store in one SQLite file (`sqlite:///path.db`) or in memory (`sqlite://`)."""
 
     def __init__(
-        self, path: str | Path, url: str | None = None, cache_size: int = DEFAULT_MAX_IDENTIFIERS
+        self,
+        path: str | Path,
+        url: str | None = None,
+        cache_size: int = DEFAULT_MAX_IDENTIFIERS,
+        page_cache_mb: int = DEFAULT_PAGE_CACHE_MB,
     ) -> None:
         self.path = str(path)
         self.url = url or f"sqlite:///{self.path}"
@@ -86,7 +94,12 @@ class SQLiteStore:
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._target, self._uri = self.path, False
-        self._writer = _connect(self._target, self._uri)
+        # The writer's page cache holds the hot B-tree pages of the indexes every message touches.
+        self._writer = _connect(self._target, self._uri, page_cache_mb)
+        self._checkpointer: Checkpointer | None = None
+        if not self._memory:
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = Checkpointer(self.path, lambda: _connect(self._target, self._uri))
         self._write_lock = threading.Lock()
         self._cache = GraphCache(cache_size)
         self._data_version: int | None = None
@@ -110,6 +123,8 @@ class SQLiteStore:
         for connection in self._readers:
             connection.close()
         self._readers.clear()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._writer.close()
 
     def _migrate(self) -> None:
@@ -166,6 +181,8 @@ class SQLiteStore:
                     cache.invalidate()
                 raise
             db.execute("COMMIT")
+            if self._checkpointer is not None:
+                self._checkpointer.after_commit(db)
 
     def _load_cache(self, db: sqlite3.Connection, cache: GraphCache) -> None:
         """Suspects always; the whole graph too while it fits the bound (then misses mean "absent")."""
@@ -777,9 +794,15 @@ class SQLiteTransaction:
         child_entry.members = set()
         child_entry.children = []
         merge_count = child_entry.merge_count
+        # Two statements, not one with OR: the OR makes SQLite scan every profile of the space.
         db.execute(
-            "UPDATE profiles SET parent_id = ?, merged_at = ? WHERE space = ? AND (segment_id = ? OR parent_id = ?)",
-            (target, at, space, child, child),
+            "UPDATE profiles SET parent_id = ?, merged_at = ? WHERE space = ? AND segment_id = ?",
+            (target, at, space, child),
+        )
+        db.execute(
+            "UPDATE profiles INDEXED BY profiles_by_parent SET parent_id = ?, merged_at = ? "
+            "WHERE space = ? AND parent_id = ?",
+            (target, at, space, child),
         )
         db.execute(
             "UPDATE profiles SET merge_count = merge_count + ? WHERE space = ? AND segment_id = ?",

@@ -1,0 +1,71 @@
+"""The background WAL checkpointer of the SQLite store."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from idstitch.storage.sqlite_checkpoint import Checkpointer
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    return connection
+
+
+def commit_megabyte(writer: sqlite3.Connection, checkpointer: Checkpointer) -> None:
+    writer.execute("BEGIN IMMEDIATE")
+    writer.executemany("INSERT INTO blobs (data) VALUES (?)", [(os.urandom(1024),) for _ in range(1024)])
+    writer.execute("COMMIT")
+    checkpointer.after_commit(writer)
+
+
+def wal_size(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
+def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    writer = connect(path)
+    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
+    checkpointer = Checkpointer(str(path), lambda: connect(path), every_commits=2, hard_limit_bytes=1 << 40)
+    try:
+        for _ in range(24):
+            commit_megabyte(writer, checkpointer)
+            deadline = time.monotonic() + 30
+            while checkpointer.busy and time.monotonic() < deadline:
+                time.sleep(0.005)  # a slow writer: each pass finishes before the next commit
+        assert checkpointer.checkpoints >= 5
+        # Without checkpoints the WAL would hold all 24 MB; with them it keeps being rewound.
+        assert wal_size(path) < 8 << 20
+        assert path.stat().st_size > 16 << 20  # the pages reached the database file
+    finally:
+        checkpointer.close()
+        writer.close()
+    reopened = sqlite3.connect(path)
+    assert reopened.execute("SELECT count(*) FROM blobs").fetchone() == (24 * 1024,)
+    reopened.close()
+
+
+def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    writer = connect(path)
+    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
+    checkpointer = Checkpointer(
+        str(path), lambda: connect(path), every_commits=10**9, hard_limit_bytes=3 << 20
+    )
+    try:
+        sizes = []
+        for _ in range(12):
+            commit_megabyte(writer, checkpointer)
+            sizes.append(wal_size(path))
+        assert checkpointer.checkpoints == 0  # the thread was never woken: the writer did it
+        assert max(sizes) < 5 << 20 and 0 in sizes
+        assert writer.execute("SELECT count(*) FROM blobs").fetchone() == (12 * 1024,)
+    finally:
+        checkpointer.close()
+        writer.close()
