@@ -13,8 +13,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
+# npm ci: the real @segment/analytics-node that tests/test_tracking_clients.py drives, exactly as locked.
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error
 
 run: install
 	$(BIN)/idstitch ingest examples/walkthrough.ndjson

@@ -167,3 +167,19 @@ def test_an_unknown_space_fails_the_caller_not_the_group(store: Store) -> None:
         with pytest.raises(ConfigError):
             writer.submit(batches(1, 1)[0], space="nowhere")
         assert writer.pending_messages == 0
+
+
+def test_a_cancelled_caller_is_not_written_and_the_writer_keeps_going(store: Store) -> None:
+    engine = GatedEngine(store, Config.default())
+    work = batches(3, 10)
+    with GroupCommitWriter(engine) as writer:
+        first = writer.submit(work[0], space=SPACE)
+        assert engine.entered.wait(timeout=30)
+        cancelled = writer.submit(work[1], space=SPACE)
+        assert cancelled.cancel()
+        last = writer.submit(work[2], space=SPACE)
+        engine.gate.set()
+        assert first.result(timeout=30).count("resolved") == 10
+        assert last.result(timeout=30).count("resolved") == 10
+    assert cancelled.cancelled() and writer.pending_messages == 0
+    assert store.stats(SPACE).events == 20

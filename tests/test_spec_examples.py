@@ -917,6 +917,26 @@ def test_windowed_limit_ignores_values_last_seen_after_the_message(tmp_path: Pat
         assert len(ordered.identifiers_of("user_id:u1")) == 4
 
 
+def test_a_late_message_with_one_identifier_lands_without_pushing_a_week_over_the_limit(
+    tmp_path: Path,
+) -> None:
+    # Found by hypothesis: a4 last seen just outside a2's week; a late page with a4 alone must not
+    # refresh a4 into that week (three anonymous ids in it), yet it still belongs to the profile.
+    with open_space(tmp_path, ANONYMOUS_TWO_A_WEEK) as space:
+        profile = space.send("identify", userId="u1", anonymousId="a1", at=at()).profile_id
+        space.send("identify", userId="u1", anonymousId="a4", at=at())
+        space.send("identify", userId="u1", anonymousId="a1", at=at(hours=1))
+        space.send("identify", userId="u1", anonymousId="a2", at=at(days=7))
+        late = space.send("page", anonymousId="a4", at=at(hours=1))
+        assert late.profile_id == profile and late.dropped == ()
+        seen = {
+            r.value: r.last_seen for r in space.identifier_records(str(profile)) if r.type == "anonymous_id"
+        }
+        assert seen["a4"] == at()
+        week = at(days=7) - timedelta(days=7)
+        assert sorted(value for value, last in seen.items() if last > week) == ["a1", "a2"]
+
+
 def test_configured_daily_window(tmp_path: Path) -> None:
     toml = """
 [spaces.s.identifiers.email]

@@ -1,10 +1,11 @@
-"""The command line: `idstitch ingest | profile | explain | stats | bench`.
+"""The command line: `idstitch ingest | serve | profile | explain | stats | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
 1 the profile asked for does not exist, 2 a usage or configuration error (missing file, unknown space,
 bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C / SIGTERM (every batch
-committed before that is kept; run the same command again to resume).
+committed before that is kept; run the same command again to resume). `serve` exits 0 after a
+graceful SIGTERM / Ctrl-C (every request accepted was committed and answered).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -45,6 +46,9 @@ from idstitch.core.rules import IdentityRules
 from idstitch.core.segment_ids import collection_of_segment_id
 from idstitch.storage.base import IdentifierRecord, Store
 from idstitch.storage.urls import open_store
+
+if TYPE_CHECKING:
+    from idstitch.engine import Engine
 
 __all__ = ["app", "main"]
 
@@ -230,12 +234,7 @@ def ingest(
         settings = load_config(config)
         with _store(store) as opened:
             engine = Engine(opened, settings)
-            for record in engine.created_write_keys:
-                stderr.print(
-                    f"created space {record.space} with source {record.name}, write key {record.write_key}",
-                    markup=False,
-                    soft_wrap=True,
-                )
+            _print_created_write_keys(engine)
             space_name = space or settings.default_space
             space_config = settings.space(space_name)
             if source is None and len(space_config.sources) == 1:
@@ -297,6 +296,16 @@ def ingest(
             _print_summary(tally.as_dict(seconds), len(files), as_json)
 
 
+def _print_created_write_keys(engine: Engine) -> None:
+    """On a first run without a config, the write key just made is shown once: the user needs it."""
+    for record in engine.created_write_keys:
+        stderr.print(
+            f"created space {record.space} with source {record.name}, write key {record.write_key}",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
@@ -312,6 +321,40 @@ def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
         f"  merges            {summary['merges']:>10,}",
     ]
     print("\n".join(lines))
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", envvar="IDSTITCH_HOST", metavar="HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port", envvar="IDSTITCH_PORT", min=0, max=65535, metavar="PORT", help="Port (0: any free one)."
+        ),
+    ] = 8000,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Serve the Segment-compatible Tracking API (POST /v1/batch, /v1/track, ...) until SIGTERM or Ctrl-C."""
+    from idstitch.engine import Engine
+    from idstitch.http.server import run_server  # uvicorn loads only for this command
+
+    with _user_errors():
+        settings = load_config(config)
+        with _store(store) as opened:
+            engine = Engine(opened, settings)
+            _print_created_write_keys(engine)
+            run_server(
+                engine,
+                host=host,
+                port=port,
+                announce=lambda url: print(f"idstitch serving on {url}", file=sys.stderr, flush=True),
+            )
 
 
 # -- profile / explain -----------------------------------------------------------------------------

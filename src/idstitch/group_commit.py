@@ -136,6 +136,18 @@ class GroupCommitWriter:
             self._write(group)
 
     def _write(self, group: list[_Request]) -> None:
+        running = []
+        for request in group:
+            # A caller that cancelled (its client went away) is not written; the others can no longer cancel.
+            if request.future.set_running_or_notify_cancel():
+                running.append(request)
+            else:
+                with self._lock:
+                    self._pending -= max(len(request.batch.items), 1)
+        if running:
+            self._write_running(running)
+
+    def _write_running(self, group: list[_Request]) -> None:
         try:
             results = self.engine.ingest_group([request.batch for request in group])
         except BaseException as error:
@@ -144,7 +156,7 @@ class GroupCommitWriter:
                 return
             # One caller's failure must not fail the others: write each batch alone.
             for request in group:
-                self._write([request])
+                self._write_running([request])
             return
         self.commits += 1
         self.batches += len(group)

@@ -190,6 +190,12 @@ def resolve_collection(
         active.remove(victim)
         dropped.append(Dropped(victim, attempt.violation))
 
+    touched = attempt.touched
+    if attempt.violation is not None:
+        # One identifier left and still over a limit: it is already on the profile (a lone identifier
+        # cannot merge or be new and break one), so the message lands there, but refreshing its last-seen
+        # would put one window over the limit (a late message), so that refresh is left out.
+        touched = []
     created = attempt.target is None
     profile_id = attempt.target or new_segment_id(space, message_id, collection)
     created_at = timestamp if created else view.profiles[profile_id].created_at
@@ -230,7 +236,7 @@ def resolve_collection(
         created_at=created_at,
         merges=tuple(attempt.children),
         added=tuple(added),
-        touched=tuple(attempt.touched),
+        touched=tuple(touched),
         dropped=tuple(dropped),
         retired=tuple(item for item in retired if item in kept),
         suspects=tuple(suspects),

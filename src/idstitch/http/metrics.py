@@ -1,0 +1,144 @@
+"""Prometheus metrics of the HTTP edge: messages by outcome, resolutions, merges, drops, request latency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from idstitch.engine import MessageOutcome
+from idstitch.group_commit import GroupCommitWriter
+
+__all__ = ["Metrics"]
+
+# Drop reasons are texts made from the config (types, limits, blocked entries), so few; this bound
+# keeps a label set finite even if one ever carried message data.
+_MAX_DROP_RULES = 200
+
+
+class Metrics:
+    """The metrics of one server, in a registry of its own (several apps in one test process never clash)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, writer: GroupCommitWriter | None = None) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        if writer is not None:
+            self.registry.register(_WriterCollector(writer))
+        self.accepted = Counter(
+            "idstitch_messages_accepted",
+            "Messages stored (resolved or unresolved).",
+            ["space"],
+            registry=self.registry,
+        )
+        self.duplicate = Counter(
+            "idstitch_messages_duplicate",
+            "Messages whose messageId was already stored in the space (retries); not stored again.",
+            ["space"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "idstitch_messages_rejected",
+            "Messages refused as invalid (not stored).",
+            ["space"],
+            registry=self.registry,
+        )
+        self.resolutions = Counter(
+            "idstitch_resolutions",
+            "Stored messages by how they resolved: matched an existing profile, created one, or unresolved.",
+            ["space", "result"],
+            registry=self.registry,
+        )
+        self.merges = Counter(
+            "idstitch_merges", "Profiles merged into another one.", ["space"], registry=self.registry
+        )
+        self.dropped = Counter(
+            "idstitch_identifiers_dropped",
+            "Identifiers carried by messages but not used, by the rule that dropped them.",
+            ["space", "rule"],
+            registry=self.registry,
+        )
+        self._drop_rules: set[str] = set()
+        self.request_seconds = Histogram(
+            "idstitch_http_request_duration_seconds",
+            "HTTP request latency, from the first byte read to the response, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+
+    def count_outcomes(self, space: str, outcomes: Iterable[MessageOutcome]) -> None:
+        """Count what happened to each message of a request."""
+        accepted = duplicate = rejected = matched = created = unresolved = merges = 0
+        dropped: dict[str, int] = {}
+        for outcome in outcomes:
+            status = outcome.status
+            if status == "resolved":
+                accepted += 1
+                if outcome.created:
+                    created += 1
+                else:
+                    matched += 1
+                merges += len(outcome.merged)
+            elif status == "unresolved":
+                accepted += 1
+                unresolved += 1
+            elif status == "duplicate":
+                duplicate += 1
+            else:
+                rejected += 1
+            for drop in outcome.dropped:
+                dropped[drop.rule] = dropped.get(drop.rule, 0) + 1
+        # Only touch the counters that moved: each labels() call takes a lock.
+        for counter, amount in ((self.accepted, accepted), (self.duplicate, duplicate)):
+            if amount:
+                counter.labels(space).inc(amount)
+        self.count_rejected(space, rejected)
+        for result, amount in (("matched", matched), ("created", created), ("unresolved", unresolved)):
+            if amount:
+                self.resolutions.labels(space, result).inc(amount)
+        if merges:
+            self.merges.labels(space).inc(merges)
+        for rule, amount in dropped.items():
+            if rule not in self._drop_rules:
+                if len(self._drop_rules) >= _MAX_DROP_RULES:
+                    rule = "other"
+                self._drop_rules.add(rule)
+            self.dropped.labels(space, rule).inc(amount)
+
+    def count_rejected(self, space: str, amount: int) -> None:
+        """Count messages refused before they reached the writer."""
+        if amount:
+            self.rejected.labels(space).inc(amount)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Record one request's latency."""
+        self.request_seconds.labels(route, str(status)).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _WriterCollector(Collector):
+    """The group-commit writer's own figures, read when scraped."""
+
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self._writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self._writer
+        yield GaugeMetricFamily(
+            "idstitch_writer_pending_messages",
+            "Messages accepted by the writer and not yet committed.",
+            value=writer.pending_messages,
+        )
+        yield CounterMetricFamily(
+            "idstitch_writer_commits", "Durable commits (each may hold many requests).", value=writer.commits
+        )
+        yield CounterMetricFamily(
+            "idstitch_writer_batches", "Requests written by the writer.", value=writer.batches
+        )

@@ -1,0 +1,380 @@
+"""The Segment-compatible Tracking API (SPEC §6) as a plain ASGI app: read, authenticate, parse, submit, answer.
+
+No business logic lives here: messages are parsed by `core.messages`, written by the group-commit
+writer (so SQLite never runs on the event loop), and the engine's outcomes are mapped to HTTP.
+A 200 is sent only once the writer's commit holding the request's messages is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_ID_LENGTH,
+    Message,
+    decode_json,
+    parse_batch,
+    parse_message,
+)
+from idstitch.engine import IngestResult, MessageOutcome
+from idstitch.group_commit import GroupCommitWriter, WriterBusy, WriterClosed
+from idstitch.http.auth import Source, WriteKeys, basic_user
+from idstitch.http.bodies import BodyLimit, read_body
+from idstitch.http.logs import request_logger
+from idstitch.http.metrics import Metrics
+from idstitch.http.problems import HTTPProblem
+
+__all__ = ["BATCH_CALLS", "MESSAGE_LIMIT", "REQUEST_LIMIT", "SINGLE_CALLS", "TrackingAPI"]
+
+Scope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[ASGIMessage]]
+Send = Callable[[ASGIMessage], Awaitable[None]]
+
+SINGLE_CALLS = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+BATCH_CALLS = frozenset({"batch", "import"})  # /v1/import is Segment's older name of /v1/batch
+MESSAGE_LIMIT = BodyLimit(MAX_MESSAGE_BYTES, 400, "message_too_large", "message", "message")
+REQUEST_LIMIT = BodyLimit(MAX_BATCH_BYTES, 413, "request_too_large", "request", "request body")
+
+_SUCCESS = b'{"success":true}'
+_JSON = b"application/json"
+_encoder = msgspec.json.Encoder()
+_PREFLIGHT = [
+    (b"access-control-allow-methods", b"POST, OPTIONS"),
+    (b"access-control-allow-headers", b"Authorization, Content-Type, Content-Encoding"),
+    (b"access-control-max-age", b"86400"),
+]
+
+
+class _Disconnected(Exception):
+    """The client went away before its body was read: there is nobody to answer."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """What the request log line and the metrics need to know about one request."""
+
+    method: str
+    path: str
+    route: str
+    started: float
+    messages: int = 0
+    source: Source | None = None
+    rejected: int = 0
+    problem: HTTPProblem | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TrackingAPI:
+    """ASGI app: `POST /v1/{identify,track,page,screen,group,alias,batch,import}`, `/healthz`, `/metrics`."""
+
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        *,
+        write_keys: WriteKeys | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        max_in_flight: int = 512,
+        retry_after: int = 1,
+    ) -> None:
+        self.writer = writer
+        self.write_keys = write_keys or WriteKeys(writer.engine)
+        self.metrics = metrics or Metrics(writer)
+        self.clock = clock
+        # Ingest requests open at once (reading, parsing or waiting for their commit): with the
+        # per-request size limits this bounds the memory held by bodies the writer's bound does not see.
+        self.max_in_flight = max_in_flight
+        self.retry_after = retry_after
+        self._in_flight = 0
+        self._log = request_logger()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        call = _call_of(path)
+        route = f"/v1/{call}" if call else (path if path in ("/healthz", "/metrics") else "other")
+        request = _Request(method, path, route, time.perf_counter())
+        headers = _header_map(scope["headers"])
+        status = 200
+        body = _SUCCESS
+        content_type = _JSON
+        error: BaseException | None = None
+        try:
+            if call is not None:
+                if method == "POST":
+                    body = await self._ingest(call, headers, receive, request)
+                elif method == "OPTIONS":
+                    status, body, content_type = 204, b"", b""
+                    request.headers += _PREFLIGHT
+                else:
+                    raise _not_allowed(method, path, "POST, OPTIONS")
+            elif route == "/healthz":
+                if method not in ("GET", "HEAD"):
+                    raise _not_allowed(method, path, "GET, HEAD")
+                body = b'{"status":"ok"}'
+            elif route == "/metrics":
+                if method not in ("GET", "HEAD"):
+                    raise _not_allowed(method, path, "GET, HEAD")
+                body = self.metrics.exposition()
+                content_type = self.metrics.content_type.encode()
+            else:
+                raise HTTPProblem(404, "not_found", f"no route {path}")
+        except HTTPProblem as problem:
+            request.problem = problem
+            status, body, content_type = problem.status, problem.body(), _JSON
+            request.headers += [
+                (key.lower().encode(), value.encode()) for key, value in problem.headers.items()
+            ]
+        except _Disconnected:
+            self._finish(request, 499, None)  # nginx's "client closed request": nobody gets this
+            return
+        except Exception as exc:
+            error = exc
+            request.problem = HTTPProblem(500, "internal_error", f"{type(exc).__name__}: {exc}")
+            status, content_type = 500, _JSON
+            body = HTTPProblem(
+                500, "internal_error", "the request could not be completed; retry later"
+            ).body()
+        origin = headers.get("origin")
+        response_headers = [
+            *([(b"content-type", content_type)] if content_type else []),
+            (b"content-length", str(len(body)).encode()),
+            # Any origin may send, as analytics.js does from the customer's site; no cookies are used.
+            (b"access-control-allow-origin", origin.encode("latin-1") if origin else b"*"),
+            (b"vary", b"Origin"),
+            *request.headers,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
+        self._finish(request, status, error)
+
+    async def _ingest(self, call: str, headers: dict[str, str], receive: Receive, request: _Request) -> bytes:
+        writer = self.writer
+        # Refuse before reading the body when the work could not be taken anyway.
+        if self._in_flight >= self.max_in_flight:
+            raise self._overloaded(f"{self._in_flight} requests are being read (bound {self.max_in_flight})")
+        if writer.pending_messages >= writer.max_pending_messages:
+            raise self._overloaded(
+                f"{writer.pending_messages} messages are waiting to be written "
+                f"(bound {writer.max_pending_messages})"
+            )
+        self._in_flight += 1
+        try:
+            return await self._ingest_counted(call, headers, receive, request)
+        finally:
+            self._in_flight -= 1
+
+    async def _ingest_counted(
+        self, call: str, headers: dict[str, str], receive: Receive, request: _Request
+    ) -> bytes:
+        received_at = self.clock()
+        header_key = basic_user(headers.get("authorization"))
+        if header_key is not None:
+            request.source = await self._source(header_key)  # a wrong key is refused before the body
+        batch = call in BATCH_CALLS
+        body = await read_body(
+            _chunks(receive),
+            encoding=headers.get("content-encoding", ""),
+            declared_length=_int_or_none(headers.get("content-length")),
+            limit=REQUEST_LIMIT if batch else MESSAGE_LIMIT,
+        )
+        try:
+            raw = decode_json(body)
+        except InvalidEvent as error:
+            raise HTTPProblem(400, "invalid_json", error.reason) from None
+        if not isinstance(raw, dict):
+            raise HTTPProblem(400, "invalid_request", "the request body must be a JSON object")
+        if request.source is None:
+            body_key = raw.get("writeKey")
+            if not isinstance(body_key, str) or not body_key:
+                raise _unauthorized(
+                    "no write key: send HTTP Basic auth with the write key as user name, "
+                    "or writeKey in the JSON body"
+                )
+            request.source = await self._source(body_key)
+        source = request.source
+        if not batch:
+            request.messages = 1
+            raw["type"] = call  # the path says which call this is
+            try:
+                message = parse_message(raw, received_at=received_at)
+            except InvalidEvent as error:
+                request.rejected = 1
+                self.metrics.count_rejected(source.space, 1)
+                raise HTTPProblem(400, "invalid_message", str(error)) from None
+            outcome = (await self._write([message], source)).outcomes[0]
+            if outcome.status == "rejected":
+                request.rejected = 1
+                raise HTTPProblem(400, "invalid_message", outcome.error or "rejected")
+            return _SUCCESS
+        try:
+            items, _ = parse_batch(raw, received_at=received_at)
+        except InvalidEvent as error:
+            entries = raw.get("batch")
+            too_many = isinstance(entries, list) and len(entries) > MAX_BATCH_MESSAGES
+            raise HTTPProblem(400, "batch_too_large" if too_many else "invalid_batch", str(error)) from None
+        request.messages = len(items)
+        if any(isinstance(item, Message) for item in items):
+            outcomes = (await self._write(items, source)).outcomes
+        else:
+            # Nothing valid to store: no commit needed to answer.
+            outcomes = [
+                MessageOutcome(index, None, "rejected", error=str(item)) for index, item in enumerate(items)
+            ]
+            self.metrics.count_outcomes(source.space, outcomes)
+        rejected = [
+            {
+                "index": outcome.index,
+                # The id the client sent (not one generated for it): what the client can look up.
+                "messageId": _raw_message_id(raw["batch"][outcome.index]),
+                "error": outcome.error,
+            }
+            for outcome in outcomes
+            if outcome.status == "rejected"
+        ]
+        if not rejected:
+            return _SUCCESS
+        request.rejected = len(rejected)
+        return _encoder.encode({"success": True, "rejected": rejected})
+
+    async def _source(self, write_key: str) -> Source:
+        source = await self.write_keys.resolve(write_key)
+        if source is None:
+            raise _unauthorized("unknown write key")
+        return source
+
+    async def _write(self, items: list[Message | InvalidEvent], source: Source) -> IngestResult:
+        try:
+            future = self.writer.submit(items, space=source.space, source=source.name)
+        except WriterBusy as busy:
+            raise self._overloaded(str(busy)) from None
+        except WriterClosed:
+            raise HTTPProblem(
+                503,
+                "shutting_down",
+                "the server is shutting down; retry",
+                {"Retry-After": str(self.retry_after)},
+            ) from None
+        # shield: a request whose client went away keeps its messages; once a body is accepted it is
+        # written and counted whether or not anyone waits for the answer.
+        result = await asyncio.shield(asyncio.wrap_future(future))
+        self.metrics.count_outcomes(source.space, result.outcomes)
+        return result
+
+    def _overloaded(self, reason: str) -> HTTPProblem:
+        return HTTPProblem(
+            429, "overloaded", f"overloaded: {reason}; retry later", {"Retry-After": str(self.retry_after)}
+        )
+
+    def _finish(self, request: _Request, status: int, error: BaseException | None) -> None:
+        seconds = time.perf_counter() - request.started
+        self.metrics.observe_request(request.route, status, seconds)
+        level = logging.ERROR if status >= 500 else logging.INFO
+        if not self._log.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "messages": request.messages,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if request.source is not None:
+            fields["space"] = request.source.space
+            fields["source"] = request.source.name
+        if request.rejected:
+            fields["rejected"] = request.rejected
+        if request.problem is not None:
+            fields["error"] = request.problem.code
+            fields["reason"] = request.problem.message
+        exc_info = (type(error), error, error.__traceback__) if error is not None else None
+        self._log.log(level, "request", extra=fields, exc_info=exc_info)
+
+
+def _call_of(path: str) -> str | None:
+    """The call a /v1/ path names (`batch`, `track`, ...), None for any other path."""
+    if not path.startswith("/v1/"):
+        return None
+    call = path[4:].rstrip("/")
+    return call if call in SINGLE_CALLS or call in BATCH_CALLS else None
+
+
+def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    # ASGI servers give lower-case names; latin-1 maps every byte, so no header can fail to decode.
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+
+
+def _int_or_none(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _raw_message_id(item: object) -> str | None:
+    """The messageId a refused batch element carried, so the client can tell which one it was."""
+    if isinstance(item, dict):
+        value = item.get("messageId")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # core accepts numeric ids as their decimal text
+        if isinstance(value, str) and value and len(value) <= MAX_MESSAGE_ID_LENGTH:
+            return value
+    return None
+
+
+def _unauthorized(reason: str) -> HTTPProblem:
+    return HTTPProblem(401, "unauthorized", reason, {"WWW-Authenticate": 'Basic realm="idstitch"'})
+
+
+def _not_allowed(method: str, path: str, allowed: str) -> HTTPProblem:
+    return HTTPProblem(405, "method_not_allowed", f"{method} is not allowed on {path}", {"Allow": allowed})
+
+
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's chunks as the server hands them over."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to set up or tear down here: the server owns the writer and closes it after serving."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

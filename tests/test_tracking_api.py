@@ -1,0 +1,868 @@
+"""The Tracking API (SPEC §6) in process: httpx against the ASGI app, a real SQLite store and writer.
+
+The last tests start `python -m idstitch serve` as a subprocess and stop it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from helpers import RECEIVED, World, open_world
+from idstitch.cli import app as cli_app
+from idstitch.config import Config
+from idstitch.engine import Engine, IngestBatch, IngestResult
+from idstitch.group_commit import GroupCommitWriter
+from idstitch.http.auth import basic_user
+from idstitch.http.tracking import TrackingAPI
+from idstitch.storage.base import Store
+from idstitch.storage.urls import open_store
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = """
+[spaces.app.sources.web]
+write_key = "wk_test"
+
+[spaces.app.sources.crm]
+write_key = "wk_crm"
+merge = false
+
+[spaces.app.blocked]
+exact = ["void"]
+
+[spaces.other.sources.web]
+write_key = "wk_other"
+"""
+SPACE = "app"
+OK = {"success": True}
+NO_IDENTIFIER = (
+    "message carries no identifier: needs userId, anonymousId, traits.email, "
+    "context.externalIds or another configured identifier"
+)
+SINGLE_CALLS = ("identify", "track", "page", "screen", "group", "alias")
+
+
+def problem(code: str, message: str) -> dict[str, Any]:
+    return {"success": False, "error": {"code": code, "message": message}}
+
+
+def basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class GatedEngine(Engine):
+    """An engine whose commits wait at a gate (open by default), to pile requests up behind one."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        super().__init__(store, config)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail = False
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        self.entered.set()
+        assert self.gate.wait(timeout=30)
+        if self.fail:
+            raise OSError("disk full")  # what a store failure looks like to the writer
+        return super().ingest_group(batches)
+
+
+@dataclass
+class Api:
+    """The app over a fresh store, with a client and shortcuts to read what landed."""
+
+    world: World
+    engine: GatedEngine
+    writer: GroupCommitWriter
+    app: TrackingAPI
+    client: httpx.AsyncClient
+
+    async def post(
+        self,
+        path: str,
+        body: object = None,
+        *,
+        key: str | None = "wk_test",
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """POST JSON (or raw `content`) with Basic auth for `key`; the status and the decoded body."""
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = basic(key)
+        data = content if content is not None else json.dumps(body).encode()
+        response = await self.client.post(path, content=data, headers=sent)
+        return response.status_code, response.json()
+
+    def event_ids(self, space: str = SPACE) -> list[str]:
+        return list(self.world.store.iter_event_ids(space))
+
+    def payload(self, user: str, message_id: str, space: str = SPACE) -> dict[str, Any]:
+        events = self.world.space(space).events_of(f"user_id:{user}")
+        (event,) = [event for event in events if event.message_id == message_id]
+        decoded: dict[str, Any] = json.loads(event.payload)
+        return decoded
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    world = open_world(tmp_path, CONFIG)
+    engine = GatedEngine(world.store, world.config)
+    writer = GroupCommitWriter(engine, max_pending_messages=3000)
+    tracking = TrackingAPI(writer, clock=lambda: RECEIVED)
+    transport = httpx.ASGITransport(app=tracking)
+    async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+        yield Api(world, engine, writer, tracking, client)
+    engine.gate.set()
+    writer.close()
+    world.close()
+
+
+def track(number: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": "Viewed",
+        "userId": f"u{number}",
+        "messageId": f"m{number}",
+        "timestamp": "2026-01-05T09:00:00.000Z",
+        **fields,
+    }
+
+
+# -- each endpoint ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", SINGLE_CALLS)
+async def test_each_single_message_endpoint_stores_its_message(api: Api, call: str) -> None:
+    body = {"userId": "u1", "anonymousId": "a1", "messageId": f"{call}-1"}
+    body |= {"track": {"event": "Signed Up"}, "group": {"groupId": "g1"}, "alias": {"previousId": "a0"}}.get(
+        call, {}
+    )
+    assert await api.post(f"/v1/{call}", body) == (200, OK)
+    assert api.event_ids() == [f"{call}-1"]
+    # The path says which call it is; a message needs no `type` on these endpoints.
+    assert api.payload("u1", f"{call}-1")["type"] == call
+
+
+@pytest.mark.parametrize("path", ["/v1/batch", "/v1/import"])
+async def test_batch_and_import_store_every_message(api: Api, path: str) -> None:
+    batch = [track(1), {"type": "identify", "userId": "u2", "messageId": "m2", "traits": {"plan": "pro"}}]
+    assert await api.post(path, {"batch": batch}) == (200, OK)
+    assert api.event_ids() == ["m1", "m2"]
+    assert api.world.space(SPACE).traits_of("user_id:u2") == {"plan": "pro"}
+
+
+async def test_an_empty_batch_is_a_success_that_stores_nothing(api: Api) -> None:
+    assert await api.post("/v1/batch", {"batch": []}) == (200, OK)
+    assert api.event_ids() == []
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+async def test_basic_auth_and_body_write_key_both_authenticate_and_pick_the_source(api: Api) -> None:
+    assert await api.post("/v1/track", track(1), key="wk_test") == (200, OK)
+    assert await api.post("/v1/track", {**track(2), "writeKey": "wk_crm"}, key=None) == (200, OK)
+    assert await api.post("/v1/batch", {"batch": [track(3)], "writeKey": "wk_other"}, key=None) == (200, OK)
+    assert api.event_ids() == ["m1", "m2"]
+    assert api.event_ids("other") == ["m3"]
+    sources = {
+        event.message_id: event.source
+        for u in ("u1", "u2")
+        for event in api.world.space(SPACE).events_of(f"user_id:{u}")
+    }
+    assert sources == {"m1": "web", "m2": "crm"}
+    # The write key is a secret: it is never stored with the message.
+    assert "writeKey" not in api.payload("u2", "m2")
+
+
+async def test_basic_auth_without_the_colon_is_accepted_as_old_clients_send_it(api: Api) -> None:
+    header = "Basic " + base64.b64encode(b"wk_test").decode()
+    response = await api.client.post("/v1/track", json=track(1), headers={"Authorization": header})
+    assert (response.status_code, response.json()) == (200, OK)
+
+
+def test_basic_user_parsing() -> None:
+    assert basic_user(basic("wk_1")) == "wk_1"
+    assert basic_user("basic " + base64.b64encode(b"wk_1:").decode()) == "wk_1"
+    assert basic_user("Basic Og==") is None  # an empty key, as analytics-node sends without one
+    assert basic_user("Bearer token") is None
+    assert basic_user("Basic %%%") is None
+    assert basic_user(None) is None
+
+
+async def test_a_wrong_or_missing_key_is_401_and_nothing_is_stored(api: Api) -> None:
+    unknown = problem("unauthorized", "unknown write key")
+    missing = problem(
+        "unauthorized",
+        "no write key: send HTTP Basic auth with the write key as user name, or writeKey in the JSON body",
+    )
+    assert await api.post("/v1/track", track(1), key="wk_wrong") == (401, unknown)
+    assert await api.post("/v1/batch", {"batch": [track(2)], "writeKey": "wk_wrong"}, key=None) == (
+        401,
+        unknown,
+    )
+    assert await api.post("/v1/track", track(3), key=None) == (401, missing)
+    assert await api.post("/v1/track", track(4), key="") == (401, missing)
+    response = await api.client.post("/v1/track", json=track(5))
+    assert response.headers["www-authenticate"] == 'Basic realm="idstitch"'
+    assert api.event_ids() == [] and api.event_ids("other") == []
+
+
+# -- invalid requests ------------------------------------------------------------------------------
+
+
+async def test_invalid_json_is_400(api: Api) -> None:
+    assert await api.post("/v1/batch", content=b'{"batch": [') == (
+        400,
+        problem("invalid_json", "invalid JSON: Input data was truncated"),
+    )
+    assert await api.post("/v1/track", content=b"[1, 2]") == (
+        400,
+        problem("invalid_request", "the request body must be a JSON object"),
+    )
+
+
+async def test_an_invalid_single_message_is_400_with_the_reason(api: Api) -> None:
+    assert await api.post("/v1/track", {"userId": "u1"}) == (
+        400,
+        problem("invalid_message", "event: required for track"),
+    )
+    # Rejected by the engine after parsing: no identifier at all.
+    assert await api.post("/v1/track", {"event": "E", "messageId": "m1"}) == (
+        400,
+        problem("invalid_message", NO_IDENTIFIER),
+    )
+    assert api.event_ids() == []
+
+
+async def test_an_invalid_batch_envelope_is_400(api: Api) -> None:
+    assert await api.post("/v1/batch", {"batch": {"a": 1}}) == (
+        400,
+        problem("invalid_batch", "batch: must be a list, got object"),
+    )
+    assert await api.post("/v1/batch", {"messages": []}) == (400, problem("invalid_batch", "batch: required"))
+
+
+async def test_a_batch_with_invalid_messages_rejects_them_by_index_and_stores_the_rest(api: Api) -> None:
+    batch = [
+        track(1),
+        {"type": "track", "userId": "u2", "messageId": "bad-1"},  # no event
+        track(3),
+        "not an object",
+        {"type": "bogus", "userId": "u5"},
+        {"type": "track", "event": "E", "messageId": "bad-5"},  # no identifier: the engine refuses it
+        track(6),
+    ]
+    status, body = await api.post("/v1/batch", {"batch": batch})
+    assert (status, body) == (
+        200,
+        {
+            "success": True,
+            "rejected": [
+                {"index": 1, "messageId": "bad-1", "error": "event: required for track"},
+                {"index": 3, "messageId": None, "error": "message must be a JSON object"},
+                {
+                    "index": 4,
+                    "messageId": None,
+                    "error": "type: must be one of alias, group, identify, page, screen, track",
+                },
+                {"index": 5, "messageId": "bad-5", "error": NO_IDENTIFIER},
+            ],
+        },
+    )
+    assert api.event_ids() == ["m1", "m3", "m6"]
+
+
+async def test_a_batch_of_only_invalid_messages_rejects_them_all(api: Api) -> None:
+    assert await api.post("/v1/batch", {"batch": [{"type": "track", "userId": "u1"}]}) == (
+        200,
+        {
+            "success": True,
+            "rejected": [{"index": 0, "messageId": None, "error": "event: required for track"}],
+        },
+    )
+    assert api.writer.commits == 0  # nothing to write, nothing committed
+
+
+# -- limits ----------------------------------------------------------------------------------------
+
+
+async def test_a_message_over_32_kb_is_refused(api: Api) -> None:
+    big = track(1, properties={"blob": "x" * (32 * 1024)})
+    assert await api.post("/v1/track", big) == (
+        400,
+        problem("message_too_large", "message is over the 32 KB per-message limit"),
+    )
+    status, body = await api.post("/v1/batch", {"batch": [track(2), big]})
+    size = len(json.dumps(big, separators=(",", ":")))
+    assert (status, body) == (
+        200,
+        {
+            "success": True,
+            "rejected": [
+                {
+                    "index": 1,
+                    "messageId": "m1",
+                    "error": f"message is {size} bytes, over the 32 KB per-message limit",
+                }
+            ],
+        },
+    )
+    assert api.event_ids() == ["m2"]
+
+
+def oversized_batch() -> bytes:
+    # Twenty messages of 30 KB each: every message is within its limit, the request is not.
+    batch = [track(n, properties={"blob": "y" * (30 * 1024)}) for n in range(20)]
+    data = json.dumps({"batch": batch}).encode()
+    assert len(data) > 500 * 1024
+    return data
+
+
+async def test_a_body_over_500_kb_is_413_declared_streamed_or_decompressed(api: Api) -> None:
+    data = oversized_batch()
+    too_large = problem("request_too_large", "request body is over the 500 KB per-request limit")
+    # Declared by Content-Length: refused before reading.
+    assert await api.post("/v1/batch", content=data) == (413, too_large)
+
+    # Streamed without a length: refused at the chunk that crosses the limit.
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 64 * 1024):
+            yield data[start : start + 64 * 1024]
+
+    response = await api.client.post(
+        "/v1/batch", content=chunks(), headers={"Authorization": basic("wk_test")}
+    )
+    assert "content-length" not in response.request.headers
+    assert (response.status_code, response.json()) == (413, too_large)
+
+    # Small on the wire, too large once inflated.
+    packed = gzip.compress(data)
+    assert len(packed) < 500 * 1024
+    assert await api.post("/v1/batch", content=packed, headers={"Content-Encoding": "gzip"}) == (
+        413,
+        problem("request_too_large", "decompressed request body is over the 500 KB per-request limit"),
+    )
+    # Too large even compressed.
+    noise = gzip.compress(random.Random(1).randbytes(600 * 1024))
+    assert await api.post("/v1/batch", content=noise, headers={"Content-Encoding": "gzip"}) == (
+        413,
+        problem("request_too_large", "compressed request body is over the 500 KB per-request limit"),
+    )
+    assert api.event_ids() == []
+
+
+async def test_a_batch_of_2501_messages_is_refused_whole(api: Api) -> None:
+    batch = [{"type": "track", "event": "E", "userId": "u"} for _ in range(2501)]
+    assert await api.post("/v1/batch", {"batch": batch}) == (
+        400,
+        problem("batch_too_large", "batch: 2501 messages, over the 2,500 per-batch limit"),
+    )
+    assert api.event_ids() == []
+
+
+# -- gzip and content types ------------------------------------------------------------------------
+
+
+async def test_gzip_bodies_are_accepted_whatever_the_content_type(api: Api) -> None:
+    packed = gzip.compress(json.dumps({"batch": [track(1), track(2)]}).encode())
+    headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    assert await api.post("/v1/batch", content=packed, headers=headers) == (200, OK)
+    # Two concatenated gzip members are one valid gzip stream.
+    double = gzip.compress(b'{"event": "E", ') + gzip.compress(b'"userId": "u3", "messageId": "m3"}')
+    assert await api.post("/v1/track", content=double, headers={"Content-Encoding": "gzip"}) == (200, OK)
+    assert await api.post("/v1/track", content=json.dumps(track(4)).encode(), headers={}) == (200, OK)
+    assert api.event_ids() == ["m1", "m2", "m3", "m4"]
+
+
+async def test_truncated_or_corrupt_gzip_is_400(api: Api) -> None:
+    packed = gzip.compress(json.dumps({"batch": [track(1)]}).encode())
+    headers = {"Content-Encoding": "gzip"}
+    assert await api.post("/v1/batch", content=packed[:-10], headers=headers) == (
+        400,
+        problem("invalid_gzip", "gzip body is truncated"),
+    )
+    assert await api.post("/v1/batch", content=b"not gzip at all", headers=headers) == (
+        400,
+        problem(
+            "invalid_gzip",
+            "body is not valid gzip: Error -3 while decompressing data: incorrect header check",
+        ),
+    )
+    assert await api.post("/v1/batch", content=packed, headers={"Content-Encoding": "br"}) == (
+        415,
+        problem("unsupported_encoding", "Content-Encoding 'br' is not supported (use gzip or none)"),
+    )
+    assert api.event_ids() == []
+
+
+# -- what is stored --------------------------------------------------------------------------------
+
+
+async def test_batch_context_and_integrations_are_merged_into_each_message(api: Api) -> None:
+    body = {
+        "batch": [
+            track(
+                1, context={"locale": "fr-FR", "library": {"name": "own"}}, integrations={"Mixpanel": True}
+            ),
+            track(2),
+        ],
+        "context": {"library": {"name": "analytics-python", "version": "2.3"}, "ip": "10.0.0.1"},
+        "integrations": {"All": False},
+    }
+    assert await api.post("/v1/batch", body) == (200, OK)
+    first = api.payload("u1", "m1")
+    assert first["context"] == {
+        "library": {"name": "own", "version": "2.3"},
+        "ip": "10.0.0.1",
+        "locale": "fr-FR",
+    }
+    assert first["integrations"] == {"All": False, "Mixpanel": True}
+    second = api.payload("u2", "m2")
+    assert second["context"] == {"library": {"name": "analytics-python", "version": "2.3"}, "ip": "10.0.0.1"}
+    assert second["integrations"] == {"All": False}
+
+
+async def test_a_retried_message_id_is_stored_once(api: Api) -> None:
+    body = {"batch": [track(1), track(2)]}
+    assert await api.post("/v1/batch", body) == (200, OK)
+    assert await api.post("/v1/batch", body) == (200, OK)
+    assert await api.post("/v1/track", track(1)) == (200, OK)
+    assert api.event_ids() == ["m1", "m2"]
+    assert api.world.space(SPACE).event_count_of("user_id:u1") == 1
+
+
+async def test_clock_skew_is_corrected_from_sent_at_and_original_timestamp(api: Api) -> None:
+    # The server's clock says 2027-06-01T00:00:00Z (RECEIVED).
+    skewed = {"type": "track", "event": "E", "originalTimestamp": "2026-01-01T00:00:00.000Z"}
+    body = {
+        "batch": [
+            {**skewed, "userId": "u1", "messageId": "m1"},  # the batch's sentAt applies
+            {**skewed, "userId": "u2", "messageId": "m2", "sentAt": "2026-01-01T00:00:30.000Z"},
+            {**skewed, "userId": "u3", "messageId": "m3", "timestamp": "2025-05-05T05:05:05.000Z"},
+            {"type": "track", "event": "E", "userId": "u4", "messageId": "m4"},
+        ],
+        "sentAt": "2026-01-01T00:10:00.000Z",
+    }
+    assert await api.post("/v1/batch", body) == (200, OK)
+    stamps = {user: api.payload(user, f"m{user[1]}")["timestamp"] for user in ("u1", "u2", "u3", "u4")}
+    assert stamps == {
+        "u1": "2027-05-31T23:50:00.000Z",  # receivedAt − (sentAt − originalTimestamp)
+        "u2": "2027-05-31T23:59:30.000Z",  # the message's own sentAt wins over the batch's
+        "u3": "2025-05-05T05:05:05.000Z",  # an explicit timestamp wins
+        "u4": "2027-06-01T00:00:00.000Z",  # nothing given: the server's time
+    }
+    assert {api.payload(user, f"m{user[1]}")["receivedAt"] for user in stamps} == {"2027-06-01T00:00:00.000Z"}
+
+
+# -- CORS, routing ---------------------------------------------------------------------------------
+
+
+async def test_cors_preflight_and_headers_let_a_browser_on_another_origin_send(api: Api) -> None:
+    preflight = await api.client.options(
+        "/v1/batch",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        },
+    )
+    assert preflight.status_code == 204
+    assert preflight.content == b""
+    assert {key: preflight.headers[key] for key in preflight.headers if key.startswith("access-control")} == {
+        "access-control-allow-origin": "https://shop.example",
+        "access-control-allow-methods": "POST, OPTIONS",
+        "access-control-allow-headers": "Authorization, Content-Type, Content-Encoding",
+        "access-control-max-age": "86400",
+    }
+    response = await api.client.post(
+        "/v1/track", json={**track(1), "writeKey": "wk_test"}, headers={"Origin": "https://shop.example"}
+    )
+    assert (response.status_code, response.json()) == (200, OK)
+    assert response.headers["access-control-allow-origin"] == "https://shop.example"
+    refused = await api.client.post("/v1/track", json=track(2), headers={"Origin": "https://shop.example"})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "https://shop.example"  # readable by the page
+    plain = await api.client.post("/v1/track", json=track(3), headers={"Authorization": basic("wk_test")})
+    assert plain.headers["access-control-allow-origin"] == "*"
+
+
+async def test_unknown_routes_and_methods(api: Api) -> None:
+    response = await api.client.get("/v1/track")
+    assert (response.status_code, response.json()) == (
+        405,
+        problem("method_not_allowed", "GET is not allowed on /v1/track"),
+    )
+    assert response.headers["allow"] == "POST, OPTIONS"
+    response = await api.client.post("/v1/identity", json={})
+    assert (response.status_code, response.json()) == (404, problem("not_found", "no route /v1/identity"))
+    assert await api.post("/v1/track/", track(1)) == (200, OK)  # a trailing slash is tolerated
+
+
+async def test_healthz(api: Api) -> None:
+    response = await api.client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert response.headers["content-type"] == "application/json"
+    assert (await api.client.head("/healthz")).status_code == 200
+    response = await api.client.post("/healthz")
+    assert (response.status_code, response.json()) == (
+        405,
+        problem("method_not_allowed", "POST is not allowed on /healthz"),
+    )
+
+
+# -- overload --------------------------------------------------------------------------------------
+
+
+async def test_a_full_writer_backlog_is_429_with_retry_after_and_nothing_accepted_is_lost(
+    tmp_path: Path,
+) -> None:
+    world = open_world(tmp_path, CONFIG)
+    engine = GatedEngine(world.store, world.config)
+    engine.gate.clear()
+    writer = GroupCommitWriter(engine, max_pending_messages=3)
+    app = TrackingAPI(writer, clock=lambda: RECEIVED)
+    headers = {"Authorization": basic("wk_test")}
+    transport = httpx.ASGITransport(app=app)
+    answers: dict[str, tuple[int, Any]] = {}
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+            async def post(name: str, path: str, body: object) -> None:
+                response = await client.post(path, json=body, headers=headers)
+                answers[name] = (response.status_code, response.json())
+                if name in ("over the bound", "at the bound"):
+                    assert response.headers["retry-after"] == "1"
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(post, "first", "/v1/batch", {"batch": [track(1), track(2)]})
+                # The writer holds the first request's two messages at the gate.
+                assert await anyio.to_thread.run_sync(lambda: engine.entered.wait(10))
+                # 2 waiting + 2 more > 3: the writer refuses.
+                await post("over the bound", "/v1/batch", {"batch": [track(3), track(4)]})
+                # 2 + 1 fits: accepted, it waits its turn.
+                group.start_soon(post, "fits", "/v1/track", track(5))
+                while writer.pending_messages < 3:
+                    await anyio.sleep(0.001)
+                # The backlog is full: refused before the body is even read.
+                await post("at the bound", "/v1/track", track(6))
+                engine.gate.set()
+    finally:
+        engine.gate.set()
+        writer.close()
+    assert answers == {
+        "first": (200, OK),
+        "over the bound": (
+            429,
+            problem("overloaded", "overloaded: 2 messages are waiting to be written (bound 3); retry later"),
+        ),
+        "fits": (200, OK),
+        "at the bound": (
+            429,
+            problem("overloaded", "overloaded: 3 messages are waiting to be written (bound 3); retry later"),
+        ),
+    }
+    assert list(world.store.iter_event_ids(SPACE)) == ["m1", "m2", "m5"]
+    world.close()
+
+
+async def test_too_many_open_requests_is_429_before_reading_the_body(api: Api) -> None:
+    api.app.max_in_flight = 0
+    assert await api.post("/v1/track", track(1)) == (
+        429,
+        problem("overloaded", "overloaded: 0 requests are being read (bound 0); retry later"),
+    )
+    assert api.event_ids() == []
+
+
+async def test_a_store_failure_is_500_so_clients_retry_and_is_logged_with_its_reason(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="idstitch.http")
+    api.engine.fail = True
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (
+        500,
+        problem("internal_error", "the request could not be completed; retry later"),
+    )
+    (record,) = [record for record in caplog.records if record.name == "idstitch.http"]
+    assert (record.levelname, getattr(record, "error", None), getattr(record, "reason", None)) == (
+        "ERROR",
+        "internal_error",
+        "OSError: disk full",
+    )
+    assert record.exc_info is not None
+    api.engine.fail = False
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)  # the retry lands
+    assert api.event_ids() == ["m1"]
+
+
+# -- metrics and logs ------------------------------------------------------------------------------
+
+
+async def test_metrics_count_messages_resolutions_merges_drops_and_latency(api: Api) -> None:
+    body = {
+        "batch": [
+            {"type": "identify", "anonymousId": "a1", "messageId": "m1"},  # creates a profile
+            {"type": "identify", "userId": "u1", "messageId": "m2"},  # creates another
+            {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m3"},  # merges them
+            {"type": "identify", "userId": "void", "anonymousId": "a1", "messageId": "m4"},  # drops "void"
+            {"type": "track", "userId": "u1"},  # no event: rejected
+        ]
+    }
+    assert (await api.post("/v1/batch", body))[0] == 200
+    assert (await api.post("/v1/batch", body))[0] == 200  # four duplicates, one rejected again
+    assert (await api.post("/v1/track", {"event": "E"}, key="wk_nope"))[0] == 401
+    response = await api.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples = {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in response.text.splitlines()
+        if line.startswith("idstitch_") and "_created" not in line
+    }
+    assert {name: value for name, value in samples.items() if "_http_" not in name} == {
+        'idstitch_messages_accepted_total{space="app"}': 4.0,
+        'idstitch_messages_duplicate_total{space="app"}': 4.0,
+        'idstitch_messages_rejected_total{space="app"}': 2.0,
+        'idstitch_resolutions_total{result="created",space="app"}': 2.0,
+        'idstitch_resolutions_total{result="matched",space="app"}': 2.0,
+        'idstitch_merges_total{space="app"}': 1.0,
+        'idstitch_identifiers_dropped_total{rule="blocked exact \'void\'",space="app"}': 1.0,
+        "idstitch_writer_pending_messages": 0.0,
+        "idstitch_writer_commits_total": 2.0,
+        "idstitch_writer_batches_total": 2.0,
+    }
+    assert samples['idstitch_http_request_duration_seconds_count{route="/v1/batch",status="200"}'] == 2.0
+    assert samples['idstitch_http_request_duration_seconds_count{route="/v1/track",status="401"}'] == 1.0
+    assert (
+        'idstitch_http_request_duration_seconds_bucket{le="+Inf",route="/v1/batch",status="200"}' in samples
+    )
+    assert "# TYPE idstitch_http_request_duration_seconds histogram" in response.text
+
+
+async def test_one_structured_log_line_per_request(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="idstitch.http")
+    await api.post("/v1/batch", {"batch": [track(1), {"type": "track", "userId": "u2"}]})
+    await api.post("/v1/track", track(3), key="wk_bad")
+    records = [record for record in caplog.records if record.name == "idstitch.http"]
+    fields = [
+        {
+            key: getattr(record, key, None)
+            for key in ("method", "path", "status", "messages", "rejected", "error", "reason", "space")
+        }
+        for record in records
+    ]
+    assert fields == [
+        {
+            "method": "POST",
+            "path": "/v1/batch",
+            "status": 200,
+            "messages": 2,
+            "rejected": 1,
+            "error": None,
+            "reason": None,
+            "space": "app",
+        },
+        {
+            "method": "POST",
+            "path": "/v1/track",
+            "status": 401,
+            "messages": 0,
+            "rejected": None,
+            "error": "unauthorized",
+            "reason": "unknown write key",
+            "space": None,
+        },
+    ]
+    assert all(isinstance(getattr(record, "duration_ms", None), float) for record in records)
+    assert all(record.levelname == "INFO" and record.getMessage() == "request" for record in records)
+
+
+def test_the_json_formatter_writes_one_object_per_line() -> None:
+    import logging
+
+    from idstitch.http.logs import JsonFormatter
+
+    record = logging.makeLogRecord(
+        {
+            "name": "idstitch.http",
+            "levelno": 20,
+            "levelname": "INFO",
+            "msg": "request",
+            "status": 200,
+            "path": "/v1/t",
+        }
+    )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    document = json.loads(line)
+    assert {key: document[key] for key in ("level", "logger", "msg", "status", "path")} == {
+        "level": "info",
+        "logger": "idstitch.http",
+        "msg": "request",
+        "status": 200,
+        "path": "/v1/t",
+    }
+
+
+# -- the real server -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_for(self, needle: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if needle in line:
+                    return line
+            assert self.process.poll() is None, self.log.read_text()
+            time.sleep(0.02)
+        raise AssertionError(f"{needle!r} not seen: {self.log.read_text()}")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    started: list[Served] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Served:
+        log = tmp_path / f"serve{len(started)}.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("IDSTITCH_")}
+        environment |= env or {}
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "idstitch",
+                    "serve",
+                    "--store",
+                    f"sqlite:///{tmp_path}/served.db",
+                    *args,
+                ],
+                cwd=tmp_path,
+                env=environment,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+            )
+        served = Served(process, log)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+def test_serve_acknowledges_only_what_is_stored_and_drains_on_sigterm(serve: Any, tmp_path: Path) -> None:
+    port = free_port()
+    served: Served = serve("--port", str(port))
+    key_line = served.wait_for("created space default with source default, write key wk_")
+    write_key = key_line.rpartition(" ")[2]
+    assert served.wait_for("idstitch serving on") == f"idstitch serving on http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def sender(worker: int) -> None:
+        with httpx.Client(base_url=base, auth=(write_key, ""), timeout=10) as client:
+            for round_ in range(200):  # bounded; the server goes away long before
+                ids = [f"w{worker}-r{round_}-{n}" for n in range(20)]
+                batch = [{"type": "track", "event": "E", "userId": f"u{worker}", "messageId": i} for i in ids]
+                try:
+                    response = client.post("/v1/batch", json={"batch": batch})
+                except httpx.TransportError:
+                    return  # the server stopped accepting
+                if response.status_code == 200:
+                    assert response.json() == OK
+                    with lock:
+                        acknowledged.extend(ids)
+                if stop.is_set():
+                    return
+
+    workers = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 10
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    served.process.send_signal(signal.SIGTERM)  # requests are still in flight here
+    assert served.process.wait(timeout=30) == 0
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(acknowledged) >= 200
+    store = open_store(f"sqlite:///{tmp_path}/served.db")
+    try:
+        stored = set(store.iter_event_ids("default"))
+    finally:
+        store.close()
+    assert set(acknowledged) <= stored
+    requests = [json.loads(line) for line in served.log.read_text().splitlines() if line.startswith("{")]
+    assert {(line["msg"], line["method"], line["path"]) for line in requests} >= {
+        ("request", "POST", "/v1/batch")
+    }
+    assert all(isinstance(line["duration_ms"], float) for line in requests if line["msg"] == "request")
+
+
+def test_serve_with_a_write_key_from_the_environment_on_any_free_port(serve: Any) -> None:
+    served: Served = serve("--port", "0", env={"IDSTITCH_WRITE_KEY": "wk_env"})
+    url = served.wait_for("idstitch serving on").rpartition(" ")[2]
+    assert "created space" not in served.log.read_text()
+    response = httpx.post(f"{url}/v1/track", json={"event": "E", "userId": "u1"}, auth=("wk_env", ""))
+    assert (response.status_code, response.json()) == (200, OK)
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0
+
+
+def test_serve_on_a_busy_port_is_a_usage_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(
+            cli_app, ["serve", "--port", str(port), "--store", f"sqlite:///{tmp_path}/busy.db"]
+        )
+    assert result.exit_code == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
