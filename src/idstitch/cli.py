@@ -97,6 +97,12 @@ SpaceOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+CollectionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--collection", metavar="users|accounts", help="users or accounts (default: inferred from ID)."
+    ),
+]
 
 
 class UsageError(IdstitchError):
@@ -114,6 +120,10 @@ def _user_errors() -> Iterator[None]:
     """Turn errors a user can fix into one line on stderr and exit code 2, never a traceback."""
     try:
         yield
+    except BrokenPipeError:
+        # `idstitch profile … --json | head`: the reader has gone, which is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except IdstitchError as error:
         _error(str(error))
     except sqlite3.DatabaseError as error:
@@ -423,6 +433,21 @@ def _profile_document(store: Store, space: str, root: str) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _found_profile(
+    id: str, space: str | None, collection: str | None, store_url: str, config: Path | None
+) -> Iterator[tuple[Store, str, str]]:
+    """The open store, the space and the root profile an ID names; exit 1 with a message when unknown."""
+    _check_collection(collection)
+    settings = load_config(config)
+    with _store(store_url, must_exist=True) as opened:
+        space_name = _space_for_reading(settings, opened, space)
+        root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
+        if root is None:
+            _not_found(id, space_name)
+        yield opened, space_name, root
+
+
 def _not_found(text: str, space: str) -> NoReturn:
     _error(f"no profile {text} in space {space}", code=1)
 
@@ -433,30 +458,18 @@ def profile(
         str, typer.Argument(metavar="ID", help="type:value (e.g. email:jane@example.com) or a segment id.")
     ],
     space: SpaceOption = None,
-    collection: Annotated[
-        str | None,
-        typer.Option(
-            "--collection", metavar="users|accounts", help="users or accounts (default: inferred from ID)."
-        ),
-    ] = None,
+    collection: CollectionOption = None,
     as_json: JsonOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
     """Show one profile: identifiers, traits, recent events, links."""
-    with _user_errors():
-        _check_collection(collection)
-        settings = load_config(config)
-        with _store(store, must_exist=True) as opened:
-            space_name = _space_for_reading(settings, opened, space)
-            root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
-            if root is None:
-                _not_found(id, space_name)
-            document = _profile_document(opened, space_name, root)
-            if as_json:
-                print(json.dumps(document, indent=2, ensure_ascii=False))
-                return
-            _render_profile(opened, space_name, document)
+    with _user_errors(), _found_profile(id, space, collection, store, config) as (opened, space_name, root):
+        document = _profile_document(opened, space_name, root)
+        if as_json:
+            print(json.dumps(document, indent=2, ensure_ascii=False))
+            return
+        _render_profile(opened, space_name, document)
 
 
 def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
@@ -512,30 +525,18 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
 def explain(
     id: Annotated[str, typer.Argument(metavar="ID", help="type:value or a segment id.")],
     space: SpaceOption = None,
-    collection: Annotated[
-        str | None,
-        typer.Option(
-            "--collection", metavar="users|accounts", help="users or accounts (default: inferred from ID)."
-        ),
-    ] = None,
+    collection: CollectionOption = None,
     as_json: JsonOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
     """Why a profile looks the way it does: its merges, the identifiers dropped and why, its suspects."""
-    with _user_errors():
-        _check_collection(collection)
-        settings = load_config(config)
-        with _store(store, must_exist=True) as opened:
-            space_name = _space_for_reading(settings, opened, space)
-            root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
-            if root is None:
-                _not_found(id, space_name)
-            document = _explain_document(opened, space_name, root)
-            if as_json:
-                print(json.dumps(document, indent=2, ensure_ascii=False))
-                return
-            _render_explain(document)
+    with _user_errors(), _found_profile(id, space, collection, store, config) as (opened, space_name, root):
+        document = _explain_document(opened, space_name, root)
+        if as_json:
+            print(json.dumps(document, indent=2, ensure_ascii=False))
+            return
+        _render_explain(document)
 
 
 def _explain_document(store: Store, space: str, root: str) -> dict[str, Any]:
