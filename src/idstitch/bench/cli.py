@@ -1,23 +1,27 @@
-"""`idstitch bench core|sqlite`: printed figures, or one JSON object with --json."""
+"""`idstitch bench core|sqlite|http`: printed figures, or one JSON object with --json."""
 
 from __future__ import annotations
 
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from idstitch.bench.http import HttpBenchError, HttpBenchResult, run_http_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Benchmarks: throughput, latency and memory of ingest.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: throughput, latency and memory of ingest (embedded and over HTTP).",
+    no_args_is_help=True,
+)
 
 Messages = Annotated[int, typer.Option("--messages", "-n", min=1, help="How many generated messages.")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")]
@@ -108,3 +112,145 @@ def bench_core(
 ) -> None:
     """The same stream through the core and the in-memory store: the ceiling without a database."""
     _run("core", "memory://", messages, seed, batch_size, as_json)
+
+
+def _print_http(result: HttpBenchResult) -> None:
+    figures = result.as_dict()
+    phases = result.phases
+    console = Console()
+    main = phases["main"]
+    how = f"open loop at {result.rate:,.0f} msg/s" if result.rate else "closed loop: maximum throughput"
+    table = Table(
+        title=f"idstitch bench http ({result.concurrency} connections, {result.batch_size} messages per batch)",
+        show_header=False,
+    )
+    table.add_row("/v1/batch", how)
+    table.add_row("messages acknowledged", f"{main['messages']:,} in {main['seconds']:.1f} s")
+    table.add_row("messages/s", f"{main['messages_per_s']:,.0f}")
+    table.add_row("requests/s", f"{main['requests_per_s']:,.1f}")
+    table.add_row("latency P50 / P95 / P99", _latencies(main))
+    if "half" in phases:
+        half = phases["half"]
+        table.add_row(
+            f"half load: open loop at {half['target_rate']:,.0f} msg/s",
+            f"{half['messages']:,} messages, {half['messages_per_s']:,.0f}/s achieved",
+        )
+        table.add_row("half load latency P50 / P95 / P99", _latencies(half))
+    if "track" in phases:
+        track = phases["track"]
+        table.add_row(
+            "/v1/track requests/s", f"{track['requests_per_s']:,.0f} ({track['requests']:,} requests)"
+        )
+        table.add_row("/v1/track latency P50 / P95 / P99", _latencies(track))
+    table.add_row("429 answers", f"{figures['rejected_429']:,}")
+    if figures["errors"] or figures["rejected_messages"]:
+        table.add_row(
+            "errors / messages refused", f"{figures['errors']:,} / {figures['rejected_messages']:,}"
+        )
+    table.add_row(
+        "server RSS start / peak / end",
+        f"{figures['rss_start_mb']:,.0f} / {figures['peak_rss_mb']:,.0f} / {figures['rss_end_mb']:,.0f} MB",
+    )
+    table.add_row("server RSS every second", _sparse(result.rss_samples_mb))
+    table.add_row("msgspec parse-only messages/s", f"{result.parse_only_messages_per_s:,.0f}")
+    table.add_row("ratio to parse-only", f"{figures['parse_only_ratio']:.4f}")
+    table.add_row(
+        "server counted / acknowledged",
+        f"{result.server_counted_messages:,} / {result.acknowledged_messages:,} messages"
+        f" in {result.server_commits:,} commits",
+    )
+    table.add_row(
+        "CPU seconds: server / load generator", f"{result.server_cpu_s:,.1f} / {result.load_cpu_s:,.1f}"
+    )
+    table.add_row("server exit status after SIGTERM", str(result.server_exit_code))
+    console.print(table)
+
+
+def _latencies(phase: dict[str, Any]) -> str:
+    return f"{phase['p50_ms']:.1f} / {phase['p95_ms']:.1f} / {phase['p99_ms']:.1f} ms"
+
+
+def _sparse(samples: list[float], most: int = 16) -> str:
+    """At most `most` evenly spaced samples (first and last always), enough to see whether RSS is flat."""
+    if len(samples) <= most:
+        picked = samples
+    else:
+        step = (len(samples) - 1) / (most - 1)
+        picked = [samples[round(index * step)] for index in range(most)]
+    return " ".join(f"{value:,.0f}" for value in picked) + " MB"
+
+
+@app.command("http")
+def bench_http(
+    messages: Annotated[
+        int, typer.Option("--messages", "-n", min=1, help="Messages to have acknowledged via /v1/batch.")
+    ] = 100_000,
+    duration: Annotated[
+        float, typer.Option("--duration", min=0.1, help="Upper bound in seconds of the /v1/batch phase.")
+    ] = 60.0,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, max=512, help="Concurrent keep-alive connections.")
+    ] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=500, help="Messages per /v1/batch request.")
+    ] = 50,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            "--rate", min=1.0, help="Open loop at this many messages/s instead of maximum throughput."
+        ),
+    ] = None,
+    half_load_seconds: Annotated[
+        float,
+        typer.Option(
+            "--half-load-seconds", min=0.0, help="Seconds at half the maximum rate after it (0: skip)."
+        ),
+    ] = 20.0,
+    track_requests: Annotated[
+        int, typer.Option("--track-requests", min=0, help="Single-message /v1/track requests (0: skip).")
+    ] = 5_000,
+    seed: Seed = 1,
+    as_json: Json = False,
+) -> None:
+    """A real `idstitch serve` over a fresh SQLite file, loaded over loopback from another process."""
+    err = Console(stderr=True)
+    show = not as_json and sys.stderr.isatty()
+    with Progress(
+        TextColumn("bench http {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            phase = str(event.get("phase"))
+            if event.get("event") == "phase":
+                tasks[phase] = bar.add_task(phase, total=int(event["total"]))
+            elif event.get("event") == "progress" and phase in tasks:
+                bar.update(tasks[phase], completed=int(event["messages"]))
+
+        try:
+            result = run_http_bench(
+                messages=messages,
+                duration=duration,
+                concurrency=concurrency,
+                batch_size=batch_size,
+                rate=rate,
+                half_load_seconds=0.0 if rate is not None else half_load_seconds,
+                track_requests=track_requests,
+                seed=seed,
+                on_event=on_event,
+            )
+        except HttpBenchError as error:
+            err.print(f"bench http: {error}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(result.as_dict()).decode() + "\n")
+    else:
+        _print_http(result)
+    if result.server_exit_code != 0:
+        err.print(f"bench http: the server exited with {result.server_exit_code} on SIGTERM, not 0")
+        raise typer.Exit(1)
