@@ -31,17 +31,23 @@ BatchSize = Annotated[
 ]
 
 
-def _run(name: str, store_url: str, messages: int, seed: int, batch_size: int, as_json: bool) -> None:
-    err = Console(stderr=True)
-    show = not as_json and sys.stderr.isatty()
-    with Progress(
-        TextColumn(f"bench {name}"),
+_stderr = Console(stderr=True)
+
+
+def _progress(label: str, as_json: bool) -> Progress:
+    """A progress bar on stderr, shown only to a person watching (never with --json)."""
+    return Progress(
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=err,
-        disable=not show,
-    ) as bar:
+        console=_stderr,
+        disable=as_json or not sys.stderr.isatty(),
+    )
+
+
+def _run(name: str, store_url: str, messages: int, seed: int, batch_size: int, as_json: bool) -> None:
+    with _progress(f"bench {name}", as_json) as bar:
         task = bar.add_task(name, total=messages)
         result = run_ingest_bench(
             name,
@@ -213,16 +219,7 @@ def bench_http(
     as_json: Json = False,
 ) -> None:
     """A real `idstitch serve` over a fresh SQLite file, loaded over loopback from another process."""
-    err = Console(stderr=True)
-    show = not as_json and sys.stderr.isatty()
-    with Progress(
-        TextColumn("bench http {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not show,
-    ) as bar:
+    with _progress("bench http {task.description}", as_json) as bar:
         tasks: dict[str, TaskID] = {}
 
         def on_event(event: dict[str, Any]) -> None:
@@ -245,12 +242,12 @@ def bench_http(
                 on_event=on_event,
             )
         except HttpBenchError as error:
-            err.print(f"bench http: {error}", markup=False, highlight=False)
+            _stderr.print(f"bench http: {error}", markup=False, highlight=False)
             raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(msgspec.json.encode(result.as_dict()).decode() + "\n")
     else:
         _print_http(result)
     if result.server_exit_code != 0:
-        err.print(f"bench http: the server exited with {result.server_exit_code} on SIGTERM, not 0")
+        _stderr.print(f"bench http: the server exited with {result.server_exit_code} on SIGTERM, not 0")
         raise typer.Exit(1)
