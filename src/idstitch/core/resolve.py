@@ -415,7 +415,13 @@ def _evidence(
             continue
         if lower in suspect:
             continue  # already non-unique: more evidence changes nothing, and would grow without bound
-        pairs += [(lower, higher) for higher in partners]
+        known = view.evidence.get(lower, {})
+        # A pair already stored only needs its time refreshed when a window reads that time.
+        pairs += [
+            (lower, higher)
+            for higher in partners
+            if higher not in known or rules.rule(higher.type).window_length is not None
+        ]
         if not rules.detect_non_unique:
             continue
         seen: dict[str, dict[str, datetime]] = {}
