@@ -62,7 +62,7 @@ SINGLE_CALLS = ("identify", "track", "page", "screen", "group", "alias")
 
 
 def problem(code: str, message: str) -> dict[str, Any]:
-    return {"success": False, "error": {"code": code, "message": message}}
+    return {"success": False, "code": code, "message": message, "error": {"code": code, "message": message}}
 
 
 def basic(key: str) -> str:

@@ -527,6 +527,25 @@ def test_client_library_resolves_spec_example(
                 assert started - timedelta(minutes=1) <= event.timestamp <= datetime.now(UTC), event
 
 
+def test_segment_python_reports_the_servers_reason_for_a_wrong_write_key(server: Server) -> None:
+    from segment.analytics import Client
+    from segment.analytics.request import APIError
+
+    errors: list[Exception] = []
+    client = Client(
+        write_key="wk_wrong",
+        host=server.base_url,
+        on_error=lambda error, batch: errors.append(error),
+        upload_interval=0.05,
+        max_retries=0,
+    )
+    client.track(user_id="u1", event="Signed Up")
+    client.flush()
+    client.shutdown()
+    assert len(errors) == 1 and isinstance(errors[0], APIError)
+    assert (errors[0].status, errors[0].code, errors[0].message) == (401, "unauthorized", "unknown write key")
+
+
 # -- many messages through each library's batching -----------------------------------------------------
 
 BULK_PEOPLE = 60

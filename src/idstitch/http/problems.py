@@ -24,10 +24,13 @@ class HTTPProblem(Exception):
         self.headers: dict[str, str] = dict(headers or {})
 
     def body(self) -> bytes:
-        """The JSON body `{"success": false, "error": {"code", "message"}}`."""
+        """The JSON body `{"success": false, "code", "message", "error": {"code", "message"}}`."""
         return problem_body(self.code, self.message)
 
 
 def problem_body(code: str, message: str) -> bytes:
-    """Encode the error body; Segment's SDKs read `code` and `message` when the body is JSON."""
-    return _encoder.encode({"success": False, "error": {"code": code, "message": message}})
+    """Encode the error body: `error` is the shape of every idstitch API, and the same two fields at the
+    top level are where Segment's client libraries (analytics-python's APIError) read the reason."""
+    return _encoder.encode(
+        {"success": False, "code": code, "message": message, "error": {"code": code, "message": message}}
+    )
