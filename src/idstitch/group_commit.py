@@ -34,6 +34,7 @@ class WriterClosed(IdstitchError):
 class _Request:
     batch: IngestBatch
     future: Future[IngestResult]
+    size: int  # what it counts against the backlog bound: its messages, at least 1
 
 
 _STOP = object()
@@ -83,7 +84,7 @@ class GroupCommitWriter:
                 )
             self._pending += size
         future: Future[IngestResult] = Future()
-        self._queue.put(_Request(batch, future))
+        self._queue.put(_Request(batch, future, size))
         return future
 
     def ingest(
@@ -143,7 +144,7 @@ class GroupCommitWriter:
                 running.append(request)
             else:
                 with self._lock:
-                    self._pending -= max(len(request.batch.items), 1)
+                    self._pending -= request.size
         if running:
             self._write_running(running)
 
@@ -167,7 +168,7 @@ class GroupCommitWriter:
         self, request: _Request, *, result: IngestResult | None = None, error: BaseException | None = None
     ) -> None:
         with self._lock:
-            self._pending -= max(len(request.batch.items), 1)
+            self._pending -= request.size
         if error is not None:
             request.future.set_exception(error)
         else:

@@ -338,13 +338,14 @@ def _parse(
     if message_id is None:
         # Without any client-side time, content alone would merge two genuinely separate sends.
         timeless = sent is None and original is None and timestamp_value in _ABSENT
+        canonical = _canonical(payload)
         if timeless and occurrences is not None:
-            base = _generate_message_id(payload, None)
-            seen = occurrences.counts.get(base, 0)
-            occurrences.counts[base] = seen + 1
-            message_id = _generate_message_id(payload, f"{occurrences.source}#{seen}")
+            content = _id_from(canonical, None)
+            seen = occurrences.counts.get(content, 0)
+            occurrences.counts[content] = seen + 1
+            message_id = _id_from(canonical, f"{occurrences.source}#{seen}")
         else:
-            message_id = _generate_message_id(payload, f"receivedAt={received_text}" if timeless else None)
+            message_id = _id_from(canonical, f"receivedAt={received_text}" if timeless else None)
     payload["messageId"] = message_id
     payload["timestamp"] = timestamp_text or format_timestamp(timestamp)
     payload["receivedAt"] = received_text
@@ -429,11 +430,15 @@ def _message_id(value: object) -> str | None:
     return message_id
 
 
-def _generate_message_id(payload: dict[str, Any], salt: str | None) -> str:
+def _canonical(payload: dict[str, Any]) -> bytes:
     try:
-        canonical = _canonical_encoder.encode(payload)
+        return _canonical_encoder.encode(payload)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent("", f"message is not JSON-encodable: {exc}") from None
+
+
+def _id_from(canonical: bytes, salt: str | None) -> str:
+    """A generated messageId: the hash of the message's canonical JSON, and of the salt when given."""
     digest = blake2b(canonical, digest_size=16)
     if salt is not None:
         digest.update(b"\x00" + salt.encode())
