@@ -296,6 +296,18 @@ def test_e9_spaces_are_isolated(tmp_path: Path) -> None:
         world.close()
 
 
+def test_a_write_key_of_a_source_no_longer_configured_opens_nothing(tmp_path: Path) -> None:
+    open_world(tmp_path, E9_CONFIG).close()  # the store now remembers app_b's source
+    world = open_world(tmp_path, E9_CONFIG.split("[spaces.app_b]")[0])
+    try:
+        assert world.engine.source_for_write_key("wk_app_b_web") is None
+        found = world.engine.source_for_write_key("wk_app_a_web")
+        assert found is not None and (found.space, found.name) == ("app_a", "web")
+        assert world.engine.source_for_write_key("wk_nobody") is None
+    finally:
+        world.close()
+
+
 @pytest.mark.parametrize("via", ["traits", "context"])
 def test_e10_order_independence_of_traits(space: Space, via: str) -> None:
     def identify(plan: str, when: int) -> None:

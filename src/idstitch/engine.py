@@ -100,9 +100,13 @@ class Engine:
         return cached
 
     def source_for_write_key(self, write_key: str) -> SourceRecord | None:
-        """The source a write key belongs to."""
+        """The configured source a write key belongs to (None for unknown keys)."""
         for source in self.store.sources():
             if source.write_key == write_key:
+                # The store remembers sources of earlier configs; only those configured now may write.
+                space = self.config.spaces.get(source.space)
+                if space is None or source.name not in space.sources:
+                    return None
                 return source
         return None
 
