@@ -25,15 +25,19 @@ from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import MergeStep, Resolution, SuspectMark
 from idstitch.storage.base import (
     DroppedRecord,
+    EventQuery,
     EventRecord,
     IdentifierRecord,
     MergeRecord,
+    ProfileActivity,
     ProfileRecord,
     SourceRecord,
     SpaceStats,
     Store,
     StoreTransaction,
     SuspectRecord,
+    TokenRecord,
+    TraitRecord,
 )
 from idstitch.storage.times import to_micros
 
@@ -111,6 +115,7 @@ def create(
     *identifiers: Identifier,
     message_id: str | None = None,
     space: str = SPACE,
+    source: str | None = None,
 ) -> None:
     """A new profile owning `identifiers` (its collection is that of the first identifier)."""
     collection = identifiers[0].collection if identifiers else "users"
@@ -118,6 +123,7 @@ def create(
         space,
         resolution(profile_id, at, collection=collection, created=True, added=identifiers),
         message_id or f"create-{profile_id}",
+        source,
     )
 
 
@@ -169,6 +175,28 @@ def without_sequence(record: EventRecord) -> EventRecord:
     return dataclasses.replace(record, sequence=0)
 
 
+def ids(records: list[EventRecord]) -> list[str]:
+    return [record.message_id for record in records]
+
+
+def page(store: Store, profile_id: str, **query: Any) -> list[str]:
+    """The message ids of one event_page."""
+    return ids(store.event_page(SPACE, profile_id, EventQuery(**query)))
+
+
+def all_pages(store: Store, profile_id: str, limit: int, **query: Any) -> list[list[str]]:
+    """Every page of an event_page walk, following the keyset cursor."""
+    pages: list[list[str]] = []
+    after: tuple[datetime, str] | None = None
+    while len(pages) < 100:  # a cursor that does not advance fails the test instead of hanging it
+        records = store.event_page(SPACE, profile_id, EventQuery(limit=limit, after=after, **query))
+        if not records:
+            return pages
+        pages.append(ids(records))
+        after = (records[-1].timestamp, records[-1].message_id)
+    raise AssertionError(f"event_page did not end: {pages[:5]}")
+
+
 def snapshot(store: Store, space: str = SPACE) -> dict[str, Any]:
     """Everything the reads say about a space and its profiles (for "nothing changed" checks)."""
     dump = store.dump(space)
@@ -181,14 +209,22 @@ def snapshot(store: Store, space: str = SPACE) -> dict[str, Any]:
             space, "accounts", [item for item in identifiers if item.collection != "users"]
         )
         seen = {message_id: tx.has_message(space, message_id) for message_id in ("m1", "m2", "m3", "m4")}
+    unresolved_pages = [store.unresolved(space, limit=1)]
+    while unresolved_pages[-1]:
+        assert len(unresolved_pages) < 100, "unresolved() paging did not end"
+        unresolved_pages.append(
+            store.unresolved(space, limit=1, before_sequence=unresolved_pages[-1][-1].sequence)
+        )
     return {
         "spaces": store.spaces(),
         "sources": store.sources(),
+        "tokens": store.tokens(),
         "dump": dump,
         "stats": store.stats(space),
         "learned": store.learned_types(space),
         "suspects": store.suspects(space),
         "unresolved": store.unresolved(space),
+        "unresolved_pages": unresolved_pages,
         "event_ids": list(store.iter_event_ids(space)),
         "seen": seen,
         "views": (_comparable(users), _comparable(accounts)),
@@ -199,8 +235,12 @@ def snapshot(store: Store, space: str = SPACE) -> dict[str, Any]:
                 store.profile(space, profile_id),
                 store.identifiers(space, profile_id),
                 store.traits(space, profile_id),
+                store.trait_records(space, profile_id),
+                store.activity(space, profile_id),
                 store.event_count(space, profile_id),
                 store.events(space, profile_id, limit=1000),
+                store.event_page(space, profile_id, EventQuery(limit=1000)),
+                store.event_page(space, profile_id, EventQuery(limit=1000, descending=False)),
                 store.links(space, profile_id),
                 store.merges(space, profile_id),
                 store.dropped(space, profile_id),
@@ -231,9 +271,9 @@ def populate(store: Store) -> None:
     """A small graph touching every table: two users merged, an account, traits, events, drops."""
     store.ensure_space(SPACE)
     with store.transaction() as tx:
-        create(tx, "use_a", t(1), uid("u1"), anon("a1"), message_id="m1")
-        tx.set_traits(SPACE, "use_a", {"name": "Ann", "age": None}, t(1))
-        create(tx, "acc_x", t(1), group("g1"), message_id="m1")
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"), message_id="m1", source="web")
+        tx.set_traits(SPACE, "use_a", {"name": "Ann", "age": None}, t(1), "web")
+        create(tx, "acc_x", t(1), group("g1"), message_id="m1", source="web")
         tx.link(SPACE, "use_a", "acc_x", t(1))
         tx.add_event(
             SPACE, event("m1", t(1), "use_a", "acc_x", ("user_id:u1", "anonymous_id:a1", "group_id:g1"))
@@ -249,8 +289,11 @@ def populate(store: Store) -> None:
                 dropped=(Dropped(anon("null"), "blocked value"),),
             ),
             "m2",
+            "app",
         )
-        tx.add_event(SPACE, event("m2", t(2), "use_b", None, ("anonymous_id:a2", "anonymous_id:null")))
+        tx.add_event(
+            SPACE, event("m2", t(2), "use_b", None, ("anonymous_id:a2", "anonymous_id:null"), source="app")
+        )
     with store.transaction() as tx:
         tx.apply_resolution(
             SPACE,
@@ -276,6 +319,7 @@ def populate(store: Store) -> None:
 def test_reopen_keeps_everything_and_migrates_once(store: Store, reopen: Reopen) -> None:
     populate(store)
     store.upsert_source(SourceRecord(SPACE, "web", "wk_web"))
+    store.upsert_token(TokenRecord(SPACE, "pt_read", "read"))
     before = snapshot(store)
     again = reopen()  # running the migrations a second time would fail or lose the data
     assert snapshot(again) == before
@@ -294,13 +338,18 @@ def test_empty_store_reads(store: Store) -> None:
     assert store.profile(SPACE, "use_a") is None
     assert store.identifiers(SPACE, "use_a") == []
     assert store.traits(SPACE, "use_a") == {}
+    assert store.trait_records(SPACE, "use_a") == []
+    assert store.activity(SPACE, "use_a") == ProfileActivity(None, None, None, None, None)
     assert store.event_count(SPACE, "use_a") == 0
     assert store.events(SPACE, "use_a") == []
+    assert store.event_page(SPACE, "use_a", EventQuery()) == []
     assert store.links(SPACE, "use_a") == []
     assert store.merges(SPACE, "use_a") == []
     assert store.dropped(SPACE, "use_a") == []
     assert store.suspects(SPACE) == []
     assert store.unresolved(SPACE) == []
+    assert store.unresolved(SPACE, before_sequence=10) == []
+    assert store.tokens() == []
     assert store.stats(SPACE) == SpaceStats(SPACE)
     assert list(store.iter_event_ids(SPACE)) == []
     empty = store.dump(SPACE)
@@ -356,6 +405,27 @@ def test_write_keys_are_unique_across_spaces(store: Store) -> None:
     assert store.sources() == before
 
 
+def test_tokens_upsert_by_token_and_list_by_space_then_token(store: Store) -> None:
+    store.ensure_space("a")
+    store.ensure_space("b")
+    store.upsert_token(TokenRecord("b", "pt_1", "read"))
+    store.upsert_token(TokenRecord("a", "pt_2", "read"))
+    store.upsert_token(TokenRecord("a", "at_3", "admin"))
+    assert store.tokens() == [
+        TokenRecord("a", "at_3", "admin"),
+        TokenRecord("a", "pt_2", "read"),
+        TokenRecord("b", "pt_1", "read"),
+    ]
+    store.upsert_token(TokenRecord("b", "pt_1", "read"))  # same again: no change
+    store.upsert_token(TokenRecord("a", "pt_2", "admin"))  # another kind
+    store.upsert_token(TokenRecord("a", "pt_1", "read"))  # another space: still one token
+    assert store.tokens() == [
+        TokenRecord("a", "at_3", "admin"),
+        TokenRecord("a", "pt_1", "read"),
+        TokenRecord("a", "pt_2", "admin"),
+    ]
+
+
 def test_learned_types_keep_first_seen_order(store: Store) -> None:
     with store.transaction() as tx:
         tx.learn_types(SPACE, [("crm_id", "users"), ("shop_id", "users")])
@@ -385,7 +455,7 @@ def test_create_add_and_touch(store: Store) -> None:
     assert store.find_profile(SPACE, anon("a1")) == "use_a"
     assert store.find_profile(SPACE, Identifier("user_id", "u1", "accounts")) is None
     assert store.resolve_segment_id(SPACE, "use_a") == "use_a"
-    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, ())
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, (), "m1")
     assert store.stats(SPACE).profiles == 1
     with store.transaction() as tx:
         tx.apply_resolution(
@@ -394,12 +464,76 @@ def test_create_add_and_touch(store: Store) -> None:
     with store.transaction() as tx:  # an older message lowers first_seen and keeps last_seen
         tx.apply_resolution(SPACE, resolution("use_a", t(5), touched=(anon("a1"), uid("u1"))), "m3")
     assert store.identifiers(SPACE, "use_a") == [
-        IdentifierRecord("anonymous_id", "a1", "users", t(5), t(10)),
-        IdentifierRecord("user_id", "u1", "users", t(5), t(20)),
-        IdentifierRecord("email", "e", "users", t(20), t(20)),
+        IdentifierRecord("anonymous_id", "a1", "users", t(5), t(10), first_message_id="m1"),
+        IdentifierRecord("user_id", "u1", "users", t(5), t(20), first_message_id="m1"),
+        IdentifierRecord("email", "e", "users", t(20), t(20), first_message_id="m2"),
     ]
     # created_at is the creating message's time, not changed by later messages
-    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, ())
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(10), 0, (), "m1")
+
+
+def test_identifiers_remember_the_message_and_source_that_first_attached_them(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(10), uid("u1"), message_id="m1", source="web")
+        create(tx, "use_b", t(11), anon("b1"), message_id="m2", source="app")
+        create(tx, "acc_x", t(10), group("g1"), message_id="m1", source="web")
+    with store.transaction() as tx:
+        # later and earlier messages of other sources touch them: the first attachment stays
+        tx.apply_resolution(
+            SPACE, resolution("use_a", t(20), added=(email("e"),), touched=(uid("u1"),)), "m3", "ios"
+        )
+        tx.apply_resolution(SPACE, resolution("use_a", t(5), added=(anon("a0"),), touched=(uid("u1"),)), "m4")
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_b", t(12), touched=(anon("b1"),), retired=(anon("b1"),), device_owned=(anon("b1"),)
+            ),
+            "m5",
+            "crm",
+        )
+
+    def origins(profile_id: str) -> dict[str, tuple[str | None, str | None]]:
+        return {
+            record.value: (record.first_message_id, record.source)
+            for record in store.identifiers(SPACE, profile_id)
+        }
+
+    assert origins("use_a") == {"u1": ("m1", "web"), "e": ("m3", "ios"), "a0": ("m4", None)}
+    assert origins("acc_x") == {"g1": ("m1", "web")}
+    with store.transaction() as tx:  # a merge repoints use_b's identifier and adds one of its own
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(30),
+                merges=(MergeStep("use_b", anon("b1")),),
+                added=(anon("a9"),),
+                touched=(anon("b1"),),
+            ),
+            "m6",
+            "server",
+        )
+    expected = {
+        "u1": ("m1", "web"),
+        "e": ("m3", "ios"),
+        "a0": ("m4", None),
+        "b1": ("m2", "app"),
+        "a9": ("m6", "server"),
+    }
+    assert origins("use_a") == expected
+    assert IdentifierRecord("anonymous_id", "b1", "users", t(11), t(30), True, False, "app", "m2") in (
+        store.identifiers(SPACE, "use_a")
+    )
+    assert store.identifiers(SPACE, "use_b") == []
+    with store.transaction() as tx:  # merged again, into a newer root: still the first attachment
+        create(tx, "use_z", t(40), uid("z1"), message_id="m7", source="app")
+        merge(tx, "use_z", t(41), ("use_a", uid("u1")), message_id="m8")
+    assert origins("use_z") == {**expected, "z1": ("m7", "app")}
+    # a root keeps the message that created it, whatever merged into it later
+    root = store.profile(SPACE, "use_z")
+    assert root is not None and root.created_by == "m7"
+    assert root.merged_segment_ids == ("use_a", "use_b")
+    assert store.profile(SPACE, "use_a") is None
 
 
 def test_identifiers_are_ordered_by_first_seen_then_type_then_value(store: Store) -> None:
@@ -454,7 +588,9 @@ def _merge_fixture(store: Store) -> None:
 def test_merge_repoints_flattens_and_moves_everything(store: Store) -> None:
     _merge_fixture(store)
     assert store.resolve_segment_id(SPACE, "use_c") == "use_b"
-    assert store.profile(SPACE, "use_b") == ProfileRecord("use_b", "users", t(2), 1, ("use_c",))
+    assert store.profile(SPACE, "use_b") == ProfileRecord(
+        "use_b", "users", t(2), 1, ("use_c",), "create-use_b"
+    )
     assert store.links(SPACE, "use_b") == ["acc_x", "acc_y"]  # use_c's link to acc_y de-duplicated
     with store.transaction() as tx:
         merge(tx, "use_a", t(10), ("use_b", anon("b1")), message_id="m-ab")
@@ -464,7 +600,9 @@ def test_merge_repoints_flattens_and_moves_everything(store: Store) -> None:
     assert store.resolve_segment_id(SPACE, "use_c") == "use_a"
     assert store.profile(SPACE, "use_b") is None
     assert store.profile(SPACE, "use_c") is None
-    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(1), 2, ("use_b", "use_c"))
+    assert store.profile(SPACE, "use_a") == ProfileRecord(
+        "use_a", "users", t(1), 2, ("use_b", "use_c"), "create-use_a"
+    )
     parents = {row[0]: row[2] for row in store.dump(SPACE)["profiles"]}
     assert parents == {"use_a": "", "use_b": "use_a", "use_c": "use_a", "acc_x": "", "acc_y": ""}
     assert store.stats(SPACE).profiles == 1
@@ -532,7 +670,9 @@ def test_merge_of_accounts_moves_account_links(store: Store) -> None:
     assert store.traits(SPACE, "acc_x") == {"plan": "pro"}
     assert store.event_count(SPACE, "acc_x") == 1  # accounts count the events' account side
     assert store.event_count(SPACE, "use_a") == 1
-    assert store.profile(SPACE, "acc_x") == ProfileRecord("acc_x", "accounts", t(1), 1, ("acc_z",))
+    assert store.profile(SPACE, "acc_x") == ProfileRecord(
+        "acc_x", "accounts", t(1), 1, ("acc_z",), "create-acc_x"
+    )
     assert store.stats(SPACE).accounts == 1
 
 
@@ -713,6 +853,65 @@ def test_set_traits_newer_wins_ties_go_to_the_later_write_and_removals_stick(sto
     assert store.traits(SPACE, "use_b") == {}
 
 
+def test_trait_records_carry_the_source_and_follow_the_not_older_rule(store: Store) -> None:
+    def put(at: float, source: str | None, **updates: Any) -> None:
+        with store.transaction() as tx:
+            tx.set_traits(SPACE, "use_a", updates, t(at), source)
+
+    def records() -> dict[str, tuple[Any, str | None, datetime]]:
+        return {
+            record.key: (record.value, record.source, record.updated_at)
+            for record in store.trait_records(SPACE, "use_a")
+        }
+
+    put(10, "web", name="Ann", plan="free", nested={"a": [1, 2.5, None, True]})
+    put(5, "app", name="Old", city="Oslo")  # older: name keeps its value and source; a new key lands
+    assert store.trait_records(SPACE, "use_a") == [  # sorted by key
+        TraitRecord("city", "Oslo", "app", t(5)),
+        TraitRecord("name", "Ann", "web", t(10)),
+        TraitRecord("nested", {"a": [1, 2.5, None, True]}, "web", t(10)),
+        TraitRecord("plan", "free", "web", t(10)),
+    ]
+    put(10, "crm", plan="pro")  # a tie: the later write wins, its source with it
+    put(20, "app", name=None)  # a removal: left out
+    put(15, "web", name="Older")  # older than the removal: stays removed
+    assert records() == {
+        "city": ("Oslo", "app", t(5)),
+        "nested": ({"a": [1, 2.5, None, True]}, "web", t(10)),
+        "plan": ("pro", "crm", t(10)),
+    }
+    put(25, None, name="Back")  # a message without a source clears the old one
+    assert records()["name"] == ("Back", None, t(25))
+    assert {record.key: record.value for record in store.trait_records(SPACE, "use_a")} == store.traits(
+        SPACE, "use_a"
+    )
+    assert store.trait_records(SPACE, "use_b") == []
+    assert store.trait_records(OTHER, "use_a") == []
+
+
+def test_trait_sources_move_with_their_values_on_merge(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(1), anon("b1"))
+        tx.set_traits(SPACE, "use_a", {"name": "A", "plan": "free", "color": "red", "age": 3}, t(5), "web")
+        tx.set_traits(SPACE, "use_b", {"name": "B", "age": None}, t(6), "app")  # newer: wins, with source
+        tx.set_traits(SPACE, "use_b", {"plan": "pro"}, t(4), "app")  # older: the parent's stays
+        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(5), "app")  # a tie: the parent's stays
+        tx.set_traits(SPACE, "use_b", {"city": "Oslo"}, t(2), "crm")  # a key the parent lacks
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(7), ("use_b", anon("b1")))
+    assert store.trait_records(SPACE, "use_a") == [
+        TraitRecord("city", "Oslo", "crm", t(2)),
+        TraitRecord("color", "red", "web", t(5)),
+        TraitRecord("name", "B", "app", t(6)),
+        TraitRecord("plan", "free", "web", t(5)),
+    ]
+    assert store.trait_records(SPACE, "use_b") == []
+    with store.transaction() as tx:  # the removal moved too: an older value cannot bring age back
+        tx.set_traits(SPACE, "use_a", {"age": 4}, t(5), "web")
+    assert "age" not in store.traits(SPACE, "use_a")
+
+
 def test_links_are_idempotent_and_ordered_by_first_link(store: Store) -> None:
     with store.transaction() as tx:
         tx.link(SPACE, "use_a", "acc_x", t(5))
@@ -815,6 +1014,252 @@ def test_unresolved_newest_first(store: Store) -> None:
     assert (stats.events, stats.unresolved) == (10, 5)
 
 
+def received(seconds: float) -> datetime:
+    """When `event()` says a message sent at t(seconds) was received."""
+    return t(seconds) + timedelta(milliseconds=250)
+
+
+def test_activity_first_is_the_creating_message_last_the_last_ingested_of_the_family(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), message_id="m1", source="web")
+        create(tx, "use_b", t(2), anon("b1"), message_id="m2", source="app")
+        create(tx, "use_c", t(2), anon("c1"), message_id="m-not-stored")
+        create(tx, "use_d", t(2), anon("d1"), message_id="m3")
+        tx.add_event(SPACE, event("m1", t(1), "use_a", source="web"))
+        tx.add_event(SPACE, event("m2", t(2), "use_b", source="app"))
+        tx.add_event(SPACE, event("m3", t(2), "use_d", source=None))
+        tx.add_event(OTHER, event("m1", t(1), "use_a", source="other"))  # another space's, same ids
+        tx.add_event(OTHER, event("m-not-stored", t(1), "use_c", source="other"))
+        tx.add_event(OTHER, event("o1", t(50), "use_a", source="other"))
+    assert store.activity(SPACE, "use_a") == ProfileActivity("m1", "web", "m1", "web", received(1))
+    assert store.activity(SPACE, "use_b") == ProfileActivity("m2", "app", "m2", "app", received(2))
+    # a creating message that was not stored has no source; without events nothing is last
+    assert store.activity(SPACE, "use_c") == ProfileActivity("m-not-stored", None, None, None, None)
+    assert store.activity(SPACE, "use_d") == ProfileActivity("m3", None, "m3", None, received(2))
+    assert store.activity(SPACE, "use_nobody") == ProfileActivity(None, None, None, None, None)
+    with store.transaction() as tx:
+        tx.add_event(SPACE, event("e1", t(9), "use_a", source="web"))
+        tx.add_event(SPACE, event("e2", t(3), "use_b", source="ios"))  # older, but ingested last
+    assert store.activity(SPACE, "use_a") == ProfileActivity("m1", "web", "e1", "web", received(9))
+    assert store.activity(SPACE, "use_b") == ProfileActivity("m2", "app", "e2", "ios", received(3))
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(10), ("use_b", anon("b1")), message_id="m-merge")
+    # last: the merged child's event, ingested after the root's (a merge is no event)
+    assert store.activity(SPACE, "use_a") == ProfileActivity("m1", "web", "e2", "ios", received(3))
+    with store.transaction() as tx:
+        tx.add_event(SPACE, event("e3", t(4), "use_a", source=None))
+    assert store.activity(SPACE, "use_a") == ProfileActivity("m1", "web", "e3", None, received(4))
+
+
+def test_activity_of_an_account_family_reads_the_account_side(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "acc_x", t(1), group("g1"), message_id="m1", source="web")
+        create(tx, "acc_z", t(1), group("g2"), message_id="m2", source="app")
+        create(tx, "use_a", t(1), uid("u1"), message_id="m1", source="web")
+        tx.add_event(SPACE, event("m1", t(1), "use_a", "acc_x", source="web"))
+        tx.add_event(SPACE, event("m2", t(2), None, "acc_z", source="app"))
+        tx.add_event(SPACE, event("m3", t(3), "use_a", None, source="ios"))  # the user's alone
+    assert store.activity(SPACE, "acc_x") == ProfileActivity("m1", "web", "m1", "web", received(1))
+    with store.transaction() as tx:
+        merge(tx, "acc_x", t(4), ("acc_z", group("g2")), collection="accounts")
+    assert store.activity(SPACE, "acc_x") == ProfileActivity("m1", "web", "m2", "app", received(2))
+    assert store.activity(SPACE, "use_a") == ProfileActivity("m1", "web", "m3", "ios", received(3))
+
+
+# (message id, seconds, owner, name), inserted in this order: ingest order is neither time nor id order.
+_PAGED = [
+    ("e05", 5, "use_a", "Bought"),
+    ("e03", 5, "use_b", None),
+    ("e08", 9, "use_a", None),
+    ("e01", 5, "use_a", "Viewed"),
+    ("e07", 3, "use_a", "Signed Up"),
+    ("e02", 3, "use_b", "Bought"),
+    ("e06", 7, "use_b", "Viewed"),
+    ("e04", 1, "use_a", "Viewed"),
+]
+# By (timestamp, message_id): ties at 3 and at 5 span both family members.
+_ASCENDING = ["e04", "e02", "e07", "e01", "e03", "e05", "e06", "e08"]
+
+
+def _paged_fixture(store: Store) -> None:
+    """use_b merged into use_a, then the _PAGED events; others' events at the same times around them."""
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(1), anon("b1"))
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(2), ("use_b", anon("b1")))
+    with store.transaction() as tx:
+        for message_id, seconds, owner, name in _PAGED:
+            tx.add_event(SPACE, event(message_id, t(seconds), owner, name=name))
+            tx.add_event(SPACE, event(f"x{message_id}", t(seconds), "use_x", name=name))  # someone else's
+            tx.add_event(OTHER, event(message_id, t(seconds), "use_a", name=name))  # another space's
+
+
+def test_event_page_orders_by_timestamp_then_message_id_both_ways(store: Store) -> None:
+    _paged_fixture(store)
+    assert page(store, "use_a", limit=100, descending=False) == _ASCENDING
+    assert page(store, "use_a", limit=100) == _ASCENDING[::-1]  # newest first by default
+    assert page(store, "use_a", limit=3) == ["e08", "e06", "e05"]
+    assert page(store, "use_a", limit=0) == []
+    # the records are the stored events, as events() reads them
+    by_sequence = {record.message_id: record for record in store.events(SPACE, "use_a", limit=100)}
+    assert store.event_page(SPACE, "use_a", EventQuery(limit=100)) == [
+        by_sequence[message_id] for message_id in _ASCENDING[::-1]
+    ]
+    # ties in timestamp continue on the next page, without repeats or gaps
+    assert all_pages(store, "use_a", 2, descending=False) == [
+        ["e04", "e02"],
+        ["e07", "e01"],
+        ["e03", "e05"],
+        ["e06", "e08"],
+    ]
+    assert all_pages(store, "use_a", 2) == [["e08", "e06"], ["e05", "e03"], ["e01", "e07"], ["e02", "e04"]]
+    assert all_pages(store, "use_a", 3) == [["e08", "e06", "e05"], ["e03", "e01", "e07"], ["e02", "e04"]]
+    # a cursor in the middle of a tie, either way
+    assert page(store, "use_a", limit=100, after=(t(5), "e03")) == ["e01", "e07", "e02", "e04"]
+    assert page(store, "use_a", limit=100, after=(t(5), "e03"), descending=False) == ["e05", "e06", "e08"]
+    # a cursor need not name a stored event
+    assert page(store, "use_a", limit=100, after=(t(5), "e02"), descending=False) == _ASCENDING[4:]
+    assert page(store, "use_a", limit=100, after=(t(4), "zzz")) == ["e07", "e02", "e04"]
+    assert page(store, "use_a", limit=100, after=(t(9), "e08"), descending=False) == []
+    # the merged child's id reads its own events only, like events()
+    assert page(store, "use_b", limit=100, descending=False) == ["e02", "e03", "e06"]
+
+
+def test_event_page_cursor_is_stable_while_events_arrive(store: Store) -> None:
+    _paged_fixture(store)
+
+    def more(*added: tuple[str, float, str]) -> None:
+        with store.transaction() as tx:
+            for message_id, seconds, owner in added:
+                tx.add_event(SPACE, event(message_id, t(seconds), owner))
+
+    def next_page(after: tuple[datetime, str] | None) -> tuple[list[str], tuple[datetime, str]]:
+        records = store.event_page(SPACE, "use_a", EventQuery(limit=2, after=after))
+        return ids(records), (records[-1].timestamp, records[-1].message_id)
+
+    seen, cursor = next_page(None)
+    assert seen == ["e08", "e06"]  # the cursor is now (7, e06)
+    # newer than the cursor (already behind the reader): not shown; older: shown in their place
+    more(("e09", 99, "use_a"), ("e11", 7, "use_b"), ("e00", 7, "use_a"), ("e10", 5, "use_b"))
+    second, cursor = next_page(cursor)
+    assert second == ["e00", "e10"]
+    more(("e12", 5, "use_a"), ("e13", 2, "use_b"))  # e12 sorts before the cursor (5, e10): not shown
+    pages = [seen, second]
+    while len(pages) < 20:  # bounded: a cursor that does not advance fails below instead of hanging
+        records = store.event_page(SPACE, "use_a", EventQuery(limit=2, after=cursor))
+        if not records:
+            break
+        pages.append(ids(records))
+        cursor = (records[-1].timestamp, records[-1].message_id)
+    assert pages == [["e08", "e06"], ["e00", "e10"], ["e05", "e03"], ["e01", "e07"], ["e02", "e13"], ["e04"]]
+    walked = [message_id for one in pages for message_id in one]
+    assert len(walked) == len(set(walked))  # no repeats
+    assert set(_ASCENDING) <= set(walked)  # no gaps: every event there at the start was shown
+    assert page(store, "use_a", limit=100)[:3] == ["e09", "e08", "e11"]  # a fresh walk sees them all
+    assert len(page(store, "use_a", limit=100)) == len(_PAGED) + 6
+
+
+def test_event_page_time_range_start_inclusive_end_exclusive(store: Store) -> None:
+    _paged_fixture(store)
+    assert page(store, "use_a", limit=100, start=t(3), end=t(7), descending=False) == [
+        "e02",
+        "e07",
+        "e01",
+        "e03",
+        "e05",
+    ]
+    assert page(store, "use_a", limit=100, start=t(3), end=t(7)) == ["e05", "e03", "e01", "e07", "e02"]
+    assert page(store, "use_a", limit=100, end=t(3)) == ["e04"]
+    assert page(store, "use_a", limit=100, start=t(9)) == ["e08"]
+    assert page(store, "use_a", limit=100, start=t(9), end=t(9)) == []
+    assert page(store, "use_a", limit=100, start=t(5), end=t(5) + timedelta(microseconds=1)) == [
+        "e05",
+        "e03",
+        "e01",
+    ]
+    # with a cursor: the range and the cursor both hold
+    assert page(store, "use_a", limit=100, start=t(3), end=t(7), after=(t(5), "e03")) == ["e01", "e07", "e02"]
+    assert all_pages(store, "use_a", 2, start=t(3), end=t(7)) == [["e05", "e03"], ["e01", "e07"], ["e02"]]
+
+
+def test_event_page_include_and_exclude_names(store: Store) -> None:
+    _paged_fixture(store)
+    assert page(store, "use_a", limit=100, include=frozenset({"Viewed"}), descending=False) == [
+        "e04",
+        "e01",
+        "e06",
+    ]
+    # only the named ones: events without a name are left out
+    both = frozenset({"Viewed", "Bought"})
+    assert page(store, "use_a", limit=100, include=both, descending=False) == [
+        "e04",
+        "e02",
+        "e01",
+        "e05",
+        "e06",
+    ]
+    # everything but the named ones: events without a name stay
+    assert page(store, "use_a", limit=100, exclude=frozenset({"Viewed"}), descending=False) == [
+        "e02",
+        "e07",
+        "e03",
+        "e05",
+        "e08",
+    ]
+    assert page(store, "use_a", limit=100, exclude=both | {"Signed Up"}) == ["e08", "e03"]
+    assert page(store, "use_a", limit=100, include=both, exclude=frozenset({"Bought"})) == [
+        "e06",
+        "e01",
+        "e04",
+    ]
+    assert page(store, "use_a", limit=100, include=frozenset({"Nothing"})) == []
+    assert page(store, "use_a", limit=100, exclude=frozenset({"Nothing"})) == _ASCENDING[::-1]
+    # filters and pages together: a page is full whenever enough events match
+    assert all_pages(store, "use_a", 2, include=both) == [["e06", "e05"], ["e01", "e02"], ["e04"]]
+    assert all_pages(store, "use_a", 2, include=both, start=t(2), end=t(9), descending=False) == [
+        ["e02", "e01"],
+        ["e05", "e06"],
+    ]
+
+
+def test_event_page_of_an_account_family_reads_the_account_side(store: Store) -> None:
+    with store.transaction() as tx:
+        create(tx, "acc_x", t(1), group("g1"))
+        create(tx, "acc_z", t(1), group("g2"))
+        create(tx, "use_a", t(1), uid("u1"))
+        tx.add_event(SPACE, event("e1", t(1), "use_a", "acc_x"))
+        tx.add_event(SPACE, event("e2", t(2), None, "acc_z"))
+        tx.add_event(SPACE, event("e3", t(3), "use_a", None))
+        tx.add_event(SPACE, event("e4", t(1), None, "acc_z"))
+    with store.transaction() as tx:
+        merge(tx, "acc_x", t(4), ("acc_z", group("g2")), collection="accounts")
+    assert page(store, "acc_x", limit=100) == ["e2", "e4", "e1"]
+    assert all_pages(store, "acc_x", 1, descending=False) == [["e1"], ["e4"], ["e2"]]
+    assert page(store, "use_a", limit=100) == ["e3", "e1"]
+
+
+def test_unresolved_pages_with_a_stable_cursor(store: Store) -> None:
+    with store.transaction() as tx:
+        for number in range(5):
+            tx.add_event(SPACE, event(f"u{number}", t(number), None, None))
+            tx.add_event(SPACE, event(f"r{number}", t(number), "use_a"))
+            tx.add_event(OTHER, event(f"o{number}", t(number), None, None))
+    first = store.unresolved(SPACE, limit=2)
+    assert ids(first) == ["u4", "u3"]
+    with store.transaction() as tx:  # arriving while a reader pages: newer than any cursor, not shown
+        tx.add_event(SPACE, event("u5", t(0), None, None))
+    second = store.unresolved(SPACE, limit=2, before_sequence=first[-1].sequence)
+    assert ids(second) == ["u2", "u1"]
+    third = store.unresolved(SPACE, limit=2, before_sequence=second[-1].sequence)
+    assert ids(third) == ["u0"]
+    assert store.unresolved(SPACE, limit=2, before_sequence=third[-1].sequence) == []
+    assert ids(store.unresolved(SPACE, limit=2)) == ["u5", "u4"]
+    assert ids(store.unresolved(SPACE, before_sequence=first[0].sequence)) == ["u3", "u2", "u1", "u0"]
+    assert store.unresolved(SPACE, limit=0) == []
+    assert ids(store.unresolved(OTHER, limit=2)) == ["o4", "o3"]
+
+
 # -- whole-space reads ----------------------------------------------------------------------------
 def test_stats(store: Store) -> None:
     populate(store)
@@ -896,7 +1341,7 @@ def test_spaces_are_isolated(store: Store) -> None:
     assert store.find_profile(SPACE, anon("a1")) is None
     assert store.find_profile(OTHER, anon("a1")) == "use_a"
     assert store.resolve_segment_id(SPACE, "use_b") is None
-    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(1), 0, ())
+    assert store.profile(SPACE, "use_a") == ProfileRecord("use_a", "users", t(1), 0, (), "m1")
     assert store.merges(SPACE, "use_a") == []
     assert store.suspects(SPACE) == []
     assert store.learned_types(SPACE) == [("one_id", "users")]
@@ -970,7 +1415,7 @@ def test_load_view_gives_the_resolver_its_neighbourhood(store: Store) -> None:
 # -- atomicity --------------------------------------------------------------------------------------
 def _write_everything(tx: StoreTransaction) -> None:
     """One of every write, touching rows that already exist (see populate)."""
-    create(tx, "use_c", t(9), anon("a3"), message_id="m9")
+    create(tx, "use_c", t(9), anon("a3"), message_id="m9", source="app")
     tx.apply_resolution(
         SPACE,
         resolution(
@@ -986,14 +1431,16 @@ def _write_everything(tx: StoreTransaction) -> None:
             dropped=(Dropped(anon("x"), "cap"),),
         ),
         "m10",
+        "app",
     )
     tx.apply_resolution(
         SPACE,
         resolution("acc_y", t(10), collection="accounts", created=True, added=(group("g2"),)),
         "m10",
+        "app",
     )
-    tx.set_traits(SPACE, "use_a", {"name": "Changed", "age": 4, "new": True}, t(10))
-    tx.set_traits(SPACE, "acc_x", {"plan": "pro"}, t(10))
+    tx.set_traits(SPACE, "use_a", {"name": "Changed", "age": 4, "new": True}, t(10), "app")
+    tx.set_traits(SPACE, "acc_x", {"plan": "pro"}, t(10), "app")
     tx.link(SPACE, "use_a", "acc_y", t(10))
     tx.add_event(SPACE, event("m10", t(10), "use_a", "acc_y"))
     tx.add_event(SPACE, event("m11", t(11), None, None))

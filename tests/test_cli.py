@@ -96,6 +96,8 @@ def test_anonymous_to_known_profile_json_has_the_exact_shape(cli: CLI) -> None:
     )
     done = cli.ok("ingest", str(path))
     assert "created space default with source default, write key wk_" in done.stderr
+    assert "created Profile API read token pt_" in done.stderr
+    assert "created Profile API admin token at_" in done.stderr
     assert "accepted" in done.stdout and "messages/s" in done.stdout
 
     document = cli.json("profile", "user_id:u1")
@@ -250,7 +252,7 @@ def test_bad_input_is_reported_per_line_and_every_good_line_lands(cli: CLI) -> N
         msg(8, "track", userId="u8"),
     )
     done = cli.ok("ingest", str(path), "--json")
-    errors = [line for line in done.stderr.strip().split("\n") if not line.startswith("created space")]
+    errors = [line for line in done.stderr.strip().split("\n") if not line.startswith("created ")]
     assert len(errors) == 4, done.stderr
     assert errors[0].startswith(f"{path}:2: invalid JSON")
     assert errors[1].startswith(f"{path}:4: ") and "no identifier" in errors[1]

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from helpers import World, at, config_from_toml, open_space, open_world
+from idstitch.config import DEFAULT_RATE_LIMIT
 from idstitch.core.errors import ConfigError, RuleViolation
 from idstitch.core.rules import IdentityRules
 
@@ -157,6 +158,21 @@ regex = ["^test-.*$"]
         rules.blocked.matches("void") and rules.blocked.matches("abc123") and rules.blocked.matches("test-1")
     )
     assert rules.blocked.matches("null")  # added to the defaults, not instead of them
+
+
+def test_profile_api_tokens_and_rate_limit_are_checked() -> None:
+    config = config_from_toml("[spaces.a]\nprofile_tokens = ['pt']\nrate_limit = 0\n[spaces.b]\n")
+    assert config.space("a").rate_limit == 0 and config.space("b").rate_limit == DEFAULT_RATE_LIMIT
+    for body, complaint in [
+        ("[spaces.a]\nprofile_tokens = ['t']\n[spaces.b]\nadmin_tokens = ['t']", "already used by spaces.a"),
+        ("[spaces.a]\nprofile_tokens = ['t']\nadmin_tokens = ['t']", "already used by spaces.a"),
+        ("[spaces.a]\nprofile_tokens = ['']", "cannot be empty"),
+        ("[spaces.a]\nadmin_tokens = 'at'", "must be a list of strings"),
+        ("[spaces.a]\nrate_limit = -1", "rate_limit"),
+        ("[spaces.a]\nrate_limit = 'fast'", "rate_limit"),
+    ]:
+        with pytest.raises(ConfigError, match=complaint):
+            config_from_toml(body)
 
 
 def test_configured_custom_type_without_priority_follows_the_defaults() -> None:

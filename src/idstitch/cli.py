@@ -40,10 +40,9 @@ from rich.table import Table
 
 from idstitch.config import DEFAULT_STORE_URL, Config, load_config
 from idstitch.core.errors import IdstitchError
-from idstitch.core.identifiers import Identifier, normalise_value, parse_identifier
 from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
-from idstitch.core.segment_ids import collection_of_segment_id
+from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
 from idstitch.storage.base import IdentifierRecord, Store
 from idstitch.storage.urls import open_store
 
@@ -65,7 +64,6 @@ app = typer.Typer(
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 stderr = Console(stderr=True, highlight=False)
 
-COLLECTIONS = ("users", "accounts")
 
 StoreOption = Annotated[
     str,
@@ -307,13 +305,16 @@ def ingest(
 
 
 def _print_created_write_keys(engine: Engine) -> None:
-    """On a first run without a config, the write key just made is shown once: the user needs it."""
+    """On a first run without a config, the write key and tokens just made are shown once: the user needs them."""
     for record in engine.created_write_keys:
         stderr.print(
             f"created space {record.space} with source {record.name}, write key {record.write_key}",
             markup=False,
             soft_wrap=True,
         )
+    for token in engine.created_tokens:
+        kind = "Profile API read token" if token.kind == "read" else "Profile API admin token"
+        stderr.print(f"created {kind} {token.token} for space {token.space}", markup=False, soft_wrap=True)
 
 
 def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
@@ -347,10 +348,21 @@ def serve(
             "--port", envvar="IDSTITCH_PORT", min=0, max=65535, metavar="PORT", help="Port (0: any free one)."
         ),
     ] = 8000,
+    profile_port: Annotated[
+        int | None,
+        typer.Option(
+            "--profile-port",
+            envvar="IDSTITCH_PROFILE_PORT",
+            min=0,
+            max=65535,
+            metavar="PORT",
+            help="Serve the Profile API on its own port (default: on --port, beside the Tracking API).",
+        ),
+    ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
-    """Serve the Segment-compatible Tracking API (POST /v1/batch, /v1/track, ...) until SIGTERM or Ctrl-C."""
+    """Serve the Tracking API (POST /v1/batch, ...) and the Profile API (GET /v1/spaces/...) until SIGTERM."""
     from idstitch.engine import Engine
     from idstitch.http.server import run_server  # uvicorn loads only for this command
 
@@ -364,32 +376,11 @@ def serve(
                 host=host,
                 port=port,
                 announce=lambda url: print(f"idstitch serving on {url}", file=sys.stderr, flush=True),
+                profile_port=profile_port,
             )
 
 
 # -- profile / explain -----------------------------------------------------------------------------
-
-
-def _find_root(
-    store: Store, rules: IdentityRules, space: str, text: str, collection: str | None
-) -> str | None:
-    """The root segment id of `text` (type:value or a segment id, merged ids follow to their root)."""
-    own = collection_of_segment_id(text)
-    if own is not None:
-        root = store.resolve_segment_id(space, text)
-        if root is None or (collection is not None and collection != own):
-            return None
-        return root
-    try:
-        identifier = parse_identifier(text)
-    except ValueError:
-        raise UsageError(f"{text!r} is neither type:value (e.g. user_id:u1) nor a segment id") from None
-    if collection is None:
-        declared = rules.rule(identifier.type).collection if rules.knows(identifier.type) else "users"
-        collection = "accounts" if identifier.type == "group_id" else declared
-    value = normalise_value(identifier.value, rules.rule(identifier.type).normalise)
-    owner = store.find_profile(space, Identifier(identifier.type, value, collection))
-    return None if owner is None else store.resolve_segment_id(space, owner) or owner
 
 
 def _check_collection(collection: str | None) -> None:
@@ -442,7 +433,10 @@ def _found_profile(
     settings = load_config(config)
     with _store(store_url, must_exist=True) as opened:
         space_name = _space_for_reading(settings, opened, space)
-        root = _find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
+        try:
+            root = find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
+        except InvalidProfileId as error:
+            raise UsageError(str(error)) from None
         if root is None:
             _not_found(id, space_name)
         yield opened, space_name, root
@@ -532,58 +526,13 @@ def explain(
 ) -> None:
     """Why a profile looks the way it does: its merges, the identifiers dropped and why, its suspects."""
     with _user_errors(), _found_profile(id, space, collection, store, config) as (opened, space_name, root):
-        document = _explain_document(opened, space_name, root)
+        document = explain_document(opened, space_name, root)
+        if document is None:
+            raise UsageError(f"profile {root} vanished while reading it")
         if as_json:
             print(json.dumps(document, indent=2, ensure_ascii=False))
             return
         _render_explain(document)
-
-
-def _explain_document(store: Store, space: str, root: str) -> dict[str, Any]:
-    record = store.profile(space, root)
-    if record is None:
-        raise UsageError(f"profile {root} vanished while reading it")
-    identifiers = store.identifiers(space, root)
-    dropped = store.dropped(space, root)
-    on_profile = {f"{item.type}:{item.value}" for item in identifiers if item.suspect}
-    related = on_profile | {item.identifier for item in dropped}
-    suspects = [
-        {
-            "identifier": item.identifier,
-            "on_profile": item.identifier in on_profile,
-            "evidence_type": item.evidence_type,
-            "evidence_values": list(item.evidence_values),
-            "message_id": item.message_id,
-            "at": _time(item.at),
-        }
-        for item in store.suspects(space)
-        if item.collection == record.collection and item.identifier in related
-    ]
-    return {
-        "segment_id": record.segment_id,
-        "collection": record.collection,
-        "merged_segment_ids": list(record.merged_segment_ids),
-        "merges": [
-            {
-                "parent": item.parent_id,
-                "child": item.child_id,
-                "message_id": item.message_id,
-                "via": item.via,
-                "at": _time(item.at),
-            }
-            for item in store.merges(space, root)
-        ],
-        "dropped": [
-            {
-                "identifier": item.identifier,
-                "rule": item.rule,
-                "message_id": item.message_id,
-                "at": _time(item.at),
-            }
-            for item in dropped
-        ],
-        "suspects": suspects,
-    }
 
 
 def _render_explain(document: dict[str, Any]) -> None:

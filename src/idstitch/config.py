@@ -24,6 +24,9 @@ __all__ = [
 DEFAULT_STORE_URL: Final = "sqlite:///./idstitch.db"
 DEFAULT_SPACE: Final = "default"
 DEFAULT_SOURCE: Final = "default"
+# Profile API requests per second per token. Segment allows 100 per space; a self-hosted API that
+# support tools and apps read in real time needs more, and 0 turns the limit off.
+DEFAULT_RATE_LIMIT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class SpaceConfig:
     sources: Mapping[str, SourceConfig] = field(default_factory=dict)
     profile_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
+    rate_limit: int = DEFAULT_RATE_LIMIT  # Profile API requests per second per token; 0: unlimited
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,15 @@ class Config:
     def default(cls) -> Config:
         """The zero-configuration set-up: one space `default` with one source `default`."""
         write_key = os.environ.get("IDSTITCH_WRITE_KEY") or None
+        # Without these, the first run generates a read and an admin token and keeps them in the store.
+        profile_token = os.environ.get("IDSTITCH_PROFILE_TOKEN")
+        admin_token = os.environ.get("IDSTITCH_ADMIN_TOKEN")
         space = SpaceConfig(
             name=DEFAULT_SPACE,
             rules=IdentityRules.default(),
             sources={DEFAULT_SOURCE: SourceConfig(DEFAULT_SOURCE, write_key)},
+            profile_tokens=(profile_token,) if profile_token else (),
+            admin_tokens=(admin_token,) if admin_token else (),
         )
         return cls(spaces={DEFAULT_SPACE: space}, implicit=True)
 
@@ -91,6 +100,7 @@ class Config:
             raise ConfigError(f"{path or 'config'}: needs at least one [spaces.NAME] table")
         spaces: dict[str, SpaceConfig] = {}
         write_keys: dict[str, str] = {}
+        tokens: dict[str, str] = {}
         for name, table in spaces_table.items():
             where = f"spaces.{name}"
             if not isinstance(table, Mapping):
@@ -110,12 +120,26 @@ class Config:
                     )
                 write_keys[key] = f"{where}.sources.{source_name}"
                 sources[source_name] = SourceConfig(source_name, key, bool(source.get("merge", True)))
+            profile_tokens = _string_list(table, "profile_tokens", where)
+            admin_tokens = _string_list(table, "admin_tokens", where)
+            for kind, listed in (("profile_tokens", profile_tokens), ("admin_tokens", admin_tokens)):
+                for token in listed:
+                    if not token:
+                        raise ConfigError(f"{where}.{kind}: a token cannot be empty")
+                    if token in tokens:
+                        # One token, one space and one kind: otherwise what it may read would be ambiguous.
+                        raise ConfigError(f"{where}.{kind}: {token!r} is already used by {tokens[token]}")
+                    tokens[token] = f"{where}.{kind}"
+            rate_limit = table.get("rate_limit", DEFAULT_RATE_LIMIT)
+            if isinstance(rate_limit, bool) or not isinstance(rate_limit, int) or rate_limit < 0:
+                raise ConfigError(f"{where}.rate_limit: must be a whole number >= 0 (0: unlimited)")
             spaces[name] = SpaceConfig(
                 name=name,
                 rules=rules,
                 sources=sources,
-                profile_tokens=tuple(_string_list(table, "profile_tokens", where)),
-                admin_tokens=tuple(_string_list(table, "admin_tokens", where)),
+                profile_tokens=tuple(profile_tokens),
+                admin_tokens=tuple(admin_tokens),
+                rate_limit=rate_limit,
             )
         return cls(spaces=spaces, path=path)
 

@@ -16,7 +16,7 @@ from idstitch.core.messages import Message
 from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
 from idstitch.core.rules import IdentityRules
 from idstitch.core.traits import account_trait_updates, user_trait_updates
-from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransaction
+from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransaction, TokenRecord
 
 __all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome"]
 
@@ -71,6 +71,8 @@ class Engine:
         self.config = config
         self._rules: dict[str, IdentityRules] = {}
         self.created_write_keys: list[SourceRecord] = []
+        self.created_tokens: list[TokenRecord] = []
+        self._tokens: dict[str, TokenRecord] = {}
         self._bootstrap()
 
     def _bootstrap(self) -> None:
@@ -79,6 +81,30 @@ class Engine:
             self.store.ensure_space(space.name)
             for source in space.sources.values():
                 self._ensure_source(space.name, source, existing.get((space.name, source.name)))
+            for kind, tokens in (("read", space.profile_tokens), ("admin", space.admin_tokens)):
+                for token in tokens:
+                    self._tokens[token] = TokenRecord(space.name, token, kind)
+        if self.config.implicit:
+            self._ensure_generated_tokens()
+
+    def _ensure_generated_tokens(self) -> None:
+        # First run without a config: a read and an admin token, made once and kept in the store like
+        # the write key, so that the Profile API works with nothing set up and the tokens stay valid.
+        spaces = set(self.config.spaces)
+        stored = [token for token in self.store.tokens() if token.space in spaces]
+        for token in stored:
+            self._tokens.setdefault(token.token, token)
+        for space in self.config.spaces.values():
+            for kind, prefix, configured in (
+                ("read", "pt_", space.profile_tokens),
+                ("admin", "at_", space.admin_tokens),
+            ):
+                if configured or any(t.space == space.name and t.kind == kind for t in stored):
+                    continue
+                record = TokenRecord(space.name, prefix + secrets.token_urlsafe(18), kind)
+                self.store.upsert_token(record)
+                self._tokens[record.token] = record
+                self.created_tokens.append(record)
 
     def _ensure_source(self, space: str, source: SourceConfig, existing: SourceRecord | None) -> None:
         if source.write_key is None:
@@ -109,6 +135,10 @@ class Engine:
                     return None
                 return source
         return None
+
+    def token(self, token: str) -> TokenRecord | None:
+        """The space and kind (read / admin) of a Profile API token; None for a token nobody configured."""
+        return self._tokens.get(token)
 
     def ingest(
         self,
@@ -218,17 +248,17 @@ class Engine:
         at = message.timestamp
         for resolution in (users, accounts):
             if resolution is not None:
-                transaction.apply_resolution(space, resolution, message.message_id)
+                transaction.apply_resolution(space, resolution, message.message_id, source)
         if users is not None and accounts is not None:
             transaction.link(space, users.profile_id, accounts.profile_id, at)
         if users is not None:
             updates = user_trait_updates(message)
             if updates:
-                transaction.set_traits(space, users.profile_id, updates, at)
+                transaction.set_traits(space, users.profile_id, updates, at, source)
         if accounts is not None:
             updates = account_trait_updates(message)
             if updates:
-                transaction.set_traits(space, accounts.profile_id, updates, at)
+                transaction.set_traits(space, accounts.profile_id, updates, at, source)
         owner = users.profile_id if users is not None else None
         owner = owner or (accounts.profile_id if accounts is not None else None)
         if decision.dropped:

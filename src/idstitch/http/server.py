@@ -17,7 +17,9 @@ import uvicorn
 from idstitch.core.errors import ConfigError
 from idstitch.engine import Engine
 from idstitch.group_commit import GroupCommitWriter
+from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
+from idstitch.http.profiles import ProfileAPI
 from idstitch.http.tracking import TrackingAPI
 
 __all__ = ["bind", "run_server"]
@@ -50,19 +52,34 @@ def run_server(
     port: int,
     announce: Callable[[str], None],
     max_pending_messages: int = 50_000,
+    profile_port: int | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; `announce` gets the URL once the server accepts connections."""
+    """Serve until SIGTERM/SIGINT; `announce` gets each URL once the server accepts connections.
+
+    The Tracking API and the Profile API share `port`, unless `profile_port` gives the Profile API its own.
+    """
     sock = bind(host, port)  # first: a port in use fails before anything process-wide is touched
+    sockets = [sock]
+    if profile_port is not None:
+        try:
+            sockets.append(bind(host, profile_port))
+        except ConfigError:
+            sock.close()
+            raise
     configure_logging()
     # The `_created` series (a timestamp per labelled counter) double the scrape for no use here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
-    bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
-    url = f"http://{shown_host}:{bound_port}"
+    urls = [f"http://{shown_host}:{item.getsockname()[1]}" for item in sockets]
     writer = GroupCommitWriter(engine, max_pending_messages=max_pending_messages)
+    bound_profile_port = sockets[1].getsockname()[1] if profile_port is not None else None
+    tracking = TrackingAPI(writer)
+    # One registry: /metrics shows both APIs' request latencies beside the ingest counters.
+    profiles = ProfileAPI(engine, metrics=tracking.metrics)
+    app = ServeApp(tracking, profiles, profile_port=bound_profile_port)
     try:
         config = uvicorn.Config(
-            TrackingAPI(writer),
+            app,
             lifespan="off",  # the writer is owned here, not by the app
             access_log=False,  # the app logs one structured line per request itself
             log_config=None,
@@ -70,10 +87,18 @@ def run_server(
             # Past this, requests still running are cancelled; their messages still get committed.
             timeout_graceful_shutdown=30,
         )
-        _Server(config, on_started=lambda: announce(url)).run(sockets=[sock])
+
+        def on_started() -> None:
+            if len(urls) == 1:
+                announce(urls[0])
+            else:
+                announce(f"{urls[0]} (Tracking API), {urls[1]} (Profile API)")
+
+        _Server(config, on_started=on_started).run(sockets=sockets)
     finally:
         writer.close()  # everything accepted is committed before the process exits
-        sock.close()
+        for item in sockets:
+            item.close()
 
 
 class _Server(uvicorn.Server):

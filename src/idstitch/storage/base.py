@@ -17,15 +17,19 @@ from idstitch.core.resolve import Resolution
 
 __all__ = [
     "DroppedRecord",
+    "EventQuery",
     "EventRecord",
     "IdentifierRecord",
     "MergeRecord",
+    "ProfileActivity",
     "ProfileRecord",
     "SourceRecord",
     "SpaceStats",
     "Store",
     "StoreTransaction",
     "SuspectRecord",
+    "TokenRecord",
+    "TraitRecord",
 ]
 
 
@@ -36,6 +40,15 @@ class SourceRecord:
     space: str
     name: str
     write_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A Profile API token of a space: `read` opens profile reads, `admin` also the space-wide views."""
+
+    space: str
+    token: str
+    kind: str  # read | admin
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,8 @@ class IdentifierRecord:
     last_seen: datetime
     retired: bool = False
     suspect: bool = False
+    source: str | None = None  # the source of the message that first attached it
+    first_message_id: str | None = None  # that message
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +92,43 @@ class ProfileRecord:
     created_at: datetime
     merge_count: int
     merged_segment_ids: tuple[str, ...] = ()
+    created_by: str = ""  # the message that created it
+
+
+@dataclass(frozen=True, slots=True)
+class TraitRecord:
+    """One current trait of a profile, with the source and time of the message that set it."""
+
+    key: str
+    value: Any
+    source: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileActivity:
+    """The first and last message of a root profile's family (the Profile API's `metadata`)."""
+
+    first_message_id: str | None
+    first_source: str | None
+    last_message_id: str | None
+    last_source: str | None
+    updated_at: datetime | None  # when the last message was received
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """Which events of a profile to read, in which order, from where (a keyset cursor)."""
+
+    limit: int = 10
+    descending: bool = True  # order by (timestamp, message_id)
+    # The (timestamp, message_id) of the last event already seen; the page starts after it, so pages
+    # stay stable while new events arrive.
+    after: tuple[datetime, str] | None = None
+    start: datetime | None = None  # timestamp >= start
+    end: datetime | None = None  # timestamp < end
+    include: frozenset[str] = frozenset()  # only these event names (empty: all)
+    exclude: frozenset[str] = frozenset()  # not these event names
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +209,13 @@ class StoreTransaction(Protocol):
         """The graph neighbourhood of these identifiers: owners (roots), their profiles, evidence, suspects."""
         ...
 
-    def apply_resolution(self, space: str, resolution: Resolution, message_id: str) -> None:
-        """Write one collection's decision: new profile, merges, identifiers, suspects, evidence, drops."""
+    def apply_resolution(
+        self, space: str, resolution: Resolution, message_id: str, source: str | None = None
+    ) -> None:
+        """Write one collection's decision: new profile, merges, identifiers, suspects, evidence, drops.
+
+        New identifiers remember `message_id` and `source` as the message and source that first attached them.
+        """
         ...
 
     def record_dropped(
@@ -167,7 +224,14 @@ class StoreTransaction(Protocol):
         """Record identifiers dropped before resolution (blocked values, source policy)."""
         ...
 
-    def set_traits(self, space: str, profile_id: str, updates: Mapping[str, Any], at: datetime) -> None:
+    def set_traits(
+        self,
+        space: str,
+        profile_id: str,
+        updates: Mapping[str, Any],
+        at: datetime,
+        source: str | None = None,
+    ) -> None:
         """Set traits where `at` is not older than the stored value's time; None values remove."""
         ...
 
@@ -218,6 +282,14 @@ class Store(Protocol):
         """Custom identifier types of a space in first-seen order."""
         ...
 
+    def upsert_token(self, token: TokenRecord) -> None:
+        """Create a Profile API token (keyed by the token itself) or change its space or kind."""
+        ...
+
+    def tokens(self) -> list[TokenRecord]:
+        """Every Profile API token the store keeps (generated on a first run without config)."""
+        ...
+
     # reads
     def find_profile(self, space: str, identifier: Identifier) -> str | None:
         """The root profile owning an identifier."""
@@ -239,6 +311,14 @@ class Store(Protocol):
         """Current traits of a root profile."""
         ...
 
+    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
+        """Current traits of a root profile with source and time, sorted by key (removed ones left out)."""
+        ...
+
+    def activity(self, space: str, profile_id: str) -> ProfileActivity:
+        """First (the creating message) and last-ingested message of a root profile's family."""
+        ...
+
     def event_count(self, space: str, profile_id: str) -> int:
         """How many events a root profile (with its merged children) has."""
         ...
@@ -247,6 +327,10 @@ class Store(Protocol):
         self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
     ) -> list[EventRecord]:
         """Events of a root and its merged children, newest first by sequence; page with after_sequence."""
+        ...
+
+    def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
+        """One page of a root family's events, ordered by (timestamp, message_id), filtered by the query."""
         ...
 
     def links(self, space: str, profile_id: str) -> list[str]:
@@ -265,8 +349,10 @@ class Store(Protocol):
         """Identifiers marked non-unique in a space."""
         ...
 
-    def unresolved(self, space: str, *, limit: int = 100) -> list[EventRecord]:
-        """Messages whose identifiers were all blocked."""
+    def unresolved(
+        self, space: str, *, limit: int = 100, before_sequence: int | None = None
+    ) -> list[EventRecord]:
+        """Messages whose identifiers were all blocked, newest first; page with the last sequence seen."""
         ...
 
     def stats(self, space: str) -> SpaceStats:

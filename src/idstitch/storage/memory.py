@@ -35,13 +35,17 @@ from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import Resolution
 from idstitch.storage.base import (
     DroppedRecord,
+    EventQuery,
     EventRecord,
     IdentifierRecord,
     MergeRecord,
+    ProfileActivity,
     ProfileRecord,
     SourceRecord,
     SpaceStats,
     SuspectRecord,
+    TokenRecord,
+    TraitRecord,
 )
 from idstitch.storage.times import from_micros, to_micros
 
@@ -102,21 +106,33 @@ class _Profile:
 
 
 class _Ident:
-    __slots__ = ("device_owner", "device_owner_at", "first_seen", "last_seen", "profile_id", "retired")
+    __slots__ = (
+        "device_owner",
+        "device_owner_at",
+        "first_message_id",
+        "first_seen",
+        "last_seen",
+        "profile_id",
+        "retired",
+        "source",
+    )
 
-    def __init__(self, profile_id: str, seen: datetime) -> None:
+    def __init__(self, profile_id: str, seen: datetime, source: str | None, message_id: str) -> None:
         self.profile_id = profile_id
         self.first_seen = seen
         self.last_seen = seen
         self.retired = False
         self.device_owner: str | None = None
         self.device_owner_at: datetime | None = None
+        # Who first attached it: set once, never written again (a merge moves the row as it is).
+        self.source = source
+        self.first_message_id = message_id
 
 
 # A suspect: (evidence_type, evidence_values as JSON text, message_id, at)
 _Suspect = tuple[str, str, str, datetime]
-# A trait: (value as JSON text or None for a removal, set_at)
-_Trait = tuple[str | None, datetime]
+# A trait: (value as JSON text or None for a removal, set_at, source)
+_Trait = tuple[str | None, datetime, str | None]
 # An event, in EventRecord's field order (sequence last).
 _Event = tuple[
     str, str, str | None, datetime, datetime, str | None, str | None, str | None, tuple[str, ...], bytes, int
@@ -211,6 +227,7 @@ class MemoryStore:
         self._spaces: dict[str, int] = {}  # name -> created_at (microseconds)
         self._sources: dict[tuple[str, str], str] = {}  # (space, name) -> write key
         self._write_keys: dict[str, tuple[str, str]] = {}
+        self._tokens: dict[str, tuple[str, str]] = {}  # token -> (space, kind)
         self._data: dict[str, _Space] = {}
         self._sequence = 0  # the last event sequence handed out (shared by every space, like SQLite's)
 
@@ -251,6 +268,11 @@ class MemoryStore:
             transaction.set_item(self._sources, key, source.write_key)
             transaction.set_item(self._write_keys, source.write_key, key)
 
+    def upsert_token(self, token: TokenRecord) -> None:
+        """Create a token or change its space or kind."""
+        with self.transaction() as transaction:
+            transaction.set_item(self._tokens, token.token, (token.space, token.kind))
+
     # -- reads -------------------------------------------------------------------------------
     def _read(self, space: str) -> _Space:
         return self._data.get(space) or _EMPTY
@@ -262,6 +284,13 @@ class MemoryStore:
     def sources(self) -> list[SourceRecord]:
         """Every source, by space and name."""
         return [SourceRecord(space, name, key) for (space, name), key in sorted(list(self._sources.items()))]
+
+    def tokens(self) -> list[TokenRecord]:
+        """Every token, by space and token."""
+        return sorted(
+            (TokenRecord(space, token, kind) for token, (space, kind) in list(self._tokens.items())),
+            key=lambda record: (record.space, record.token),
+        )
 
     def learned_types(self, space: str) -> list[tuple[str, str]]:
         """Custom types of a space, first seen first."""
@@ -296,6 +325,7 @@ class MemoryStore:
             profile.created_at,
             profile.merge_count,
             tuple(child for _, child in children),
+            profile.created_by,
         )
 
     def identifiers(self, space: str, profile_id: str) -> list[IdentifierRecord]:
@@ -311,6 +341,8 @@ class MemoryStore:
                 row.last_seen,
                 row.retired,
                 key in suspects,
+                row.source,
+                row.first_message_id,
             )
             for key, row in list(data.owned.get(profile_id, {}).items())
         ]
@@ -321,8 +353,39 @@ class MemoryStore:
         """Current traits of a root (removals left out)."""
         stored = self._read(space).traits.get(profile_id, {})
         return {
-            key: _json_decode(value) for key, (value, _) in sorted(list(stored.items())) if value is not None
+            key: _json_decode(value)
+            for key, (value, _, _) in sorted(list(stored.items()))
+            if value is not None
         }
+
+    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
+        """Current traits of a root with their source and time, by key (removals left out)."""
+        stored = self._read(space).traits.get(profile_id, {})
+        return [
+            TraitRecord(key, _json_decode(value), source, set_at)
+            for key, (value, set_at, source) in sorted(list(stored.items()))
+            if value is not None
+        ]
+
+    def activity(self, space: str, profile_id: str) -> ProfileActivity:
+        """The creating message of a root and the last message ingested for its family."""
+        data = self._read(space)
+        profile = data.profiles.get(profile_id)
+        first = None if profile is None else profile.created_by
+        first_source = None
+        if first is not None:
+            sequence = data.message_ids.get(first)
+            if sequence is not None:
+                first_source = data.events[sequence][5]
+        index = data.account_events if data.is_account(profile_id) else data.user_events
+        # Each member's sequences ascend: the family's last event is the largest of their last ones.
+        last = max(
+            (found[-1] for member in data.family(profile_id) if (found := index.get(member))), default=0
+        )
+        if not last:
+            return ProfileActivity(first, first_source, None, None, None)
+        row = data.events[last]
+        return ProfileActivity(first, first_source, row[0], row[5], row[4])
 
     def event_count(self, space: str, profile_id: str) -> int:
         """Events of a root's family."""
@@ -347,6 +410,33 @@ class MemoryStore:
         chosen = merged if limit < 0 else islice(merged, limit)
         rows = data.events
         return [_event_record(rows[sequence]) for sequence in chosen]
+
+    def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
+        """A page of a root family's events by (timestamp, message_id), after the query's cursor."""
+        data = self._read(space)
+        index = data.account_events if data.is_account(profile_id) else data.user_events
+        rows = data.events
+        after = None if query.after is None else (_utc(query.after[0]), query.after[1])
+        start = None if query.start is None else _utc(query.start)
+        end = None if query.end is None else _utc(query.end)
+        include, exclude = query.include, query.exclude
+        descending = query.descending
+        chosen: list[_Event] = []
+        for member in data.family(profile_id):
+            for sequence in list(index.get(member, ())):
+                row = rows[sequence]
+                timestamp, name = row[3], row[2]
+                if after is not None and (
+                    (timestamp, row[0]) >= after if descending else (timestamp, row[0]) <= after
+                ):
+                    continue
+                if (start is not None and timestamp < start) or (end is not None and timestamp >= end):
+                    continue
+                if (include and name not in include) or name in exclude:
+                    continue
+                chosen.append(row)
+        chosen.sort(key=lambda row: (row[3], row[0]), reverse=descending)
+        return [_event_record(row) for row in (chosen if query.limit < 0 else chosen[: query.limit])]
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root, oldest link first."""
@@ -390,11 +480,13 @@ class MemoryStore:
             for key, (evidence_type, values, message_id, at) in rows
         ]
 
-    def unresolved(self, space: str, *, limit: int = 100) -> list[EventRecord]:
-        """Messages whose identifiers were all blocked, newest first."""
+    def unresolved(
+        self, space: str, *, limit: int = 100, before_sequence: int | None = None
+    ) -> list[EventRecord]:
+        """Messages whose identifiers were all blocked, newest first; page with the last sequence seen."""
         data = self._read(space)
         sequences = data.unresolved
-        end = len(sequences)
+        end = len(sequences) if before_sequence is None else bisect_left(sequences, before_sequence)
         start = 0 if limit < 0 else max(end - limit, 0)
         rows = data.events
         return [_event_record(rows[sequences[position]]) for position in range(end - 1, start - 1, -1)]
@@ -443,7 +535,7 @@ class MemoryStore:
         traits = [
             [profile_id, key, "null" if value is None else value, to_micros(set_at)]
             for profile_id, stored in sorted(list(data.traits.items()), key=lambda item: item[0])
-            for key, (value, set_at) in sorted(list(stored.items()), key=lambda item: item[0])
+            for key, (value, set_at, _) in sorted(list(stored.items()), key=lambda item: item[0])
         ]
         links = [[user, account] for user, account in sorted(list(data.links))]
         merges = [
@@ -592,7 +684,9 @@ class MemoryTransaction:
         )
         return ProfileState(root, profile.collection, profile.created_at, profile.merge_count, members)
 
-    def apply_resolution(self, space: str, resolution: Resolution, message_id: str) -> None:
+    def apply_resolution(
+        self, space: str, resolution: Resolution, message_id: str, source: str | None = None
+    ) -> None:
         """Write one collection's decision."""
         data = self._space(space)
         log = self._log
@@ -616,7 +710,7 @@ class MemoryTransaction:
                 key = Identifier(item.type, item.value, item.collection)
                 if key in table:
                     raise IntegrityError(f"identifier {item} ({item.collection}) sent twice")
-                row = _Ident(target, now)
+                row = _Ident(target, now, source, message_id)
                 table[key] = row
                 log.append((_DICT, table, key, _MISSING))
                 owned[key] = row
@@ -744,8 +838,15 @@ class MemoryTransaction:
                 self._index(data.profile_dropped, profile_id, len(data.dropped))
             self._append(data.dropped, record)
 
-    def set_traits(self, space: str, profile_id: str, updates: Mapping[str, Any], at: datetime) -> None:
-        """Set traits unless a newer value is stored; None values are kept as removals."""
+    def set_traits(
+        self,
+        space: str,
+        profile_id: str,
+        updates: Mapping[str, Any],
+        at: datetime,
+        source: str | None = None,
+    ) -> None:
+        """Set traits (with the source that sent them) unless a newer value is stored; None removes."""
         when = _utc(at)
         encoded = [
             (key, None if value is None else _json_encode(value).decode()) for key, value in updates.items()
@@ -756,7 +857,7 @@ class MemoryTransaction:
         for key, text in encoded:
             current = traits.get(key)
             if current is None or when >= current[1]:
-                self.set_item(traits, key, (text, when))
+                self.set_item(traits, key, (text, when, source))
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
         """Link a user and an account (idempotent: the first link's time is kept)."""

@@ -19,13 +19,17 @@ from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import Resolution
 from idstitch.storage.base import (
     DroppedRecord,
+    EventQuery,
     EventRecord,
     IdentifierRecord,
     MergeRecord,
+    ProfileActivity,
     ProfileRecord,
     SourceRecord,
     SpaceStats,
     SuspectRecord,
+    TokenRecord,
+    TraitRecord,
 )
 from idstitch.storage.graph_cache import (
     DEFAULT_MAX_IDENTIFIERS,
@@ -227,6 +231,15 @@ class SQLiteStore:
                 (source.space, source.name, source.write_key),
             )
 
+    def upsert_token(self, token: TokenRecord) -> None:
+        """Create a token or change its space or kind."""
+        with self.transaction() as transaction:
+            transaction.db.execute(
+                "INSERT INTO tokens (token, space, kind) VALUES (?, ?, ?) "
+                "ON CONFLICT (token) DO UPDATE SET space = excluded.space, kind = excluded.kind",
+                (token.token, token.space, token.kind),
+            )
+
     # -- reads -------------------------------------------------------------------------------
     def spaces(self) -> list[str]:
         """Every space."""
@@ -236,6 +249,11 @@ class SQLiteStore:
         """Every source."""
         rows = self._reader().execute("SELECT space, name, write_key FROM sources ORDER BY space, name")
         return [SourceRecord(*row) for row in rows]
+
+    def tokens(self) -> list[TokenRecord]:
+        """Every token, by space and token."""
+        rows = self._reader().execute("SELECT space, token, kind FROM tokens ORDER BY space, token")
+        return [TokenRecord(*row) for row in rows]
 
     def learned_types(self, space: str) -> list[tuple[str, str]]:
         """Custom types of a space, first seen first."""
@@ -272,7 +290,7 @@ class SQLiteStore:
         """A root profile with its merged children's ids."""
         db = self._reader()
         row = db.execute(
-            "SELECT segment_id, collection, created_at, merge_count FROM profiles "
+            "SELECT segment_id, collection, created_at, merge_count, created_by FROM profiles "
             "WHERE space = ? AND segment_id = ? AND parent_id IS NULL",
             (space, segment_id),
         ).fetchone()
@@ -283,21 +301,30 @@ class SQLiteStore:
             (space, segment_id),
         )
         return ProfileRecord(
-            row[0], row[1], from_micros(row[2]), row[3], tuple(child[0] for child in children)
+            row[0], row[1], from_micros(row[2]), row[3], tuple(child[0] for child in children), row[4]
         )
 
     def identifiers(self, space: str, profile_id: str) -> list[IdentifierRecord]:
         """Identifiers of a root, first seen first."""
         rows = self._reader().execute(
-            "SELECT i.type, i.value, i.collection, i.first_seen, i.last_seen, i.retired, "
-            "s.type IS NOT NULL FROM identifiers i INDEXED BY identifiers_by_profile LEFT JOIN suspects s ON s.space = i.space "
+            "SELECT i.type, i.value, i.collection, i.first_seen, i.last_seen, i.retired, s.type IS NOT NULL, "
+            "i.source, i.first_message_id FROM identifiers i INDEXED BY identifiers_by_profile "
+            "LEFT JOIN suspects s ON s.space = i.space "
             "AND s.collection = i.collection AND s.type = i.type AND s.value = i.value "
             "WHERE i.space = ? AND i.profile_id = ? ORDER BY i.first_seen, i.type, i.value",
             (space, profile_id),
         )
         return [
             IdentifierRecord(
-                row[0], row[1], row[2], from_micros(row[3]), from_micros(row[4]), bool(row[5]), bool(row[6])
+                row[0],
+                row[1],
+                row[2],
+                from_micros(row[3]),
+                from_micros(row[4]),
+                bool(row[5]),
+                bool(row[6]),
+                row[7],
+                row[8],
             )
             for row in rows
         ]
@@ -310,6 +337,38 @@ class SQLiteStore:
             (space, profile_id),
         )
         return {row[0]: _json_decode(row[1]) for row in rows}
+
+    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
+        """Current traits of a root with their source and time, by key."""
+        rows = self._reader().execute(
+            "SELECT key, value, source, set_at FROM traits WHERE space = ? AND profile_id = ? "
+            "AND value IS NOT NULL ORDER BY key",
+            (space, profile_id),
+        )
+        return [TraitRecord(row[0], _json_decode(row[1]), row[2], from_micros(row[3])) for row in rows]
+
+    def activity(self, space: str, profile_id: str) -> ProfileActivity:
+        """The creating message of a root and the last message ingested for its family."""
+        db = self._reader()
+        row = db.execute(
+            "SELECT p.created_by, e.source FROM profiles p LEFT JOIN events e "
+            "ON e.space = p.space AND e.message_id = p.created_by WHERE p.space = ? AND p.segment_id = ?",
+            (space, profile_id),
+        ).fetchone()
+        first, first_source = (None, None) if row is None else (row[0], row[1])
+        family = self._family(db, space, profile_id)
+        column = self._family_column(db, space, profile_id)
+        marks = ",".join("?" * len(family))
+        # max() reads only the profile index (it holds the sequence, the rowid); ORDER BY sequence DESC
+        # LIMIT 1 could walk the whole table backwards from the newest event.
+        last = db.execute(
+            "SELECT message_id, source, received_at FROM events WHERE sequence = "
+            f"(SELECT max(sequence) FROM events WHERE space = ? AND {column} IN ({marks}))",
+            (space, *family),
+        ).fetchone()
+        if last is None:
+            return ProfileActivity(first, first_source, None, None, None)
+        return ProfileActivity(first, first_source, last[0], last[1], from_micros(last[2]))
 
     def _family(self, db: sqlite3.Connection, space: str, profile_id: str) -> list[str]:
         children = db.execute(
@@ -352,6 +411,44 @@ class SQLiteStore:
             (*parameters, limit),
         )
         return [_event(row) for row in rows]
+
+    def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
+        """A page of a root family's events by (timestamp, message_id), after the query's cursor."""
+        if query.limit == 0:
+            return []
+        db = self._reader()
+        family = self._family(db, space, profile_id)
+        column = self._family_column(db, space, profile_id)
+        direction, beyond = ("DESC", "<") if query.descending else ("ASC", ">")
+        conditions = [f"space = ? AND {column} = ?"]
+        parameters: list[Any] = []
+        if query.after is not None:
+            conditions.append(f"(timestamp, message_id) {beyond} (?, ?)")
+            parameters += [to_micros(query.after[0]), query.after[1]]
+        if query.start is not None:
+            conditions.append("timestamp >= ?")
+            parameters.append(to_micros(query.start))
+        if query.end is not None:
+            conditions.append("timestamp < ?")
+            parameters.append(to_micros(query.end))
+        if query.include:
+            conditions.append(f"name IN ({','.join('?' * len(query.include))})")
+            parameters += sorted(query.include)
+        if query.exclude:
+            conditions.append(f"(name IS NULL OR name NOT IN ({','.join('?' * len(query.exclude))}))")
+            parameters += sorted(query.exclude)
+        # One query per family member, not one with `IN`: each walks its profile's index in timestamp
+        # order and stops after `limit` rows (ties sorted on the spot), where `IN` would read and sort
+        # every event of the family. A family is the root and its merged children: a few queries.
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
+            f"ORDER BY timestamp {direction}, message_id {direction} LIMIT ?"
+        )
+        rows: list[Sequence[Any]] = []
+        for member in family:
+            rows += db.execute(sql, (space, member, *parameters, query.limit)).fetchall()
+        rows.sort(key=lambda row: (row[3], row[0]), reverse=query.descending)
+        return [_event(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
@@ -400,12 +497,18 @@ class SQLiteStore:
             for row in rows
         ]
 
-    def unresolved(self, space: str, *, limit: int = 100) -> list[EventRecord]:
-        """Messages whose identifiers were all blocked."""
+    def unresolved(
+        self, space: str, *, limit: int = 100, before_sequence: int | None = None
+    ) -> list[EventRecord]:
+        """Messages whose identifiers were all blocked, newest first; page with the last sequence seen."""
+        cursor = "" if before_sequence is None else " AND sequence < ?"
+        parameters: list[Any] = [space]
+        if before_sequence is not None:
+            parameters.append(before_sequence)
         rows = self._reader().execute(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = ? AND profile_id IS NULL "
-            "AND account_id IS NULL ORDER BY sequence DESC LIMIT ?",
-            (space, limit),
+            f"AND account_id IS NULL{cursor} ORDER BY sequence DESC LIMIT ?",
+            (*parameters, limit),
         )
         return [_event(row) for row in rows]
 
@@ -657,7 +760,9 @@ class SQLiteTransaction:
             root, entry.collection, from_micros(entry.created_at), entry.merge_count, tuple(members)
         )
 
-    def apply_resolution(self, space: str, resolution: Resolution, message_id: str) -> None:
+    def apply_resolution(
+        self, space: str, resolution: Resolution, message_id: str, source: str | None = None
+    ) -> None:
         """Write one collection's decision, to the database and the cache alike."""
         db = self.db
         cache = self.cache
@@ -677,10 +782,10 @@ class SQLiteTransaction:
             self._merge(space, collection, target, step.child_id, message_id, str(step.via), now)
         if resolution.added:
             db.executemany(
-                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen, "
+                "source, first_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (space, item.collection, item.type, item.value, target, now, now)
+                    (space, item.collection, item.type, item.value, target, now, now, source, message_id)
                     for item in resolution.added
                 ],
             )
@@ -813,12 +918,12 @@ class SQLiteTransaction:
             "WHERE space = ? AND profile_id = ?",
             (target, space, child),
         )
-        # Per trait key the newest value wins; the parent keeps its value on a tie.
+        # Per trait key the newest value (with its source) wins; the parent keeps its value on a tie.
         db.execute(
-            "INSERT INTO traits (space, profile_id, key, value, set_at) "
-            "SELECT space, ?, key, value, set_at FROM traits WHERE space = ? AND profile_id = ? AND true "
-            "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at "
-            "WHERE excluded.set_at > traits.set_at",
+            "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
+            "SELECT space, ?, key, value, set_at, source FROM traits WHERE space = ? AND profile_id = ? "
+            "AND true ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
+            "source = excluded.source WHERE excluded.set_at > traits.set_at",
             (target, space, child),
         )
         db.execute("DELETE FROM traits WHERE space = ? AND profile_id = ?", (space, child))
@@ -844,14 +949,29 @@ class SQLiteTransaction:
             [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
         )
 
-    def set_traits(self, space: str, profile_id: str, updates: Mapping[str, Any], at: datetime) -> None:
-        """Set traits unless a newer value is stored."""
+    def set_traits(
+        self,
+        space: str,
+        profile_id: str,
+        updates: Mapping[str, Any],
+        at: datetime,
+        source: str | None = None,
+    ) -> None:
+        """Set traits (with the source that sent them) unless a newer value is stored."""
         micros = to_micros(at)
         self.db.executemany(
-            "INSERT INTO traits VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-            "SET value = excluded.value, set_at = excluded.set_at WHERE excluded.set_at >= traits.set_at",
+            "INSERT INTO traits (space, profile_id, key, value, set_at, source) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
+            "source = excluded.source WHERE excluded.set_at >= traits.set_at",
             [
-                (space, profile_id, key, None if value is None else _json_encode(value).decode(), micros)
+                (
+                    space,
+                    profile_id,
+                    key,
+                    None if value is None else _json_encode(value).decode(),
+                    micros,
+                    source,
+                )
                 for key, value in updates.items()
             ],
         )

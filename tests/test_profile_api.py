@@ -1,0 +1,581 @@
+"""The Profile API (SPEC §7, SEGMENT_API.md §A) in process: httpx against the ASGI app over a SQLite store
+built from the SPEC examples. Full response bodies are compared, not just fields.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import Space, World, at, config_from_toml, open_world
+from idstitch.http.profiles import ProfileAPI, RateLimiter
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = """
+[spaces.app]
+profile_tokens = ["pt_app"]
+admin_tokens = ["at_app"]
+
+[spaces.app.sources.web]
+write_key = "wk_web"
+
+[spaces.app.sources.crm]
+write_key = "wk_crm"
+
+[spaces.other]
+profile_tokens = ["pt_other"]
+admin_tokens = ["at_other"]
+rate_limit = 3
+
+[spaces.other.sources.web]
+write_key = "wk_other"
+"""
+USERS = "/v1/spaces/app/collections/users/profiles"
+ACCOUNTS = "/v1/spaces/app/collections/accounts/profiles"
+NOT_FOUND = {"error": {"code": "not_found", "message": "Profile was not found."}}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"{token}:".encode()).decode()
+
+
+class Clock:
+    """A hand-turned monotonic clock for the rate limiter."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Api:
+    world: World
+    web: Space
+    crm: Space
+    client: httpx.AsyncClient
+    clock: Clock
+
+    async def get(self, path: str, token: str | None = "pt_app", **params: Any) -> tuple[int, Any]:
+        headers = {} if token is None else {"Authorization": basic(token)}
+        response = await self.client.get(path, params=params or None, headers=headers)
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["request-id"]
+        return response.status_code, response.json()
+
+    def root(self, ref: str) -> str:
+        found = self.web.profile_of(ref)
+        assert found is not None
+        return found
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    world = open_world(tmp_path, CONFIG)
+    clock = Clock()
+    app = ProfileAPI(world.engine, rate_limiter=RateLimiter(clock))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+        yield Api(world, world.space("app", "web"), world.space("app", "crm"), client, clock)
+    world.close()
+
+
+def e2(space: Space) -> None:
+    """SPEC E2: anonymous a1 browses three pages, then identifies as u1 with an email."""
+    for number in range(3):
+        space.send(
+            "page",
+            anonymousId="a1",
+            name=f"Page {number}",
+            properties={"path": f"/p{number}"},
+            context={"ip": "10.0.0.1"},
+            at=at(minutes=number),
+        )
+    space.send(
+        "identify",
+        userId="u1",
+        anonymousId="a1",
+        traits={"email": "J@X.io", "plan": "pro", "age": 41},
+        context={"library": {"name": "analytics.js", "version": "3.2.5"}},
+        at=at(minutes=10),
+    )
+
+
+# -- traits -------------------------------------------------------------------------------------------
+
+
+async def test_traits_by_email_any_case_and_url_encoded_have_segments_shape(api: Api) -> None:
+    e2(api.web)
+    root = api.root("user_id:u1")
+    status, body = await api.get(f"{USERS}/EMAIL:j%40x.io/traits")
+    assert status == 200
+    assert body == {
+        "traits": {"age": 41, "email": "J@X.io", "plan": "pro"},
+        "cursor": {"url": f"{USERS}/EMAIL:j%40x.io/traits", "has_more": False, "next": "", "limit": 10},
+    }
+    # the segment id and a merged-in anonymous id name the same profile
+    assert (await api.get(f"{USERS}/{root}/traits"))[1]["traits"] == body["traits"]
+    assert (await api.get(f"{USERS}/anonymous_id:a1/traits"))[1]["traits"] == body["traits"]
+
+
+async def test_traits_verbose_include_class_and_paging_by_key(api: Api) -> None:
+    e2(api.web)
+    status, body = await api.get(f"{USERS}/user_id:u1/traits", verbose="true", include="plan,age")
+    assert status == 200
+    assert body["traits"] == {
+        "age": {"value": 41, "source_id": "web", "updated_at": "2026-01-05T09:10:00.000Z"},
+        "plan": {"value": "pro", "source_id": "web", "updated_at": "2026-01-05T09:10:00.000Z"},
+    }
+    status, first = await api.get(f"{USERS}/user_id:u1/traits", limit="2")
+    assert first == {
+        "traits": {"age": 41, "email": "J@X.io"},
+        "cursor": {
+            "url": f"{USERS}/user_id:u1/traits?limit=2&next=plan",
+            "has_more": True,
+            "next": "plan",
+            "limit": 2,
+        },
+    }
+    status, second = await api.get(f"{USERS}/user_id:u1/traits", limit="2", next="plan")
+    assert second["traits"] == {"plan": "pro"} and second["cursor"]["has_more"] is False
+    # following cursor.url, as Segment's own clients do, gives the same page
+    following = await api.client.get(first["cursor"]["url"], headers={"Authorization": basic("pt_app")})
+    assert following.json() == second
+    assert (await api.get(f"{USERS}/user_id:u1/traits", **{"class": "audience"}))[1]["traits"] == {}
+
+
+async def test_a_newer_trait_from_another_source_shows_that_source(api: Api) -> None:
+    e2(api.web)
+    api.crm.send("identify", userId="u1", traits={"plan": "enterprise"}, at=at(minutes=20))
+    _, body = await api.get(f"{USERS}/user_id:u1/traits", verbose="true", include="plan")
+    assert body["traits"] == {
+        "plan": {"value": "enterprise", "source_id": "crm", "updated_at": "2026-01-05T09:20:00.000Z"}
+    }
+
+
+# -- external ids -----------------------------------------------------------------------------------
+
+
+async def test_external_ids_full_body_and_include(api: Api) -> None:
+    e2(api.web)
+    status, body = await api.get(f"{USERS}/user_id:u1/external_ids")
+    assert status == 200
+    assert body == {
+        "data": [
+            {
+                "source_id": "web",
+                "collection": "users",
+                "id": "a1",
+                "type": "anonymous_id",
+                "created_at": "2026-01-05T09:00:00.000Z",
+                "encoding": "none",
+                "first_message_id": "m1",
+            },
+            {
+                "source_id": "web",
+                "collection": "users",
+                "id": "j@x.io",
+                "type": "email",
+                "created_at": "2026-01-05T09:10:00.000Z",
+                "encoding": "none",
+                "first_message_id": "m4",
+            },
+            {
+                "source_id": "web",
+                "collection": "users",
+                "id": "u1",
+                "type": "user_id",
+                "created_at": "2026-01-05T09:10:00.000Z",
+                "encoding": "none",
+                "first_message_id": "m4",
+            },
+        ],
+        "cursor": {"url": f"{USERS}/user_id:u1/external_ids", "has_more": False, "next": "", "limit": 10},
+    }
+    _, only = await api.get(f"{USERS}/user_id:u1/external_ids", include="user_id,email", verbose="true")
+    assert [(item["type"], item["id"]) for item in only["data"]] == [("email", "j@x.io"), ("user_id", "u1")]
+    assert only["data"][1]["last_seen"] == "2026-01-05T09:10:00.000Z"
+    assert only["data"][1]["suspect"] is False and only["data"][1]["retired"] is False
+
+
+async def test_external_ids_page_with_next_without_gaps_or_repeats(api: Api) -> None:
+    api.web.send("identify", userId="u1", anonymousId="a0", at=at(minutes=0))
+    for number in range(1, 5):
+        api.web.send("track", userId="u1", anonymousId=f"a{number}", at=at(minutes=number))
+    seen: list[str] = []
+    params: dict[str, str] = {"limit": "2"}
+    while True:
+        status, body = await api.get(f"{USERS}/user_id:u1/external_ids", **params)
+        assert status == 200
+        seen += [f"{item['type']}:{item['id']}" for item in body["data"]]
+        if not body["cursor"]["has_more"]:
+            break
+        params["next"] = body["cursor"]["next"]
+    assert seen == ["anonymous_id:a0", "user_id:u1", *(f"anonymous_id:a{n}" for n in range(1, 5))]
+
+
+# -- events -------------------------------------------------------------------------------------------
+
+
+async def test_events_newest_first_with_segments_event_shape(api: Api) -> None:
+    e2(api.web)
+    root = api.root("user_id:u1")
+    status, body = await api.get(f"{USERS}/user_id:u1/events")
+    assert status == 200
+    assert [item["message_id"] for item in body["data"]] == ["m4", "m3", "m2", "m1"]
+    assert body["data"][0] == {
+        "external_ids": [
+            {"collection": "users", "type": "user_id", "id": "u1", "encoding": "none"},
+            {"collection": "users", "type": "anonymous_id", "id": "a1", "encoding": "none"},
+            {"collection": "users", "type": "email", "id": "j@x.io", "encoding": "none"},
+        ],
+        "context": {"library": {"name": "analytics.js", "version": "3.2.5"}},
+        "type": "identify",
+        "message_id": "m4",
+        "source_id": "web",
+        "timestamp": "2026-01-05T09:10:00.000Z",
+        "related": {"users": root},
+        "traits": {"email": "J@X.io", "plan": "pro", "age": 41},
+    }
+    assert body["data"][3] == {
+        "external_ids": [{"collection": "users", "type": "anonymous_id", "id": "a1", "encoding": "none"}],
+        "context": {"ip": "10.0.0.1"},
+        "type": "page",
+        "message_id": "m1",
+        "source_id": "web",
+        "timestamp": "2026-01-05T09:00:00.000Z",
+        "related": {"users": root},
+        "name": "Page 0",
+        "properties": {"path": "/p0"},
+    }
+    assert body["cursor"] == {"url": f"{USERS}/user_id:u1/events", "has_more": False, "next": "", "limit": 10}
+
+
+async def test_events_sort_start_end_include_exclude(api: Api) -> None:
+    e2(api.web)
+    api.web.send("track", userId="u1", event="Order Completed", properties={"total": 9}, at=at(minutes=30))
+
+    async def ids(**params: str) -> list[str]:
+        status, body = await api.get(f"{USERS}/user_id:u1/events", **params)
+        assert status == 200, body
+        return [item["message_id"] for item in body["data"]]
+
+    assert await ids(sort="asc") == ["m1", "m2", "m3", "m4", "m5"]
+    assert await ids(start="2026-01-05T09:01:00Z", end="2026-01-05T09:10:00Z") == ["m3", "m2"]
+    assert await ids(start="2026-01-05", end="2026-01-06", sort="asc", limit="2") == ["m1", "m2"]
+    assert await ids(include="Order Completed") == ["m5"]
+    assert await ids(include="Page 1,Page 2") == ["m3", "m2"]
+    assert await ids(exclude="Page 0,Page 1,Page 2") == ["m5", "m4"]
+    _, body = await api.get(f"{USERS}/user_id:u1/events", include="Order Completed")
+    assert body["data"][0]["event"] == "Order Completed"
+    assert body["data"][0]["properties"] == {"total": 9}
+
+
+async def test_event_pages_are_stable_while_new_events_arrive(api: Api) -> None:
+    for minute in range(25):
+        api.web.send("track", userId="u1", event="Viewed", at=at(minutes=minute))
+    seen: list[str] = []
+    params: dict[str, str] = {"limit": "10"}
+    while True:
+        status, body = await api.get(f"{USERS}/user_id:u1/events", **params)
+        assert status == 200
+        seen += [item["message_id"] for item in body["data"]]
+        # new events arrive between pages, newer than everything paged so far
+        api.web.send("track", userId="u1", event="Viewed", at=at(days=1, minutes=len(seen)))
+        if not body["cursor"]["has_more"]:
+            break
+        params["next"] = body["cursor"]["next"]
+    assert seen == [f"m{n}" for n in range(25, 0, -1)]
+    # Segment's cursor format: base64 of "<nanoseconds>::<message_id>"
+    _, first = await api.get(f"{USERS}/user_id:u1/events", limit="1")
+    cursor = first["cursor"]["next"]
+    decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    nanos, _, message_id = decoded.partition("::")
+    assert message_id == first["data"][0]["message_id"] and int(nanos) > 0
+
+
+# -- links, metadata --------------------------------------------------------------------------------
+
+
+async def test_links_on_both_sides_of_an_account(api: Api) -> None:
+    """SPEC E8: group calls link users and an account; links on either side list the other."""
+    api.web.send("group", userId="u1", groupId="acme", traits={"name": "Acme"}, at=at(minutes=1))
+    api.web.send("group", userId="u2", groupId="acme", at=at(minutes=2))
+    status, body = await api.get(f"{USERS}/user_id:u1/links")
+    assert status == 200
+    assert body == {
+        "data": [
+            {
+                "to_collection": "accounts",
+                "external_ids": [
+                    {
+                        "source_id": "web",
+                        "collection": "accounts",
+                        "id": "acme",
+                        "type": "group_id",
+                        "created_at": "2026-01-05T09:01:00.000Z",
+                        "encoding": "none",
+                        "first_message_id": "m1",
+                    }
+                ],
+            }
+        ],
+        "cursor": {"url": f"{USERS}/user_id:u1/links", "has_more": False, "next": "", "limit": 20},
+    }
+    status, account = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="1")
+    assert status == 200
+    assert [item["external_ids"][0]["id"] for item in account["data"]] == ["u1"]
+    assert account["data"][0]["to_collection"] == "users" and account["cursor"]["has_more"] is True
+    _, rest = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="1", next=account["cursor"]["next"])
+    assert [item["external_ids"][0]["id"] for item in rest["data"]] == ["u2"]
+    assert rest["cursor"]["has_more"] is False
+    _, traits = await api.get(f"{ACCOUNTS}/group_id:acme/traits")
+    assert traits["traits"] == {"name": "Acme"}
+    # a user id is not an account
+    assert await api.get(f"{ACCOUNTS}/user_id:u1/traits") == (404, NOT_FOUND)
+
+
+async def test_metadata_names_first_and_last_message_and_source(api: Api) -> None:
+    e2(api.web)
+    api.crm.send("identify", userId="u1", traits={"plan": "enterprise"}, at=at(minutes=20))
+    root = api.root("user_id:u1")
+    status, body = await api.get(f"{USERS}/email:j@x.io/metadata")
+    assert status == 200
+    created = api.world.store.profile("app", root)
+    assert created is not None
+    assert body == {
+        "segment_id": root,
+        "metadata": {
+            "created_at": "2026-01-05T09:00:00.000Z",
+            "updated_at": "2027-06-01T00:00:00.000Z",  # when the last message was received
+            "expires_at": None,
+            "first_message_id": "m1",
+            "first_source_id": "web",
+            "last_message_id": "m5",
+            "last_source_id": "crm",
+        },
+    }
+
+
+# -- merges, graph ------------------------------------------------------------------------------------
+
+
+async def test_merges_and_graph_explain_a_merge(api: Api) -> None:
+    """SPEC E4: B {email} merges into the older A {anonymous_id}; B's id resolves to A."""
+    older = api.web.send("page", anonymousId="a1", at=at(minutes=1)).profile_id
+    newer = api.web.send("identify", traits={"email": "j@x.io"}, at=at(minutes=2)).profile_id
+    api.web.send("identify", anonymousId="a1", traits={"email": "j@x.io"}, at=at(minutes=3))
+    assert older is not None and newer is not None and older != newer
+    status, body = await api.get(f"{USERS}/{newer}/merges")
+    assert status == 200
+    assert body == {
+        "segment_id": older,
+        "collection": "users",
+        "merged_segment_ids": [newer],
+        "merges": [
+            {
+                "parent": older,
+                "child": newer,
+                "message_id": "m3",
+                "via": "email:j@x.io",
+                "at": "2026-01-05T09:03:00.000Z",
+            }
+        ],
+        "dropped": [],
+        "suspects": [],
+    }
+    status, graph = await api.get(f"{USERS}/anonymous_id:a1/graph")
+    assert status == 200
+    assert graph["segment_id"] == older
+    assert {node["id"]: node["kind"] for node in graph["nodes"]} == {
+        older: "profile",
+        newer: "profile",
+        "anonymous_id:a1": "identifier",
+        "email:j@x.io": "identifier",
+    }
+    assert sorted(
+        (edge["kind"], edge["from"], edge["to"], edge["message_id"]) for edge in graph["edges"]
+    ) == [
+        ("merged_into", newer, older, "m3"),
+        ("owns", older, "anonymous_id:a1", "m1"),
+        ("owns", older, "email:j@x.io", "m2"),
+    ]
+    # every read of the child's id answers for the parent
+    _, events = await api.get(f"{USERS}/{newer}/events", sort="asc")
+    assert [item["message_id"] for item in events["data"]] == ["m1", "m2", "m3"]
+    assert {item["related"]["users"] for item in events["data"]} == {older}
+
+
+async def test_merges_show_identifiers_dropped_and_suspects(api: Api) -> None:
+    """SPEC E6: the library computer's anonymous id is dropped from Bob's message and becomes suspect."""
+    api.web.send("identify", userId="alice", anonymousId="lib1", at=at(minutes=1))
+    api.web.send("identify", userId="bob", anonymousId="lib1", at=at(minutes=2))
+    status, body = await api.get(f"{USERS}/user_id:bob/merges")
+    assert status == 200
+    assert body["merges"] == []
+    assert [(item["identifier"], item["message_id"]) for item in body["dropped"]] == [
+        ("anonymous_id:lib1", "m2")
+    ]
+    assert body["dropped"][0]["rule"]
+    status, suspects = await api.get("/v1/spaces/app/identifiers/suspect", token="at_app")
+    assert status == 200
+    assert [(item["identifier"], item["collection"]) for item in suspects["data"]] == [
+        ("anonymous_id:lib1", "users")
+    ]
+    assert suspects["data"][0]["evidence_type"] == "user_id"
+    assert sorted(suspects["data"][0]["evidence_values"]) == ["alice", "bob"]
+
+
+# -- space views (admin) ------------------------------------------------------------------------------
+
+
+async def test_unresolved_stats_rules_need_an_admin_token(api: Api) -> None:
+    """SPEC E7: a message whose only identifier is blocked is kept as unresolved."""
+    api.web.send("track", anonymousId="null", event="Clicked", at=at(minutes=1))
+    api.web.send("track", anonymousId="-1", event="Clicked", at=at(minutes=2))
+    api.web.send("track", userId="u1", event="Clicked", at=at(minutes=3))
+    status, body = await api.get("/v1/spaces/app/unresolved", token="at_app", limit="1")
+    assert status == 200
+    assert [item["message_id"] for item in body["data"]] == ["m2"]
+    assert body["data"][0]["payload"]["anonymousId"] == "-1"
+    assert body["data"][0]["source_id"] == "web" and body["data"][0]["type"] == "track"
+    _, rest = await api.get("/v1/spaces/app/unresolved", token="at_app", next=body["cursor"]["next"])
+    assert [item["message_id"] for item in rest["data"]] == ["m1"] and rest["cursor"]["has_more"] is False
+    status, stats = await api.get("/v1/spaces/app/stats", token="at_app")
+    assert status == 200
+    assert stats == {
+        "space": "app",
+        "profiles": 1,
+        "accounts": 0,
+        "identifiers": 1,
+        "merges": 0,
+        "events": 3,
+        "unresolved": 2,
+        "suspect": 0,
+        "dropped": 2,
+    }
+    status, rules = await api.get("/v1/spaces/app/rules", token="at_app")
+    assert status == 200 and rules["space"] == "app"
+    assert rules["rules"] == api.world.engine.rules("app").as_dict()
+    for path in ("unresolved", "stats", "rules", "identifiers/suspect"):
+        status, body = await api.get(f"/v1/spaces/app/{path}", token="pt_app")
+        assert status == 403 and body["error"]["code"] == "forbidden", path
+
+
+# -- auth, rate limit -------------------------------------------------------------------------------
+
+
+async def test_tokens_are_per_space_e9(api: Api) -> None:
+    e2(api.web)
+    assert (await api.get(f"{USERS}/user_id:u1/traits", token="at_app"))[0] == 200  # admin reads too
+    status, body = await api.get(f"{USERS}/user_id:u1/traits", token="pt_other")
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    status, body = await api.get(f"{USERS}/user_id:u1/traits", token="nope")
+    assert status == 401 and body == {
+        "error": {"code": "authentication_error", "message": "unknown Profile API token"}
+    }
+    response = await api.client.get(f"{USERS}/user_id:u1/traits")
+    assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Basic")
+    assert response.json()["error"]["code"] == "authentication_error"
+    # the other space's token reads its own space, where u1 does not exist
+    other = "/v1/spaces/other/collections/users/profiles/user_id:u1/traits"
+    assert await api.get(other, token="pt_other") == (404, NOT_FOUND)
+
+
+async def test_rate_limit_per_token_is_429_with_retry_after(api: Api) -> None:
+    path = "/v1/spaces/other/collections/users/profiles/user_id:u1/traits"
+    for _ in range(3):
+        assert (await api.get(path, token="pt_other"))[0] == 404
+    response = await api.client.get(path, headers={"Authorization": basic("pt_other")})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "rate_limit_error"
+    # another token of the same space has its own budget
+    assert (await api.get(path, token="at_other"))[0] == 404
+    api.clock.now += 1.0
+    assert (await api.get(path, token="pt_other"))[0] == 404
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "code"),
+    [
+        (f"{USERS}/u1/traits", {}, 400, "validation_error"),
+        (f"{USERS}/user_id:/traits", {}, 400, "validation_error"),
+        (f"{USERS}/:u1/traits", {}, 400, "validation_error"),
+        ("/v1/spaces/app/collections/people/profiles/user_id:u1/traits", {}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/traits", {"limit": "0"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/traits", {"limit": "201"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/events", {"limit": "101"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/links", {"limit": "x"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/traits", {"verbose": "maybe"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/traits", {"class": "segment"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/events", {"sort": "up"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/events", {"start": "yesterday"}, 400, "validation_error"),
+        (f"{USERS}/user_id:u1/events", {"next": "%%%"}, 400, "invalid_request_error"),
+        (f"{USERS}/user_id:u1/events", {"next": "bm90IGEgY3Vyc29y"}, 400, "invalid_request_error"),
+        (f"{USERS}/user_id:u1/external_ids", {"next": "garbage!"}, 400, "invalid_request_error"),
+        (f"{USERS}/user_id:u1/links", {"next": "WyJ1c2VfeCJd"}, 400, "invalid_request_error"),
+        (f"{USERS}/user_id:u1/friends", {}, 404, "not_found"),
+        (f"{USERS}/user_id:nobody/traits", {}, 404, "not_found"),
+        (f"{USERS}/use_000000000000000000000000000/traits", {}, 404, "not_found"),
+        ("/v1/spaces/app/nothing", {}, 404, "not_found"),
+    ],
+)
+async def test_bad_input_gets_the_documented_4xx(
+    api: Api, path: str, params: dict[str, str], status: int, code: str
+) -> None:
+    api.web.send("identify", userId="u1", at=at(minutes=1))
+    got, body = await api.get(path, **params)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"} and body["error"]["message"]
+
+
+async def test_a_repeated_parameter_and_other_methods_are_refused(api: Api) -> None:
+    api.web.send("identify", userId="u1", at=at(minutes=1))
+    response = await api.client.get(
+        f"{USERS}/user_id:u1/traits?limit=1&limit=2", headers={"Authorization": basic("pt_app")}
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request_error"
+    response = await api.client.post(f"{USERS}/user_id:u1/traits", headers={"Authorization": basic("pt_app")})
+    assert response.status_code == 405
+
+
+async def test_openapi_document_is_served(api: Api) -> None:
+    response = await api.client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"] == "3.1.0"
+    assert "/v1/spaces/{space}/collections/{collection}/profiles/{id}/traits" in document["paths"]
+    assert "/v1/spaces/{space}/stats" in document["paths"]
+
+
+def test_generated_tokens_are_kept_and_only_configured_tokens_count_under_a_config(tmp_path: Path) -> None:
+    world = open_world(tmp_path)  # no config: tokens are generated once and kept in the store
+    created = {token.kind: token for token in world.engine.created_tokens}
+    assert set(created) == {"read", "admin"}
+    assert created["read"].token.startswith("pt_") and created["admin"].token.startswith("at_")
+    world.restart()
+    assert world.engine.created_tokens == []
+    assert world.engine.token(created["read"].token) == created["read"]
+    configured = World(world.store, config_from_toml("[spaces.default]\nprofile_tokens = ['pt_mine']\n"))
+    assert configured.engine.token(created["read"].token) is None
+    assert configured.engine.token(created["admin"].token) is None
+    token = configured.engine.token("pt_mine")
+    assert token is not None and (token.space, token.kind) == ("default", "read")
+    world.close()
