@@ -579,3 +579,18 @@ def test_generated_tokens_are_kept_and_only_configured_tokens_count_under_a_conf
     token = configured.engine.token("pt_mine")
     assert token is not None and (token.space, token.kind) == ("default", "read")
     world.close()
+
+
+async def test_encoded_ids_legacy_namespaces_path_and_head(api: Api) -> None:
+    api.web.send("identify", userId="+1 555/0123", traits={"plan": "pro"}, at=at(minutes=1))
+    expected = {"plan": "pro"}
+    # `:` may be encoded too; `+` and `/` in a value must be (%2B, %2F), as Segment's docs say
+    for encoded in ("user_id%3A%2B1%20555%2F0123", "USER_ID:%2B1%20555%2F0123"):
+        status, body = await api.get(f"{USERS}/{encoded}/traits")
+        assert (status, body["traits"]) == (200, expected), encoded
+    legacy = "/v1/namespaces/app/collections/users/profiles/user_id:%2B1%20555%2F0123/traits"
+    assert (await api.get(legacy))[1]["traits"] == expected
+    head = await api.client.head(
+        f"{USERS}/user_id:%2B1%20555%2F0123/traits", headers={"Authorization": basic("pt_app")}
+    )
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
