@@ -5,7 +5,9 @@ runs, schemathesis against the served `/openapi.json`, and the one-port / two-po
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -269,3 +271,50 @@ def test_the_profile_api_can_have_its_own_port(tmp_path: Path) -> None:
         assert f"idstitch_http_request_duration_seconds_count{{{route}}} 1.0" in metrics
     finally:
         server.stop()
+
+
+def worker_pids(server: Server) -> set[int]:
+    """Pids of the server's Profile API worker processes (its children)."""
+    assert server.process is not None
+    tasks = Path(f"/proc/{server.process.pid}/task").iterdir()  # a thread's children are listed under it
+    children = [pid for task in tasks for pid in (task / "children").read_text().split()]
+    return {int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+
+
+def test_profile_workers_serve_reads_from_processes_of_their_own(tmp_path: Path) -> None:
+    profile_port = free_port()
+    server = Server(tmp_path / "server", args=("--profile-port", str(profile_port), "--profile-workers", "2"))
+    server.start()
+    profile_url = f"http://127.0.0.1:{profile_port}"
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=30) as tracking:
+            send(tracking, [{"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}])
+            assert tracking.get(f"{USERS}/user_id:u1/traits", auth=basic(PROFILE_TOKEN)).status_code == 404
+        deadline = time.monotonic() + 30
+        while len(worker_pids(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = worker_pids(server)
+        assert len(workers) == 2
+        with httpx.Client(base_url=profile_url, timeout=30, auth=basic(PROFILE_TOKEN)) as profiles:
+            # a write is visible to the workers as soon as its request returned
+            for number in range(20):
+                answer = profiles.get(f"{USERS}/user_id:u1/traits")
+                assert answer.status_code == 200 and answer.json()["traits"] == {"plan": "pro"}, number
+            # a worker that dies is replaced, and the port keeps answering meanwhile (new connections:
+            # a keep-alive connection the dead worker held dies with it, as with any crashed server)
+            os.kill(next(iter(workers)), signal.SIGKILL)
+            for _ in range(20):
+                fresh = httpx.get(
+                    f"{profile_url}{USERS}/user_id:u1/traits", auth=basic(PROFILE_TOKEN), timeout=30
+                )
+                assert fresh.status_code == 200
+            while (
+                len(worker_pids(server)) < 2 or worker_pids(server) == workers - {next(iter(workers))}
+            ) and (time.monotonic() < deadline):
+                time.sleep(0.05)
+            assert len(worker_pids(server)) == 2
+    finally:
+        remaining = worker_pids(server)
+        server.stop()  # SIGTERM: exit 0 (asserted by stop)
+    for pid in remaining:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

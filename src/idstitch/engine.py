@@ -66,14 +66,29 @@ class IngestBatch:
 class Engine:
     """Identity resolution over one store, with the spaces and rules of one config."""
 
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store, config: Config, *, read_only: bool = False) -> None:
         self.store = store
         self.config = config
         self._rules: dict[str, IdentityRules] = {}
         self.created_write_keys: list[SourceRecord] = []
         self.created_tokens: list[TokenRecord] = []
         self._tokens: dict[str, TokenRecord] = {}
-        self._bootstrap()
+        if read_only:
+            # A reader (a Profile API worker process) writes nothing: the writing process has made
+            # the spaces, sources and tokens; it only needs to know the tokens.
+            self._load_tokens()
+        else:
+            self._bootstrap()
+
+    def _load_tokens(self) -> None:
+        for space in self.config.spaces.values():
+            for kind, tokens in (("read", space.profile_tokens), ("admin", space.admin_tokens)):
+                for token in tokens:
+                    self._tokens[token] = TokenRecord(space.name, token, kind)
+        if self.config.implicit:
+            for stored in self.store.tokens():
+                if stored.space in self.config.spaces:
+                    self._tokens.setdefault(stored.token, stored)
 
     def _bootstrap(self) -> None:
         existing = {(source.space, source.name): source for source in self.store.sources()}
@@ -81,19 +96,14 @@ class Engine:
             self.store.ensure_space(space.name)
             for source in space.sources.values():
                 self._ensure_source(space.name, source, existing.get((space.name, source.name)))
-            for kind, tokens in (("read", space.profile_tokens), ("admin", space.admin_tokens)):
-                for token in tokens:
-                    self._tokens[token] = TokenRecord(space.name, token, kind)
+        self._load_tokens()
         if self.config.implicit:
             self._ensure_generated_tokens()
 
     def _ensure_generated_tokens(self) -> None:
         # First run without a config: a read and an admin token, made once and kept in the store like
         # the write key, so that the Profile API works with nothing set up and the tokens stay valid.
-        spaces = set(self.config.spaces)
-        stored = [token for token in self.store.tokens() if token.space in spaces]
-        for token in stored:
-            self._tokens.setdefault(token.token, token)
+        stored = list(self._tokens.values())
         for space in self.config.spaces.values():
             for kind, prefix, configured in (
                 ("read", "pt_", space.profile_tokens),

@@ -1,4 +1,4 @@
-"""`idstitch bench core|sqlite|http`: printed figures, or one JSON object with --json."""
+"""`idstitch bench core|sqlite|http|profile-api`: printed figures, or one JSON object with --json."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from idstitch.bench.http import HttpBenchError, HttpBenchResult, run_http_bench
+from idstitch.bench.profile_api import ProfileApiBenchResult, run_profile_api_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
 
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Benchmarks: throughput, latency and memory of ingest (embedded and over HTTP).",
+    help="Benchmarks: throughput, latency and memory of ingest (embedded and over HTTP) and of the Profile API.",
     no_args_is_help=True,
 )
 
@@ -250,4 +251,150 @@ def bench_http(
         _print_http(result)
     if result.server_exit_code != 0:
         _stderr.print(f"bench http: the server exited with {result.server_exit_code} on SIGTERM, not 0")
+        raise typer.Exit(1)
+
+
+def _print_profile_api(result: ProfileApiBenchResult) -> None:
+    figures = result.as_dict()
+    lookups, baseline, ingest = result.lookups, result.baseline, result.ingest
+    during = result.ingest_during_lookups
+    console = Console()
+    table = Table(
+        title=f"idstitch bench profile-api ({result.profiles:,} profiles, {result.concurrency} connections)",
+        show_header=False,
+    )
+    if result.seeded is not None:
+        table.add_row(
+            "seeded store",
+            f"{result.seeded.profiles:,} profiles, {result.seeded.messages:,} messages"
+            f" in {result.seeded.seconds:,.1f} s",
+        )
+    else:
+        table.add_row("seeded store", "cached")
+    table.add_row("copied for this run", f"{result.copy_seconds:.1f} s")
+    table.add_row(
+        "ingest alone: /v1/batch closed loop",
+        f"{ingest['messages_per_s']:,.0f} msg/s, request P95 {ingest['p95_ms']:.1f} ms"
+        f" ({result.ingest_concurrency} connections)",
+    )
+    table.add_row(
+        "lookups alone (baseline)",
+        f"{baseline['requests_per_s']:,.0f}/s, P50 / P95 / P99 {_latencies(baseline)}",
+    )
+    window = figures["ingest_messages_per_s"]
+    table.add_row(
+        f"ingest during lookups (target {during['target_rate']:,.0f} msg/s)",
+        (f"{window:,.0f} msg/s" if window is not None else "not measured")
+        + f", request P95 {during['p95_ms']:.1f} ms",
+    )
+    table.add_row("lookups under ingest", f"{lookups['requests_per_s']:,.0f}/s ({lookups['requests']:,})")
+    table.add_row("latency P50 / P95 / P99", _latencies(lookups))
+    if figures["ratio_to_baseline"] is not None:
+        table.add_row("lookups/s, ratio to baseline", f"{figures['ratio_to_baseline']:.3f}")
+    table.add_row(
+        "lookup errors (non-200 or wrong profile)",
+        f"{result.errors:,}"
+        + (f" {baseline['errors']} / {lookups['errors']}" if result.errors else "")
+        + f"; {baseline['checked'] + lookups['checked']:,} answers checked",
+    )
+    if figures["ingest_errors"]:
+        table.add_row("ingest requests failed", f"{figures['ingest_errors']:,}")
+    table.add_row(
+        f"target: P95 <= {figures['target_p95_ms']:.0f} ms, >= {figures['target_lookups_per_s']:,.0f}/s",
+        "met" if result.meets_target else "not met",
+    )
+    table.add_row(
+        "server RSS start / peak / end",
+        f"{figures['rss_start_mb']:,.0f} / {figures['peak_rss_mb']:,.0f} / {figures['rss_end_mb']:,.0f} MB",
+    )
+    table.add_row("server RSS every second", _sparse(result.rss_samples_mb))
+    table.add_row(
+        "CPU seconds: server / lookups / ingest load",
+        f"{result.server_cpu_s:,.1f} / {result.lookup_cpu_s:,.1f} / {result.load_cpu_s:,.1f}",
+    )
+    table.add_row("server exit status after SIGTERM", str(result.server_exit_code))
+    for note in result.notes:
+        table.add_row("note", note)
+    console.print(table)
+
+
+@app.command("profile-api")
+def bench_profile_api(
+    profiles: Annotated[
+        int,
+        typer.Option("--profiles", min=1, help="Seeded profiles in the store (cached per size and seed)."),
+    ] = 1_000_000,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=0.5, help="Seconds of lookups, alone and under ingest.")
+    ] = 30.0,
+    ingest_seconds: Annotated[
+        float, typer.Option("--ingest-seconds", min=0.5, help="Seconds of the ingest-alone phase.")
+    ] = 15.0,
+    ingest_messages: Annotated[
+        int, typer.Option("--ingest-messages", min=1, help="At most this many messages in that phase.")
+    ] = 100_000,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, max=512, help="Keep-alive connections doing lookups.")
+    ] = 8,
+    ingest_concurrency: Annotated[
+        int, typer.Option("--ingest-concurrency", min=1, max=512, help="Connections of the ingest load.")
+    ] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=500, help="Messages per /v1/batch request.")
+    ] = 50,
+    email_share: Annotated[
+        float,
+        typer.Option("--email-share", min=0.0, max=1.0, help="Share of lookups by email: (else user_id:)."),
+    ] = 0.1,
+    profile_workers: Annotated[
+        int,
+        typer.Option(
+            "--profile-workers",
+            min=0,
+            max=64,
+            help="Serve the Profile API from N processes of its own (`serve --profile-workers`); 0: in the server.",
+        ),
+    ] = 0,
+    seed: Seed = 1,
+    as_json: Json = False,
+) -> None:
+    """Traits lookups by type:value on a seeded store over loopback, alone and while ingest runs at half rate."""
+    with _progress("bench profile-api {task.description}", as_json) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            phase = str(event.get("phase"))
+            if event.get("event") == "phase" and phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=float(event["total"]))
+            elif event.get("event") == "progress" and phase in tasks:
+                bar.update(tasks[phase], completed=float(event["completed"]))
+
+        try:
+            result = run_profile_api_bench(
+                profiles=profiles,
+                seconds=seconds,
+                ingest_seconds=ingest_seconds,
+                ingest_messages=ingest_messages,
+                concurrency=concurrency,
+                ingest_concurrency=ingest_concurrency,
+                batch_size=batch_size,
+                email_share=email_share,
+                seed=seed,
+                profile_workers=profile_workers,
+                on_event=on_event,
+            )
+        except HttpBenchError as error:
+            _stderr.print(f"bench profile-api: {error}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(result.as_dict()).decode() + "\n")
+    else:
+        _print_profile_api(result)
+    if result.errors:
+        _stderr.print(f"bench profile-api: {result.errors:,} lookups failed (see lookup_errors)")
+        raise typer.Exit(1)
+    if result.server_exit_code != 0:
+        _stderr.print(
+            f"bench profile-api: the server exited with {result.server_exit_code} on SIGTERM, not 0"
+        )
         raise typer.Exit(1)

@@ -36,6 +36,7 @@ START_SECONDS = 60.0  # a loaded machine can be slow to import and open the stor
 STOP_SECONDS = 60.0  # SIGTERM waits for requests in flight and the last commit
 TRACK_SHARE = 0.25  # at least this share of the generated stream is track calls (measured: ~38%)
 _ANNOUNCE = re.compile(rb"idstitch serving on (http://\S+)")
+_PROFILE_ANNOUNCE = re.compile(rb"(http://\S+) \(Profile API\)")
 _MB = 1024.0 * 1024.0
 # Server-side message counters (every message of an answered request lands in exactly one of them).
 _COUNTED = (
@@ -130,7 +131,7 @@ class HttpBenchResult:
 class _Server:
     """`python -m idstitch serve` on a fresh SQLite file in `directory`, its log in a file there."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, args: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.store_url = f"sqlite:///{directory / 'bench.db'}"  # absolute path: sqlite:////…
         self.log_path = directory / "serve.log"
@@ -138,7 +139,7 @@ class _Server:
         env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
         env["IDSTITCH_WRITE_KEY"] = WRITE_KEY
         command = [sys.executable, "-m", "idstitch", "serve", "--host", "127.0.0.1", "--port", "0"]
-        command += ["--store", self.store_url]
+        command += ["--store", self.store_url, *args]
         with self.log_path.open("wb") as log:
             # A file, not a pipe: nobody reads the request log while the load runs, and a full pipe
             # would block the server. cwd: no ./idstitch.toml of the developer is picked up.
@@ -151,6 +152,7 @@ class _Server:
                 stderr=subprocess.STDOUT,
             )
         self.url = ""
+        self.profile_url = ""  # with --profile-port: the Profile API's own URL
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the server has used so far."""
@@ -170,8 +172,11 @@ class _Server:
             if self.process.poll() is not None:
                 raise HttpBenchError(f"serve exited with {self.process.returncode}:\n{self.log_tail()}")
             if not self.url:
-                found = _ANNOUNCE.search(self.log_path.read_bytes())
+                announced = self.log_path.read_bytes()
+                found = _ANNOUNCE.search(announced)
                 self.url = found.group(1).decode() if found else ""
+                profile = _PROFILE_ANNOUNCE.search(announced)
+                self.profile_url = profile.group(1).decode() if profile else self.url
             if self.url and self._healthy():
                 return self.url
             time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import gc
 import os
 import resource
@@ -23,7 +24,14 @@ from idstitch.engine import Engine
 from idstitch.sim.population import WorkloadConfig, write_ndjson
 from idstitch.storage.urls import open_store
 
-__all__ = ["BenchResult", "ensure_workload", "parse_only_rate", "percentile", "run_ingest_bench"]
+__all__ = [
+    "BenchResult",
+    "ensure_workload",
+    "latency_histogram",
+    "parse_only_rate",
+    "percentile",
+    "run_ingest_bench",
+]
 
 CHECKPOINTS = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000)
 
@@ -47,6 +55,7 @@ class BenchResult:
     rate_by_size: list[dict[str, float]] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    latency_histogram: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object `--json` prints."""
@@ -66,6 +75,10 @@ class BenchResult:
             "rate_by_size": self.rate_by_size,
             "outcomes": self.outcomes,
             "stats": self.stats,
+            # JSON has no infinity: the open last bucket's bound is written as null
+            "latency_histogram_ms": [
+                [None if bound == float("inf") else bound, count] for bound, count in self.latency_histogram
+            ],
         }
 
 
@@ -99,6 +112,21 @@ def percentile(values: array[float], fraction: float) -> float:
         return 0.0
     index = min(len(values) - 1, max(0, round(fraction * len(values)) - 1))
     return values[index]
+
+
+# Upper bounds (ms) of the latency histogram buckets: 1-2-5 steps, the last one open.
+HISTOGRAM_BOUNDS_MS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
+
+
+def latency_histogram(sorted_seconds: array[float]) -> list[list[float]]:
+    """Counts of sorted latencies (seconds) per bucket, as `[upper bound in ms, count]` (last bound: inf)."""
+    counts: list[list[float]] = []
+    start = 0
+    for bound in HISTOGRAM_BOUNDS_MS:
+        end = bisect.bisect_right(sorted_seconds, bound / 1000, lo=start)
+        counts.append([bound, end - start])
+        start = end
+    return counts
 
 
 def parse_only_rate(path: Path, limit: int) -> float:
@@ -201,4 +229,5 @@ def run_ingest_bench(
         rate_by_size=rate_by_size,
         outcomes=outcomes,
         stats=stats,
+        latency_histogram=latency_histogram(latencies),
     )

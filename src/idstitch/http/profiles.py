@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import logging
 import math
 import secrets
@@ -83,6 +84,9 @@ _LIMITS: dict[str, tuple[int, int]] = {
     "unresolved": (100, 1000),
 }
 _NOT_FOUND = "Profile was not found."
+# Request ids: random per process, counted within it; unique without a random draw per request.
+_REQUEST_ID_PREFIX = secrets.token_hex(6)
+_request_numbers = itertools.count(1)
 _JSON = b"application/json"
 _encoder = msgspec.json.Encoder()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -166,7 +170,7 @@ class ProfileAPI:
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = raw_path.decode("latin-1").split("?", 1)[0]
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        request_id = headers.get("request-id") or secrets.token_hex(8)
+        request_id = headers.get("request-id") or f"{_REQUEST_ID_PREFIX}-{next(_request_numbers)}"
         status, body, extra = 200, b"", []
         space: str | None = None
         route = "other"
@@ -277,16 +281,27 @@ class ProfileAPI:
         trait_class = query.choice("class", ("audience", "computed_trait"))
         after = query.text("next")
         query.done()
-        records = [] if trait_class else self.engine.store.trait_records(call.space, root)
-        chosen = [item for item in records if (not include or item.key in include) and item.key >= after]
-        page, more = chosen[:limit], chosen[limit:]
-        traits: dict[str, Any] = {
-            item.key: VerboseTrait(item.value, item.source, format_timestamp(item.updated_at))
-            if verbose
-            else item.value
-            for item in page
-        }
-        return _encoder.encode(TraitsResponse(traits, _cursor(call, limit, more[0].key if more else "")))
+        store = self.engine.store
+        traits: dict[str, Any]
+        if trait_class:
+            keys: list[str] = []  # idstitch computes no audiences and no computed traits
+            traits = {}
+        elif verbose:
+            records = {item.key: item for item in store.trait_records(call.space, root)}
+            keys = _trait_keys(records, include, after)
+            traits = {
+                key: VerboseTrait(
+                    records[key].value, records[key].source, format_timestamp(records[key].updated_at)
+                )
+                for key in keys[:limit]
+            }
+        else:
+            # The common lookup: values only, without a record and a time per trait.
+            values = store.traits(call.space, root)
+            keys = _trait_keys(values, include, after)
+            traits = {key: values[key] for key in keys[:limit]}
+        next_key = keys[limit] if len(keys) > limit else ""
+        return _encoder.encode(TraitsResponse(traits, _cursor(call, limit, next_key)))
 
     def _external_ids(self, call: _Call, root: str) -> bytes:
         query = _Query(call)
@@ -665,6 +680,11 @@ class _Query:
                 )
 
 
+def _trait_keys(traits: Mapping[str, object], include: list[str], after: str) -> list[str]:
+    """The keys of a traits page and those after it, sorted (the cursor is the first key of the next page)."""
+    return sorted(key for key in traits if (not include or key in include) and key >= after)
+
+
 def _bad_cursor(name: str) -> HTTPProblem:
     return _problem(
         400, "invalid_request_error", f"The parameter `{name}` is not a cursor of this list: use cursor.next"
@@ -708,6 +728,8 @@ def _sequence(key: tuple[str, ...] | None) -> int | None:
 
 def _cursor(call: _Call, limit: int, next_cursor: str) -> Cursor:
     """The cursor of a page: its `url` fetches the next page while there is one, else names this list."""
+    if not call.query and not next_cursor:
+        return Cursor(url=call.path, has_more=False, next="", limit=limit)  # the usual lookup: no encoding
     kept = [(key, value) for key, value in call.query if key != "next"]
     if next_cursor:
         kept.append(("next", next_cursor))

@@ -7,13 +7,19 @@ committed and answered), the group-commit writer is flushed and closed, and the 
 from __future__ import annotations
 
 import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Generator
 
 import prometheus_client
 import uvicorn
 
+from idstitch.config import load_config
 from idstitch.core.errors import ConfigError
 from idstitch.engine import Engine
 from idstitch.group_commit import GroupCommitWriter
@@ -21,8 +27,9 @@ from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
 from idstitch.http.profiles import ProfileAPI
 from idstitch.http.tracking import TrackingAPI
+from idstitch.storage.urls import open_store
 
-__all__ = ["bind", "run_server"]
+__all__ = ["ProfileWorkers", "bind", "run_server"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -53,11 +60,15 @@ def run_server(
     announce: Callable[[str], None],
     max_pending_messages: int = 50_000,
     profile_port: int | None = None,
+    profile_workers: int = 0,
 ) -> None:
     """Serve until SIGTERM/SIGINT; `announce` gets each URL once the server accepts connections.
 
-    The Tracking API and the Profile API share `port`, unless `profile_port` gives the Profile API its own.
+    The Tracking API and the Profile API share `port`, unless `profile_port` gives the Profile API its own;
+    with `profile_workers`, that port is served by that many read-only processes of their own.
     """
+    if profile_workers and profile_port is None:
+        raise ConfigError("--profile-workers needs --profile-port: the workers serve that port")
     sock = bind(host, port)  # first: a port in use fails before anything process-wide is touched
     sockets = [sock]
     if profile_port is not None:
@@ -71,8 +82,19 @@ def run_server(
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
     shown_host = f"[{host}]" if ":" in host else host
     urls = [f"http://{shown_host}:{item.getsockname()[1]}" for item in sockets]
+    # With its own port, the Profile API answers only there (here or in the workers), never on `port`.
+    bound_profile_port = sockets[1].getsockname()[1] if len(sockets) > 1 else None
+    workers: ProfileWorkers | None = None
+    if profile_workers:
+        # Reads leave this process: the writer's thread and the event loop no longer share one GIL
+        # with them. The workers open the store read-only (SQLite WAL: readers never block the writer).
+        try:
+            workers = ProfileWorkers(sockets.pop(), engine, profile_workers)
+        except BaseException:
+            for item in sockets:
+                item.close()
+            raise
     writer = GroupCommitWriter(engine, max_pending_messages=max_pending_messages)
-    bound_profile_port = sockets[1].getsockname()[1] if profile_port is not None else None
     tracking = TrackingAPI(writer)
     # One registry: /metrics shows both APIs' request latencies beside the ingest counters.
     profiles = ProfileAPI(engine, metrics=tracking.metrics)
@@ -94,8 +116,12 @@ def run_server(
             else:
                 announce(f"{urls[0]} (Tracking API), {urls[1]} (Profile API)")
 
+        if workers is not None:
+            workers.start()
         _Server(config, on_started=on_started).run(sockets=sockets)
     finally:
+        if workers is not None:
+            workers.stop()
         writer.close()  # everything accepted is committed before the process exits
         for item in sockets:
             item.close()
@@ -127,3 +153,90 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class ProfileWorkers:
+    """Processes serving the Profile API on one shared listening socket, each with a read-only store.
+
+    A worker that dies is started again (the socket stays open in this process, so no connection is
+    refused meanwhile); `stop()` asks each to finish its requests (SIGTERM) and waits.
+    """
+
+    def __init__(self, sock: socket.socket, engine: Engine, count: int) -> None:
+        if engine.store.url.startswith("memory") or engine.store.url in ("sqlite://", "sqlite:///:memory:"):
+            raise ConfigError(
+                "--profile-workers needs a store file: a memory store is private to its process"
+            )
+        sock.listen(2048)
+        self.sock = sock
+        self.count = count
+        self._store_url = engine.store.url
+        self._config_path = None if engine.config.path is None else str(engine.config.path)
+        self._context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and SQLite
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="idstitch-profile-workers", daemon=True)
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        process = self._context.Process(
+            target=_profile_worker,
+            args=(self.sock, self._store_url, self._config_path),
+            name="idstitch-profile-worker",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def start(self) -> None:
+        """Start the workers and the watcher that replaces any that dies."""
+        self._processes = [self._spawn() for _ in range(self.count)]
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        log = logging.getLogger("idstitch.http")
+        while not self._stopping.wait(0.5):
+            for index, process in enumerate(self._processes):
+                if not process.is_alive() and not self._stopping.is_set():
+                    log.error(
+                        "profile worker exited; starting another",
+                        extra={"pid": process.pid, "exit_code": process.exitcode},
+                    )
+                    self._processes[index] = self._spawn()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running workers."""
+        return [process.pid for process in self._processes if process.pid is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every worker, wait for them to finish; kill those that do not."""
+        self._stopping.set()
+        for process in self._processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in self._processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        self.sock.close()
+
+
+def _profile_worker(sock: socket.socket, store_url: str, config_path: str | None) -> None:
+    """A worker process: the Profile API over a read-only store on the shared socket, until SIGTERM."""
+    configure_logging()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+    store = open_store(store_url, read_only=True)
+    try:
+        engine = Engine(store, load_config(config_path), read_only=True)
+        config = uvicorn.Config(
+            ProfileAPI(engine),
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            timeout_graceful_shutdown=30,
+        )
+        _Server(config, on_started=lambda: None).run(sockets=[sock])
+    finally:
+        store.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from idstitch.core.errors import ConfigError
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
 from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import Resolution
@@ -88,6 +89,8 @@ class SQLiteStore:
         url: str | None = None,
         cache_size: int = DEFAULT_MAX_IDENTIFIERS,
         page_cache_mb: int = DEFAULT_PAGE_CACHE_MB,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.path = str(path)
         self.url = url or f"sqlite:///{self.path}"
@@ -98,10 +101,17 @@ class SQLiteStore:
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._target, self._uri = self.path, False
+        self.read_only = read_only
+        if read_only and self._memory:
+            raise ConfigError(
+                "a read-only store needs a SQLite file: a memory database is private to its process"
+            )
+        if read_only and not Path(self.path).is_file():
+            raise ConfigError(f"store {self.url} does not exist")
         # The writer's page cache holds the hot B-tree pages of the indexes every message touches.
-        self._writer = _connect(self._target, self._uri, page_cache_mb)
+        self._writer = _connect(self._target, self._uri, 8 if read_only else page_cache_mb)
         self._checkpointer: Checkpointer | None = None
-        if not self._memory:
+        if not self._memory and not read_only:
             self._writer.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = Checkpointer(self.path, lambda: _connect(self._target, self._uri))
         self._write_lock = threading.Lock()
@@ -109,7 +119,10 @@ class SQLiteStore:
         self._data_version: int | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._migrate()
+        if read_only:
+            self._check_schema()  # a reader never migrates: the writing process does that
+        else:
+            self._migrate()
 
     # -- connections --------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -155,6 +168,18 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
 
+    def _check_schema(self) -> None:
+        latest = _migrations()[-1][0]
+        try:
+            version = self.schema_version()
+        except sqlite3.OperationalError:
+            version = 0
+        if version != latest:
+            raise ConfigError(
+                f"store {self.url} is at schema version {version}, this build reads {latest}: "
+                "open it once for writing (e.g. `idstitch serve`) to migrate it"
+            )
+
     def schema_version(self) -> int:
         """The newest applied migration."""
         row = self._reader().execute("SELECT max(version) FROM schema_migrations").fetchone()
@@ -164,6 +189,8 @@ class SQLiteStore:
     @contextmanager
     def transaction(self) -> Iterator[SQLiteTransaction]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT); the only writer while it is open."""
+        if self.read_only:
+            raise ConfigError(f"store {self.url} was opened read-only")
         with self._write_lock:
             db = self._writer
             db.execute("BEGIN IMMEDIATE")

@@ -8,8 +8,8 @@ from idstitch.storage.base import Store
 __all__ = ["open_store"]
 
 
-def open_store(url: str) -> Store:
-    """Open (and migrate) the store a URL names."""
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """Open (and migrate) the store a URL names; `read_only` opens an existing store for reads only."""
     if url.startswith("sqlite:"):
         from idstitch.storage.sqlite import SQLiteStore
 
@@ -20,10 +20,12 @@ def open_store(url: str) -> Store:
             raise ConfigError(
                 f"store URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
             )
-        return SQLiteStore(rest[3:], url)
+        return SQLiteStore(rest[3:], url, read_only=read_only)
     if url in ("memory://", "memory:"):
         from idstitch.storage.memory import MemoryStore
 
+        if read_only:
+            raise ConfigError("a memory store is private to its process and cannot be opened read-only")
         return MemoryStore(url)
     if url.startswith(("postgresql:", "postgres:")):
         raise ConfigError(f"store URL {url!r}: the PostgreSQL store is not part of this build yet")

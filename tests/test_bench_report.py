@@ -1,0 +1,95 @@
+"""`idstitch report`: results of `bench all` → REPORT.md with plots, targets stated as met or missed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from idstitch.bench.report import write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def histogram(*counts: int) -> list[list[float | None]]:
+    bounds: list[float | None] = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, None]
+    padded = list(counts) + [0] * (len(bounds) - len(counts))
+    return [[bound, count] for bound, count in zip(bounds, padded, strict=True)]
+
+
+def results() -> dict[str, Any]:
+    ingest = {
+        "messages": 1_000_000,
+        "messages_per_s": 1440.0,
+        "p50_ms": 60.0,
+        "p95_ms": 79.0,
+        "p99_ms": 385.0,
+        "peak_rss_mb": 815.0,
+        "parse_only_ratio": 0.0072,
+        "rate_by_size": [
+            {"messages": 100_000, "cumulative_messages_per_s": 1676.0, "segment_messages_per_s": 1676.0},
+            {"messages": 1_000_000, "cumulative_messages_per_s": 1440.0, "segment_messages_per_s": 1403.0},
+        ],
+        "latency_histogram_ms": histogram(0, 0, 0, 0, 0, 10, 20, 400, 500, 60, 10),
+    }
+    return {
+        "generated_at": "2026-11-30T06:00:00+00:00",
+        "machine": {"cpus": 2, "python": "3.11.9", "processor": "x86_64"},
+        "plan": {"accuracy_people": 2000},
+        "benchmarks": {
+            "core": {**ingest, "messages_per_s": 60_000.0, "p95_ms": 3.0, "peak_rss_mb": 300.0},
+            "sqlite": ingest,
+            "http": {"error": "exit code 1", "stderr": "boom"},
+            "profile_api": {"profiles": 1_000_000, "lookups_per_s": 5200.0, "p50_ms": 1.0, "p95_ms": 4.5},
+            "postgres": {"skipped": "this build has no PostgreSQL store"},
+        },
+        "accuracy": {
+            "accuracy": {
+                "idstitch": {
+                    "precision": 0.9995,
+                    "recall": 0.985,
+                    "f1": 0.992,
+                    "over_merged": 0,
+                    "split_people": 12,
+                    "by_scenario": {
+                        "shared_device": {"precision": 1.0, "recall": 0.9, "over_merged": 0},
+                        "junk_id": {"precision": 1.0, "recall": 1.0, "over_merged": 0},
+                    },
+                },
+                "baseline": {
+                    "precision": 0.41,
+                    "recall": 1.0,
+                    "f1": 0.58,
+                    "over_merged": 310,
+                    "split_people": 0,
+                    "by_scenario": {"shared_device": {"precision": 0.2, "recall": 1.0, "over_merged": 40}},
+                },
+            }
+        },
+    }
+
+
+def test_the_report_states_targets_figures_failures_and_plots(tmp_path: Path) -> None:
+    report = write_report(results(), tmp_path)
+    text = report.read_text()
+    assert report == tmp_path / "REPORT.md"
+    assert "| SQLite ingest ≥ 50,000 messages/s | 1,440.0 | missed |" in text
+    assert "| Profile API ≥ 5,000 lookups/s during ingest | 5,200.0 | **met** |" in text
+    assert "| Profile API P95 ≤ 7 ms during ingest | 4.5 | **met** |" in text
+    # a failed or skipped benchmark is listed with its reason, never dropped
+    assert "| HTTP ingest ≥ 30,000 messages/s acknowledged | – | failed: exit code 1 |" in text
+    assert "skipped: this build has no PostgreSQL store" in text
+    assert "| pairwise precision | 0.99950 | 0.41000 |" in text
+    assert "| shared_device | 1.00000 | 0.90000 | 0 | 0.20000 | 1.00000 | 40 |" in text
+    for name in ("throughput_vs_size.png", "latency_histogram.png", "memory.png", "accuracy_by_scenario.png"):
+        assert f"]({name})" in text
+        assert (tmp_path / name).read_bytes().startswith(PNG), name
+
+
+def test_a_report_without_accuracy_or_sizes_says_so(tmp_path: Path) -> None:
+    data = results()
+    data["accuracy"] = {"simulate": {"error": "exit code 2"}}
+    del data["benchmarks"]["sqlite"]["rate_by_size"]
+    del data["benchmarks"]["core"]["rate_by_size"]
+    text = write_report(data, tmp_path).read_text()
+    assert "No figures: simulate: exit code 2." in text
+    assert "throughput_vs_size.png" not in text
