@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +53,24 @@ def results() -> dict[str, Any]:
                     "recall": 0.985,
                     "f1": 0.992,
                     "over_merged": 0,
-                    "split_people": 12,
+                    "split": 12,
+                    "recall_ceiling": 0.985,
+                    "linkable_recall": 1.0,
                     "by_scenario": {
                         "shared_device": {"precision": 1.0, "recall": 0.9, "over_merged": 0},
                         "junk_id": {"precision": 1.0, "recall": 1.0, "over_merged": 0},
                     },
                 },
+                "targets": [
+                    {"name": "recall", "goal": ">= 0.98", "value": 0.985, "met": True, "note": ""},
+                    {"name": "precision", "goal": ">= 0.999", "value": 0.9995, "met": True, "note": "x"},
+                ],
                 "baseline": {
                     "precision": 0.41,
                     "recall": 1.0,
                     "f1": 0.58,
                     "over_merged": 310,
-                    "split_people": 0,
+                    "split": 0,
                     "by_scenario": {"shared_device": {"precision": 0.2, "recall": 1.0, "over_merged": 40}},
                 },
             }
@@ -79,6 +89,8 @@ def test_the_report_states_targets_figures_failures_and_plots(tmp_path: Path) ->
     assert "| HTTP ingest ≥ 30,000 messages/s acknowledged | – | failed: exit code 1 |" in text
     assert "skipped: this build has no PostgreSQL store" in text
     assert "| pairwise precision | 0.99950 | 0.41000 |" in text
+    assert "| split people | 12 | 0 |" in text
+    assert "| recall >= 0.98 | 0.98500 | **met** |  |" in text
     assert "| shared_device | 1.00000 | 0.90000 | 0 | 0.20000 | 1.00000 | 40 |" in text
     for name in ("throughput_vs_size.png", "latency_histogram.png", "memory.png", "accuracy_by_scenario.png"):
         assert f"]({name})" in text
@@ -93,3 +105,44 @@ def test_a_report_without_accuracy_or_sizes_says_so(tmp_path: Path) -> None:
     text = write_report(data, tmp_path).read_text()
     assert "No figures: simulate: exit code 2." in text
     assert "throughput_vs_size.png" not in text
+
+
+def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
+    """Every benchmark really runs (as its own process) and the report is made from what they printed."""
+    results_path = tmp_path / "results.json"
+    command = [sys.executable, "-m", "idstitch", "bench", "all", "--messages", "3000", "--http-seconds", "2"]
+    command += ["--profiles", "2000", "--profile-seconds", "1", "--people", "300", "--out", str(results_path)]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(results_path.read_text())
+    benchmarks = data["benchmarks"]
+    for name in ("core", "sqlite", "http", "profile_api"):
+        assert "error" not in benchmarks[name], (name, benchmarks[name])
+        assert benchmarks[name]["p95_ms"] > 0, name
+    assert benchmarks["sqlite"]["messages"] == 3000
+    assert benchmarks["postgres"]["skipped"]
+    assert data["accuracy"]["accuracy"]["idstitch"]["precision"] >= 0.999
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idstitch",
+            "report",
+            "--results",
+            str(results_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| SQLite ingest ≥ 50,000 messages/s |" in text and "## Accuracy" in text
+    assert (tmp_path / "out" / "accuracy_by_scenario.png").read_bytes().startswith(PNG)

@@ -1,4 +1,4 @@
-"""The command line: `idstitch ingest | serve | profile | explain | stats | bench`.
+"""The command line: `idstitch ingest | serve | profile | explain | stats | simulate | accuracy | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
@@ -10,8 +10,10 @@ graceful SIGTERM / Ctrl-C (every request accepted was committed and answered).
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -48,6 +50,8 @@ from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
     from idstitch.engine import Engine
+    from idstitch.sim.accuracy import Accuracy
+    from idstitch.sim.compare import Comparison
 
 __all__ = ["app", "main"]
 
@@ -359,6 +363,17 @@ def serve(
             help="Serve the Profile API on its own port (default: on --port, beside the Tracking API).",
         ),
     ] = None,
+    profile_workers: Annotated[
+        int,
+        typer.Option(
+            "--profile-workers",
+            envvar="IDSTITCH_PROFILE_WORKERS",
+            min=0,
+            max=64,
+            metavar="N",
+            help="Serve --profile-port from N read-only processes of their own (0: in this process).",
+        ),
+    ] = 0,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -377,6 +392,7 @@ def serve(
                 port=port,
                 announce=lambda url: print(f"idstitch serving on {url}", file=sys.stderr, flush=True),
                 profile_port=profile_port,
+                profile_workers=profile_workers,
             )
 
 
@@ -596,6 +612,287 @@ def stats(
                 rows += [f"  {key:<12}{value:>12,}" for key, value in item.items() if key != "space"]
                 blocks.append("\n".join(rows))
             print("\n\n".join(blocks))
+
+
+# -- simulate / accuracy ---------------------------------------------------------------------------
+
+
+@app.command()
+def simulate(
+    out: Annotated[
+        Path,
+        typer.Option("--out", metavar="FILE", help="NDJSON file to write (.gz: gzip).", dir_okay=False),
+    ],
+    people: Annotated[
+        int | None,
+        typer.Option("--people", min=1, metavar="N", help="People in the population (8 messages each)."),
+    ] = None,
+    messages: Annotated[
+        int | None,
+        typer.Option("--messages", min=1, metavar="N", help="Messages to write (default: 8 per person)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="S", help="The same seed always writes the same bytes.")
+    ] = 1,
+    days: Annotated[int, typer.Option("--days", min=1, metavar="D", help="Time span of the messages.")] = 90,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth",
+            metavar="FILE",
+            help="Also write the ground truth: message_id,person,account,scenario (.gz: gzip).",
+            dir_okay=False,
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a simulated customer base's Segment messages over months, with the truth of every message."""
+    from idstitch.sim.population import WorkloadConfig, write_ndjson
+
+    with _user_errors():
+        if people is None and messages is None:
+            raise UsageError("give --people N (or --messages N)")
+        if truth is not None and truth.resolve() == out.resolve():
+            raise UsageError("--out and --truth must be different files")
+        count = messages if messages is not None else 8 * (people or 0)
+        workload = WorkloadConfig(messages=count, seed=seed, days=days, people=people)
+        started = time.monotonic()
+        written = write_ndjson(out, workload, truth_path=truth)
+        seconds = time.monotonic() - started
+        population = people if people is not None else max(1, count // 8)
+        summary = {
+            "messages": written,
+            "people": population,
+            "seed": seed,
+            "days": days,
+            "out": str(out),
+            "truth": str(truth) if truth is not None else None,
+            "seconds": round(seconds, 3),
+        }
+        if as_json:
+            print(json.dumps(summary))
+            return
+        print(
+            f"simulated {written:,} messages of {population:,} people over {days} days (seed {seed}) "
+            f"in {seconds:.1f} s: {out}" + (f", truth {truth}" if truth is not None else "")
+        )
+
+
+@app.command()
+def accuracy(
+    truth: Annotated[
+        Path,
+        typer.Option(
+            "--truth",
+            metavar="FILE",
+            help="Ground truth written by `idstitch simulate --truth` (.gz or not).",
+            dir_okay=False,
+        ),
+    ],
+    space: SpaceOption = None,
+    examples: Annotated[
+        int,
+        typer.Option(
+            "--examples", min=0, max=100, metavar="N", help="Worst over-merges and splits to show per side."
+        ),
+    ] = 3,
+    as_json: JsonOption = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Score what the store resolved against the truth, beside a naive merge-on-any-shared-id baseline."""
+    from idstitch.sim.accuracy import read_truth
+    from idstitch.sim.compare import compare_store
+
+    with _user_errors():
+        if not truth.is_file():
+            raise UsageError(f"{truth}: no such file")
+        settings = load_config(config)
+        with _store(store, must_exist=True) as opened:
+            space_name = _space_for_reading(settings, opened, space)
+            try:
+                known = read_truth(truth)
+            except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as error:
+                raise UsageError(f"{truth}: not a truth file ({error})") from None
+            except ValueError as error:  # read_truth names the file and the line
+                raise UsageError(str(error)) from None
+            result = compare_store(
+                opened, space_name, _rules(settings, opened, space_name), known, examples=examples
+            )
+        if as_json:
+            print(json.dumps({"truth": str(truth), **result.as_dict()}))
+            return
+        _render_accuracy(result, truth)
+
+
+def _score(value: float) -> str:
+    """A ratio cut (not rounded) to 4 decimals, so that 0.99996 never shows as a perfect 1.0000."""
+    return f"{math.floor(value * 10_000) / 10_000:.4f}"
+
+
+def _side_by_side(ours: float | int, naive: float | int) -> str:
+    if isinstance(ours, float) or isinstance(naive, float):
+        return f"{_score(ours)} / {_score(naive)}"
+    return f"{ours:,} / {naive:,}"
+
+
+def _render_accuracy(result: Comparison, truth: Path) -> None:
+    ours, naive = result.idstitch, result.baseline
+    stdout.print(
+        f"accuracy of space {result.space} against {truth}: "
+        f"{ours.messages:,} messages of {ours.people:,} people",
+        markup=False,
+        soft_wrap=True,
+    )
+    table = Table(title="idstitch vs naive baseline (merge on any shared identifier)", title_justify="left")
+    table.add_column("figure")
+    table.add_column("idstitch", justify="right")
+    table.add_column("baseline", justify="right")
+    rows: list[tuple[str, str, str]] = [
+        ("pairwise precision", _score(ours.pairs.precision), _score(naive.pairs.precision)),
+        ("pairwise recall", _score(ours.pairs.recall), _score(naive.pairs.recall)),
+        ("pairwise F1", _score(ours.pairs.f1), _score(naive.pairs.f1)),
+        (
+            "recall ceiling (linkable pairs / true pairs)",
+            _score(ours.recall_ceiling),
+            _score(naive.recall_ceiling),
+        ),
+        ("recall over linkable pairs", _score(ours.linkable_recall), _score(naive.linkable_recall)),
+        ("profiles", f"{ours.profiles:,}", f"{naive.profiles:,}"),
+        ("over-merged profiles (> 1 person)", f"{ours.over_merged:,}", f"{naive.over_merged:,}"),
+        (
+            "  through shared devices or junk ids",
+            f"{ours.over_merged_caused_by(('shared_device', 'junk_id')):,}",
+            f"{naive.over_merged_caused_by(('shared_device', 'junk_id')):,}",
+        ),
+        ("  people in over-merged profiles", f"{ours.over_merged_people:,}", f"{naive.over_merged_people:,}"),
+        ("  messages in another person's profile", f"{ours.foreign:,}", f"{naive.foreign:,}"),
+        ("split people (> 1 profile)", f"{ours.split:,}", f"{naive.split:,}"),
+        ("  unlinkable from the messages", f"{ours.split_unlinkable:,}", f"{naive.split_unlinkable:,}"),
+        ("  messages outside their person's main profile", f"{ours.misplaced:,}", f"{naive.misplaced:,}"),
+        (
+            f"accounts: precision / recall ({result.accounts.items:,} group calls)",
+            f"{_score(result.accounts.pairs.precision)} / {_score(result.accounts.pairs.recall)}",
+            f"{_score(result.baseline_accounts.pairs.precision)} / "
+            f"{_score(result.baseline_accounts.pairs.recall)}",
+        ),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+
+    scenarios = Table(title="by scenario (idstitch / baseline)", title_justify="left")
+    for column, justify in (
+        ("scenario", "left"),
+        ("messages", "right"),
+        ("precision", "right"),
+        ("recall", "right"),
+        ("ceiling", "right"),
+        ("over-merged", "right"),
+        ("split", "right"),
+    ):
+        scenarios.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for item in ours.by_scenario:
+        other = naive.scenario(item.scenario)
+        scenarios.add_row(
+            item.scenario,
+            f"{item.messages:,}",
+            _side_by_side(item.pairs.precision, other.pairs.precision),
+            _side_by_side(item.pairs.recall, other.pairs.recall),
+            _score(item.recall_ceiling),
+            _side_by_side(item.over_merged, other.over_merged),
+            _side_by_side(item.split, other.split),
+        )
+    stdout.print(scenarios)
+
+    lines = ["targets (idstitch, default population and rules):"]
+    for target in result.targets:
+        shown = _score(target.value) if isinstance(target.value, float) else f"{target.value:,}"
+        mark = "met" if target.met else "MISSED"
+        lines.append(
+            f"  {mark:<6} {target.name} {target.goal}: {shown}"
+            + (f"  ({target.note})" if target.note else "")
+        )
+    lines.append(
+        f"counted: {ours.truth_rows:,} truth rows; {ours.repeated:,} retries repeat a messageId and count "
+        f"once; {ours.junk_only:,} junk-only messages belong to nobody and are left out; "
+        f"{ours.unresolved:,} unresolved and {ours.missing:,} missing (rejected) messages count as "
+        f"singletons; {ours.extra:,} stored messages are not in the truth and are ignored"
+    )
+    lines += _example_lines("idstitch", ours) + _example_lines("baseline", naive, splits=False)
+    lines += [
+        "definitions: a pair is two messages; precision = pairs put together that are one person / "
+        "pairs put together; recall = pairs of one person put together / pairs of one person.",
+        "  linkable: two messages of one person joined by a chain of that person's own messages sharing "
+        "identifiers (blocked values excluded for idstitch); pairs that are not linkable cannot be "
+        "joined from the messages alone, e.g. a visitor who never logs in on a second device.",
+        "  by scenario: pairs with at least one message of that scenario; an over-merged profile counts "
+        "under the scenarios of the messages that carry an identifier shared by two of its people; a "
+        "split person under the scenarios of their messages outside their main profile.",
+        f"scored in {result.seconds:.1f} s",
+    ]
+    print("\n".join(lines))
+
+
+def _example_lines(side: str, result: Accuracy, *, splits: bool = True) -> list[str]:
+    """The worst over-merges (and avoidable splits) of one side, with the identifiers behind them."""
+    lines: list[str] = []
+    unit = "profile" if side == "idstitch" else "cluster"
+    for item in result.over_merge_examples:
+        people = ", ".join(f"{name} ({count})" for name, count in item["by_person"].items())
+        more = ", ..." if item["people"] > len(item["by_person"]) else ""
+        lines.append(
+            f"{side} over-merged {unit} {item['profile']}: {item['people']:,} people, "
+            f"{item['messages']:,} messages ({people}{more})"
+        )
+        for bridge in item["bridging_identifiers"]:
+            scenarios = ", ".join(bridge["scenarios"])
+            lines.append(f"  bridged by {bridge['identifier']} ({bridge['people']:,} people; {scenarios})")
+    if splits:
+        for item in result.split_examples:
+            if not item["avoidable"]:
+                continue
+            parts = "; ".join(
+                f"{part['profile']}: {part['messages']} ("
+                + ", ".join(f"{name} {count}" for name, count in part["scenarios"].items())
+                + ")"
+                for part in item["profiles"]
+            )
+            lines.append(f"{side} avoidable split of {item['person']}: {parts}")
+    return lines
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    results: Annotated[
+        Path,
+        typer.Option("--results", metavar="FILE", help="The results of `idstitch bench all`."),
+    ] = Path("benchmarks/results.json"),
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Where REPORT.md and its PNG plots go.")
+    ] = Path("benchmarks"),
+) -> None:
+    """Write REPORT.md with tables and PNG plots from the results of `idstitch bench all`."""
+    with _user_errors():
+        if not results.is_file():
+            raise UsageError(f"{results}: no such file (run `idstitch bench all` first)")
+        try:
+            data = json.loads(results.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise UsageError(f"{results}: not JSON: {error}") from None
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            raise UsageError(f"{results}: not the output of `idstitch bench all`")
+        try:
+            import matplotlib  # noqa: F401  # only to say clearly what is missing
+        except ImportError:
+            raise UsageError("the report's plots need matplotlib: pip install 'idstitch[report]'") from None
+        from idstitch.bench.report import write_report
+
+        written = write_report(data, out)
+        print(f"wrote {written}")
 
 
 # -- bench (written elsewhere, optional) ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`idstitch bench core|sqlite|http|profile-api`: printed figures, or one JSON object with --json."""
+"""`idstitch bench core|sqlite|http|profile-api|all`: printed figures, or one JSON object with --json."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from idstitch.bench.all import AllBenchPlan, run_all
 from idstitch.bench.http import HttpBenchError, HttpBenchResult, run_http_bench
 from idstitch.bench.profile_api import ProfileApiBenchResult, run_profile_api_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
@@ -398,3 +399,74 @@ def bench_profile_api(
             f"bench profile-api: the server exited with {result.server_exit_code} on SIGTERM, not 0"
         )
         raise typer.Exit(1)
+
+
+@app.command("all")
+def bench_all(
+    messages: Annotated[
+        int, typer.Option("--messages", "-n", min=1, help="Messages of the core and sqlite benchmarks.")
+    ] = 1_000_000,
+    scale: Annotated[
+        int,
+        typer.Option(
+            "--scale", min=0, help="Also a sqlite run of this many messages (e.g. 5000000); 0: none."
+        ),
+    ] = 0,
+    scale_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--scale-from",
+            exists=True,
+            dir_okay=False,
+            help="Use this earlier `bench sqlite --json` output as the scale run instead of running it.",
+        ),
+    ] = None,
+    http_seconds: Annotated[
+        float, typer.Option("--http-seconds", min=1, help="Duration of bench http.")
+    ] = 60.0,
+    profiles: Annotated[
+        int, typer.Option("--profiles", min=1, help="Store size of bench profile-api.")
+    ] = 1_000_000,
+    profile_seconds: Annotated[
+        float, typer.Option("--profile-seconds", min=0.5, help="Seconds of lookups in bench profile-api.")
+    ] = 30.0,
+    profile_workers: Annotated[
+        int, typer.Option("--profile-workers", min=0, max=64, help="bench profile-api --profile-workers.")
+    ] = 0,
+    people: Annotated[
+        int, typer.Option("--people", min=1, help="Simulated people of the accuracy run (8 messages each).")
+    ] = 125_000,
+    postgres: Annotated[
+        str | None, typer.Option("--postgres", metavar="URL", help="Also bench postgres against this URL.")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the results (read by `idstitch report`).")
+    ] = Path("benchmarks/results.json"),
+    seed: Seed = 1,
+    as_json: Json = False,
+) -> None:
+    """Every benchmark and the accuracy run, one at a time, into one results file for `idstitch report`."""
+    plan = AllBenchPlan(
+        messages=messages,
+        scale_messages=0 if scale_from is not None else scale,
+        seed=seed,
+        http_seconds=http_seconds,
+        profiles=profiles,
+        profile_seconds=profile_seconds,
+        profile_workers=profile_workers,
+        accuracy_people=people,
+        postgres_url=postgres,
+    )
+    results = run_all(plan, log=lambda line: _stderr.print(line, markup=False, highlight=False))
+    if scale_from is not None:
+        earlier = msgspec.json.decode(scale_from.read_bytes())
+        earlier["source"] = f"an earlier run, read from {scale_from.name}"
+        results["benchmarks"]["sqlite_scale"] = earlier
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(results).decode() + "\n")
+    else:
+        _stderr.print(
+            f"results written to {out}; `idstitch report --results {out}` makes the report", markup=False
+        )

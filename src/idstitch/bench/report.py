@@ -266,9 +266,23 @@ def _accuracy_section(results: dict[str, Any], out: Path, plt: Any) -> list[str]
                 ("pairwise precision", "precision", 5),
                 ("pairwise recall", "recall", 5),
                 ("pairwise F1", "f1", 5),
+                ("recall ceiling (pairs the messages can link at all)", "recall_ceiling", 5),
+                ("recall over those linkable pairs", "linkable_recall", 5),
                 ("over-merged profiles", "over_merged", 0),
-                ("split people", "split_people", 0),
+                ("split people", "split", 0),
             )
+        ],
+    )
+    targets = _table(
+        ["accuracy target", "measured", "", "note"],
+        [
+            [
+                str(item.get("name")) + " " + str(item.get("goal")),
+                _number(item.get("value"), 5),
+                "**met**" if item.get("met") else "missed",
+                str(item.get("note") or ""),
+            ]
+            for item in accuracy.get("targets") or []
         ],
     )
     table, ours_by, base_by = _scenario_table(accuracy)
@@ -281,6 +295,10 @@ def _accuracy_section(results: dict[str, Any], out: Path, plt: Any) -> list[str]
         "SQLite store and compared with the simulator's truth (`idstitch accuracy`).",
         "",
         summary,
+        "",
+        targets,
+        "",
+        "By scenario (pairs with at least one message of the scenario):",
         "",
         table,
     ]

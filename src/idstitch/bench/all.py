@@ -1,0 +1,166 @@
+"""`idstitch bench all`: every benchmark and the accuracy run, one after another, into one results file.
+
+Each benchmark runs as its own `idstitch bench … --json` process, as a user would run it: peak RSS is
+then that benchmark's own, and one failing benchmark is recorded (with its exit code and the end of
+its stderr) while the others still run. The accuracy run simulates a population, ingests it into a
+fresh store and compares the result with the truth. `idstitch report` turns the file into
+benchmarks/REPORT.md with plots.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["AllBenchPlan", "run_all"]
+
+_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class AllBenchPlan:
+    """Sizes of one `bench all` run."""
+
+    messages: int = 1_000_000  # core, sqlite
+    scale_messages: int = 0  # a further sqlite run at this size (e.g. 5M) for throughput vs size; 0: none
+    seed: int = 1
+    http_seconds: float = 60.0
+    profiles: int = 1_000_000  # store size of the profile-api benchmark
+    profile_seconds: float = 30.0
+    profile_workers: int = 0
+    accuracy_people: int = 125_000  # 8 messages per person: 1M messages
+    postgres_url: str | None = None  # run `bench postgres` against it when the command exists
+
+
+def _command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "idstitch", *arguments]
+
+
+def _run_json(arguments: Sequence[str], log: Callable[[str], None], cwd: Path) -> dict[str, Any]:
+    """Run one `idstitch …` command that prints one JSON object; a failure becomes a recorded error."""
+    log("$ idstitch " + " ".join(arguments))
+    started = time.monotonic()
+    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, check=False)
+    seconds = round(time.monotonic() - started, 1)
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace")[-_TAIL_CHARS:]
+        log(f"  failed with exit code {done.returncode} after {seconds} s")
+        return {"error": f"exit code {done.returncode}", "stderr": tail, "wall_s": seconds}
+    try:
+        result = msgspec.json.decode(done.stdout.strip().splitlines()[-1])
+    except (msgspec.DecodeError, IndexError):
+        return {"error": "did not print a JSON object", "stdout": done.stdout.decode()[-_TAIL_CHARS:]}
+    if not isinstance(result, dict):
+        return {"error": "did not print a JSON object", "stdout": done.stdout.decode()[-_TAIL_CHARS:]}
+    result["wall_s"] = seconds
+    log(f"  done in {seconds} s")
+    return result
+
+
+def _has_bench(name: str) -> bool:
+    done = subprocess.run(_command("bench", name, "--help"), capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def _accuracy(plan: AllBenchPlan, log: Callable[[str], None], scratch: Path) -> dict[str, Any]:
+    events, truth = scratch / "events.ndjson.gz", scratch / "truth.csv.gz"
+    store = f"sqlite:///{scratch / 'accuracy.db'}"
+    generated = _run_json(
+        [
+            "simulate",
+            "--people",
+            str(plan.accuracy_people),
+            "--seed",
+            str(plan.seed),
+            "--out",
+            str(events),
+            "--truth",
+            str(truth),
+            "--json",
+        ],
+        log,
+        scratch,
+    )
+    if "error" in generated:
+        return {"simulate": generated}
+    ingested = _run_json(["ingest", str(events), "--store", store, "--json", "--quiet"], log, scratch)
+    if "error" in ingested:
+        return {"simulate": generated, "ingest": ingested}
+    measured = _run_json(["accuracy", "--truth", str(truth), "--store", store, "--json"], log, scratch)
+    return {"simulate": generated, "ingest": ingested, "accuracy": measured}
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def run_all(plan: AllBenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run every benchmark of the plan, one at a time; the results as one JSON-able object."""
+    started = datetime.now(UTC)
+    benchmarks: dict[str, Any] = {}
+    size = ["--messages", str(plan.messages), "--seed", str(plan.seed), "--json"]
+    with tempfile.TemporaryDirectory(prefix="idstitch-bench-all-") as directory:
+        scratch = Path(directory)
+        benchmarks["core"] = _run_json(["bench", "core", *size], log, scratch)
+        benchmarks["sqlite"] = _run_json(["bench", "sqlite", *size], log, scratch)
+        if plan.scale_messages:
+            scale = ["--messages", str(plan.scale_messages), "--seed", str(plan.seed), "--json"]
+            benchmarks["sqlite_scale"] = _run_json(["bench", "sqlite", *scale], log, scratch)
+        benchmarks["http"] = _run_json(
+            ["bench", "http", "--duration", str(plan.http_seconds), "--json"], log, scratch
+        )
+        benchmarks["profile_api"] = _run_json(
+            [
+                "bench",
+                "profile-api",
+                "--profiles",
+                str(plan.profiles),
+                "--seconds",
+                str(plan.profile_seconds),
+                "--json",
+            ],
+            log,
+            scratch,
+        )
+        if plan.postgres_url is None:
+            benchmarks["postgres"] = {"skipped": "no PostgreSQL URL given (--postgres URL)"}
+        elif not _has_bench("postgres"):
+            benchmarks["postgres"] = {"skipped": "this build has no PostgreSQL store (`bench postgres`) yet"}
+        else:
+            benchmarks["postgres"] = _run_json(
+                ["bench", "postgres", "--store", plan.postgres_url, "--json"], log, scratch
+            )
+        accuracy = _accuracy(plan, log, scratch)
+    return {
+        "generated_at": started.isoformat(timespec="seconds"),
+        "seconds": round((datetime.now(UTC) - started).total_seconds(), 1),
+        "machine": _machine(),
+        "plan": {
+            "messages": plan.messages,
+            "scale_messages": plan.scale_messages,
+            "seed": plan.seed,
+            "http_seconds": plan.http_seconds,
+            "profiles": plan.profiles,
+            "profile_seconds": plan.profile_seconds,
+            "profile_workers": plan.profile_workers,
+            "accuracy_people": plan.accuracy_people,
+        },
+        "benchmarks": benchmarks,
+        "accuracy": accuracy,
+    }
