@@ -436,6 +436,15 @@ def bench_all(
     people: Annotated[
         int, typer.Option("--people", min=1, help="Simulated people of the accuracy run (8 messages each).")
     ] = 125_000,
+    accuracy_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--accuracy-from",
+            exists=True,
+            dir_okay=False,
+            help="Use this earlier `idstitch accuracy --json` output instead of an accuracy run.",
+        ),
+    ] = None,
     postgres: Annotated[
         str | None, typer.Option("--postgres", metavar="URL", help="Also bench postgres against this URL.")
     ] = None,
@@ -454,10 +463,16 @@ def bench_all(
         profiles=profiles,
         profile_seconds=profile_seconds,
         profile_workers=profile_workers,
-        accuracy_people=people,
+        accuracy_people=0 if accuracy_from is not None else people,
         postgres_url=postgres,
     )
     results = run_all(plan, log=lambda line: _stderr.print(line, markup=False, highlight=False))
+    if accuracy_from is not None:
+        earlier_accuracy = msgspec.json.decode(accuracy_from.read_bytes())
+        results["accuracy"] = {
+            "accuracy": earlier_accuracy,
+            "source": f"an earlier run, {accuracy_from.name}",
+        }
     if scale_from is not None:
         earlier = msgspec.json.decode(scale_from.read_bytes())
         earlier["source"] = f"an earlier run, read from {scale_from.name}"

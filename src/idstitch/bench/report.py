@@ -302,6 +302,8 @@ def _accuracy_section(results: dict[str, Any], out: Path, plt: Any) -> list[str]
         "",
         table,
     ]
+    if run.get("source"):
+        lines += ["", f"These accuracy figures come from {run['source']} (same engine and rules)."]
     if plot:
         lines += ["", f"![accuracy by scenario]({plot})"]
     notes = accuracy.get("notes")
@@ -331,6 +333,9 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
         "",
         _ingest_rows(benchmarks),
     ]
+    scale = benchmarks.get("sqlite_scale") or {}
+    if scale.get("source"):
+        lines += ["", f"The `sqlite_scale` row comes from {scale['source']}."]
     for plot in (_plot_throughput(benchmarks, out, plt), _plot_latency(benchmarks, out, plt)):
         if plot:
             lines += ["", f"![{plot}]({plot})"]
