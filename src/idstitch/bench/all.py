@@ -38,7 +38,7 @@ class AllBenchPlan:
     http_seconds: float = 60.0
     profiles: int = 1_000_000  # store size of the profile-api benchmark
     profile_seconds: float = 30.0
-    profile_workers: int = 0
+    profile_workers: int = 0  # also a profile-api run with this many worker processes; 0: none
     accuracy_people: int = 125_000  # 8 messages per person: 1M messages; 0: no accuracy run
     postgres_url: str | None = None  # run `bench postgres` against it when the command exists
 
@@ -125,23 +125,28 @@ def run_all(plan: AllBenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
         benchmarks["http"] = _run_json(
             ["bench", "http", "--duration", str(plan.http_seconds), "--json"], log, scratch
         )
-        benchmarks["profile_api"] = _run_json(
-            [
-                "bench",
-                "profile-api",
-                "--profiles",
-                str(plan.profiles),
-                "--seconds",
-                str(plan.profile_seconds),
-                "--json",
-            ],
-            log,
-            scratch,
-        )
-        if plan.postgres_url is None:
-            benchmarks["postgres"] = {"skipped": "no PostgreSQL URL given (--postgres URL)"}
-        elif not _has_bench("postgres"):
+        for key, workers in (("profile_api", 0), ("profile_api_workers", plan.profile_workers)):
+            if key == "profile_api_workers" and not workers:
+                continue
+            benchmarks[key] = _run_json(
+                [
+                    "bench",
+                    "profile-api",
+                    "--profiles",
+                    str(plan.profiles),
+                    "--seconds",
+                    str(plan.profile_seconds),
+                    "--profile-workers",
+                    str(workers),
+                    "--json",
+                ],
+                log,
+                scratch,
+            )
+        if not _has_bench("postgres"):
             benchmarks["postgres"] = {"skipped": "this build has no PostgreSQL store (`bench postgres`) yet"}
+        elif plan.postgres_url is None:
+            benchmarks["postgres"] = {"skipped": "no PostgreSQL URL given (--postgres URL)"}
         else:
             benchmarks["postgres"] = _run_json(
                 ["bench", "postgres", "--store", plan.postgres_url, "--json"], log, scratch

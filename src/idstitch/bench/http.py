@@ -14,11 +14,10 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import msgspec
 import psutil
 
 from idstitch.bench.load import LoadSpec
-from idstitch.bench.runner import ensure_workload, parse_only_rate
+from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
 
 __all__ = ["HttpBenchError", "HttpBenchResult", "run_http_bench"]
 
@@ -294,12 +293,6 @@ def _run_load(spec: LoadSpec, directory: Path, on_event: Callable[[dict[str, Any
     return _LoadOutcome(result["phases"], process.pid, float(result["cpu_s"]))
 
 
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="idstitch-bench-http-") as folder:
-        yield Path(folder)
-
-
 def run_http_bench(
     *,
     messages: int,
@@ -318,7 +311,7 @@ def run_http_bench(
     lines = messages + messages // 2 + int(track_requests / TRACK_SHARE) + batch_size
     workload = ensure_workload(lines, seed)
     parse_rate = parse_only_rate(workload, messages)  # before the server starts: nothing competes
-    with _scratch() as directory:
+    with scratch_directory("http") as directory:
         server = _Server(directory)
         try:
             url = server.wait_ready()

@@ -23,14 +23,12 @@ for the ``ingest`` phase.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import msgspec
 from idstitch.bench.http import HttpBenchError, _high_water_mb, _RssSampler, _run_load, _Server
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.lookups import LookupSpec
-from idstitch.bench.runner import ensure_workload, parse_only_rate
+from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
 from idstitch.bench.seed import SPACE, WRITE_KEY, SeedResult, ensure_seeded_store
 
 __all__ = ["TARGET_LOOKUPS_PER_S", "TARGET_P95_MS", "ProfileApiBenchResult", "run_profile_api_bench"]
@@ -240,12 +238,6 @@ def _tail_workload(workload: Path, skip: int, limit: int, target: Path) -> int:
     return written
 
 
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="idstitch-bench-profile-api-") as folder:
-        yield Path(folder)
-
-
 def run_profile_api_bench(
     *,
     profiles: int,
@@ -273,7 +265,7 @@ def run_profile_api_bench(
     later = int(ingest_messages * (seconds + 2 * _LEAD_SECONDS) / (2 * ingest_seconds)) + batch_size
     workload = ensure_workload(ingest_messages + later, seed)
     parse_rate = parse_only_rate(workload, ingest_messages)  # before the server starts: nothing competes
-    with _scratch() as directory:
+    with scratch_directory("profile-api") as directory:
         started = time.perf_counter()
         shutil.copyfile(seeded_path, directory / "bench.db")  # the file _Server serves
         copy_seconds = time.perf_counter() - started

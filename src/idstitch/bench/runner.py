@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import os
 import resource
@@ -31,6 +32,7 @@ __all__ = [
     "parse_only_rate",
     "percentile",
     "run_ingest_bench",
+    "scratch_directory",
 ]
 
 CHECKPOINTS = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000)
@@ -80,6 +82,13 @@ class BenchResult:
                 [None if bound == float("inf") else bound, count] for bound, count in self.latency_histogram
             ],
         }
+
+
+@contextlib.contextmanager
+def scratch_directory(name: str) -> Iterator[Path]:
+    """A temporary directory for one benchmark run, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"idstitch-bench-{name}-") as folder:
+        yield Path(folder)
 
 
 def _cache_dir() -> Path:

@@ -42,6 +42,7 @@ import msgspec
 
 from idstitch.bench.runner import _cache_dir
 from idstitch.core.segment_ids import new_segment_id
+from idstitch.sim.population import FIRST_NAMES, LAST_NAMES, MAIL_DOMAINS, PLANS
 from idstitch.storage.base import SourceRecord
 from idstitch.storage.sqlite import SQLiteStore
 
@@ -67,19 +68,7 @@ _START_MS: Final = int(datetime(2025, 10, 3, tzinfo=UTC).timestamp() * 1000)
 _SPAN_MS: Final = 85 * _DAY_MS  # of first messages; later ones follow within days, all before 2026-01-01
 _encode = msgspec.json.encode
 
-_FIRST = (
-    "Ada", "Alan", "Alice", "Amir", "Ana", "Ben", "Bob", "Carla", "Chen", "Dana", "David", "Elena",
-    "Emma", "Farah", "Grace", "Hiro", "Ines", "Ivan", "Jane", "Jin", "Jonas", "Kai", "Lara", "Leo",
-    "Lina", "Marco", "Maria", "Mei", "Nina", "Noah", "Olga", "Omar", "Paul", "Priya", "Rosa", "Sam",
-    "Sara", "Tom", "Uma", "Yuki",
-)  # fmt: skip
-_LAST = (
-    "Adams", "Baker", "Costa", "Diaz", "Evans", "Fischer", "Garcia", "Haddad", "Ito", "Jensen",
-    "Kim", "Lopez", "Martin", "Nakamura", "Novak", "Okafor", "Patel", "Quinn", "Rossi", "Silva",
-    "Smith", "Tanaka", "Usman", "Varga", "Wang", "Weber", "Xu", "Yilmaz", "Young", "Zhang",
-)  # fmt: skip
-_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "icloud.com", "proton.me", "hotmail.com")
-_PLANS = ("free", "free", "starter", "pro", "enterprise")
+_FIRST, _LAST, _DOMAINS, _PLANS = FIRST_NAMES, LAST_NAMES, MAIL_DOMAINS, PLANS  # the simulator's vocabulary
 _COUNTRIES = ("US", "GB", "DE", "FR", "ES", "JP", "BR", "IN")
 _LOCALES = ("en-US", "en-GB", "de-DE", "fr-FR", "es-ES", "ja-JP", "pt-BR", "en-IN")
 _USER_AGENTS = (

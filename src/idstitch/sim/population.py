@@ -72,7 +72,17 @@ from typing import IO, Any, NamedTuple
 
 import msgspec
 
-__all__ = ["SCENARIOS", "GeneratedMessage", "WorkloadConfig", "generate", "write_ndjson"]
+__all__ = [
+    "FIRST_NAMES",
+    "LAST_NAMES",
+    "MAIL_DOMAINS",
+    "PLANS",
+    "SCENARIOS",
+    "GeneratedMessage",
+    "WorkloadConfig",
+    "generate",
+    "write_ndjson",
+]
 
 SCENARIOS: tuple[str, ...] = (
     "anonymous",
@@ -218,20 +228,20 @@ def _uuid(x: int) -> str:
 
 # --- static vocabulary ----------------------------------------------------------------------------
 
-_FIRST = (
+FIRST_NAMES = (
     "Ada", "Alan", "Alice", "Amir", "Ana", "Ben", "Bob", "Carla", "Chen", "Dana", "David", "Elena",
     "Emma", "Farah", "Grace", "Hiro", "Ines", "Ivan", "Jane", "Jin", "Jonas", "Kai", "Lara", "Leo",
     "Lina", "Marco", "Maria", "Mei", "Nina", "Noah", "Olga", "Omar", "Paul", "Priya", "Rosa", "Sam",
     "Sara", "Tom", "Uma", "Yuki",
 )  # fmt: skip
-_LAST = (
+LAST_NAMES = (
     "Adams", "Baker", "Costa", "Diaz", "Evans", "Fischer", "Garcia", "Haddad", "Ito", "Jensen",
     "Kim", "Lopez", "Martin", "Nakamura", "Novak", "Okafor", "Patel", "Quinn", "Rossi", "Silva",
     "Smith", "Tanaka", "Usman", "Varga", "Wang", "Weber", "Xu", "Yilmaz", "Young", "Zhang",
 )  # fmt: skip
-_MAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "icloud.com", "proton.me", "hotmail.com")
+MAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "icloud.com", "proton.me", "hotmail.com")
 _NEW_MAIL_DOMAINS = ("fastmail.com", "gmx.net", "hey.com", "mail.com")
-_PLANS = ("free", "free", "starter", "pro", "enterprise")
+PLANS = ("free", "free", "starter", "pro", "enterprise")
 _COMPANY_A = ("Blue", "North", "Bright", "Iron", "Silver", "Green", "Rapid", "Clear", "Bold", "Prime")
 _COMPANY_B = ("Harbor", "Peak", "Forge", "Labs", "Works", "Systems", "Analytics", "Cloud", "Logic", "Ware")
 _INDUSTRIES = ("software", "retail", "finance", "healthcare", "education", "logistics", "media")
@@ -394,20 +404,24 @@ class _Person:
     def names(self) -> tuple[str, str, str]:
         """Return (first name, last name, plan)."""
         h = _mix64(self.idx ^ (self.keys[5] & _M64))
-        return _FIRST[h % len(_FIRST)], _LAST[(h >> 16) % len(_LAST)], _PLANS[(h >> 32) % len(_PLANS)]
+        return (
+            FIRST_NAMES[h % len(FIRST_NAMES)],
+            LAST_NAMES[(h >> 16) % len(LAST_NAMES)],
+            PLANS[(h >> 32) % len(PLANS)],
+        )
 
     def email(self, new: bool) -> str:
         """Return the original address, or the one the person changes to when `new`."""
         idx = self.idx
         h = _mix64(idx ^ (self.keys[5] & _M64))
-        first = _FIRST[h % len(_FIRST)].lower()
+        first = FIRST_NAMES[h % len(FIRST_NAMES)].lower()
         if new:
             # No dot in the local part: it can never equal anyone's original address.
             return f"{first}{idx}@{_NEW_MAIL_DOMAINS[(h >> 48) % len(_NEW_MAIL_DOMAINS)]}"
         acc = self.pop.p_account[idx]
-        domain = self.pop.account_domain(acc) if acc >= 0 else _MAIL_DOMAINS[(h >> 40) % len(_MAIL_DOMAINS)]
+        domain = self.pop.account_domain(acc) if acc >= 0 else MAIL_DOMAINS[(h >> 40) % len(MAIL_DOMAINS)]
         # The person index keeps addresses unique across people (names hold no digits).
-        return f"{first}.{_LAST[(h >> 16) % len(_LAST)].lower()}{idx}@{domain}"
+        return f"{first}.{LAST_NAMES[(h >> 16) % len(LAST_NAMES)].lower()}{idx}@{domain}"
 
 
 _SECOND_MILLIS: list[str] = []  # "SS.mmmZ" for every millisecond of a minute, built on first use
@@ -542,7 +556,7 @@ class _Population:
                 f"a_{acc:05d}",
                 f"grp_{_mix64(acc ^ (self.keys[7] & _M64)):016x}",
                 f"{a} {b}",
-                _PLANS[(h >> 16) % len(_PLANS)],
+                PLANS[(h >> 16) % len(PLANS)],
                 5 + (h >> 24) % 5000,
                 _INDUSTRIES[(h >> 40) % len(_INDUSTRIES)],
             )
