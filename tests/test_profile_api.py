@@ -13,8 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
+import idstitch.engine as engine_module
 from helpers import Space, World, at, config_from_toml, open_world
+from idstitch.core.errors import ConfigError
+from idstitch.core.identifiers import Identifier
+from idstitch.engine import Engine
 from idstitch.http.profiles import ProfileAPI, RateLimiter
+from idstitch.storage.urls import open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -594,3 +599,26 @@ async def test_encoded_ids_legacy_namespaces_path_and_head(api: Api) -> None:
         f"{USERS}/user_id:%2B1%20555%2F0123/traits", headers={"Authorization": basic("pt_app")}
     )
     assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+
+
+def test_a_read_only_engine_never_writes_and_sees_types_the_writer_learns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a `--profile-workers` process runs: a read-only store and engine beside the writing one."""
+    world = open_world(tmp_path, CONFIG)
+    store = open_store(world.store.url, read_only=True)
+    reader = Engine(store, world.config, read_only=True)
+    assert reader.token("pt_app") is not None and not reader.rules("app").knows("crm_id")
+    external = {"id": "c1", "type": "crm_id", "collection": "users", "encoding": "none"}
+    world.space("app", "web").send(
+        "track", userId="u1", context={"externalIds": [external]}, at=at(minutes=1)
+    )
+    monkeypatch.setattr(engine_module, "_READER_RULES_SECONDS", 0.0)
+    assert reader.rules("app").knows("crm_id")
+    assert store.find_profile("app", Identifier("crm_id", "c1")) == world.space("app").profile_of(
+        "user_id:u1"
+    )
+    with pytest.raises(ConfigError, match="read-only"), store.transaction():
+        pass
+    store.close()
+    world.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransac
 __all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome"]
 
 _EMPTY_VIEW = GraphView()
+_READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class Engine:
         self.created_write_keys: list[SourceRecord] = []
         self.created_tokens: list[TokenRecord] = []
         self._tokens: dict[str, TokenRecord] = {}
+        self._read_only = read_only
+        self._rules_read_at: dict[str, float] = {}
         if read_only:
             # A reader (a Profile API worker process) writes nothing: the writing process has made
             # the spaces, sources and tokens; it only needs to know the tokens.
@@ -130,9 +134,16 @@ class Engine:
     def rules(self, space: str) -> IdentityRules:
         """The rules of a space, with the custom types it has learned."""
         cached = self._rules.get(space)
+        # Another process learns new custom types: a reader looks again now and then.
+        stale = (
+            self._read_only and time.monotonic() - self._rules_read_at.get(space, 0.0) > _READER_RULES_SECONDS
+        )
+        if stale:
+            cached = None
         if cached is None:
             cached = self.config.space(space).rules.with_learned(self.store.learned_types(space))
             self._rules[space] = cached
+            self._rules_read_at[space] = time.monotonic()
         return cached
 
     def source_for_write_key(self, write_key: str) -> SourceRecord | None:
