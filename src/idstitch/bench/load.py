@@ -35,15 +35,16 @@ from array import array
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 
 from idstitch.bench.runner import percentile
 
-__all__ = ["LoadSpec", "PhaseStats", "main", "run_load"]
+__all__ = ["LoadSpec", "PhaseStats", "main", "run_load", "run_on_fast_loop"]
 
+T = TypeVar("T")
 _SUCCESS = b'{"success":true}'
 _PROGRESS_SECONDS = 0.5
 _REQUEST_SECONDS = 60.0  # an answer waits for a durable commit: generous, but never forever
@@ -431,13 +432,14 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
     return phases
 
 
-def _run(spec: LoadSpec) -> dict[str, Any]:
+def run_on_fast_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a load generator's coroutine on uvloop when installed, else on asyncio's own loop."""
     try:
         import uvloop  # a cheaper event loop leaves more of the shared CPU to the server
     except ImportError:
-        return asyncio.run(run_load(spec))
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_load(spec))
+        return runner.run(main)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         sys.exit("usage: python -m idstitch.bench.load SPEC_JSON")
     spec = msgspec.json.decode(args[0], type=LoadSpec)
-    phases = _run(spec)
+    phases = run_on_fast_loop(run_load(spec))
     _emit({"event": "result", "phases": phases, "cpu_s": round(time.process_time(), 3)})
 
 

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import msgspec
 
-from idstitch.bench.load import _Connection, _TransportError
+from idstitch.bench.load import _Connection, _TransportError, run_on_fast_loop
 from idstitch.bench.runner import percentile
 from idstitch.bench.seed import SeededPeople
 
@@ -175,22 +175,13 @@ def _progress(stats: LookupStats) -> dict[str, Any]:
     }
 
 
-def _run(spec: LookupSpec) -> LookupStats:
-    try:
-        import uvloop  # a cheaper event loop leaves more of the shared CPU to the server
-    except ImportError:
-        return asyncio.run(run_lookups(spec))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_lookups(spec))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `python -m idstitch.bench.lookups SPEC_JSON`."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.exit("usage: python -m idstitch.bench.lookups SPEC_JSON")
     spec = msgspec.json.decode(args[0], type=LookupSpec)
-    stats = _run(spec)
+    stats = run_on_fast_loop(run_lookups(spec))
     _emit({"event": "result", "phase": stats.as_dict(), "cpu_s": round(time.process_time(), 3)})
 
 
