@@ -255,7 +255,7 @@ class ProfileAPI:
             )
         return token
 
-    # -- answers (worker thread) ----------------------------------------------------------------
+    # -- answers (on the event loop, or a worker thread for the space-wide scans) ---------------
     def _answer(self, call: _Call) -> bytes:
         if call.profile_id is None:
             return self._space_answer(call)
