@@ -234,8 +234,37 @@ def read_truth(path: Path | str) -> Truth:
     return truth
 
 
+class _LinkableRecall:
+    """Pair scores with the linkable pairs beside them: the recall ceiling and recall over linkable pairs."""
+
+    __slots__ = ()
+    pairs: PairScores
+    linkable_pairs: int  # true pairs that the messages can link
+    linked_pairs: int  # of those, the pairs predicted together
+
+    @property
+    def recall_ceiling(self) -> float:
+        """The best recall the messages allow: linkable pairs / true pairs."""
+        return _ratio(self.linkable_pairs, self.pairs.true_pairs)
+
+    @property
+    def linkable_recall(self) -> float:
+        """Recall over the linkable pairs only: what the resolution missed that it could have found."""
+        return _ratio(self.linked_pairs, self.linkable_pairs)
+
+    def pair_figures(self) -> dict[str, Any]:
+        """The pair scores and the linkable-pair figures, JSON-able."""
+        return {
+            **self.pairs.as_dict(),
+            "linkable_pairs": self.linkable_pairs,
+            "linked_pairs": self.linked_pairs,
+            "recall_ceiling": self.recall_ceiling,
+            "linkable_recall": self.linkable_recall,
+        }
+
+
 @dataclass(frozen=True, slots=True)
-class ScenarioScores:
+class ScenarioScores(_LinkableRecall):
     """The figures of one scenario (see the module docstring for the definitions)."""
 
     scenario: str
@@ -248,25 +277,11 @@ class ScenarioScores:
     misplaced: int  # its messages outside their person's main profile
     foreign: int  # its messages in a profile whose majority is someone else
 
-    @property
-    def recall_ceiling(self) -> float:
-        """The best recall the messages allow."""
-        return _ratio(self.linkable_pairs, self.pairs.true_pairs)
-
-    @property
-    def linkable_recall(self) -> float:
-        """Recall over the linkable pairs only: what the resolution missed that it could have found."""
-        return _ratio(self.linked_pairs, self.linkable_pairs)
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
             "messages": self.messages,
-            **self.pairs.as_dict(),
-            "linkable_pairs": self.linkable_pairs,
-            "linked_pairs": self.linked_pairs,
-            "recall_ceiling": self.recall_ceiling,
-            "linkable_recall": self.linkable_recall,
+            **self.pair_figures(),
             "over_merged": self.over_merged,
             "split": self.split,
             "misplaced": self.misplaced,
@@ -275,7 +290,7 @@ class ScenarioScores:
 
 
 @dataclass(frozen=True, slots=True)
-class Accuracy:
+class Accuracy(_LinkableRecall):
     """Every figure of one resolution against the truth (see the module docstring)."""
 
     messages: int  # scored: distinct messageIds whose person is known
@@ -301,16 +316,6 @@ class Accuracy:
     by_scenario: tuple[ScenarioScores, ...]
     over_merge_examples: tuple[dict[str, Any], ...]
     split_examples: tuple[dict[str, Any], ...]
-
-    @property
-    def recall_ceiling(self) -> float:
-        """The best recall the messages allow: linkable pairs / true pairs."""
-        return _ratio(self.linkable_pairs, self.pairs.true_pairs)
-
-    @property
-    def linkable_recall(self) -> float:
-        """Recall over the linkable pairs only: what the resolution missed that it could have found."""
-        return _ratio(self.linked_pairs, self.linkable_pairs)
 
     def over_merged_caused_by(self, scenarios: Iterable[str]) -> int:
         """Over-merged profiles with a bridging identifier carried by a message of any of these scenarios."""
@@ -341,11 +346,7 @@ class Accuracy:
             "unresolved": self.unresolved,
             "missing": self.missing,
             "extra": self.extra,
-            **self.pairs.as_dict(),
-            "linkable_pairs": self.linkable_pairs,
-            "linked_pairs": self.linked_pairs,
-            "recall_ceiling": self.recall_ceiling,
-            "linkable_recall": self.linkable_recall,
+            **self.pair_figures(),
             "over_merged": self.over_merged,
             "over_merge_causes": [
                 {"scenarios": list(causes), "profiles": n} for causes, n in self.over_merge_causes
