@@ -99,6 +99,7 @@ def test_a_support_tool_looks_up_by_email_pages_events_while_ingest_runs_and_lis
             # page through the history while the app keeps sending new events for the same person
             stop = threading.Event()
             sent_meanwhile: list[int] = []
+            landed = threading.Event()  # set after each event the sender got a 200 for
 
             def keep_sending() -> None:
                 with httpx.Client(base_url=server.base_url, timeout=30) as writer:
@@ -106,6 +107,7 @@ def test_a_support_tool_looks_up_by_email_pages_events_while_ingest_runs_and_lis
                     while not stop.is_set():
                         send(writer, [event(number, timestamp="2026-03-02T00:00:00.000Z")])
                         sent_meanwhile.append(number)
+                        landed.set()
                         number += 1
 
             sender = threading.Thread(target=keep_sending)
@@ -122,10 +124,8 @@ def test_a_support_tool_looks_up_by_email_pages_events_while_ingest_runs_and_lis
                         break
                     url = body["cursor"]["url"]  # follow the cursor's URL, as Segment's clients do
                     # let new events land between every two pages
-                    landed = len(sent_meanwhile)
-                    deadline = time.monotonic() + 30
-                    while len(sent_meanwhile) == landed and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                    landed.clear()
+                    assert landed.wait(30), "no event landed between two pages"
             finally:
                 stop.set()
                 sender.join(timeout=60)
