@@ -13,8 +13,8 @@ from idstitch.storage.base import Store  # noqa: E402
 from idstitch.storage.urls import open_store  # noqa: E402
 from store_contract import *  # noqa: E402, F403
 
-ADAPTERS = ["sqlite", "sqlite-memory", "memory"]
-PERSISTENT = {"sqlite"}
+ADAPTERS = ["sqlite", "sqlite-memory", "memory", "postgres"]
+PERSISTENT = {"sqlite", "postgres"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -27,6 +27,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
     return {
         "sqlite": f"sqlite:///{tmp_path / 'graph.db'}",
         "sqlite-memory": "sqlite://",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -12,17 +13,29 @@ import msgspec
 from idstitch.config import Config, SourceConfig
 from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.graph import GraphView
-from idstitch.core.identifiers import Dropped, extract_identifiers
+from idstitch.core.identifiers import Dropped, Extraction, extract_identifiers
 from idstitch.core.messages import Message
 from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
 from idstitch.core.rules import IdentityRules
 from idstitch.core.traits import account_trait_updates, user_trait_updates
-from idstitch.storage.base import EventRecord, SourceRecord, Store, StoreTransaction, TokenRecord
+from idstitch.storage.base import (
+    EventRecord,
+    LockBusy,
+    SourceRecord,
+    Store,
+    StoreConflict,
+    StoreTransaction,
+    TokenRecord,
+)
 
 __all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome"]
 
 _EMPTY_VIEW = GraphView()
 _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
+# A transaction that lost to a concurrent writer runs again, after a short random pause (so that two
+# losers do not collide again in step), for up to this long before the conflict is reported.
+_CONFLICT_RETRY_SECONDS = 120.0
+_CONFLICT_PAUSE_SECONDS = (0.001, 0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,21 +185,57 @@ class Engine:
         return self.ingest_group([IngestBatch(list(items), space, source)])[0]
 
     def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
-        """Several callers' batches, in order, in one transaction: one durable commit for all of them."""
+        """Several callers' batches, in order, in one transaction: one durable commit for all of them.
+
+        With concurrent writers (PostgreSQL) a group may commit in several transactions: when a message
+        needs a lock another writer holds, the messages before it commit and it starts a new
+        transaction. A transaction that loses to a concurrent writer (or its connection) runs again;
+        the caller sees only the outcomes.
+        """
         for batch in batches:
             self.config.space(batch.space)  # unknown space: a ConfigError before anything is written
+        work = [
+            (number, index, item, batch)
+            for number, batch in enumerate(batches)
+            for index, item in enumerate(batch.items)
+        ]
         results = [IngestResult() for _ in batches]
-        try:
-            with self.store.transaction() as transaction:
-                for batch, result in zip(batches, results, strict=True):
-                    for index, item in enumerate(batch.items):
-                        outcome = self._ingest_one(transaction, index, item, batch.space, batch.source)
-                        result.outcomes.append(outcome)
-        except BaseException:
-            for batch in batches:
-                self._rules.pop(batch.space, None)
-            raise
-        return results
+        position = 0
+        deadline: float | None = None
+        while True:
+            done: list[tuple[int, MessageOutcome]] = []
+            try:
+                with self.store.transaction() as transaction:
+                    for number, index, item, batch in work[position:]:
+                        try:
+                            outcome = self._ingest_one(transaction, index, item, batch.space, batch.source)
+                        except LockBusy:
+                            if not done:
+                                raise
+                            break  # commit what is done; this message starts the next transaction
+                        done.append((number, outcome))
+            except StoreConflict:
+                self._forget_rules(batches)
+                now = time.monotonic()
+                deadline = deadline or now + _CONFLICT_RETRY_SECONDS
+                if now > deadline:
+                    raise
+                time.sleep(random.uniform(*_CONFLICT_PAUSE_SECONDS))
+                continue
+            except BaseException:
+                self._forget_rules(batches)
+                raise
+            for number, outcome in done:
+                results[number].outcomes.append(outcome)
+            position += len(done)
+            deadline = None
+            if position >= len(work):
+                return results
+
+    def _forget_rules(self, batches: Sequence[IngestBatch]) -> None:
+        # Types learned in a transaction that rolled back are not in the store: learn them again.
+        for batch in batches:
+            self._rules.pop(batch.space, None)
 
     def _ingest_one(
         self,
@@ -198,20 +247,36 @@ class Engine:
     ) -> MessageOutcome:
         if isinstance(item, InvalidEvent):
             return MessageOutcome(index, None, "rejected", error=str(item))
+        rules = self.rules(space)
+        policy = rules.source(source)
+        try:
+            extraction = extract_identifiers(item, rules, policy)
+        except IdstitchError as error:
+            if transaction.has_message(space, item.message_id):
+                return MessageOutcome(index, item.message_id, "duplicate")  # stored under earlier rules
+            return MessageOutcome(index, item.message_id, "rejected", error=str(error))
+        user_keys, account_keys = view_keys(extraction)
+        # Before the duplicate check: a concurrent writer with the same message finishes first.
+        transaction.claim(space, item.message_id, [*user_keys, *account_keys])
         if transaction.has_message(space, item.message_id):
             return MessageOutcome(index, item.message_id, "duplicate")
         try:
             with transaction.savepoint():
-                return self._resolve(transaction, index, item, space, source)
+                return self._resolve(transaction, index, item, space, source, extraction)
         except IdstitchError as error:
             return MessageOutcome(index, item.message_id, "rejected", error=str(error))
 
     def _resolve(
-        self, transaction: StoreTransaction, index: int, message: Message, space: str, source: str | None
+        self,
+        transaction: StoreTransaction,
+        index: int,
+        message: Message,
+        space: str,
+        source: str | None,
+        extraction: Extraction,
     ) -> MessageOutcome:
         rules = self.rules(space)
         policy = rules.source(source)
-        extraction = extract_identifiers(message, rules, policy)
         if extraction.is_empty and not extraction.dropped:
             raise InvalidEvent(
                 "",

@@ -20,17 +20,37 @@ __all__ = [
     "EventQuery",
     "EventRecord",
     "IdentifierRecord",
+    "LockBusy",
     "MergeRecord",
     "ProfileActivity",
     "ProfileRecord",
     "SourceRecord",
     "SpaceStats",
     "Store",
+    "StoreConflict",
     "StoreTransaction",
     "SuspectRecord",
     "TokenRecord",
     "TraitRecord",
 ]
+
+
+class StoreConflict(Exception):
+    """A transaction lost to a concurrent writer or its connection (deadlock, serialisation failure,
+    connection killed): nothing of it was committed, or its commit is unknown; the whole transaction
+    may be run again (message-id de-duplication makes a commit that did land count once).
+
+    Not an IdstitchError: the engine retries it instead of rejecting the message at hand.
+    """
+
+
+class LockBusy(StoreConflict):
+    """A concurrent transaction holds a lock this one needs while it already holds others.
+
+    Waiting could deadlock, so the store refuses at once: the engine commits the messages before this
+    one and starts this one in a fresh transaction (which waits for its first locks), or, with nothing
+    to commit, rolls back and retries.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +219,14 @@ class StoreTransaction(Protocol):
 
     def savepoint(self) -> AbstractContextManager[None]:
         """A nested unit: a failing message rolls back alone while the rest of the batch lands."""
+        ...
+
+    def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
+        """Serialise with concurrent writers on this message and its identifiers until commit.
+
+        A store with one writer does nothing. A store with concurrent writers locks them (waiting only
+        while the transaction holds no other lock, else raising LockBusy).
+        """
         ...
 
     def has_message(self, space: str, message_id: str) -> bool:

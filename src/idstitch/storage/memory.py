@@ -626,6 +626,9 @@ class MemoryTransaction:
             _undo(self._log, mark)
             raise
 
+    def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
+        """Nothing to lock: this store has one writer at a time."""
+
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
         return message_id in self._store._read(space).message_ids

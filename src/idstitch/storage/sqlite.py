@@ -662,6 +662,9 @@ class SQLiteTransaction:
             raise
         self.db.execute("RELEASE message")
 
+    def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
+        """Nothing to lock: this store has one writer at a time."""
+
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
         row = self.db.execute(

@@ -1,4 +1,5 @@
-"""Store URLs in SQLAlchemy's convention: sqlite:///relative.db, sqlite:////absolute.db, sqlite://."""
+"""Store URLs in SQLAlchemy's convention: sqlite:///relative.db, sqlite:////absolute.db, sqlite://,
+and libpq's for PostgreSQL: postgresql://user@host:port/db?options=-csearch_path%3Dschema."""
 
 from __future__ import annotations
 
@@ -28,5 +29,9 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
             raise ConfigError("a memory store is private to its process and cannot be opened read-only")
         return MemoryStore(url)
     if url.startswith(("postgresql:", "postgres:")):
-        raise ConfigError(f"store URL {url!r}: the PostgreSQL store is not part of this build yet")
-    raise ConfigError(f"store URL {url!r}: unknown scheme (expected sqlite:///path.db)")
+        from idstitch.storage.postgres import PostgresStore
+
+        return PostgresStore(url, read_only=read_only)
+    raise ConfigError(
+        f"store URL {url!r}: unknown scheme (expected sqlite:///path.db or postgresql://user@host/db)"
+    )
