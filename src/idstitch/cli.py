@@ -1,11 +1,12 @@
-"""The command line: `idstitch ingest | serve | profile | explain | stats | simulate | accuracy | bench`.
+"""The command line: `idstitch ingest | serve | worker | profile | explain | stats | simulate | accuracy | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
 1 the profile asked for does not exist, 2 a usage or configuration error (missing file, unknown space,
 bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C / SIGTERM (every batch
 committed before that is kept; run the same command again to resume). `serve` exits 0 after a
-graceful SIGTERM / Ctrl-C (every request accepted was committed and answered).
+graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so does `worker`
+(the group it was resolving is committed and acknowledged first).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ SpaceOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+_QUEUE_HELP = (
+    "NATS JetStream URL: nats://host:port[?stream=NAME&subject=PREFIX&consumer=NAME&ack_wait=SECONDS] "
+    "(defaults: stream IDSTITCH, subjects idstitch.ingest.<space>, consumer idstitch-workers, ack_wait 60)."
+)
 CollectionOption = Annotated[
     str | None,
     typer.Option(
@@ -374,6 +379,16 @@ def serve(
             help="Serve --profile-port from N read-only processes of their own (0: in this process).",
         ),
     ] = 0,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue",
+            envvar="IDSTITCH_QUEUE",
+            metavar="URL",
+            help="Queue mode: answer requests once persisted in this NATS JetStream stream, for "
+            "`idstitch worker`s to resolve, instead of writing them to the store here. " + _QUEUE_HELP,
+        ),
+    ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -383,6 +398,12 @@ def serve(
 
     with _user_errors():
         settings = load_config(config)
+        mode = ""
+        if queue is not None:
+            from idstitch.queue.jetstream import parse_queue_url
+
+            parsed = parse_queue_url(queue)  # a bad URL fails before the store is touched
+            mode = f" (queue mode: JetStream {parsed.shown_servers} stream {parsed.stream})"
         with _store(store) as opened:
             engine = Engine(opened, settings)
             _print_created_write_keys(engine)
@@ -390,10 +411,81 @@ def serve(
                 engine,
                 host=host,
                 port=port,
-                announce=lambda url: print(f"idstitch serving on {url}", file=sys.stderr, flush=True),
+                announce=lambda url: print(f"idstitch serving on {url}{mode}", file=sys.stderr, flush=True),
                 profile_port=profile_port,
                 profile_workers=profile_workers,
+                queue=queue,
             )
+
+
+# -- worker ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option("--queue", envvar="IDSTITCH_QUEUE", metavar="URL", help=_QUEUE_HELP)],
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch",
+            min=1,
+            max=1000,
+            metavar="N",
+            help="Queue messages (each one request of the Tracking API) fetched and committed together.",
+        ),
+    ] = 20,
+    drain: Annotated[
+        bool, typer.Option("--drain", help="Exit once the queue is empty instead of waiting for more.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Resolve what `serve --queue` put on NATS JetStream: fetch, commit, then acknowledge; run N of them."""
+    from idstitch.engine import Engine
+    from idstitch.http.logs import configure_logging
+    from idstitch.queue.jetstream import parse_queue_url
+    from idstitch.queue.worker import run_worker
+
+    with _user_errors():
+        settings = load_config(config)
+        parsed = parse_queue_url(queue)
+        with _store(store) as opened:
+            engine = Engine(opened, settings)
+            _print_created_write_keys(engine)
+            configure_logging()  # JSON lines on stderr, as serve writes them
+            summary = run_worker(
+                engine,
+                parsed,
+                batch=batch,
+                drain=drain,
+                handle_signals=True,
+                on_start=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+        _print_worker_summary(summary.as_dict(), as_json)
+
+
+def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary), flush=True)
+        return
+    labels = [
+        ("accepted", "accepted"),
+        ("duplicates", "duplicates"),
+        ("unresolved", "unresolved"),
+        ("rejected", "rejected"),
+        ("profiles created", "profiles_created"),
+        ("merges", "merges"),
+        ("commits", "commits"),
+        ("retried", "retried"),
+        ("terminated", "terminated"),
+    ]
+    lines = [
+        f"worker stopped after {summary['seconds']:.2f} s: {summary['queue_messages']:,} queue messages, "
+        f"{summary['messages']:,} messages ({summary['messages_per_second']:,} messages/s)",
+        *(f"  {label:<18}{summary[key]:>10,}" for label, key in labels),
+    ]
+    print("\n".join(lines), flush=True)
 
 
 # -- profile / explain -----------------------------------------------------------------------------

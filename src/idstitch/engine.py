@@ -13,7 +13,7 @@ import msgspec
 from idstitch.config import Config, SourceConfig
 from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.graph import GraphView
-from idstitch.core.identifiers import Dropped, Extraction, extract_identifiers
+from idstitch.core.identifiers import Dropped, Extraction, extract_identifiers, require_identifier
 from idstitch.core.messages import Message
 from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
 from idstitch.core.rules import IdentityRules
@@ -277,12 +277,7 @@ class Engine:
     ) -> MessageOutcome:
         rules = self.rules(space)
         policy = rules.source(source)
-        if extraction.is_empty and not extraction.dropped:
-            raise InvalidEvent(
-                "",
-                "message carries no identifier: needs userId, anonymousId, traits.email, "
-                "context.externalIds or another configured identifier",
-            )
+        require_identifier(extraction)
         user_keys, account_keys = view_keys(extraction)
         decision = resolve_message(
             message,

@@ -7,16 +7,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message
 from idstitch.core.rules import IdentityRules, SourcePolicy
 
 __all__ = [
+    "NO_IDENTIFIER",
     "Dropped",
     "Extraction",
     "Identifier",
     "extract_identifiers",
     "normalise_value",
     "parse_identifier",
+    "require_identifier",
 ]
 
 
@@ -52,6 +55,18 @@ class Extraction:
     def is_empty(self) -> bool:
         """Whether nothing usable is left (the message is unresolved)."""
         return not self.users and not self.accounts and self.alias_previous is None
+
+
+NO_IDENTIFIER = (
+    "message carries no identifier: needs userId, anonymousId, traits.email, "
+    "context.externalIds or another configured identifier"
+)
+
+
+def require_identifier(extraction: Extraction) -> None:
+    """Reject a message that carries no identifier at all, not even a dropped one (InvalidEvent)."""
+    if extraction.is_empty and not extraction.dropped:
+        raise InvalidEvent("", NO_IDENTIFIER)
 
 
 def parse_identifier(text: str) -> Identifier:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -10,13 +11,31 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from idstitch.engine import MessageOutcome
-from idstitch.group_commit import GroupCommitWriter
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "WriterFigures"]
 
 # Drop reasons are texts made from the config (types, limits, blocked entries), so few; this bound
 # keeps a label set finite even if one ever carried message data.
 _MAX_DROP_RULES = 200
+
+
+class WriterFigures(Protocol):
+    """What /metrics reads from the writer: the group-commit writer, or the JetStream publisher in queue mode."""
+
+    @property
+    def pending_messages(self) -> int:
+        """Messages accepted and not yet durable."""
+        ...
+
+    @property
+    def commits(self) -> int:
+        """Durable writes: commits, or JetStream messages persisted."""
+        ...
+
+    @property
+    def batches(self) -> int:
+        """Requests made durable."""
+        ...
 
 
 class Metrics:
@@ -24,7 +43,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, writer: GroupCommitWriter | None = None) -> None:
+    def __init__(self, writer: WriterFigures | None = None) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         if writer is not None:
@@ -38,6 +57,12 @@ class Metrics:
         self.duplicate = Counter(
             "idstitch_messages_duplicate",
             "Messages whose messageId was already stored in the space (retries); not stored again.",
+            ["space"],
+            registry=self.registry,
+        )
+        self.queued = Counter(
+            "idstitch_messages_queued",
+            "Messages persisted to the JetStream queue for the workers to resolve (serve --queue).",
             ["space"],
             registry=self.registry,
         )
@@ -72,7 +97,7 @@ class Metrics:
 
     def count_outcomes(self, space: str, outcomes: Iterable[MessageOutcome]) -> None:
         """Count what happened to each message of a request."""
-        accepted = duplicate = rejected = matched = created = unresolved = merges = 0
+        accepted = duplicate = queued = rejected = matched = created = unresolved = merges = 0
         dropped: dict[str, int] = {}
         for outcome in outcomes:
             status = outcome.status
@@ -88,12 +113,18 @@ class Metrics:
                 unresolved += 1
             elif status == "duplicate":
                 duplicate += 1
+            elif status == "queued":
+                queued += 1
             else:
                 rejected += 1
             for drop in outcome.dropped:
                 dropped[drop.rule] = dropped.get(drop.rule, 0) + 1
         # Only touch the counters that moved: each labels() call takes a lock.
-        for counter, amount in ((self.accepted, accepted), (self.duplicate, duplicate)):
+        for counter, amount in (
+            (self.accepted, accepted),
+            (self.duplicate, duplicate),
+            (self.queued, queued),
+        ):
             if amount:
                 counter.labels(space).inc(amount)
         self.count_rejected(space, rejected)
@@ -126,18 +157,20 @@ class Metrics:
 class _WriterCollector(Collector):
     """The group-commit writer's own figures, read when scraped."""
 
-    def __init__(self, writer: GroupCommitWriter) -> None:
+    def __init__(self, writer: WriterFigures) -> None:
         self._writer = writer
 
     def collect(self) -> Iterator[Metric]:
         writer = self._writer
         yield GaugeMetricFamily(
             "idstitch_writer_pending_messages",
-            "Messages accepted by the writer and not yet committed.",
+            "Messages accepted by the writer and not yet committed (queue mode: not yet persisted by JetStream).",
             value=writer.pending_messages,
         )
         yield CounterMetricFamily(
-            "idstitch_writer_commits", "Durable commits (each may hold many requests).", value=writer.commits
+            "idstitch_writer_commits",
+            "Durable commits, each may hold many requests (queue mode: JetStream messages persisted).",
+            value=writer.commits,
         )
         yield CounterMetricFamily(
             "idstitch_writer_batches", "Requests written by the writer.", value=writer.batches

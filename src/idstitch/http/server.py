@@ -2,6 +2,8 @@
 
 Shutdown is graceful: the listening socket closes, requests in flight finish (their messages are
 committed and answered), the group-commit writer is flushed and closed, and the process exits 0.
+With `queue` (a NATS URL), requests are published to JetStream instead of committed here; the
+publisher is closed the same way, after every accepted request is persisted there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
 from idstitch.http.profiles import ProfileAPI
-from idstitch.http.tracking import TrackingAPI
+from idstitch.http.tracking import IngestWriter, TrackingAPI
 from idstitch.storage.urls import open_store
 
 __all__ = ["ProfileWorkers", "bind", "run_server"]
@@ -61,11 +63,13 @@ def run_server(
     max_pending_messages: int = 50_000,
     profile_port: int | None = None,
     profile_workers: int = 0,
+    queue: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; `announce` gets each URL once the server accepts connections.
 
     The Tracking API and the Profile API share `port`, unless `profile_port` gives the Profile API its own;
-    with `profile_workers`, that port is served by that many read-only processes of their own.
+    with `profile_workers`, that port is served by that many read-only processes of their own. With
+    `queue`, the Tracking API publishes to that NATS JetStream URL for `idstitch worker`s to resolve.
     """
     if profile_workers and profile_port is None:
         raise ConfigError("--profile-workers needs --profile-port: the workers serve that port")
@@ -94,7 +98,14 @@ def run_server(
             for item in sockets:
                 item.close()
             raise
-    writer = GroupCommitWriter(engine, max_pending_messages=max_pending_messages)
+    try:
+        writer = _writer(engine, queue, max_pending_messages)
+    except BaseException:
+        if workers is not None:
+            workers.sock.close()
+        for item in sockets:
+            item.close()
+        raise
     tracking = TrackingAPI(writer)
     # One registry: /metrics shows both APIs' request latencies beside the ingest counters.
     profiles = ProfileAPI(engine, metrics=tracking.metrics)
@@ -125,6 +136,15 @@ def run_server(
         writer.close()  # everything accepted is committed before the process exits
         for item in sockets:
             item.close()
+
+
+def _writer(engine: Engine, queue: str | None, max_pending_messages: int) -> IngestWriter:
+    """The group-commit writer, or with a queue URL the JetStream publisher (connected, stream ensured)."""
+    if queue is None:
+        return GroupCommitWriter(engine, max_pending_messages=max_pending_messages)
+    from idstitch.queue.publisher import JetStreamPublisher  # nats loads only in queue mode
+
+    return JetStreamPublisher(engine, queue, max_pending_messages=max_pending_messages)
 
 
 class _Server(uvicorn.Server):

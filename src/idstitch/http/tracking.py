@@ -2,7 +2,9 @@
 
 No business logic lives here: messages are parsed by `core.messages`, written by the group-commit
 writer (so SQLite never runs on the event loop), and the engine's outcomes are mapped to HTTP.
-A 200 is sent only once the writer's commit holding the request's messages is durable.
+A 200 is sent only once the writer's commit holding the request's messages is durable. In queue mode
+(`serve --queue`) the writer is a JetStream publisher with the same interface: a 200 then means the
+request's messages are persisted in the JetStream stream, and workers resolve them.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -28,15 +31,15 @@ from idstitch.core.messages import (
     parse_batch,
     parse_message,
 )
-from idstitch.engine import IngestResult, MessageOutcome
-from idstitch.group_commit import GroupCommitWriter, WriterBusy, WriterClosed
+from idstitch.engine import Engine, IngestResult, MessageOutcome
+from idstitch.group_commit import WriterBusy, WriterClosed
 from idstitch.http.auth import Source, WriteKeys, basic_user
 from idstitch.http.bodies import BodyLimit, read_body
 from idstitch.http.logs import request_logger
-from idstitch.http.metrics import Metrics
+from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
 
-__all__ = ["BATCH_CALLS", "MESSAGE_LIMIT", "REQUEST_LIMIT", "SINGLE_CALLS", "TrackingAPI"]
+__all__ = ["BATCH_CALLS", "MESSAGE_LIMIT", "REQUEST_LIMIT", "SINGLE_CALLS", "IngestWriter", "TrackingAPI"]
 
 Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
@@ -56,6 +59,30 @@ _PREFLIGHT = [
     (b"access-control-allow-headers", b"Authorization, Content-Type, Content-Encoding"),
     (b"access-control-max-age", b"86400"),
 ]
+
+
+class IngestWriter(WriterFigures, Protocol):
+    """What the Tracking API writes through: `GroupCommitWriter`, or `JetStreamPublisher` in queue mode."""
+
+    @property
+    def engine(self) -> Engine:
+        """The engine whose config and write keys the API uses."""
+        ...
+
+    @property
+    def max_pending_messages(self) -> int:
+        """The backlog bound past which `submit` refuses (WriterBusy)."""
+        ...
+
+    def submit(
+        self, items: Iterable[Message | InvalidEvent], *, space: str, source: str | None = None
+    ) -> Future[IngestResult]:
+        """Take a request; the future resolves once its messages are durable (or fails with why)."""
+        ...
+
+    def close(self) -> None:
+        """Stop accepting and make everything accepted durable."""
+        ...
 
 
 class _Disconnected(Exception):
@@ -86,7 +113,7 @@ class TrackingAPI:
 
     def __init__(
         self,
-        writer: GroupCommitWriter,
+        writer: IngestWriter,
         *,
         write_keys: WriteKeys | None = None,
         metrics: Metrics | None = None,
@@ -281,7 +308,11 @@ class TrackingAPI:
             ) from None
         # shield: a request whose client went away keeps its messages; once a body is accepted it is
         # written and counted whether or not anyone waits for the answer.
-        result = await asyncio.shield(asyncio.wrap_future(future))
+        try:
+            result = await asyncio.shield(asyncio.wrap_future(future))
+        except WriterBusy as busy:
+            # Queue mode: JetStream was unreachable or refused; the client retries later.
+            raise self._overloaded(str(busy)) from None
         self.metrics.count_outcomes(source.space, result.outcomes)
         return result
 

@@ -1,0 +1,22 @@
+"""Queue mode: `serve --queue` publishes accepted requests to NATS JetStream; `idstitch worker`s resolve them.
+
+`jetstream` (queue URL, connection, stream, consumer), `envelope` (the JetStream message format),
+`publisher` (the Tracking API's writer in queue mode, and `publish_messages` for benchmarks), `worker`
+(the consumer loop, `run_worker`).
+"""
+
+from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_url
+from idstitch.queue.publisher import JetStreamPublisher, PublishSummary, publish_messages
+from idstitch.queue.worker import QueueWorker, WorkerSummary, run_worker
+
+__all__ = [
+    "JetStreamPublisher",
+    "PublishSummary",
+    "QueueConfig",
+    "QueueUnavailable",
+    "QueueWorker",
+    "WorkerSummary",
+    "parse_queue_url",
+    "publish_messages",
+    "run_worker",
+]

@@ -1,0 +1,333 @@
+"""NATS JetStream plumbing of queue mode: the queue URL, the connection, the stream and the workers' consumer.
+
+The stream uses *work-queue* retention on file storage. It is a buffer between the Tracking API and the
+workers, not the system of record: every stored event keeps its raw payload in the store, so replays
+read the store, and a message a worker has committed and acknowledged has no reason to stay on disk.
+With work-queue retention an acknowledgement deletes the message, so the stream holds exactly the
+backlog, and its size is the lag. `discard=new`: a stream that hits a limit an operator set refuses
+new publishes (the Tracking API answers 429, clients retry) instead of silently dropping old messages
+that were acknowledged to a client but not yet resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    DiscardPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+
+from idstitch.core.errors import ConfigError
+from idstitch.group_commit import WriterBusy
+
+__all__ = [
+    "DEFAULT_ACK_WAIT",
+    "DEFAULT_CONSUMER",
+    "DEFAULT_STREAM",
+    "DEFAULT_SUBJECT",
+    "JetStream",
+    "QueueConfig",
+    "QueueUnavailable",
+    "parse_queue_url",
+]
+
+DEFAULT_STREAM: Final = "IDSTITCH"
+DEFAULT_SUBJECT: Final = "idstitch.ingest"
+DEFAULT_CONSUMER: Final = "idstitch-workers"
+DEFAULT_ACK_WAIT: Final = 60.0  # seconds; workers also report progress while a long group commits
+DEFAULT_MAX_ACK_PENDING: Final = 10_000  # delivered, unacknowledged messages over all workers together
+DUPLICATE_WINDOW: Final = 120.0  # seconds in which a re-sent publish (same Nats-Msg-Id) is stored once
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream and consumer names: no dots, wildcards or blanks
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_PARAMETERS = ("stream", "subject", "consumer", "ack_wait")
+_log = logging.getLogger("idstitch.queue")
+
+
+class QueueUnavailable(WriterBusy):
+    """JetStream cannot take the request now (unreachable, or the stream refuses); retry later.
+
+    A `WriterBusy`: the Tracking API answers 429 with Retry-After, which every Segment client retries.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Where queue mode's messages go: the NATS servers, the stream, its subjects and the workers' consumer."""
+
+    servers: tuple[str, ...]
+    stream: str = DEFAULT_STREAM
+    subject: str = DEFAULT_SUBJECT  # the prefix: a space's requests go to `<subject>.<space>`
+    consumer: str = DEFAULT_CONSUMER
+    ack_wait: float = DEFAULT_ACK_WAIT
+
+    @property
+    def filter_subject(self) -> str:
+        """Every subject of the stream: the prefix and any space."""
+        return f"{self.subject}.>"
+
+    def subject_for(self, space: str) -> str:
+        """The subject a space's requests are published to."""
+        return f"{self.subject}.{_subject_token(space)}"
+
+    @property
+    def shown_servers(self) -> str:
+        """The servers for humans and logs, without credentials."""
+        return ",".join(_without_credentials(server) for server in self.servers)
+
+
+def parse_queue_url(url: str) -> QueueConfig:
+    """`nats://host:port[,nats://other:port][?stream=NAME&subject=PREFIX&consumer=NAME&ack_wait=SECONDS]`."""
+    base, _, query = url.partition("?")
+    servers = tuple(part.strip() for part in base.split(",") if part.strip())
+    if not servers:
+        raise ConfigError(f"queue URL {url!r}: expected nats://host:port")
+    for server in servers:
+        parts = urlsplit(server)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(f"queue URL {_without_credentials(server)!r}: expected nats://host:port")
+        try:
+            parts.port  # noqa: B018  # raises on a port that is not a number
+        except ValueError:
+            raise ConfigError(f"queue URL {_without_credentials(server)!r}: bad port") from None
+        if parts.path not in ("", "/"):
+            raise ConfigError(f"queue URL {_without_credentials(server)!r}: no path expected")
+    try:
+        values = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ConfigError(f"queue URL: cannot read the parameters {query!r}") from None
+    unknown = sorted(set(values) - set(_PARAMETERS))
+    if unknown:
+        raise ConfigError(f"queue URL: unknown parameter {unknown[0]!r} (known: {', '.join(_PARAMETERS)})")
+    single: dict[str, str] = {}
+    for key, given in values.items():
+        if len(given) != 1 or not given[0]:
+            raise ConfigError(f"queue URL: give {key} once, with a value")
+        single[key] = given[0]
+    stream = single.get("stream", DEFAULT_STREAM)
+    consumer = single.get("consumer", DEFAULT_CONSUMER)
+    for key, name in (("stream", stream), ("consumer", consumer)):
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"queue URL: {key} {name!r} may hold only letters, digits, - and _")
+    subject = single.get("subject", DEFAULT_SUBJECT)
+    if not all(_TOKEN.fullmatch(token) for token in subject.split(".")):
+        raise ConfigError(
+            f"queue URL: subject {subject!r} must be dot-separated tokens of letters, digits, - and _"
+        )
+    ack_wait = DEFAULT_ACK_WAIT
+    if "ack_wait" in single:
+        try:
+            ack_wait = float(single["ack_wait"])
+        except ValueError:
+            ack_wait = -1.0
+        if not 1.0 <= ack_wait <= 3600.0:
+            raise ConfigError("queue URL: ack_wait must be a number of seconds from 1 to 3600")
+    return QueueConfig(servers, stream, subject, consumer, ack_wait)
+
+
+class JetStream:
+    """One NATS connection with its JetStream context, for a publisher or a worker."""
+
+    def __init__(self, queue: QueueConfig, client: Client) -> None:
+        self.queue = queue
+        self.client = client
+        self.js: JetStreamContext = client.jetstream()
+        self.last_error: Exception | None = None
+        self._quiet = True  # until connected, failures end in one error, not a log line per attempt
+
+    @classmethod
+    async def connect(cls, queue: QueueConfig, *, name: str, timeout: float = 10.0) -> JetStream:
+        """Connect (reconnecting forever once connected) and make sure the stream exists."""
+        connection = cls(queue, Client())
+        try:
+            # Reconnect without end: a NATS restart must not stop a server or a worker for good.
+            await asyncio.wait_for(
+                connection.client.connect(
+                    servers=list(queue.servers),
+                    name=name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    connect_timeout=max(1, min(int(timeout), 5)),
+                    error_cb=connection._on_error,
+                    disconnected_cb=connection._on_disconnected,
+                    reconnected_cb=connection._on_reconnected,
+                ),
+                timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as error:
+            await connection.close()
+            cause = connection.last_error or error
+            raise QueueUnavailable(
+                f"cannot connect to NATS at {queue.shown_servers} within {timeout:g} s: "
+                f"{type(cause).__name__}: {cause}"
+            ) from None
+        connection._quiet = False
+        try:
+            await connection.ensure_stream()
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
+
+    async def _on_error(self, error: Exception) -> None:
+        self.last_error = error
+        if not self._quiet:
+            _log.warning("NATS connection error", extra={"error": f"{type(error).__name__}: {error}"})
+
+    async def _on_disconnected(self) -> None:
+        if not self._quiet:
+            _log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        _log.warning("reconnected to NATS", extra={"server": str(self.client.connected_url)})
+
+    async def ensure_stream(self) -> StreamInfo:
+        """Create the stream, or check that an existing one of that name holds our subjects."""
+        queue = self.queue
+        config = StreamConfig(
+            name=queue.stream,
+            description="idstitch queue mode: accepted Tracking API requests waiting for a worker",
+            subjects=[queue.filter_subject],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=DUPLICATE_WINDOW,
+        )
+        try:
+            return await self.js.add_stream(config)
+        except nats.js.errors.APIError as error:
+            try:
+                info = await self.js.stream_info(queue.stream)
+            except nats.js.errors.NotFoundError:
+                # Not ours and not there: our subjects overlap another stream's, most likely.
+                raise ConfigError(
+                    f"cannot create JetStream stream {queue.stream}: {error.description or error}"
+                ) from None
+        # An existing stream an operator tuned (limits, replicas) is used as it is, if our subjects land there.
+        subjects = info.config.subjects or []
+        if queue.filter_subject not in subjects and ">" not in subjects:
+            raise ConfigError(
+                f"JetStream stream {queue.stream} exists with subjects {', '.join(subjects) or 'none'}, "
+                f"not {queue.filter_subject}: choose another stream or subject in the queue URL"
+            )
+        return info
+
+    async def ensure_consumer(self) -> ConsumerInfo:
+        """Create the workers' durable pull consumer, or bring its settings up to date (all workers share it)."""
+        queue = self.queue
+        config = ConsumerConfig(
+            durable_name=queue.consumer,
+            description="idstitch workers: resolve, commit, then acknowledge",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=queue.ack_wait,
+            max_deliver=-1,  # a failed ingest is retried (with a delay) until it lands; garbage is terminated
+            filter_subject=queue.filter_subject,
+            max_ack_pending=DEFAULT_MAX_ACK_PENDING,
+        )
+        try:
+            return await self.js.add_consumer(queue.stream, config)
+        except nats.js.errors.APIError as error:
+            raise ConfigError(
+                f"cannot create the consumer {queue.consumer} on JetStream stream {queue.stream}: "
+                f"{error.description or error}"
+            ) from None
+
+    async def publish(self, subject: str, data: bytes, *, message_id: str, timeout: float) -> PubAck:
+        """Publish and wait for JetStream's ack (the message is on disk), retrying until `timeout`.
+
+        Every attempt carries the same `Nats-Msg-Id`, so a retry of a publish that did land (its ack was
+        lost) is stored once.
+        """
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self.js.publish(
+                    subject,
+                    data,
+                    timeout=max(min(remaining, 5.0), 0.05),
+                    stream=self.queue.stream,
+                    headers={"Nats-Msg-Id": message_id},
+                )
+            except nats.js.errors.ServiceUnavailableError as error:
+                if error.err_code is not None:
+                    # A full stream answers 503 with a reason (10077: maximum messages / bytes exceeded).
+                    raise QueueUnavailable(
+                        f"JetStream stream {self.queue.stream} refused the message: {error.description or error}"
+                    ) from None
+                last: Exception = error  # JetStream itself is briefly unavailable
+            except nats.js.errors.APIError as error:
+                # The stream refused it (the subject is not ours, say): retrying now would not help.
+                raise QueueUnavailable(
+                    f"JetStream stream {self.queue.stream} refused the message: {error.description or error}"
+                ) from None
+            except (nats.errors.Error, OSError) as error:  # timeouts, no responders, reconnecting
+                last = error
+            pause = min(0.1 * 2**attempt, 1.0)
+            attempt += 1
+            if time.monotonic() + pause >= deadline:
+                raise QueueUnavailable(
+                    f"JetStream did not acknowledge within {timeout:g} s ({type(last).__name__})"
+                ) from None
+            await asyncio.sleep(pause)
+
+    async def close(self) -> None:
+        """Send what is buffered (acks, say), then close the connection."""
+        self._quiet = True
+        client = self.client
+        if client.is_connected:
+            try:
+                await client.flush(timeout=5)
+            except (nats.errors.Error, OSError, TimeoutError):
+                _log.warning("could not flush the NATS connection before closing it")
+        await client.close()
+
+
+def _subject_token(space: str) -> str:
+    """A space name as one subject token: letters, digits, - and _ stay; any other character is %XX-escaped.
+
+    The escaping is one-to-one, so two spaces never share a subject, and a dot or wildcard in a name
+    cannot change which subjects a message lands on.
+    """
+    if _TOKEN.fullmatch(space):
+        return space
+    if not space:
+        return "%"  # never the escape of a name: those are %XX
+    return "".join(
+        char if _TOKEN.fullmatch(char) else "".join(f"%{byte:02X}" for byte in char.encode())
+        for char in space
+    )
+
+
+def _without_credentials(server: str) -> str:
+    """A server URL without user name and password (they must not reach logs)."""
+    parts = urlsplit(server)
+    if parts.username is None and parts.password is None:
+        return server
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,344 @@
+"""The worker of queue mode: fetch requests from JetStream, resolve them, commit, and only then acknowledge.
+
+Any number of workers share one durable pull consumer, so each JetStream message goes to one of them
+at a time. A worker fetches up to `batch` messages and resolves them with `Engine.ingest_group`, one
+transaction per group, on a thread of its own (the event loop stays free to answer the server and to
+report progress on long groups). Only once the transaction is committed is each message acknowledged.
+
+Delivery is at least once: a worker that dies between its commit and its acks has its messages
+delivered again (after the consumer's ack_wait) to another worker, which finds their `messageId`s
+stored and counts them as duplicates. Each message therefore has exactly one effect on the store.
+A group that fails is written again one request at a time, so one bad request does not hold back the
+others; a request that still fails is nak'ed with a growing delay and comes back later. A JetStream
+message that is not a queued request at all is terminated, with its reason logged: retrying it could
+never succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from idstitch.engine import Engine, IngestBatch, IngestResult
+from idstitch.queue import envelope
+from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
+
+__all__ = ["QueueWorker", "WorkerSummary", "run_worker"]
+
+_log = logging.getLogger("idstitch.queue")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class WorkerSummary:
+    """What one worker did, from its start until it stopped."""
+
+    queue_messages: int = 0  # JetStream messages committed and acknowledged
+    messages: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    unresolved: int = 0
+    rejected: int = 0
+    profiles_created: int = 0
+    merges: int = 0
+    commits: int = 0
+    retried: int = 0  # JetStream messages nak'ed after a failed ingest, to come back later
+    terminated: int = 0  # JetStream messages that could not be decoded, never to come back
+    seconds: float = 0.0
+
+    def count(self, result: IngestResult) -> None:
+        """Add one request's outcomes."""
+        for outcome in result.outcomes:
+            self.messages += 1
+            if outcome.status == "resolved":
+                self.accepted += 1
+            elif outcome.status == "duplicate":
+                self.duplicates += 1
+            elif outcome.status == "unresolved":
+                self.unresolved += 1
+            else:
+                self.rejected += 1
+            self.profiles_created += outcome.created
+            self.merges += len(outcome.merged)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as JSON-able values, with the rate."""
+        rate = round(self.messages / self.seconds) if self.seconds > 0 else 0
+        return {
+            "queue_messages": self.queue_messages,
+            "messages": self.messages,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "unresolved": self.unresolved,
+            "rejected": self.rejected,
+            "profiles_created": self.profiles_created,
+            "merges": self.merges,
+            "commits": self.commits,
+            "retried": self.retried,
+            "terminated": self.terminated,
+            "seconds": round(self.seconds, 3),
+            "messages_per_second": rate,
+        }
+
+
+class QueueWorker:
+    """One worker: a loop that fetches, resolves, commits and acknowledges until asked to stop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: QueueConfig | str,
+        *,
+        batch: int = 20,
+        max_group_messages: int = 5_000,
+        fetch_timeout: float = 1.0,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        drain: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.engine = engine
+        self.queue = parse_queue_url(queue) if isinstance(queue, str) else queue
+        self.batch = batch
+        self.max_group_messages = max_group_messages
+        # Also how long a stop request may wait while the queue is idle.
+        self.fetch_timeout = fetch_timeout
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.drain = drain
+        self.stop = stop or threading.Event()
+        self.summary = WorkerSummary()
+        # One thread runs the engine, always the same one, as the group-commit writer does in serve.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idstitch-worker-engine")
+
+    async def run(
+        self, *, on_start: Callable[[str], None] | None = None, handle_signals: bool = False
+    ) -> WorkerSummary:
+        """Consume until `stop` is set (or SIGTERM / SIGINT with `handle_signals`, or an empty queue with `drain`)."""
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in _STOP_SIGNALS:
+                loop.add_signal_handler(sig, self.stop.set)
+        try:
+            jetstream = await JetStream.connect(self.queue, name="idstitch worker")
+            started = time.monotonic()
+            try:
+                await self._consume(jetstream, on_start)
+            finally:
+                self.summary.seconds = time.monotonic() - started
+                await jetstream.close()  # flushes the last acks
+        finally:
+            self._executor.shutdown(wait=True)
+            if handle_signals:
+                for sig in _STOP_SIGNALS:
+                    loop.remove_signal_handler(sig)
+        return self.summary
+
+    async def _consume(self, jetstream: JetStream, on_start: Callable[[str], None] | None) -> None:
+        await jetstream.ensure_consumer()
+        subscription = await jetstream.js.pull_subscribe_bind(
+            durable=self.queue.consumer, stream=self.queue.stream
+        )
+        if on_start is not None:
+            on_start(
+                f"idstitch worker consuming {self.queue.shown_servers} stream {self.queue.stream} "
+                f"(consumer {self.queue.consumer}, subjects {self.queue.filter_subject}), "
+                f"up to {self.batch} queue messages per commit"
+            )
+        while not self.stop.is_set():
+            try:
+                fetched = await subscription.fetch(self.batch, timeout=self.fetch_timeout)
+            except TimeoutError:  # nats' own TimeoutError is one too: nothing came
+                if self.drain and await _drained(subscription):
+                    return
+                continue
+            except (nats.errors.Error, OSError) as error:
+                # Disconnected, say: the client reconnects by itself; try again shortly.
+                _log.warning("fetch failed; retrying", extra={"error": f"{type(error).__name__}: {error}"})
+                await asyncio.sleep(min(self.fetch_timeout, 1.0))
+                continue
+            # A stop requested meanwhile still lets this group finish: it is committed and acked.
+            await self._handle(jetstream, fetched)
+
+    async def _handle(self, jetstream: JetStream, fetched: list[Msg]) -> None:
+        decoded: list[tuple[Msg, IngestBatch]] = []
+        for msg in fetched:
+            try:
+                decoded.append((msg, envelope.decode(msg.data)))
+            except envelope.UndecodableMessage as error:
+                _log.error(
+                    "undecodable queue message terminated",
+                    extra={**_where(msg), "reason": str(error)},
+                )
+                await _settle(msg.term())
+                self.summary.terminated += 1
+        if not decoded:
+            return
+        async with _in_background(self._report_progress([msg for msg, _ in decoded])):
+            for group in _groups(decoded, self.max_group_messages):
+                await self._ingest(group)
+        # The acks are in the client's buffer: send them now rather than at the next flush.
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await jetstream.client.flush(timeout=5)
+
+    async def _ingest(self, group: list[tuple[Msg, IngestBatch]]) -> None:
+        loop = asyncio.get_running_loop()
+        batches = [batch for _, batch in group]
+        try:
+            results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
+        except Exception as error:
+            if len(group) > 1:
+                # One request's failure must not fail the others: write each alone.
+                for item in group:
+                    await self._ingest([item])
+                return
+            msg = group[0][0]
+            delay = self._delay(msg)
+            _log.error(
+                "ingest failed; the queue message will be delivered again",
+                extra={**_where(msg), "retry_in_s": delay, "error": f"{type(error).__name__}: {error}"},
+                exc_info=True,
+            )
+            await _settle(msg.nak(delay=delay))
+            self.summary.retried += 1
+            return
+        self.summary.commits += 1
+        for (msg, batch), result in zip(group, results, strict=True):
+            self.summary.count(result)
+            for outcome in result.rejected:
+                _log.warning(
+                    "message rejected",
+                    extra={
+                        **_where(msg),
+                        "space": batch.space,
+                        "message_id": outcome.message_id,
+                        "reason": outcome.error,
+                    },
+                )
+        # Committed: only now may JetStream forget them. An ack lost on the way means a redelivery,
+        # which finds every messageId stored and changes nothing.
+        for msg, _ in group:
+            await _settle(msg.ack())
+        self.summary.queue_messages += len(group)
+
+    async def _report_progress(self, messages: list[Msg]) -> None:
+        """Tell JetStream, well within ack_wait, that messages still waiting for their commit are being worked on."""
+        while True:
+            await asyncio.sleep(self.queue.ack_wait / 3)
+            for msg in messages:
+                if not msg.is_acked:
+                    await _settle(msg.in_progress())
+
+    def _delay(self, msg: Msg) -> float:
+        """Seconds before a failed message comes back: doubling with each delivery, up to a bound."""
+        try:
+            deliveries = msg.metadata.num_delivered or 1
+        except (nats.errors.Error, ValueError, IndexError):
+            deliveries = 1
+        return float(min(self.retry_delay * 2 ** min(deliveries - 1, 16), self.max_retry_delay))
+
+
+def run_worker(
+    engine: Engine,
+    queue: QueueConfig | str,
+    *,
+    batch: int = 20,
+    max_group_messages: int = 5_000,
+    fetch_timeout: float = 1.0,
+    retry_delay: float = 1.0,
+    max_retry_delay: float = 60.0,
+    drain: bool = False,
+    stop: threading.Event | None = None,
+    on_start: Callable[[str], None] | None = None,
+    handle_signals: bool = False,
+) -> WorkerSummary:
+    """Run one worker on its own event loop until it is stopped; what `idstitch worker` runs.
+
+    It stops when `stop` is set, on SIGTERM / SIGINT with `handle_signals` (main thread only), or with
+    `drain` once the queue is empty; in each case after committing and acknowledging what it fetched.
+    """
+    worker = QueueWorker(
+        engine,
+        queue,
+        batch=batch,
+        max_group_messages=max_group_messages,
+        fetch_timeout=fetch_timeout,
+        retry_delay=retry_delay,
+        max_retry_delay=max_retry_delay,
+        drain=drain,
+        stop=stop,
+    )
+    return asyncio.run(worker.run(on_start=on_start, handle_signals=handle_signals))
+
+
+def _groups(
+    decoded: list[tuple[Msg, IngestBatch]], max_messages: int
+) -> Iterator[list[tuple[Msg, IngestBatch]]]:
+    """Consecutive runs of requests with at most `max_messages` messages (at least one request each)."""
+    group: list[tuple[Msg, IngestBatch]] = []
+    size = 0
+    for item in decoded:
+        count = len(item[1].items)
+        if group and size + count > max_messages:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += count
+    if group:
+        yield group
+
+
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run `work` as a task while the block runs; cancel it after."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _drained(subscription: JetStreamContext.PullSubscription) -> bool:
+    """Whether nothing is left: no message waiting, none delivered and unacknowledged (or due again)."""
+    try:
+        info = await subscription.consumer_info()
+    except (nats.errors.Error, OSError):
+        return False
+    return not info.num_pending and not info.num_ack_pending
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    """Send an ack, nak or progress report; a failure (connection lost) only means a later redelivery."""
+    try:
+        await action
+    except (nats.errors.Error, OSError) as error:
+        _log.warning("could not reach JetStream", extra={"error": f"{type(error).__name__}: {error}"})
+
+
+def _where(msg: Msg) -> dict[str, Any]:
+    """The stream sequence and delivery count of a JetStream message, for logs."""
+    try:
+        metadata = msg.metadata
+    except (nats.errors.Error, ValueError, IndexError):
+        return {"subject": msg.subject}
+    return {
+        "subject": msg.subject,
+        "stream_sequence": metadata.sequence.stream,
+        "deliveries": metadata.num_delivered,
+    }

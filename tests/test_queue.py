@@ -1,0 +1,842 @@
+"""Queue mode (NATS JetStream): `serve --queue` publishes, `idstitch worker` resolves, commits, then acks.
+
+Every test runs against the real NATS server (IDSTITCH_TEST_NATS, default nats://127.0.0.1:4222) on a
+stream and subject prefix of its own, random per run, deleted afterwards. Without a reachable NATS
+with JetStream the tests fail with a message saying so: never a skip.
+
+- in process: the publisher answers like the direct writer (same rejections, same HTTP answers), the
+  worker turns what was published into exactly the graph a direct ingest gives, a group that fails is
+  nak'ed and comes back, one that committed but was not acked is delivered again and doubles nothing,
+  and an undecodable JetStream message is terminated, not retried;
+- with real processes: `idstitch serve --queue` and `idstitch worker` on one SQLite file, a batch
+  POSTed over HTTP, then a worker killed with SIGKILL mid-stream and another one finishing the job:
+  every message stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import nats.js.errors
+import pytest
+from nats.js.api import DiscardPolicy
+
+from conftest import NATS_URL, RUN
+from helpers import RECEIVED, config_from_toml
+from idstitch.config import Config
+from idstitch.core.errors import ConfigError, InvalidEvent
+from idstitch.core.identifiers import NO_IDENTIFIER
+from idstitch.core.messages import Message, parse_batch, parse_message
+from idstitch.engine import Engine, IngestBatch, IngestResult
+from idstitch.group_commit import GroupCommitWriter
+from idstitch.http.tracking import TrackingAPI
+from idstitch.queue import envelope
+from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_url
+from idstitch.queue.publisher import JetStreamPublisher, publish_messages
+from idstitch.queue.worker import WorkerSummary, run_worker
+from idstitch.storage.base import Store
+from idstitch.storage.urls import open_store
+from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server
+
+CONFIG = """
+[spaces.app.sources.web]
+write_key = "wk_test"
+
+[spaces.app.sources.crm]
+write_key = "wk_crm"
+merge = false
+
+[spaces.other.sources.web]
+write_key = "wk_other"
+"""
+SPACE = "app"
+
+
+# -- the NATS server and a stream per test ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the stream holds and where the workers' consumer stands."""
+
+    stream_messages: int
+    pending: int  # not yet delivered
+    ack_pending: int  # delivered and neither acked nor terminated (or nak'ed, due again)
+    redelivered: int
+
+
+def queue_state(url: str) -> QueueState:
+    """The stream's and the consumer's figures now."""
+    queue = parse_queue_url(url)
+
+    async def read() -> QueueState:
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        try:
+            js = client.jetstream()
+            stream = await js.stream_info(queue.stream)
+            try:
+                consumer = await js.consumer_info(queue.stream, queue.consumer)
+            except nats.js.errors.NotFoundError:  # no worker yet: nothing delivered
+                return QueueState(stream.state.messages, stream.state.messages, 0, 0)
+            return QueueState(
+                stream.state.messages,
+                consumer.num_pending,
+                consumer.num_ack_pending,
+                consumer.num_redelivered,
+            )
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def publish_raw(url: str, space: str, *payloads: bytes) -> None:
+    """Publish bytes as they are to a space's subject, as a broken or foreign producer would."""
+    queue = parse_queue_url(url)
+
+    async def send() -> None:
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        try:
+            js = client.jetstream()
+            for payload in payloads:
+                await js.publish(queue.subject_for(space), payload, stream=queue.stream)
+        finally:
+            await client.close()
+
+    asyncio.run(send())
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def story() -> dict[str, Any]:
+    """A batch request with a shared context: merges, an account, blocked ids, and invalid messages."""
+    external = base64.b64encode(b"crm-42").decode()
+    return {
+        "context": {"library": {"name": "analytics.js", "version": "4.1"}},
+        "batch": [
+            {
+                "type": "page",
+                "anonymousId": "a1",
+                "name": "Home",
+                "messageId": "s1",
+                "timestamp": "2026-03-02T09:00:00Z",
+            },
+            {
+                "type": "identify",
+                "userId": "u1",
+                "anonymousId": "a1",
+                "messageId": "s2",
+                "traits": {"email": "Jane@Example.com", "plan": "trial"},
+                "timestamp": "2026-03-02T09:01:00Z",
+            },
+            {
+                "type": "track",
+                "event": "Bought",
+                "messageId": "s3",
+                "timestamp": "2026-03-02T09:02:00Z",
+            },  # no identifier: rejected
+            {"type": "track", "userId": "u1", "messageId": "s4"},  # no event: rejected
+            {
+                "type": "group",
+                "userId": "u1",
+                "groupId": "acme",
+                "traits": {"name": "Acme"},
+                "messageId": "s5",
+                "timestamp": "2026-03-02T09:03:00Z",
+            },
+            {
+                "type": "page",
+                "anonymousId": "null",
+                "messageId": "s6",
+                "timestamp": "2026-03-02T09:04:00Z",
+            },  # only a blocked id: stored, unresolved
+            {"type": "page", "anonymousId": "a2", "messageId": "s6b", "timestamp": "2026-03-02T09:04:30Z"},
+            {
+                "type": "identify",
+                "anonymousId": "a2",
+                "traits": {"email": "jane@example.com"},
+                "messageId": "s7",
+                "timestamp": "2026-03-02T09:05:00Z",
+            },  # merges a2's profile into u1's
+            {"type": "track", "event": "Viewed", "anonymousId": "a3"},  # id generated from receivedAt
+            {
+                "type": "identify",
+                "userId": "u9",
+                "messageId": "s9",
+                "timestamp": "2026-03-02T09:06:00Z",
+                "context": {
+                    "externalIds": [
+                        {"id": external, "type": "crm_id", "collection": "users", "encoding": "base64"}
+                    ]
+                },
+            },
+            {
+                "type": "alias",
+                "userId": "u9",
+                "previousId": "a4",
+                "messageId": "s10",
+                "timestamp": "2026-03-02T09:07:00Z",
+            },
+        ],
+    }
+
+
+def parsed_story() -> list[Message | InvalidEvent]:
+    """The story as the Tracking API parses it."""
+    items, _ = parse_batch(story(), received_at=RECEIVED)
+    return items
+
+
+def people(count: int, per_person: int = 5, prefix: str = "p") -> list[dict[str, Any]]:
+    """`count` unrelated people, each with `per_person` messages: their graph does not depend on order."""
+    messages = []
+    for person in range(count):
+        for step in range(per_person):
+            kind = "identify" if step == 0 else "track"
+            message: dict[str, Any] = {
+                "type": kind,
+                "userId": f"{prefix}{person}",
+                "anonymousId": f"{prefix}-anon-{person}",
+                "messageId": f"{prefix}-{person}-{step}",
+                "timestamp": f"2026-03-02T10:{step:02d}:00Z",
+            }
+            if kind == "track":
+                message["event"] = f"Step {step}"
+            else:
+                message["traits"] = {"email": f"{prefix}{person}@example.com"}
+            messages.append(message)
+    return messages
+
+
+# -- stores --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def engine_at(
+    path: Path, config: Config | None = None, engine_class: type[Engine] = Engine
+) -> Iterator[Engine]:
+    """An engine of CONFIG's spaces over a SQLite file, closed afterwards."""
+    store = open_store(f"sqlite:///{path}")
+    try:
+        yield engine_class(store, config or config_from_toml(CONFIG))
+    finally:
+        store.close()
+
+
+def stored_events(store: Store, space: str) -> dict[str, tuple[bytes, datetime, str | None, str | None]]:
+    """message_id → (payload, receivedAt, source, profile) of every stored event of a space."""
+    found = {}
+    roots = [row[0] for row in store.dump(space)["profiles"] if row[2] == ""]
+    for root in roots:
+        for event in store.events(space, root, limit=100_000):
+            found[event.message_id] = (event.payload, event.received_at, event.source, event.profile_id)
+    for event in store.unresolved(space, limit=100_000):
+        found[event.message_id] = (event.payload, event.received_at, event.source, None)
+    return found
+
+
+def drain(engine: Engine, url: str, **options: Any) -> WorkerSummary:
+    """Run a worker in this process until the queue is empty."""
+    return run_worker(engine, url, drain=True, fetch_timeout=0.5, **options)
+
+
+@contextmanager
+def captured(logger: str = "idstitch.queue") -> Iterator[list[logging.LogRecord]]:
+    """The records a logger emits meanwhile (whatever handlers other tests configured)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    target = logging.getLogger(logger)
+    previous = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(previous)
+
+
+# -- the queue URL and the message format -------------------------------------------------------------
+
+
+def test_queue_url_defaults_parameters_and_errors() -> None:
+    assert parse_queue_url("nats://127.0.0.1:4222") == QueueConfig(("nats://127.0.0.1:4222",))
+    queue = parse_queue_url(
+        "nats://me:secret@10.0.0.1:4222,nats://10.0.0.2:4222?stream=S1&subject=acme.in&consumer=c-1&ack_wait=30"
+    )
+    assert (queue.stream, queue.subject, queue.consumer, queue.ack_wait) == ("S1", "acme.in", "c-1", 30.0)
+    assert queue.servers == ("nats://me:secret@10.0.0.1:4222", "nats://10.0.0.2:4222")
+    assert queue.shown_servers == "nats://10.0.0.1:4222,nats://10.0.0.2:4222"  # no password in logs
+    defaults = parse_queue_url("nats://localhost:4222")
+    assert (defaults.stream, defaults.consumer, defaults.ack_wait) == ("IDSTITCH", "idstitch-workers", 60.0)
+    assert defaults.subject_for("default") == "idstitch.ingest.default"
+    assert defaults.filter_subject == "idstitch.ingest.>"
+    # A space name is one subject token whatever it holds, and two names never share one.
+    assert defaults.subject_for("a.b") == "idstitch.ingest.a%2Eb"
+    assert defaults.subject_for("a*>") == "idstitch.ingest.a%2A%3E"
+    assert defaults.subject_for("é x") == "idstitch.ingest.%C3%A9%20x"
+    assert defaults.subject_for("a%2Eb") == "idstitch.ingest.a%252Eb"
+    assert defaults.subject_for("") == "idstitch.ingest.%"
+    for bad, needle in [
+        ("http://localhost:4222", "expected nats://"),
+        ("nats://localhost:4222?strem=X", "unknown parameter 'strem'"),
+        ("nats://localhost:4222?stream=a.b", "stream 'a.b'"),
+        ("nats://localhost:4222?subject=a..b", "subject"),
+        ("nats://localhost:4222?subject=a.*", "subject"),
+        ("nats://localhost:4222?ack_wait=0", "ack_wait"),
+        ("nats://localhost:4222?stream=A&stream=B", "give stream once"),
+        ("nats://localhost:x", "bad port"),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            parse_queue_url(bad)
+        assert needle in str(raised.value), (bad, str(raised.value))
+
+
+def test_the_format_gives_back_the_very_same_messages_split_when_large() -> None:
+    items = parsed_story()
+    messages = [item for item in items if isinstance(item, Message)]
+    received = datetime(2027, 6, 1, 12, 0, 0, 123000, tzinfo=UTC)
+    (whole,) = envelope.encode(SPACE, "web", received, messages, max_bytes=1 << 20)
+    decoded = envelope.decode(whole)
+    assert (decoded.space, decoded.source) == (SPACE, "web")
+    # Equal Messages, generated ids and the shared batch context included: a redelivery repeats them.
+    assert decoded.items == messages
+    document = json.loads(whole)
+    assert document["v"] == 1 and document["received_at"] == "2027-06-01T12:00:00.123000Z"
+    assert document["messages"][0]["context"]["library"]["name"] == "analytics.js"
+
+    chunks = envelope.encode(SPACE, None, received, messages, max_bytes=len(whole) // 3)
+    assert len(chunks) > 2 and all(len(chunk) <= len(whole) // 3 for chunk in chunks)
+    again = [item for chunk in chunks for item in envelope.decode(chunk).items]
+    assert again == messages  # in order, none lost, none twice
+    with pytest.raises(envelope.RequestTooLarge, match="max_payload of 100 bytes"):
+        envelope.encode(SPACE, None, received, messages, max_bytes=100)
+
+    for garbage, reason in [
+        (b"not json", "not a queued request"),
+        (b'{"v": 1, "space": "app"}', "not a queued request"),
+        (
+            json.dumps(
+                {
+                    "v": 2,
+                    "space": "app",
+                    "source": None,
+                    "received_at": "2027-06-01T00:00:00Z",
+                    "messages": [],
+                }
+            ).encode(),
+            "format version 2",
+        ),
+    ]:
+        with pytest.raises(envelope.UndecodableMessage, match=reason):
+            envelope.decode(garbage)
+    # A payload that no longer parses is rejected on its own; the others still land.
+    broken = json.dumps(
+        {
+            "v": 1,
+            "space": "app",
+            "source": None,
+            "received_at": "2027-06-01T00:00:00Z",
+            "messages": [{"type": "track", "userId": "u1"}, messages[0].payload],
+        }
+    ).encode()
+    first, second = envelope.decode(broken).items
+    assert isinstance(first, InvalidEvent) and str(first) == "event: required for track"
+    assert second == messages[0]
+
+
+def test_bad_queue_urls_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    store = f"sqlite:///{tmp_path / 'idstitch.db'}"
+    for command, needle in [
+        (["worker", "--queue", "nats://127.0.0.1:4222?bogus=1"], "unknown parameter 'bogus'"),
+        (["serve", "--port", "0", "--queue", "http://127.0.0.1:4222"], "expected nats://host:port"),
+        (["worker"], "Missing option '--queue'"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "idstitch", *command, "--store", store],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert needle in done.stderr, (command, done.stderr)
+    assert not (tmp_path / "idstitch.db").exists()  # refused before the store was touched
+
+
+# -- publisher and worker in this process -----------------------------------------------------------
+
+
+def test_published_requests_resolve_into_exactly_the_graph_of_a_direct_ingest(
+    tmp_path: Path, queue_url: str
+) -> None:
+    items = parsed_story()
+    with engine_at(tmp_path / "direct.db") as direct:
+        expected = direct.ingest(items, space=SPACE, source="web")
+        with engine_at(tmp_path / "queued.db") as engine:
+            with JetStreamPublisher(engine, queue_url) as publisher:
+                result = publisher.ingest(items, space=SPACE, source="web")
+                assert (publisher.commits, publisher.batches, publisher.pending_messages) == (1, 1, 0)
+            # Rejections exactly as the engine gives them; everything else waits in the queue.
+            assert [(o.index, o.message_id, o.error) for o in result.rejected] == [
+                (o.index, o.message_id, o.error) for o in expected.rejected
+            ]
+            assert [o.error for o in result.rejected] == [NO_IDENTIFIER, "event: required for track"]
+            assert [o.status for o in result.outcomes].count("queued") == len(items) - 2
+            assert stored_events(engine.store, SPACE) == {}  # serve wrote nothing to the store
+
+            with captured() as logs:
+                summary = drain(engine, queue_url)
+            assert [record.getMessage() for record in logs if record.levelno >= logging.WARNING] == []
+            assert (summary.queue_messages, summary.commits, summary.messages) == (1, 1, len(items) - 2)
+            assert (summary.accepted, summary.unresolved, summary.rejected, summary.duplicates) == (
+                expected.count("resolved"),
+                expected.count("unresolved"),
+                0,
+                0,
+            )
+            assert summary.merges == sum(len(o.merged) for o in expected.outcomes) == 1
+            assert engine.store.dump(SPACE) == direct.store.dump(SPACE)
+            assert stored_events(engine.store, SPACE) == stored_events(direct.store, SPACE)
+    # Work-queue retention: what the worker acknowledged is gone from the stream.
+    assert queue_state(queue_url) == QueueState(0, 0, 0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_tracking_api_answers_in_queue_mode_as_it_does_without(
+    tmp_path: Path, queue_url: str
+) -> None:
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("/v1/batch", "wk_test", story()),
+        ("/v1/track", "wk_test", {"event": "X", "messageId": "t1"}),  # no identifier
+        ("/v1/track", "wk_test", {"userId": "u1"}),  # no event
+        (
+            "/v1/identify",
+            "wk_crm",
+            {"userId": "u5", "traits": {"email": "u5@example.com"}, "messageId": "t2"},
+        ),
+        ("/v1/page", "wk_other", {"anonymousId": "o1", "messageId": "t3"}),
+        ("/v1/batch", "wk_test", {"batch": [{"type": "track", "event": "Y"}]}),  # nothing valid
+        ("/v1/track", "wk_nobody", {"userId": "u1", "event": "X"}),
+    ]
+
+    async def answers(app: TrackingAPI) -> list[tuple[int, Any]]:
+        transport = httpx.ASGITransport(app=app)
+        out = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://idstitch") as client:
+            for path, key, body in requests:
+                auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+                response = await client.post(path, json=body, headers={"Authorization": auth})
+                out.append((response.status_code, response.json()))
+        return out
+
+    with engine_at(tmp_path / "direct.db") as direct, engine_at(tmp_path / "queued.db") as engine:
+        writer = GroupCommitWriter(direct)
+        publisher = JetStreamPublisher(engine, queue_url)
+        try:
+            # One clock for both: messages without a timestamp or messageId take theirs from it.
+            queued_app = TrackingAPI(publisher, clock=lambda: RECEIVED)
+            assert await answers(queued_app) == await answers(TrackingAPI(writer, clock=lambda: RECEIVED))
+            metrics = queued_app.metrics.exposition().decode()
+        finally:
+            writer.close()
+            publisher.close()
+        assert 'idstitch_messages_queued_total{space="app"} 10.0' in metrics
+        assert 'idstitch_messages_queued_total{space="other"} 1.0' in metrics
+        assert 'idstitch_messages_rejected_total{space="app"} 5.0' in metrics
+        assert "idstitch_messages_accepted_total{" not in metrics  # serve resolved nothing itself
+        summary = await asyncio.to_thread(drain, engine, queue_url)
+        assert summary.queue_messages == 3  # the batch, u5's identify, o1's page
+        for space in (SPACE, "other"):
+            assert engine.store.dump(space) == direct.store.dump(space)
+        # The source travelled with the request: crm's message is stored as crm's.
+        assert stored_events(engine.store, SPACE)["t2"][2] == "crm"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stream_that_refuses_or_a_missing_nats_is_a_429_or_a_clear_error(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+    # An operator's stream, limited to one waiting message: used as it is, since it holds our subjects.
+    client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+    try:
+        await client.jetstream().add_stream(
+            name=queue.stream, subjects=[queue.filter_subject], max_msgs=1, discard=DiscardPolicy.NEW
+        )
+    finally:
+        await client.close()
+    with engine_at(tmp_path / "queued.db") as engine:
+        publisher = JetStreamPublisher(engine, queue_url)
+        try:
+            transport = httpx.ASGITransport(app=TrackingAPI(publisher))
+            auth = {"Authorization": "Basic " + base64.b64encode(b"wk_test:").decode()}
+            async with httpx.AsyncClient(transport=transport, base_url="http://idstitch") as api:
+                first = await api.post("/v1/identify", json={"userId": "u1"}, headers=auth)
+                second = await api.post("/v1/identify", json={"userId": "u2"}, headers=auth)
+        finally:
+            publisher.close()
+        assert (first.status_code, first.json()) == (200, {"success": True})
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert second.json()["code"] == "overloaded"
+        assert second.json()["message"] == (
+            f"overloaded: JetStream stream {queue.stream} refused the message: maximum messages exceeded; "
+            "retry later"
+        )
+        assert publisher.pending_messages == 0  # a refused request does not stay counted
+        started = time.monotonic()
+        with pytest.raises(
+            QueueUnavailable, match=r"cannot connect to NATS at nats://127.0.0.1:1 within 1 s"
+        ):
+            JetStreamPublisher(engine, "nats://127.0.0.1:1", connect_timeout=1)
+        assert time.monotonic() - started < 5
+
+
+class CommitsThenDies(Engine):
+    """Commits its first group, then fails as a worker does that dies before it acks."""
+
+    calls = 0
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        results = super().ingest_group(batches)
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise ConnectionError("lost before the acks")
+        return results
+
+
+class FailsFirst(Engine):
+    """Fails its first group before writing anything, as a store that is briefly unavailable does."""
+
+    calls = 0
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise OSError("database is locked")
+        return super().ingest_group(batches)
+
+
+@pytest.mark.parametrize("engine_class", [CommitsThenDies, FailsFirst])
+def test_a_failed_group_comes_back_later_and_every_message_lands_once(
+    tmp_path: Path, queue_url: str, engine_class: type[Engine]
+) -> None:
+    engine_class.calls = 0
+    raws = people(8)
+    published = publish_messages(queue_url, SPACE, "web", raws, batch_size=5, received_at=RECEIVED)
+    assert (published.messages, published.queue_messages, published.rejected) == (40, 8, [])
+    with engine_at(tmp_path / "direct.db") as direct:
+        direct.ingest([parse_message(raw, received_at=RECEIVED) for raw in raws], space=SPACE, source="web")
+        with engine_at(tmp_path / "queued.db", engine_class=engine_class) as engine, captured() as logs:
+            summary = drain(engine, queue_url, batch=1, retry_delay=0.2)
+            # One JetStream message failed, was nak'ed, and came back after the others.
+            assert (summary.retried, summary.queue_messages, summary.commits, summary.messages) == (
+                1,
+                8,
+                8,
+                40,
+            )
+            if engine_class is CommitsThenDies:
+                # Its five messages were committed before the failure: their second delivery finds them stored.
+                assert (summary.accepted, summary.duplicates) == (35, 5)
+            else:
+                assert (summary.accepted, summary.duplicates) == (40, 0)
+            ids = list(engine.store.iter_event_ids(SPACE))
+            assert len(ids) == len(set(ids)) == 40
+            assert engine.store.dump(SPACE) == direct.store.dump(SPACE)
+    failures = [record for record in logs if record.getMessage().startswith("ingest failed")]
+    assert len(failures) == 1 and failures[0].retry_in_s == 0.2
+    assert queue_state(queue_url).stream_messages == 0
+
+
+def test_an_undecodable_message_is_terminated_once_and_the_others_land(
+    tmp_path: Path, queue_url: str
+) -> None:
+    publish_messages(queue_url, SPACE, "web", people(1, prefix="first"), received_at=RECEIVED)
+    publish_raw(queue_url, SPACE, b"\x00 not json", b'{"v": 7, "space": "app"}')
+    publish_messages(queue_url, SPACE, "web", people(2), received_at=RECEIVED)
+    with engine_at(tmp_path / "queued.db") as engine, captured() as logs:
+        summary = drain(engine, queue_url)
+        assert (summary.terminated, summary.queue_messages, summary.accepted, summary.retried) == (
+            2,
+            2,
+            15,
+            0,
+        )
+        assert len(set(engine.store.iter_event_ids(SPACE))) == 15
+    terminated = [record for record in logs if record.getMessage() == "undecodable queue message terminated"]
+    assert [record.reason for record in terminated] == [
+        "not a queued request: JSON is malformed: invalid character (byte 0)",
+        "not a queued request: Object missing required field `source`",
+    ]
+    # Terminated, not nak'ed: nothing is delivered again, and the work queue is empty.
+    assert queue_state(queue_url) == QueueState(0, 0, 0, 0)
+
+
+def test_a_worker_stops_when_asked_after_acking_what_it_fetched(tmp_path: Path, queue_url: str) -> None:
+    publish_messages(queue_url, SPACE, "web", people(4), batch_size=5, received_at=RECEIVED)
+    stop = threading.Event()
+    stopped_at: list[int] = []
+
+    class StopsAfterFirst(Engine):
+        def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+            stop.set()  # the stop request arrives while this group is being resolved
+            stopped_at.append(len(batches))
+            return super().ingest_group(batches)
+
+    with engine_at(tmp_path / "queued.db", engine_class=StopsAfterFirst) as engine:
+        summary = run_worker(engine, queue_url, batch=2, stop=stop, fetch_timeout=0.5)
+        assert stopped_at == [2]  # one group of two requests, then it stopped
+        assert (summary.queue_messages, summary.accepted) == (2, 10)
+        assert len(set(engine.store.iter_event_ids(SPACE))) == 10
+    state = queue_state(queue_url)
+    assert (state.stream_messages, state.ack_pending) == (2, 0)  # the rest waits, nothing is in flight
+
+
+# -- real processes --------------------------------------------------------------------------------
+
+
+class Worker:
+    """`idstitch worker` as a subprocess with the environment of tests/live_server.py's Server."""
+
+    START_SECONDS = 30.0
+
+    def __init__(self, directory: Path, queue: str, store_url: str, *args: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.command = [
+            sys.executable,
+            "-m",
+            "idstitch",
+            "worker",
+            "--queue",
+            queue,
+            "--store",
+            store_url,
+            "--json",
+            *args,
+        ]
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+        self.env.update(
+            IDSTITCH_WRITE_KEY=WRITE_KEY,
+            IDSTITCH_PROFILE_TOKEN=PROFILE_TOKEN,
+            IDSTITCH_ADMIN_TOKEN=ADMIN_TOKEN,
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def path(self, kind: str) -> Path:
+        return self.directory / f"worker-{self.starts}.{kind}"
+
+    def log(self) -> str:
+        return self.path("err").read_text(errors="replace") if self.path("err").exists() else ""
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.path("out").open("wb") as out, self.path("err").open("wb") as err:
+            self.process = subprocess.Popen(
+                self.command, cwd=self.directory, env=self.env, stdout=out, stderr=err
+            )
+        deadline = time.monotonic() + self.START_SECONDS
+        while "idstitch worker consuming" not in self.log():
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"worker did not start in {self.START_SECONDS}s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM: exit 0 after the group under way; its summary."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"worker ignored SIGTERM for 30 s:\n{self.log()}") from None
+        assert code == 0, f"worker exited with {code} on SIGTERM:\n{self.log()}"
+        summary: dict[str, Any] = json.loads(self.path("out").read_text())
+        return summary
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def wait_for(condition: Any, what: str, seconds: float = 60.0) -> None:
+    """Poll until `condition()` holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def event_ids(store_url: str, space: str = "default") -> list[str]:
+    """Every stored message id, read by a store of this process beside the running ones."""
+    store = open_store(store_url)
+    try:
+        return list(store.iter_event_ids(space))
+    finally:
+        store.close()
+
+
+def post(url: str, body: object, key: str = WRITE_KEY) -> tuple[int, Any]:
+    """POST JSON with the write key; the status and the decoded answer."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{key}:".encode()).decode())
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(url: str, token: str) -> tuple[int, Any]:
+    """GET with a Profile API token; the status and the decoded answer."""
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{token}:".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_serve_queue_and_a_worker_process_resolve_what_was_posted(tmp_path: Path, queue_url: str) -> None:
+    server = Server(tmp_path / "server", args=("--queue", queue_url))
+    worker = Worker(tmp_path / "worker", queue_url, server.store_url)
+    try:
+        server.start()
+        assert f"(queue mode: JetStream {NATS_URL} stream IDSTITCH_TEST_{RUN}_" in server.log()
+        status, answer = post(f"{server.base_url}/v1/batch", story())
+        assert status == 200
+        assert answer == {
+            "success": True,
+            "rejected": [
+                {"index": 2, "messageId": "s3", "error": NO_IDENTIFIER},
+                {"index": 3, "messageId": "s4", "error": "event: required for track"},
+            ],
+        }
+        assert event_ids(server.store_url) == []  # acknowledged once in JetStream, not resolved yet
+        assert queue_state(queue_url).stream_messages == 1
+
+        worker.start()
+        wait_for(lambda: len(event_ids(server.store_url)) == 9, "the worker to store the 9 valid messages")
+        # The serve process reads what the worker wrote: the Profile API sees the merged profile.
+        traits_url = f"{server.base_url}/v1/spaces/default/collections/users/profiles/anonymous_id:a2/traits"
+        status, traits = get(traits_url, PROFILE_TOKEN)
+        assert status == 200 and traits["traits"] == {"email": "jane@example.com", "plan": "trial"}
+
+        status, _ = post(f"{server.base_url}/v1/identify", {"userId": "u1", "messageId": "s2"})  # a retry
+        assert status == 200
+        wait_for(lambda: queue_state(queue_url).stream_messages == 0, "the worker to ack the retry")
+        summary = worker.stop()
+        assert "idstitch worker consuming" in worker.log()
+        assert {
+            key: summary[key]
+            for key in (
+                "queue_messages",
+                "messages",
+                "accepted",
+                "duplicates",
+                "unresolved",
+                "rejected",
+                "merges",
+                "terminated",
+            )
+        } == {
+            "queue_messages": 2,
+            "messages": 10,
+            "accepted": 8,
+            "duplicates": 1,
+            "unresolved": 1,
+            "rejected": 0,
+            "merges": 1,
+            "terminated": 0,
+        }
+        server.stop()
+    finally:
+        worker.kill()
+        server.kill()
+    assert sorted(Counter(event_ids(server.store_url)).values()) == [1] * 9
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_loses_nothing_and_its_successor_doubles_nothing(
+    tmp_path: Path, queue_url: str
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'idstitch.db'}"
+    raws = people(600)  # 3,000 messages in 60 JetStream messages of 50
+    expected = {raw["messageId"] for raw in raws}
+    published = publish_messages(queue_url, "default", "default", raws, batch_size=50)
+    assert published.queue_messages == 60
+
+    first = Worker(tmp_path / "first", queue_url, store_url, "--batch", "1")
+    second = Worker(tmp_path / "second", queue_url, store_url, "--batch", "4")
+    try:
+        first.start()
+        wait_for(lambda: len(event_ids(store_url)) >= 300, "the first worker to commit some groups")
+        assert first.process is not None
+        first.process.send_signal(
+            signal.SIGKILL
+        )  # no clean-up: its fetched message is neither acked nor nak'ed
+        first.process.wait(timeout=30)
+        stored_by_first = len(event_ids(store_url))
+        assert stored_by_first < len(expected), "the first worker finished before it could be killed"
+
+        second.start()
+        wait_for(lambda: len(event_ids(store_url)) == len(expected), "the second worker to store the rest")
+        wait_for(lambda: queue_state(queue_url).stream_messages == 0, "the second worker to ack everything")
+        summary = second.stop()
+    finally:
+        first.kill()
+        second.kill()
+
+    ids = event_ids(store_url)
+    assert len(ids) == len(set(ids)) and set(ids) == expected  # nothing lost, nothing twice
+    # The second worker stored exactly what the first had not; anything the first had committed but not
+    # acknowledged came back to it as duplicates.
+    assert summary["accepted"] == len(expected) - stored_by_first
+    assert summary["duplicates"] == summary["messages"] - summary["accepted"]
+    assert summary["messages"] % 50 == 0 and summary["rejected"] == summary["terminated"] == 0
+    store = open_store(store_url)
+    try:
+        stats = store.stats("default")
+        assert (stats.profiles, stats.events, stats.merges) == (600, 3000, 0)
+    finally:
+        store.close()
