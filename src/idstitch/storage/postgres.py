@@ -526,27 +526,57 @@ class PostgresStore:
             }
 
 
-def _profile_states(
-    roots: list[str], members: list[tuple[Any, ...]], profiles: list[tuple[Any, ...]]
-) -> dict[str, ProfileState]:
-    """ProfileStates of roots from the rows of _MEMBERS_SQL and _PROFILES_SQL."""
-    by_root: dict[str, list[StoredIdentifier]] = {root: [] for root in roots}
-    for profile_id, collection, kind, value, first_seen, last_seen, retired in members:
-        by_root[profile_id].append(
-            StoredIdentifier(
-                Identifier(kind, value, collection),
-                profile_id,
-                from_micros(first_seen),
-                from_micros(last_seen),
-                retired,
+def _still_roots(rows: list[_Owned], roots: list[str], root_rows: list[tuple[Any, ...]]) -> bool:
+    """Whether the identifiers read before their roots were locked are still where the roots say."""
+    members: set[tuple[str, str, str, str]] = set()
+    for segment_id, _, _, _, parent_id, collections, types, values, *_ in root_rows:
+        if parent_id is not None:
+            return False  # merged into another profile meanwhile
+        members.update(
+            zip(
+                [segment_id] * len(collections or ()),
+                collections or (),
+                types or (),
+                values or (),
+                strict=True,
             )
         )
-    states = {
-        segment_id: ProfileState(
-            segment_id, collection, from_micros(created_at), count, tuple(by_root[segment_id])
+    if len(root_rows) != len(roots):
+        return False
+    return all(row[3] is None or (row[3], row[0], row[1], row[2]) in members for row in rows)
+
+
+def _profile_states(roots: list[str], root_rows: list[tuple[Any, ...]]) -> dict[str, ProfileState]:
+    """ProfileStates of roots from the rows of _ROOTS_SQL."""
+    states = {}
+    for (
+        segment_id,
+        collection,
+        created_at,
+        count,
+        _,
+        collections,
+        types,
+        values,
+        first,
+        last,
+        retired,
+    ) in root_rows:
+        members = tuple(
+            StoredIdentifier(
+                Identifier(kind, value, member_collection), segment_id, from_micros(f), from_micros(t), gone
+            )
+            for member_collection, kind, value, f, t, gone in zip(
+                collections or (),
+                types or (),
+                values or (),
+                first or (),
+                last or (),
+                retired or (),
+                strict=True,
+            )
         )
-        for segment_id, collection, created_at, count in profiles
-    }
+        states[segment_id] = ProfileState(segment_id, collection, from_micros(created_at), count, members)
     return {root: states[root] for root in roots}
 
 
@@ -590,25 +620,30 @@ def _event(row: Sequence[Any]) -> EventRecord:
 _OWNED_SQL = (
     "SELECT k.collection, k.type, k.value, i.profile_id, i.first_seen, i.last_seen, i.retired, i.owner, "
     "i.device_owner_at, EXISTS (SELECT FROM suspects s WHERE s.space = %(space)s "
-    "AND s.collection = k.collection AND s.type = k.type AND s.value = k.value) "
+    "AND s.collection = k.collection AND s.type = k.type AND s.value = k.value), "
+    "e.other_types, e.other_values, e.seen "
     "FROM unnest(%(collections)s::text[], %(types)s::text[], %(values)s::text[]) AS k(collection, type, value) "
     "LEFT JOIN LATERAL (SELECT i.profile_id, i.first_seen, i.last_seen, i.retired, i.device_owner_at, "
     "(SELECT coalesce(o.parent_id, o.segment_id) FROM profiles o "
     "WHERE o.space = %(space)s AND o.segment_id = i.device_owner) AS owner "
     "FROM identifiers i WHERE i.space = %(space)s AND i.collection = k.collection "
-    "AND i.type = k.type AND i.value = k.value OFFSET 0) AS i ON true"
+    "AND i.type = k.type AND i.value = k.value OFFSET 0) AS i ON true "
+    "CROSS JOIN LATERAL (SELECT array_agg(e.other_type) AS other_types, array_agg(e.other_value) AS other_values, "
+    "array_agg(e.last_seen) AS seen FROM evidence e WHERE e.space = %(space)s AND e.collection = k.collection "
+    "AND e.type = k.type AND e.value = k.value) AS e"
 )
-_EVIDENCE_SQL = (
-    "SELECT k.collection, k.type, k.value, e.other_type, e.other_value, e.last_seen "
-    "FROM unnest(%(collections)s::text[], %(types)s::text[], %(values)s::text[]) AS k(collection, type, value) "
-    "JOIN LATERAL (SELECT other_type, other_value, last_seen FROM evidence e WHERE e.space = %(space)s "
-    "AND e.collection = k.collection AND e.type = k.type AND e.value = k.value OFFSET 0) AS e ON true"
+_STORED_SQL = "SELECT EXISTS (SELECT FROM events WHERE space = %s AND message_id = %s)"
+# Root profiles with their members, one row per root (the members as parallel arrays).
+_ROOTS_SQL = (
+    "SELECT p.segment_id, p.collection, p.created_at, p.merge_count, p.parent_id, "
+    "m.collections, m.types, m.values, m.first_seen, m.last_seen, m.retired "
+    "FROM unnest(%(roots)s::text[]) AS r(segment_id) "
+    "JOIN profiles p ON p.space = %(space)s AND p.segment_id = r.segment_id "
+    "CROSS JOIN LATERAL (SELECT array_agg(i.collection) AS collections, array_agg(i.type) AS types, "
+    "array_agg(i.value) AS values, array_agg(i.first_seen) AS first_seen, array_agg(i.last_seen) AS last_seen, "
+    "array_agg(i.retired) AS retired FROM identifiers i "
+    "WHERE i.space = %(space)s AND i.profile_id = p.segment_id) AS m"
 )
-_MEMBERS_SQL = (
-    "SELECT profile_id, collection, type, value, first_seen, last_seen, retired FROM identifiers "
-    "WHERE space = %s AND profile_id = ANY(%s)"
-)
-_PROFILES_SQL = "SELECT segment_id, collection, created_at, merge_count FROM profiles WHERE space = %s AND segment_id = ANY(%s)"
 
 _Key = tuple[str, str, str]  # collection, type, value
 _Owned = tuple[Any, ...]  # a row of _OWNED_SQL
@@ -640,7 +675,6 @@ class PostgresTransaction:
         self._held: set[int] = set()
         self._message: tuple[str, str, bool] | None = None  # (space, message id, stored) of the claim
         self._owned: dict[_Key, _Owned] = {}  # rows read after their identifiers' locks were taken
-        self._evidence: dict[_Key, list[tuple[Any, ...]]] = {}
 
     def _send(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> None:
         self._writes.execute(sql, parameters)
@@ -665,7 +699,6 @@ class PostgresTransaction:
             self._send("RELEASE message", ())
             self._held = held  # ROLLBACK TO SAVEPOINT released the locks taken since
             self._owned.clear()  # rows read inside may describe writes now undone
-            self._evidence.clear()
             raise
         self._send("RELEASE message", ())
 
@@ -702,29 +735,23 @@ class PostgresTransaction:
                 *(lock_key("i", space, item.collection, item.type, item.value) for item in identifiers),
             ]
         )
-        stored = self._ask(
-            "SELECT EXISTS (SELECT FROM events WHERE space = %s AND message_id = %s)", (space, message_id)
-        )
+        # A separate statement from the lock: a statement reads the snapshot of its start, before the
+        # lock was granted.
+        stored = self._ask(_STORED_SQL, (space, message_id))
         owned = self._ask(_OWNED_SQL, _arrays(space, identifiers)) if identifiers else None
-        evidence = self._ask(_EVIDENCE_SQL, _arrays(space, identifiers)) if identifiers else None
         self._owned.clear()
-        self._evidence.clear()
         self._message = None
         self._check_lock(locking)
         row = stored.fetchone()
         self._message = (space, message_id, bool(row and row[0]))
-        if owned is not None and evidence is not None:
+        if owned is not None:
             self._owned = {(row[0], row[1], row[2]): row for row in owned.fetchall()}
-            for row in evidence.fetchall():
-                self._evidence.setdefault((row[0], row[1], row[2]), []).append(row[3:])
 
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
         if self._message is not None and self._message[:2] == (space, message_id):
             return self._message[2]
-        row = self._ask(
-            "SELECT EXISTS (SELECT FROM events WHERE space = %s AND message_id = %s)", (space, message_id)
-        ).fetchone()
+        row = self._ask(_STORED_SQL, (space, message_id)).fetchone()
         return bool(row and row[0])
 
     def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
@@ -735,13 +762,8 @@ class PostgresTransaction:
             # Not claimed: lock and read them now (the engine claims first; direct callers may not).
             _, locking = self._queue_lock([lock_key("i", space, *key) for key in keys])
             owned_rows = self._ask(_OWNED_SQL, _arrays(space, wanted))
-            evidence_rows = self._ask(_EVIDENCE_SQL, _arrays(space, wanted))
             self._check_lock(locking)
             self._owned.update({(row[0], row[1], row[2]): row for row in owned_rows.fetchall()})
-            for key in keys:
-                self._evidence.pop(key, None)
-            for row in evidence_rows.fetchall():
-                self._evidence.setdefault((row[0], row[1], row[2]), []).append(row[3:])
         rows = [self._owned[key] for key in keys]
         states: dict[str, ProfileState] = {}
         while True:
@@ -749,24 +771,23 @@ class PostgresTransaction:
             if not roots:
                 break
             _, locking = self._queue_lock([lock_key("p", space, root) for root in roots])
-            again = self._ask(_OWNED_SQL, _arrays(space, wanted)) if locking is not None else None
-            members = self._ask(_MEMBERS_SQL, (space, roots))
-            profiles = self._ask(_PROFILES_SQL, (space, roots))
+            found = self._ask(_ROOTS_SQL, {"space": space, "roots": roots})
             self._check_lock(locking)
-            if again is not None:
-                fresh = again.fetchall()
-                moved = fresh != rows
-                rows = fresh
-                self._owned.update({(row[0], row[1], row[2]): row for row in fresh})
-                if moved:
-                    continue  # a merge moved a root before we locked it: lock the new roots, read again
-            states = _profile_states(roots, members.fetchall(), profiles.fetchall())
-            break
+            root_rows = found.fetchall()
+            if locking is None or _still_roots(rows, roots, root_rows):
+                # Locked before these rows were read, or checked: nothing can move them now.
+                states = _profile_states(roots, root_rows)
+                break
+            # A merge moved a root before we locked it: read again, lock the new roots.
+            rows = self._ask(_OWNED_SQL, _arrays(space, wanted)).fetchall()
+            self._owned.update({(row[0], row[1], row[2]): row for row in rows})
         owned: dict[Identifier, StoredIdentifier] = {}
         suspects: set[Identifier] = set()
         evidence: dict[Identifier, dict[Identifier, datetime]] = {}
-        for identifier, key, row in zip(identifiers, keys, rows, strict=True):
-            profile_id, first_seen, last_seen, retired, owner, owner_at, suspect = row[3:]
+        for identifier, row in zip(identifiers, rows, strict=True):
+            profile_id, first_seen, last_seen, retired, owner, owner_at, suspect, types, values, seen = row[
+                3:
+            ]
             if profile_id is not None:
                 owned[identifier] = StoredIdentifier(
                     identifier,
@@ -779,10 +800,10 @@ class PostgresTransaction:
                 )
             if suspect:
                 suspects.add(identifier)  # a suspect stays suspect: its evidence is never needed again
-            elif key in self._evidence:
+            elif types:
                 evidence[identifier] = {
-                    Identifier(other_type, other_value, collection): from_micros(seen)
-                    for other_type, other_value, seen in self._evidence[key]
+                    Identifier(other_type, other_value, collection): from_micros(at)
+                    for other_type, other_value, at in zip(types, values, seen, strict=True)
                 }
         return GraphView(owned, states, evidence, frozenset(suspects))
 
@@ -802,13 +823,19 @@ class PostgresTransaction:
         for step in resolution.merges:
             self._merge(space, collection, target, step.child_id, message_id, str(step.via), now)
         if resolution.added:
-            self._writes.executemany(
-                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, "
-                "last_seen, source, first_message_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (space, item.collection, item.type, item.value, target, now, now, source, message_id)
-                    for item in resolution.added
-                ],
+            self._send(
+                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen, "
+                "source, first_message_id) SELECT %(space)s, k.collection, k.type, k.value, %(target)s, "
+                "%(now)s, %(now)s, %(source)s, %(message)s "
+                "FROM unnest(%(collections)s::text[], %(types)s::text[], %(values)s::text[]) "
+                "AS k(collection, type, value)",
+                {
+                    **_arrays(space, resolution.added),
+                    "target": target,
+                    "now": now,
+                    "source": source,
+                    "message": message_id,
+                },
             )
         # Row by row by primary key (executemany pipelines them into one round trip); only rows
         # that change are rewritten (no dead tuple for an unchanged row).
@@ -932,23 +959,20 @@ class PostgresTransaction:
         source: str | None = None,
     ) -> None:
         """Set traits (with the source that sent them) unless a newer value is stored."""
-        micros = to_micros(at)
-        self._writes.executemany(
+        self._send(
             "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (space, profile_id, key) DO UPDATE "
+            "SELECT %s, %s, t.key, t.value, %s, %s FROM unnest(%s::text[], %s::text[]) AS t(key, value) "
+            "ON CONFLICT (space, profile_id, key) DO UPDATE "
             "SET value = excluded.value, set_at = excluded.set_at, source = excluded.source "
             "WHERE excluded.set_at >= traits.set_at",
-            [
-                (
-                    space,
-                    profile_id,
-                    key,
-                    None if value is None else _json_encode(value).decode(),
-                    micros,
-                    source,
-                )
-                for key, value in updates.items()
-            ],
+            (
+                space,
+                profile_id,
+                to_micros(at),
+                source,
+                list(updates),
+                [None if value is None else _json_encode(value).decode() for value in updates.values()],
+            ),
         )
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
