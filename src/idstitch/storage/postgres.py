@@ -56,6 +56,18 @@ from idstitch.storage.base import (
     TokenRecord,
     TraitRecord,
 )
+from idstitch.storage.rows import (
+    DUMP_QUERIES,
+    EVENT_COLUMNS,
+    EVENT_INSERT_COLUMNS,
+    dropped_record,
+    event_record,
+    event_row,
+    identifier_record,
+    merge_record,
+    suspect_record,
+    trait_record,
+)
 from idstitch.storage.times import from_micros, to_micros
 
 __all__ = ["PostgresStore", "PostgresTransaction", "lock_key"]
@@ -268,20 +280,7 @@ class PostgresStore:
             "WHERE i.space = %s AND i.profile_id = %s ORDER BY i.first_seen, i.type, i.value",
             (space, profile_id),
         )
-        return [
-            IdentifierRecord(
-                row[0],
-                row[1],
-                row[2],
-                from_micros(row[3]),
-                from_micros(row[4]),
-                row[5],
-                row[6],
-                row[7],
-                row[8],
-            )
-            for row in rows
-        ]
+        return [identifier_record(row) for row in rows]
 
     def traits(self, space: str, profile_id: str) -> dict[str, Any]:
         """Current traits of a root."""
@@ -299,7 +298,7 @@ class PostgresStore:
             "AND value IS NOT NULL ORDER BY key",
             (space, profile_id),
         )
-        return [TraitRecord(row[0], _json_decode(row[1]), row[2], from_micros(row[3])) for row in rows]
+        return [trait_record(row) for row in rows]
 
     def _family(self, db: psycopg.Connection[Any], space: str, profile_id: str) -> tuple[list[str], str]:
         """The root and its merged children, and the events column that points at them."""
@@ -351,11 +350,11 @@ class PostgresStore:
             if after_sequence is not None:
                 parameters.append(after_sequence)
             rows = db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = %s AND {column} = ANY(%s){cursor} "
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE space = %s AND {column} = ANY(%s){cursor} "
                 "ORDER BY sequence DESC LIMIT %s",
                 (*parameters, limit),
             ).fetchall()
-        return [_event(row) for row in rows]
+        return [event_record(row) for row in rows]
 
     def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
         """A page of a root family's events by (timestamp, message_id), after the query's cursor."""
@@ -383,11 +382,11 @@ class PostgresStore:
                 parameters.append(sorted(query.exclude))
             limit = "" if query.limit < 0 else f" LIMIT {int(query.limit)}"
             rows = db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
                 f"ORDER BY timestamp {direction}, message_id {direction}{limit}",
                 parameters,
             ).fetchall()
-        return [_event(row) for row in rows]
+        return [event_record(row) for row in rows]
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
@@ -408,7 +407,7 @@ class PostgresStore:
                 "AND parent_id = ANY(%s) ORDER BY sequence",
                 (space, family),
             ).fetchall()
-        return [MergeRecord(row[0], row[1], row[2], row[3], from_micros(row[4])) for row in rows]
+        return [merge_record(row) for row in rows]
 
     def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
         """Dropped identifiers of a root's family."""
@@ -419,7 +418,7 @@ class PostgresStore:
                 "AND profile_id = ANY(%s) ORDER BY sequence",
                 (space, family),
             ).fetchall()
-        return [DroppedRecord(row[0], row[1], row[2], from_micros(row[3]), row[4]) for row in rows]
+        return [dropped_record(row) for row in rows]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Suspect identifiers of a space."""
@@ -428,12 +427,7 @@ class PostgresStore:
             "WHERE space = %s ORDER BY at, type, value",
             (space,),
         )
-        return [
-            SuspectRecord(
-                f"{row[0]}:{row[1]}", row[2], row[3], tuple(_json_decode(row[4])), row[5], from_micros(row[6])
-            )
-            for row in rows
-        ]
+        return [suspect_record(row) for row in rows]
 
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None
@@ -444,11 +438,11 @@ class PostgresStore:
         if before_sequence is not None:
             parameters.append(before_sequence)
         rows = self._all(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = %s AND profile_id IS NULL "
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE space = %s AND profile_id IS NULL "
             f"AND account_id IS NULL{cursor} ORDER BY sequence DESC LIMIT %s",
             (*parameters, limit),
         )
-        return [_event(row) for row in rows]
+        return [event_record(row) for row in rows]
 
     def stats(self, space: str) -> SpaceStats:
         """Counts of a space."""
@@ -486,44 +480,13 @@ class PostgresStore:
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds), equal to SQLiteStore.dump."""
         with self._pool.connection() as db:
-
-            def rows(sql: str) -> list[list[Any]]:
-                return [list(row) for row in db.execute(sql, (space,))]
-
-            return {
-                "profiles": rows(
-                    "SELECT segment_id, collection, coalesce(parent_id, ''), created_at, merge_count "
-                    "FROM profiles WHERE space = %s ORDER BY segment_id"
-                ),
-                "identifiers": rows(
-                    "SELECT collection, type, value, profile_id, first_seen, last_seen, retired::int, "
-                    "coalesce(device_owner, '') FROM identifiers WHERE space = %s "
-                    "ORDER BY collection, type, value"
-                ),
-                "traits": rows(
-                    "SELECT profile_id, key, coalesce(value, 'null'), set_at FROM traits WHERE space = %s "
-                    "ORDER BY profile_id, key"
-                ),
-                "links": rows(
-                    "SELECT user_id, account_id FROM links WHERE space = %s ORDER BY user_id, account_id"
-                ),
-                "merges": rows(
-                    "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = %s "
-                    "ORDER BY at, child_id"
-                ),
-                "events": rows(
-                    "SELECT message_id, coalesce(profile_id, ''), coalesce(account_id, ''), identifiers "
-                    "FROM events WHERE space = %s ORDER BY message_id"
-                ),
-                "suspects": rows(
-                    "SELECT collection, type, value, evidence_type, evidence_values FROM suspects "
-                    "WHERE space = %s ORDER BY collection, type, value"
-                ),
-                "dropped": rows(
-                    "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped "
-                    "WHERE space = %s ORDER BY message_id, identifier, rule, 4"
-                ),
+            dump = {
+                name: [list(row) for row in db.execute(sql.format(space="%s"), (space,))]
+                for name, sql in DUMP_QUERIES.items()
             }
+        for row in dump["identifiers"]:
+            row[6] = int(row[6])  # retired: a boolean here, 0/1 in SQLite
+        return dump
 
 
 def _still_roots(rows: list[_Owned], roots: list[str], root_rows: list[tuple[Any, ...]]) -> bool:
@@ -588,28 +551,6 @@ def _safe(url: str) -> str:
         return "postgresql://…"
     user = f"{info['user']}@" if info.get("user") else ""
     return f"postgresql://{user}{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-
-
-_EVENT_COLUMNS = (
-    "message_id, type, name, timestamp, received_at, source, profile_id, account_id, identifiers, payload, "
-    "sequence"
-)
-
-
-def _event(row: Sequence[Any]) -> EventRecord:
-    return EventRecord(
-        message_id=row[0],
-        type=row[1],
-        name=row[2],
-        timestamp=from_micros(row[3]),
-        received_at=from_micros(row[4]),
-        source=row[5],
-        profile_id=row[6],
-        account_id=row[7],
-        identifiers=tuple(_json_decode(row[8])),
-        payload=bytes(row[9]),
-        sequence=row[10],
-    )
 
 
 # The neighbourhood of identifiers in one statement: each identifier's row (if any), the root of its
@@ -985,21 +926,8 @@ class PostgresTransaction:
     def add_event(self, space: str, event: EventRecord) -> None:
         """Store a message."""
         self._send(
-            "INSERT INTO events (space, message_id, type, name, timestamp, received_at, source, profile_id, "
-            "account_id, identifiers, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                space,
-                event.message_id,
-                event.type,
-                event.name,
-                to_micros(event.timestamp),
-                to_micros(event.received_at),
-                event.source,
-                event.profile_id,
-                event.account_id,
-                _json_encode(list(event.identifiers)).decode(),
-                event.payload,
-            ),
+            f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            event_row(space, event),
         )
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:

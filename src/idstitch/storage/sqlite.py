@@ -39,6 +39,18 @@ from idstitch.storage.graph_cache import (
     IdentifierKey,
     ProfileEntry,
 )
+from idstitch.storage.rows import (
+    DUMP_QUERIES,
+    EVENT_COLUMNS,
+    EVENT_INSERT_COLUMNS,
+    dropped_record,
+    event_record,
+    event_row,
+    identifier_record,
+    merge_record,
+    suspect_record,
+    trait_record,
+)
 from idstitch.storage.sqlite_checkpoint import Checkpointer
 from idstitch.storage.times import from_micros, to_micros
 
@@ -341,20 +353,7 @@ class SQLiteStore:
             "WHERE i.space = ? AND i.profile_id = ? ORDER BY i.first_seen, i.type, i.value",
             (space, profile_id),
         )
-        return [
-            IdentifierRecord(
-                row[0],
-                row[1],
-                row[2],
-                from_micros(row[3]),
-                from_micros(row[4]),
-                bool(row[5]),
-                bool(row[6]),
-                row[7],
-                row[8],
-            )
-            for row in rows
-        ]
+        return [identifier_record(row) for row in rows]
 
     def traits(self, space: str, profile_id: str) -> dict[str, Any]:
         """Current traits of a root."""
@@ -372,7 +371,7 @@ class SQLiteStore:
             "AND value IS NOT NULL ORDER BY key",
             (space, profile_id),
         )
-        return [TraitRecord(row[0], _json_decode(row[1]), row[2], from_micros(row[3])) for row in rows]
+        return [trait_record(row) for row in rows]
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:
         """The creating message of a root and the last message ingested for its family."""
@@ -433,11 +432,11 @@ class SQLiteStore:
         if after_sequence is not None:
             parameters.append(after_sequence)
         rows = db.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = ? AND {column} IN ({marks}){cursor} "
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE space = ? AND {column} IN ({marks}){cursor} "
             "ORDER BY sequence DESC LIMIT ?",
             (*parameters, limit),
         )
-        return [_event(row) for row in rows]
+        return [event_record(row) for row in rows]
 
     def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
         """A page of a root family's events by (timestamp, message_id), after the query's cursor."""
@@ -468,14 +467,14 @@ class SQLiteStore:
         # order and stops after `limit` rows (ties sorted on the spot), where `IN` would read and sort
         # every event of the family. A family is the root and its merged children: a few queries.
         sql = (
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
             f"ORDER BY timestamp {direction}, message_id {direction} LIMIT ?"
         )
         rows: list[Sequence[Any]] = []
         for member in family:
             rows += db.execute(sql, (space, member, *parameters, query.limit)).fetchall()
         rows.sort(key=lambda row: (row[3], row[0]), reverse=query.descending)
-        return [_event(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
+        return [event_record(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
@@ -496,7 +495,7 @@ class SQLiteStore:
             f"AND parent_id IN ({marks}) ORDER BY sequence",
             (space, *family),
         )
-        return [MergeRecord(row[0], row[1], row[2], row[3], from_micros(row[4])) for row in rows]
+        return [merge_record(row) for row in rows]
 
     def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
         """Dropped identifiers of a root's family."""
@@ -508,7 +507,7 @@ class SQLiteStore:
             f"AND profile_id IN ({marks}) ORDER BY sequence",
             (space, *family),
         )
-        return [DroppedRecord(row[0], row[1], row[2], from_micros(row[3]), row[4]) for row in rows]
+        return [dropped_record(row) for row in rows]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Suspect identifiers of a space."""
@@ -517,12 +516,7 @@ class SQLiteStore:
             "WHERE space = ? ORDER BY at, type, value",
             (space,),
         )
-        return [
-            SuspectRecord(
-                f"{row[0]}:{row[1]}", row[2], row[3], tuple(_json_decode(row[4])), row[5], from_micros(row[6])
-            )
-            for row in rows
-        ]
+        return [suspect_record(row) for row in rows]
 
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None
@@ -533,11 +527,11 @@ class SQLiteStore:
         if before_sequence is not None:
             parameters.append(before_sequence)
         rows = self._reader().execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE space = ? AND profile_id IS NULL "
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE space = ? AND profile_id IS NULL "
             f"AND account_id IS NULL{cursor} ORDER BY sequence DESC LIMIT ?",
             (*parameters, limit),
         )
-        return [_event(row) for row in rows]
+        return [event_record(row) for row in rows]
 
     def stats(self, space: str) -> SpaceStats:
         """Counts of a space."""
@@ -574,65 +568,11 @@ class SQLiteStore:
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds)."""
         db = self._reader()
-
-        def rows(sql: str) -> list[list[Any]]:
-            return [list(row) for row in db.execute(sql, (space,))]
-
-        return {
-            "profiles": rows(
-                "SELECT segment_id, collection, coalesce(parent_id, ''), created_at, merge_count "
-                "FROM profiles WHERE space = ? ORDER BY segment_id"
-            ),
-            "identifiers": rows(
-                "SELECT collection, type, value, profile_id, first_seen, last_seen, retired, "
-                "coalesce(device_owner, '') FROM identifiers WHERE space = ? ORDER BY collection, type, value"
-            ),
-            "traits": rows(
-                "SELECT profile_id, key, coalesce(value, 'null'), set_at FROM traits WHERE space = ? "
-                "ORDER BY profile_id, key"
-            ),
-            "links": rows(
-                "SELECT user_id, account_id FROM links WHERE space = ? ORDER BY user_id, account_id"
-            ),
-            "merges": rows(
-                "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = ? "
-                "ORDER BY at, child_id"
-            ),
-            "events": rows(
-                "SELECT message_id, coalesce(profile_id, ''), coalesce(account_id, ''), identifiers "
-                "FROM events WHERE space = ? ORDER BY message_id"
-            ),
-            "suspects": rows(
-                "SELECT collection, type, value, evidence_type, evidence_values FROM suspects WHERE space = ? "
-                "ORDER BY collection, type, value"
-            ),
-            "dropped": rows(
-                "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped WHERE space = ? "
-                "ORDER BY message_id, identifier, rule, 4"
-            ),
+        dump = {
+            name: [list(row) for row in db.execute(sql.format(space="?"), (space,))]
+            for name, sql in DUMP_QUERIES.items()
         }
-
-
-_EVENT_COLUMNS = (
-    "message_id, type, name, timestamp, received_at, source, profile_id, account_id, identifiers, payload, "
-    "sequence"
-)
-
-
-def _event(row: Sequence[Any]) -> EventRecord:
-    return EventRecord(
-        message_id=row[0],
-        type=row[1],
-        name=row[2],
-        timestamp=from_micros(row[3]),
-        received_at=from_micros(row[4]),
-        source=row[5],
-        profile_id=row[6],
-        account_id=row[7],
-        identifiers=tuple(_json_decode(row[8])),
-        payload=bytes(row[9]),
-        sequence=row[10],
-    )
+        return dump
 
 
 class SQLiteTransaction:
@@ -1015,21 +955,8 @@ class SQLiteTransaction:
     def add_event(self, space: str, event: EventRecord) -> None:
         """Store a message."""
         self.db.execute(
-            "INSERT INTO events (space, message_id, type, name, timestamp, received_at, source, profile_id, "
-            "account_id, identifiers, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                space,
-                event.message_id,
-                event.type,
-                event.name,
-                to_micros(event.timestamp),
-                to_micros(event.received_at),
-                event.source,
-                event.profile_id,
-                event.account_id,
-                _json_encode(list(event.identifiers)).decode(),
-                event.payload,
-            ),
+            f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            event_row(space, event),
         )
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:

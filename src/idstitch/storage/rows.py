@@ -1,0 +1,140 @@
+"""What the SQL adapters share: the columns they read and how a row becomes a record.
+
+SQLite and PostgreSQL keep the same tables with the same columns (times as integer microseconds,
+JSON as text), so a row of either reads the same way. Each adapter keeps its own SQL where the
+dialects differ (placeholders, `IN` lists against arrays, index hints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from idstitch.storage.base import (
+    DroppedRecord,
+    EventRecord,
+    IdentifierRecord,
+    MergeRecord,
+    SuspectRecord,
+    TraitRecord,
+)
+from idstitch.storage.times import from_micros, to_micros
+
+__all__ = [
+    "DUMP_QUERIES",
+    "EVENT_COLUMNS",
+    "EVENT_INSERT_COLUMNS",
+    "dropped_record",
+    "event_record",
+    "event_row",
+    "identifier_record",
+    "merge_record",
+    "suspect_record",
+    "trait_record",
+]
+
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.encode
+
+EVENT_COLUMNS = (
+    "message_id, type, name, timestamp, received_at, source, profile_id, account_id, identifiers, payload, "
+    "sequence"
+)
+
+
+def event_record(row: Sequence[Any]) -> EventRecord:
+    """A row of EVENT_COLUMNS."""
+    return EventRecord(
+        message_id=row[0],
+        type=row[1],
+        name=row[2],
+        timestamp=from_micros(row[3]),
+        received_at=from_micros(row[4]),
+        source=row[5],
+        profile_id=row[6],
+        account_id=row[7],
+        identifiers=tuple(_json_decode(row[8])),
+        payload=bytes(row[9]),
+        sequence=row[10],
+    )
+
+
+def event_row(space: str, event: EventRecord) -> tuple[Any, ...]:
+    """The values of an events row, in the order of EVENT_INSERT_COLUMNS."""
+    return (
+        space,
+        event.message_id,
+        event.type,
+        event.name,
+        to_micros(event.timestamp),
+        to_micros(event.received_at),
+        event.source,
+        event.profile_id,
+        event.account_id,
+        _json_encode(list(event.identifiers)).decode(),
+        event.payload,
+    )
+
+
+EVENT_INSERT_COLUMNS = "space, message_id, type, name, timestamp, received_at, source, profile_id, account_id, identifiers, payload"
+
+
+def identifier_record(row: Sequence[Any]) -> IdentifierRecord:
+    """type, value, collection, first_seen, last_seen, retired, suspect, source, first_message_id."""
+    return IdentifierRecord(
+        row[0],
+        row[1],
+        row[2],
+        from_micros(row[3]),
+        from_micros(row[4]),
+        bool(row[5]),
+        bool(row[6]),
+        row[7],
+        row[8],
+    )
+
+
+def trait_record(row: Sequence[Any]) -> TraitRecord:
+    """key, value (JSON), source, set_at."""
+    return TraitRecord(row[0], _json_decode(row[1]), row[2], from_micros(row[3]))
+
+
+def merge_record(row: Sequence[Any]) -> MergeRecord:
+    """parent_id, child_id, message_id, via, at."""
+    return MergeRecord(row[0], row[1], row[2], row[3], from_micros(row[4]))
+
+
+def dropped_record(row: Sequence[Any]) -> DroppedRecord:
+    """message_id, identifier, rule, at, profile_id."""
+    return DroppedRecord(row[0], row[1], row[2], from_micros(row[3]), row[4])
+
+
+def suspect_record(row: Sequence[Any]) -> SuspectRecord:
+    """type, value, collection, evidence_type, evidence_values (JSON), message_id, at."""
+    return SuspectRecord(
+        f"{row[0]}:{row[1]}", row[2], row[3], tuple(_json_decode(row[4])), row[5], from_micros(row[6])
+    )
+
+
+# Store.dump's sections: each query takes the space as its one parameter, written `{space}` here for
+# the adapter's placeholder. `retired` comes back as 0/1 in SQLite and as a boolean in PostgreSQL;
+# dump() makes it an int.
+DUMP_QUERIES = {
+    "profiles": "SELECT segment_id, collection, coalesce(parent_id, ''), created_at, merge_count "
+    "FROM profiles WHERE space = {space} ORDER BY segment_id",
+    "identifiers": "SELECT collection, type, value, profile_id, first_seen, last_seen, retired, "
+    "coalesce(device_owner, '') FROM identifiers WHERE space = {space} ORDER BY collection, type, value",
+    "traits": "SELECT profile_id, key, coalesce(value, 'null'), set_at FROM traits WHERE space = {space} "
+    "ORDER BY profile_id, key",
+    "links": "SELECT user_id, account_id FROM links WHERE space = {space} ORDER BY user_id, account_id",
+    "merges": "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = {space} "
+    "ORDER BY at, child_id",
+    "events": "SELECT message_id, coalesce(profile_id, ''), coalesce(account_id, ''), identifiers "
+    "FROM events WHERE space = {space} ORDER BY message_id",
+    "suspects": "SELECT collection, type, value, evidence_type, evidence_values FROM suspects "
+    "WHERE space = {space} ORDER BY collection, type, value",
+    "dropped": "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped "
+    "WHERE space = {space} ORDER BY message_id, identifier, rule, 4",
+}
