@@ -1,4 +1,4 @@
-"""`idstitch bench core|sqlite|http|profile-api|all`: printed figures, or one JSON object with --json."""
+"""`idstitch bench core|sqlite|http|profile-api|postgres|all`: printed figures, or JSON with --json."""
 
 from __future__ import annotations
 
@@ -15,13 +15,21 @@ from rich.table import Table
 
 from idstitch.bench.all import AllBenchPlan, run_all
 from idstitch.bench.http import HttpBenchError, HttpBenchResult, run_http_bench
+from idstitch.bench.postgres import (
+    DEFAULT_POSTGRES_URL,
+    TARGET_MESSAGES_PER_S,
+    PostgresBenchError,
+    PostgresBenchPlan,
+    PostgresRun,
+    run_postgres_bench,
+)
 from idstitch.bench.profile_api import ProfileApiBenchResult, run_profile_api_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
 
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Benchmarks: throughput, latency and memory of ingest (embedded and over HTTP) and of the Profile API.",
+    help="Benchmarks: throughput, latency and memory of ingest (embedded, over HTTP, on PostgreSQL) and of the Profile API.",
     no_args_is_help=True,
 )
 
@@ -398,6 +406,173 @@ def bench_profile_api(
         _stderr.print(
             f"bench profile-api: the server exited with {result.server_exit_code} on SIGTERM, not 0"
         )
+        raise typer.Exit(1)
+
+
+def _parse_workers(text: str) -> tuple[int, ...]:
+    """`1,2,4` → (1, 2, 4): worker counts of at least 1, in the order given."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: expected worker counts such as 1,2,4", param_hint="--workers"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter(f"{text!r}: expected worker counts of at least 1", param_hint="--workers")
+    return counts
+
+
+def _print_postgres(runs: list[PostgresRun]) -> None:
+    console = Console()
+    first = runs[0]
+    how = "through JetStream" if first.mode == "queue" else "direct"
+    title = (
+        f"idstitch bench postgres ({how}, {first.messages:,} messages, {first.batch_size} per batch"
+        + (f", {first.fetch} per worker fetch" if first.mode == "queue" else "")
+        + f", {first.cpus} CPUs)"
+    )
+    # One column per worker count, one row per figure: fits a terminal for a few worker counts.
+    table = Table(title=title)
+    table.add_column("workers")
+    for run in runs:
+        table.add_column(str(run.workers), justify="right")
+    figures = [run.as_dict() for run in runs]
+    shares = [run.cpu_percent() for run in runs]
+
+    def row(label: str, cells: list[str]) -> None:
+        table.add_row(label, *cells)
+
+    row("messages/s", [f"{run.messages_per_s:,.0f}" for run in runs])
+    row("speedup", [f"{run.speedup:.2f}×" if run.speedup is not None else "–" for run in runs])
+    row("seconds", [f"{run.seconds:,.1f}" for run in runs])
+    row("latency P50 / P95 / P99 ms", [f"{r.p50_ms:,.0f} / {r.p95_ms:,.0f} / {r.p99_ms:,.0f}" for r in runs])
+    row("box CPU busy", [f"{share['box']:.0f}%" for share in shares])
+    row("  PostgreSQL, all processes", [f"{share['postgres']:.0f}%" for share in shares])
+    row("  of which this run's backends", [f"{share['postgres_backends']:.0f}%" for share in shares])
+    row("  of which background processes", [f"{share['postgres_background']:.0f}%" for share in shares])
+    row("  worker processes", [f"{share['workers']:.0f}%" for share in shares])
+    if first.mode == "queue":
+        row("  nats-server", [f"{share['nats']:.0f}%" for share in shares])
+    row("  everything else", [f"{share['other']:.0f}%" for share in shares])
+    row(
+        "  busiest other processes",
+        [
+            ", ".join(f"{item['name']} {item['cpu_percent']:.0f}%" for item in fig["other_processes"]) or "–"
+            for fig in figures
+        ],
+    )
+    row("CPU ms per message", [f"{run.cpu_ms_per_message:.2f}" for run in runs])
+    row("msg/s that would fill every CPU", [f"{run.cpu_bound_messages_per_s:,.0f}" for run in runs])
+    row(
+        "commits (lock splits)",
+        [f"{run.commits:,} ({fig['lock_splits']:,})" for run, fig in zip(runs, figures, strict=True)],
+    )
+    row("transactions retried", [f"{run.conflicts:,} + {run.lock_busy:,} lock busy" for run in runs])
+    row("peak RSS per worker", [f"{run.peak_rss_mb:,.0f} MB" for run in runs])
+    if first.mode == "queue":
+        row(
+            "published before the start",
+            [f"{run.publish_seconds or 0:.1f} s, {run.queue_messages or 0:,} requests" for run in runs],
+        )
+        row("requests nak'ed and retried", [f"{run.queue_retried or 0:,}" for run in runs])
+    row(
+        "every message landed once",
+        [f"yes, {run.stored_events:,}" if run.verified else "[bold red]NO[/bold red]" for run in runs],
+    )
+    console.print(table)
+    best = max(runs, key=lambda run: run.messages_per_s)
+    verdict = "met" if best.meets_target else "not met"
+    console.print(
+        f"target ≥ {TARGET_MESSAGES_PER_S:,.0f} msg/s at the best worker count: {verdict} "
+        f"(best {best.messages_per_s:,.0f} msg/s with {best.workers} worker{'s' if best.workers != 1 else ''}, "
+        f"{best.messages_per_s / TARGET_MESSAGES_PER_S:.1%} of the target)",
+        highlight=False,
+    )
+    console.print(
+        "CPU shares: of the whole box (every CPU) from the start signal to the last report. PostgreSQL:"
+        " every postgres process: this run's connections (backends), the background processes (WAL"
+        " writer, checkpointer, autovacuum) and any other client's.",
+        highlight=False,
+    )
+
+
+@app.command("postgres")
+def bench_postgres(
+    workers: Annotated[
+        str, typer.Option("--workers", help="Worker process counts to run, one after another (e.g. 1,2,4).")
+    ] = "1,2,4",
+    messages: Annotated[
+        int,
+        typer.Option("--messages", "-n", min=1, help="Generated messages, the same stream for every run."),
+    ] = 10_000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Messages per engine call (per request with --queue).")
+    ] = 100,
+    postgres: Annotated[
+        str,
+        typer.Option(
+            "--postgres",
+            metavar="URL",
+            envvar="IDSTITCH_BENCH_POSTGRES",
+            help="Database to use; each run creates a schema of its own there and drops it afterwards.",
+        ),
+    ] = DEFAULT_POSTGRES_URL,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue",
+            metavar="nats://HOST:PORT",
+            help="Go through NATS JetStream: publish to a fresh stream, N `run_worker` processes drain it.",
+        ),
+    ] = None,
+    fetch: Annotated[
+        int,
+        typer.Option(
+            "--fetch", min=1, help="With --queue: requests per worker fetch, resolved as one group."
+        ),
+    ] = 1,
+    seed: Seed = 1,
+    as_json: Json = False,
+) -> None:
+    """Ingest on PostgreSQL with N worker processes at once: msg/s, latency, CPU by process, per worker count."""
+    plan = PostgresBenchPlan(
+        postgres_url=postgres,
+        workers=_parse_workers(workers),
+        messages=messages,
+        batch_size=batch_size,
+        seed=seed,
+        queue_url=queue,
+        fetch=fetch,
+    )
+    with _progress("bench postgres {task.description}", as_json) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_event(event: dict[str, Any]) -> None:
+            phase = str(event.get("phase"))
+            if event.get("event") == "phase":
+                tasks[phase] = bar.add_task(phase, total=int(event["total"]))
+            elif event.get("event") == "progress" and phase in tasks:
+                bar.update(tasks[phase], completed=int(event["messages"]))
+
+        try:
+            runs = run_postgres_bench(plan, on_event=on_event)
+        except PostgresBenchError as error:
+            _stderr.print(f"bench postgres: {error}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(msgspec.json.encode([run.as_dict() for run in runs]).decode() + "\n")
+    else:
+        _print_postgres(runs)
+    failed = [run for run in runs if not run.verified]
+    for run in failed:
+        _stderr.print(
+            f"bench postgres: with {run.workers} workers NOT every message landed exactly once: "
+            + "; ".join(run.problems),
+            style="bold red",
+            markup=False,
+            highlight=False,
+        )
+    if failed:
         raise typer.Exit(1)
 
 

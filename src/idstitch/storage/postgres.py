@@ -106,24 +106,29 @@ class PostgresStore:
         self.url = url
         self.read_only = read_only
         try:
-            self._pool = ConnectionPool(
-                url,
-                min_size=1,
-                max_size=max_connections,
-                kwargs={"autocommit": True},
-                open=True,
-                timeout=30,
-                name="idstitch",
-            )
-            self._pool.wait(timeout=10)
-        except psycopg.OperationalError as error:
-            raise ConfigError(f"store {_safe(url)}: cannot connect to PostgreSQL: {error}") from error
-        except Exception as error:  # PoolTimeout: the server is not answering
-            raise ConfigError(f"store {_safe(url)}: cannot connect to PostgreSQL: {error}") from error
-        if read_only:
-            self._check_schema()
-        else:
-            self._migrate()
+            # One plain connection first: an unreachable server or a refused login fails at once, with
+            # libpq's own words, instead of after the pool's retries.
+            psycopg.connect(url, connect_timeout=10).close()
+        except psycopg.Error as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"store {_safe(url)}: cannot connect to PostgreSQL: {reason}") from error
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={"autocommit": True},
+            open=True,
+            timeout=30,
+            name="idstitch",
+        )
+        try:
+            if read_only:
+                self._check_schema()
+            else:
+                self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
 
     def close(self) -> None:
         """Close every connection."""

@@ -1,0 +1,82 @@
+"""What only the PostgreSQL store has: connection errors, migrations raced by many processes, read-only use."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from idstitch.core.errors import ConfigError
+from idstitch.storage.base import SourceRecord
+from idstitch.storage.postgres import PostgresStore, lock_key
+from idstitch.storage.urls import open_store
+
+
+def test_an_unreachable_server_or_a_refused_login_is_one_clear_line_and_exit_2() -> None:
+    for url, reason in [
+        ("postgresql://root@127.0.0.1:1/test", "Connection refused"),
+        ("postgresql://nobody@127.0.0.1:5432/test", 'role "nobody" does not exist'),
+    ]:
+        with pytest.raises(ConfigError, match=reason):
+            open_store(url)
+        done = subprocess.run(
+            [sys.executable, "-m", "idstitch", "stats", "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
+
+
+def _open_and_close(url: str) -> None:
+    open_store(url).close()
+
+
+def test_processes_that_start_together_migrate_the_schema_once(postgres_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_open_and_close, args=(postgres_url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    with psycopg.connect(postgres_url) as db:
+        versions = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert versions == [(1,)]
+
+
+def test_read_only_reads_a_migrated_store_and_refuses_writes(
+    postgres_url: str, postgres_database: str
+) -> None:
+    writer = open_store(postgres_url)
+    writer.upsert_source(SourceRecord("s", "web", "wk_1"))
+    reader = open_store(postgres_url, read_only=True)
+    try:
+        assert reader.sources() == [SourceRecord("s", "web", "wk_1")]
+        with pytest.raises(ConfigError, match="read-only"), reader.transaction():
+            pass
+        with pytest.raises(ConfigError, match="read-only"):
+            reader.upsert_source(SourceRecord("s", "app", "wk_2"))
+    finally:
+        reader.close()
+        writer.close()
+    from conftest import new_schema
+
+    with pytest.raises(ConfigError, match="schema version 0"):
+        PostgresStore(new_schema(postgres_database), read_only=True)
+
+
+def test_lock_keys_differ_by_kind_space_and_parts_and_are_signed_64_bit() -> None:
+    keys = {
+        lock_key("i", "s", "users", "user_id", "u1"),
+        lock_key("i", "s", "users", "user_id", "u2"),
+        lock_key("i", "t", "users", "user_id", "u1"),
+        lock_key("p", "s", "users", "user_id", "u1"),
+        lock_key("i", "s", "users", "user_id:u1"),  # no confusion when a part holds the separator's neighbour
+    }
+    assert len(keys) == 5
+    assert all(-(2**63) <= key < 2**63 for key in keys)
