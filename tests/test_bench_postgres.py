@@ -139,6 +139,8 @@ def _check_runs(runs: list[dict[str, Any]], mode: str) -> None:
         assert outcomes.get("rejected", 0) == 0
         assert run["meets_target"] == (run["messages_per_s"] >= run["target_messages_per_s"] == 20_000)
         assert sum(count for _, count in run["latency_histogram_ms"]) == MESSAGES
+        assert len(run["rate_by_quarter"]) == 4
+        assert all(rate > 0 for rate in run["rate_by_quarter"])
     assert runs[0]["speedup"] == 1.0
     assert runs[1]["speedup"] == pytest.approx(
         runs[1]["messages_per_s"] / runs[0]["messages_per_s"], rel=0.01

@@ -445,6 +445,10 @@ def _print_postgres(runs: list[PostgresRun]) -> None:
     row("messages/s", [f"{run.messages_per_s:,.0f}" for run in runs])
     row("speedup", [f"{run.speedup:.2f}×" if run.speedup is not None else "–" for run in runs])
     row("seconds", [f"{run.seconds:,.1f}" for run in runs])
+    row(
+        "msg/s by quarter of the stream",
+        [" / ".join(f"{rate:,.0f}" for rate in run.rate_by_quarter) for run in runs],
+    )
     row("latency P50 / P95 / P99 ms", [f"{r.p50_ms:,.0f} / {r.p95_ms:,.0f} / {r.p99_ms:,.0f}" for r in runs])
     row("box CPU busy", [f"{share['box']:.0f}%" for share in shares])
     row("  PostgreSQL, all processes", [f"{share['postgres']:.0f}%" for share in shares])
@@ -504,7 +508,7 @@ def bench_postgres(
     messages: Annotated[
         int,
         typer.Option("--messages", "-n", min=1, help="Generated messages, the same stream for every run."),
-    ] = 10_000,
+    ] = 20_000,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Messages per engine call (per request with --queue).")
     ] = 100,
@@ -532,7 +536,9 @@ def bench_postgres(
         ),
     ] = 1,
     seed: Seed = 1,
-    as_json: Json = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON list: an object per worker count, with its mode.")
+    ] = False,
 ) -> None:
     """Ingest on PostgreSQL with N worker processes at once: msg/s, latency, CPU by process, per worker count."""
     plan = PostgresBenchPlan(

@@ -61,8 +61,9 @@ class WorkerReport:
     index: int
     messages: int = 0
     calls: int = 0  # engine calls (ingest / ingest_group), each one group of batches
-    # (seconds from hand-over to commit, messages) per engine call: every message of a call waits as long
-    call_latencies: list[tuple[float, int]] = field(default_factory=list)
+    # (seconds from hand-over to commit, messages, time.monotonic() of the commit) per engine call: every
+    # message of a call waits as long
+    call_latencies: list[tuple[float, int, float]] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
     rejected_ids: list[str] = field(default_factory=list)
     started: float = 0.0  # time.monotonic() when the start signal was seen (system-wide clock on Linux)
@@ -107,7 +108,7 @@ class TimedEngine(Engine):
         self.counting_store = store
         self.on_call = on_call
         self.messages = 0
-        self.call_latencies: list[tuple[float, int]] = []
+        self.call_latencies: list[tuple[float, int, float]] = []
         self.outcomes: dict[str, int] = {}
         self.rejected_ids: list[str] = []
         self.last_commit: float | None = None
@@ -118,7 +119,7 @@ class TimedEngine(Engine):
         results = super().ingest_group(batches)
         committed = time.monotonic()
         size = sum(len(batch.items) for batch in batches)
-        self.call_latencies.append((committed - received, size))
+        self.call_latencies.append((committed - received, size, committed))
         self.last_commit = committed
         self.messages += size
         for result in results:
