@@ -1520,3 +1520,22 @@ def test_suspects_survive_a_failed_savepoint(store: Store) -> None:
         graph = tx.load_view(SPACE, "users", [anon("shared")])
         assert graph.suspects == frozenset({anon("shared")})
         assert graph.evidence == {}
+
+
+def test_reads_in_a_transaction_see_its_own_writes_after_a_claim(store: Store) -> None:
+    """A claim may read ahead; whatever it read must not outlive the transaction's next write."""
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(2), anon("a1"))
+    with store.transaction() as tx:
+        tx.claim(SPACE, "m3", [uid("u1"), anon("a1")])
+        assert not tx.has_message(SPACE, "m3")
+        before = tx.load_view(SPACE, "users", [uid("u1"), anon("a1")])
+        assert before.identifiers[anon("a1")].profile_id == "use_b"
+        merge(tx, "use_a", t(3), ("use_b", anon("a1")), message_id="m3")
+        tx.add_event(SPACE, event("m3", t(3), "use_a", None, ("anonymous_id:a1",)))
+        assert tx.has_message(SPACE, "m3")
+        after = tx.load_view(SPACE, "users", [uid("u1"), anon("a1")])
+        assert after.identifiers[anon("a1")].profile_id == "use_a"
+        assert set(after.profiles) == {"use_a"}
+        assert {item.identifier for item in after.profiles["use_a"].identifiers} == {uid("u1"), anon("a1")}

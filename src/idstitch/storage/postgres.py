@@ -648,7 +648,16 @@ class PostgresTransaction:
         self._owned: dict[_Key, _Owned] = {}  # rows read after their identifiers' locks were taken
 
     def _send(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> None:
+        """Queue a write (its errors surface with the next read)."""
+        self._owned.clear()  # rows read before a write may describe what it changes
+        self._message = None
         self._writes.execute(sql, parameters)
+
+    def _send_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Queue one write per row."""
+        self._owned.clear()
+        self._message = None
+        self._writes.executemany(sql, rows)
 
     def _ask(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> psycopg.Cursor[Any]:
         """Queue a read; its rows come with the next fetch (one round trip for everything queued)."""
@@ -660,18 +669,18 @@ class PostgresTransaction:
     def savepoint(self) -> Iterator[None]:
         """A nested unit that rolls back alone, and with it the advisory locks it took."""
         held = set(self._held)
-        self._send("SAVEPOINT message", ())
+        self._writes.execute("SAVEPOINT message")
         try:
             yield
         except psycopg.Error:
             raise  # the transaction is lost as a whole; rolling back to here would not be heard
         except BaseException:
-            self._send("ROLLBACK TO message", ())
-            self._send("RELEASE message", ())
+            self._writes.execute("ROLLBACK TO message")
+            self._writes.execute("RELEASE message")
             self._held = held  # ROLLBACK TO SAVEPOINT released the locks taken since
             self._owned.clear()  # rows read inside may describe writes now undone
             raise
-        self._send("RELEASE message", ())
+        self._writes.execute("RELEASE message")
 
     def _queue_lock(self, keys: Sequence[int]) -> tuple[list[int], psycopg.Cursor[Any] | None]:
         """Queue the advisory locks not yet held: waiting, in sorted order, if none is held yet."""
@@ -811,7 +820,7 @@ class PostgresTransaction:
         # Row by row by primary key (executemany pipelines them into one round trip); only rows
         # that change are rewritten (no dead tuple for an unchanged row).
         if resolution.touched:
-            self._writes.executemany(
+            self._send_many(
                 "UPDATE identifiers SET last_seen = greatest(last_seen, %s), first_seen = least(first_seen, %s) "
                 "WHERE space = %s AND collection = %s AND type = %s AND value = %s "
                 "AND (last_seen < %s OR first_seen > %s)",
@@ -821,13 +830,13 @@ class PostgresTransaction:
                 ],
             )
         if resolution.retired:
-            self._writes.executemany(
+            self._send_many(
                 "UPDATE identifiers SET retired = true WHERE space = %s AND collection = %s AND type = %s "
                 "AND value = %s AND NOT retired",
                 [(space, item.collection, item.type, item.value) for item in resolution.retired],
             )
         if resolution.device_owned:
-            self._writes.executemany(
+            self._send_many(
                 "UPDATE identifiers SET device_owner = %s, device_owner_at = %s WHERE space = %s "
                 "AND collection = %s AND type = %s AND value = %s "
                 "AND (device_owner_at IS NULL OR device_owner_at <= %s)",
@@ -837,7 +846,7 @@ class PostgresTransaction:
                 ],
             )
         if resolution.evidence:
-            self._writes.executemany(
+            self._send_many(
                 "INSERT INTO evidence VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (space, collection, type, value, other_type, other_value) DO UPDATE "
                 "SET last_seen = excluded.last_seen WHERE evidence.last_seen < excluded.last_seen",
@@ -849,7 +858,7 @@ class PostgresTransaction:
                 ),
             )
         if resolution.suspects:
-            self._writes.executemany(
+            self._send_many(
                 "INSERT INTO suspects VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 [
                     (
@@ -915,7 +924,7 @@ class PostgresTransaction:
     ) -> None:
         """Record dropped identifiers."""
         micros = to_micros(at)
-        self._writes.executemany(
+        self._send_many(
             "INSERT INTO dropped (space, profile_id, message_id, identifier, rule, at) "
             "VALUES (%s, %s, %s, %s, %s, %s)",
             [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
