@@ -45,6 +45,7 @@ from idstitch.config import DEFAULT_STORE_URL, Config, load_config
 from idstitch.core.errors import IdstitchError
 from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
+from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
 from idstitch.storage.base import IdentifierRecord, Store
 from idstitch.storage.urls import open_store
@@ -187,25 +188,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @dataclass
-class _Tally:
-    messages: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    unresolved: int = 0
-    rejected: int = 0
-    profiles_created: int = 0
-    merges: int = 0
+class _Tally(OutcomeCounts):
     batches: int = 0
 
-    def as_dict(self, seconds: float) -> dict[str, Any]:
+    def summary(self, seconds: float) -> dict[str, Any]:
         return {
-            "messages": self.messages,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "unresolved": self.unresolved,
-            "rejected": self.rejected,
-            "profiles_created": self.profiles_created,
-            "merges": self.merges,
+            **self.counts(),
             "batches": self.batches,
             "seconds": round(seconds, 3),
             "messages_per_second": round(self.messages / seconds) if seconds > 0 else 0,
@@ -283,19 +271,10 @@ def ingest(
                         )
                         tally.batches += 1
                         for outcome in result.outcomes:
-                            tally.messages += 1
-                            if outcome.status == "resolved":
-                                tally.accepted += 1
-                            elif outcome.status == "duplicate":
-                                tally.duplicates += 1
-                            elif outcome.status == "unresolved":
-                                tally.unresolved += 1
-                            else:
-                                tally.rejected += 1
+                            tally.count(outcome)
+                            if outcome.status == "rejected":
                                 where = batch.items[outcome.index][0]
                                 stderr.print(f"{where}: {outcome.error}", markup=False, soft_wrap=True)
-                            tally.profiles_created += outcome.created
-                            tally.merges += len(outcome.merged)
                         progress.update(
                             task, completed=batch.bytes_read, total=batch.bytes_total, messages=tally.messages
                         )
@@ -310,7 +289,7 @@ def ingest(
             finally:
                 signal.signal(signal.SIGTERM, previous)
             seconds = time.monotonic() - started
-            _print_summary(tally.as_dict(seconds), len(files), as_json)
+            _print_summary(tally.summary(seconds), len(files), as_json)
 
 
 def _print_created_write_keys(engine: Engine) -> None:

@@ -28,7 +28,7 @@ from idstitch.storage.base import (
     TokenRecord,
 )
 
-__all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome"]
+__all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome", "OutcomeCounts"]
 
 _EMPTY_VIEW = GraphView()
 _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
@@ -67,6 +67,45 @@ class IngestResult:
     def rejected(self) -> list[MessageOutcome]:
         """The messages that were not accepted, with reasons."""
         return [outcome for outcome in self.outcomes if outcome.status == "rejected"]
+
+
+@dataclass(slots=True)
+class OutcomeCounts:
+    """How many messages ended how, over any number of batches (what ingest and workers report)."""
+
+    messages: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    unresolved: int = 0
+    rejected: int = 0
+    profiles_created: int = 0
+    merges: int = 0
+
+    def count(self, outcome: MessageOutcome) -> None:
+        """Add one message's outcome."""
+        self.messages += 1
+        if outcome.status == "resolved":
+            self.accepted += 1
+        elif outcome.status == "duplicate":
+            self.duplicates += 1
+        elif outcome.status == "unresolved":
+            self.unresolved += 1
+        else:
+            self.rejected += 1
+        self.profiles_created += outcome.created
+        self.merges += len(outcome.merged)
+
+    def counts(self) -> dict[str, int]:
+        """The counts by name, in a stable order."""
+        return {
+            "messages": self.messages,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "unresolved": self.unresolved,
+            "rejected": self.rejected,
+            "profiles_created": self.profiles_created,
+            "merges": self.merges,
+        }
 
 
 @dataclass(frozen=True, slots=True)

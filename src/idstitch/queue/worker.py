@@ -31,7 +31,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from idstitch.engine import Engine, IngestBatch, IngestResult
+from idstitch.engine import Engine, IngestBatch, IngestResult, OutcomeCounts
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
 
@@ -42,49 +42,26 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(slots=True)
-class WorkerSummary:
+class WorkerSummary(OutcomeCounts):
     """What one worker did, from its start until it stopped."""
 
     queue_messages: int = 0  # JetStream messages committed and acknowledged
-    messages: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    unresolved: int = 0
-    rejected: int = 0
-    profiles_created: int = 0
-    merges: int = 0
     commits: int = 0
     retried: int = 0  # JetStream messages nak'ed after a failed ingest, to come back later
     terminated: int = 0  # JetStream messages that could not be decoded, never to come back
     seconds: float = 0.0
 
-    def count(self, result: IngestResult) -> None:
+    def add(self, result: IngestResult) -> None:
         """Add one request's outcomes."""
         for outcome in result.outcomes:
-            self.messages += 1
-            if outcome.status == "resolved":
-                self.accepted += 1
-            elif outcome.status == "duplicate":
-                self.duplicates += 1
-            elif outcome.status == "unresolved":
-                self.unresolved += 1
-            else:
-                self.rejected += 1
-            self.profiles_created += outcome.created
-            self.merges += len(outcome.merged)
+            self.count(outcome)
 
     def as_dict(self) -> dict[str, Any]:
         """The figures as JSON-able values, with the rate."""
         rate = round(self.messages / self.seconds) if self.seconds > 0 else 0
         return {
             "queue_messages": self.queue_messages,
-            "messages": self.messages,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "unresolved": self.unresolved,
-            "rejected": self.rejected,
-            "profiles_created": self.profiles_created,
-            "merges": self.merges,
+            **self.counts(),
             "commits": self.commits,
             "retried": self.retried,
             "terminated": self.terminated,
@@ -218,7 +195,7 @@ class QueueWorker:
             return
         self.summary.commits += 1
         for (msg, batch), result in zip(group, results, strict=True):
-            self.summary.count(result)
+            self.summary.add(result)
             for outcome in result.rejected:
                 _log.warning(
                     "message rejected",
