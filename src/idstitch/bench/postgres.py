@@ -49,7 +49,7 @@ from psycopg import sql
 from idstitch.bench.cpu import ProcessCpu, busiest, snapshot
 from idstitch.bench.postgres_result import TARGET_MESSAGES_PER_S, PostgresRun
 from idstitch.bench.postgres_worker import SPACE, WorkerPlan, WorkerReport, worker_main
-from idstitch.bench.runner import ensure_workload, latency_histogram, percentile
+from idstitch.bench.runner import ensure_workload, latency_histogram, percentile, workload_lines
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError, InvalidEvent
 from idstitch.core.messages import decode_message
@@ -110,19 +110,12 @@ class _Stream:
     ids: frozenset[str]  # distinct message ids of the valid ones
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as file:
-        for line in file:
-            if line.strip():
-                yield line
-
-
 def _read_stream(messages: int, seed: int) -> _Stream:
     path = ensure_workload(messages, seed)
     received_at = datetime.now(UTC)
     count = valid = 0
     ids: set[str] = set()
-    for line in _lines(path):
+    for line in workload_lines(path):
         count += 1
         try:
             message = decode_message(line, received_at=received_at)
@@ -138,7 +131,7 @@ def _write_shares(stream: _Stream, workers: int, batch_size: int, folder: Path) 
     paths = [folder / f"share-{index}.ndjson" for index in range(workers)]
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(path.open("wb")) for path in paths]
-        for number, line in enumerate(_lines(stream.path)):
+        for number, line in enumerate(workload_lines(stream.path)):
             files[(number // batch_size) % workers].write(line)
     return paths
 
@@ -414,7 +407,7 @@ def _publish(config: QueueConfig, stream: _Stream, batch_size: int) -> tuple[flo
         config,
         SPACE,
         None,
-        (msgspec.json.decode(line) for line in _lines(stream.path)),
+        (msgspec.json.decode(line) for line in workload_lines(stream.path)),
         batch_size=batch_size,
     )
     if summary.messages != stream.valid:

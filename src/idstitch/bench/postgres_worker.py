@@ -25,6 +25,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from idstitch.bench.runner import workload_lines
 from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
@@ -139,18 +140,11 @@ def _wait(event: Event, parent: int) -> bool:
     return True
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as file:
-        for line in file:
-            if line.strip():
-                yield line
-
-
 def _ingest_share(engine: TimedEngine, path: Path, batch_size: int) -> None:
     """Direct mode: decode the share's lines and hand them to the engine `batch_size` at a time."""
     received_at = datetime.now(UTC)
     batch: list[Message | InvalidEvent] = []
-    for line in _lines(path):
+    for line in workload_lines(path):
         try:
             batch.append(decode_message(line, received_at=received_at))
         except InvalidEvent as error:

@@ -33,6 +33,7 @@ __all__ = [
     "percentile",
     "run_ingest_bench",
     "scratch_directory",
+    "workload_lines",
 ]
 
 CHECKPOINTS = (100_000, 250_000, 500_000, 1_000_000, 2_000_000, 5_000_000)
@@ -108,7 +109,8 @@ def ensure_workload(messages: int, seed: int) -> Path:
     return path
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def workload_lines(path: Path) -> Iterator[bytes]:
+    """The non-blank lines of a workload file (one message each), read as they are used."""
     with path.open("rb") as file:
         for line in file:
             if line.strip():
@@ -143,7 +145,7 @@ def parse_only_rate(path: Path, limit: int) -> float:
     decoder = msgspec.json.Decoder()
     count = 0
     started = time.perf_counter()
-    for line in _lines(path):
+    for line in workload_lines(path):
         decoder.decode(line)
         count += 1
         if count >= limit:
@@ -207,7 +209,7 @@ def run_ingest_bench(
             )
             last_mark, last_time = done, committed
 
-    for line in _lines(path):
+    for line in workload_lines(path):
         receipts.append(clock())
         try:
             batch.append(decode_message(line, received_at=received_at))
