@@ -28,7 +28,6 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import resources
 from typing import Any
 
 import msgspec
@@ -56,6 +55,7 @@ from idstitch.storage.base import (
     TokenRecord,
     TraitRecord,
 )
+from idstitch.storage.migrations import read_migrations
 from idstitch.storage.rows import (
     DUMP_QUERIES,
     EVENT_COLUMNS,
@@ -77,16 +77,6 @@ _json_decode = msgspec.json.decode
 
 # Taken around migrations, so that workers started together migrate once.
 _MIGRATION_LOCK = 0x1D5_7C4_0001
-
-
-def _migrations() -> list[tuple[int, str, str]]:
-    folder = resources.files("idstitch.storage.migrations.postgres")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            number, _, name = entry.name.removesuffix(".sql").partition("_")
-            found.append((int(number), name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def lock_key(kind: str, space: str, *parts: str) -> int:
@@ -152,13 +142,13 @@ class PostgresStore:
                 "(version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
             )
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, name, script in _migrations():
+            for version, name, script in read_migrations("postgres"):
                 if version not in applied:
                     db.execute(script.encode())  # several statements: no parameters, simple protocol
                     db.execute("INSERT INTO schema_migrations VALUES (%s, %s, now())", (version, name))
 
     def _check_schema(self) -> None:
-        latest = _migrations()[-1][0]
+        latest = read_migrations("postgres")[-1][0]
         try:
             version = self.schema_version()
         except psycopg.errors.UndefinedTable:

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from idstitch.storage.graph_cache import (
     IdentifierKey,
     ProfileEntry,
 )
+from idstitch.storage.migrations import read_migrations
 from idstitch.storage.rows import (
     DUMP_QUERIES,
     EVENT_COLUMNS,
@@ -58,16 +58,6 @@ __all__ = ["SQLiteStore", "SQLiteTransaction"]
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
-
-
-def _migrations() -> list[tuple[int, str, str]]:
-    folder = resources.files("idstitch.storage.migrations.sqlite")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            number, _, name = entry.name.removesuffix(".sql").partition("_")
-            found.append((int(number), name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
@@ -164,7 +154,7 @@ class SQLiteStore:
                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
             )
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, name, script in _migrations():
+            for version, name, script in read_migrations("sqlite"):
                 if version in applied:
                     continue
                 db.execute("BEGIN IMMEDIATE")
@@ -181,7 +171,7 @@ class SQLiteStore:
                     raise
 
     def _check_schema(self) -> None:
-        latest = _migrations()[-1][0]
+        latest = read_migrations("sqlite")[-1][0]
         try:
             version = self.schema_version()
         except sqlite3.OperationalError:
