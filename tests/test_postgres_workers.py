@@ -33,7 +33,8 @@ from idstitch.sim.population import WorkloadConfig, generate
 from idstitch.storage.base import Store
 from idstitch.storage.times import from_micros
 from idstitch.storage.urls import open_store
-from test_queue import Worker, queue_state, wait_for
+from live_server import PROFILE_TOKEN, Server, free_port
+from test_queue import Worker, get, post, queue_state, wait_for
 
 SPACE = "default"
 UNIQUE_TYPES = ("user_id", "email")
@@ -311,3 +312,43 @@ def test_a_message_whose_root_another_writer_holds_waits_while_the_rest_of_its_b
     finally:
         store.close()
         other.close()
+
+
+@pytest.mark.slow
+def test_serve_on_postgres_ingests_and_its_profile_workers_read_the_same_graph(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The Tracking API writes to PostgreSQL; read-only Profile API worker processes answer from it."""
+    profile_port = free_port()
+    server = Server(tmp_path, args=("--profile-port", str(profile_port), "--profile-workers", "2"))
+    server.store_url = postgres_url
+    batch = {
+        "batch": [
+            {
+                "type": "identify",
+                "userId": "u1",
+                "anonymousId": "a1",
+                "traits": {"plan": "pro"},
+                "messageId": "p1",
+            },
+            {"type": "track", "event": "Signed Up", "anonymousId": "a1", "messageId": "p2"},
+            {"type": "identify", "anonymousId": "a2", "traits": {"email": "x@y.io"}, "messageId": "p3"},
+        ]
+    }
+    try:
+        server.start()
+        assert post(f"{server.base_url}/v1/batch", batch)[0] == 200  # answered once committed
+        profiles = f"http://127.0.0.1:{profile_port}/v1/spaces/{SPACE}/collections/users/profiles"
+        status, traits = get(f"{profiles}/user_id:u1/traits", PROFILE_TOKEN)
+        assert (status, traits["traits"]) == (200, {"plan": "pro"})
+        status, events = get(f"{profiles}/anonymous_id:a1/events", PROFILE_TOKEN)
+        assert status == 200 and sorted(event["message_id"] for event in events["data"]) == ["p1", "p2"]
+        assert get(f"{profiles}/email:x@y.io/traits", PROFILE_TOKEN)[1]["traits"] == {"email": "x@y.io"}
+        server.stop()
+    finally:
+        server.kill()
+    store = open_store(postgres_url)
+    try:
+        assert sorted(store.iter_event_ids(SPACE)) == ["p1", "p2", "p3"]
+    finally:
+        store.close()
