@@ -390,6 +390,10 @@ def test_sources_upsert_by_space_and_name(store: Store) -> None:
         SourceRecord("b", "app", "k2"),
         SourceRecord("b", "web", "k1"),
     ]
+    store.upsert_source(SourceRecord("a", "web", "k9"), replace=False)  # kept: the first key wins
+    store.upsert_source(SourceRecord("c", "web", "k9"), replace=False)  # created
+    assert SourceRecord("a", "web", "k4") in store.sources()
+    assert SourceRecord("c", "web", "k9") in store.sources()
 
 
 def test_write_keys_are_unique_across_spaces(store: Store) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
+from typing import Any
 
 import psycopg
 import pytest
 
+from idstitch.config import Config
 from idstitch.core.errors import ConfigError
+from idstitch.engine import Engine
 from idstitch.storage.base import SourceRecord
 from idstitch.storage.postgres import PostgresStore, lock_key
 from idstitch.storage.urls import open_store
@@ -47,6 +50,36 @@ def test_processes_that_start_together_migrate_the_schema_once(postgres_url: str
     with psycopg.connect(postgres_url) as db:
         versions = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
     assert versions == [(1,)]
+
+
+def _first_run(url: str, ready: Any, created: Any) -> None:
+    store = open_store(url)
+    try:
+        ready.wait()
+        engine = Engine(store, Config.default())
+        created.put([record.write_key for record in engine.created_write_keys])
+    finally:
+        store.close()
+
+
+def test_first_runs_started_together_agree_on_one_generated_write_key(postgres_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    ready, created = context.Event(), context.Queue()
+    processes = [context.Process(target=_first_run, args=(postgres_url, ready, created)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    ready.set()
+    announced = [created.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    store = open_store(postgres_url)
+    try:
+        stored = [source.write_key for source in store.sources()]
+    finally:
+        store.close()
+    assert len(stored) == 1
+    assert sorted(key for keys in announced for key in keys) == stored  # only the key that counts is printed
 
 
 def test_read_only_reads_a_migrated_store_and_refuses_writes(

@@ -177,9 +177,11 @@ class Engine:
             if existing is not None:
                 return
             # First run without a config: make a key once and keep it in the store, so it stays valid.
+            # Processes starting together on one new store (workers) keep the first key written.
             record = SourceRecord(space, source.name, "wk_" + secrets.token_urlsafe(18))
-            self.store.upsert_source(record)
-            self.created_write_keys.append(record)
+            self.store.upsert_source(record, replace=False)
+            if record in self.store.sources():
+                self.created_write_keys.append(record)
         elif existing is None or existing.write_key != source.write_key:
             self.store.upsert_source(SourceRecord(space, source.name, source.write_key))
 

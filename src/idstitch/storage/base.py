@@ -298,8 +298,11 @@ class Store(Protocol):
         """Every space, sorted."""
         ...
 
-    def upsert_source(self, source: SourceRecord) -> None:
-        """Create or update a source (keyed by space and name)."""
+    def upsert_source(self, source: SourceRecord, *, replace: bool = True) -> None:
+        """Create or update a source (keyed by space and name); `replace=False` keeps an existing one.
+
+        `replace=False` is how concurrent first runs agree on one generated write key: the first wins.
+        """
         ...
 
     def sources(self) -> list[SourceRecord]:

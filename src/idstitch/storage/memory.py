@@ -253,9 +253,11 @@ class MemoryStore:
             if space not in self._spaces:
                 transaction.set_item(self._spaces, space, time.time_ns() // 1000)
 
-    def upsert_source(self, source: SourceRecord) -> None:
-        """Create or update a source; a write key belongs to one source only."""
+    def upsert_source(self, source: SourceRecord, *, replace: bool = True) -> None:
+        """Create or update a source (or keep an existing one); a write key belongs to one source only."""
         key = (source.space, source.name)
+        if not replace and key in self._sources:
+            return
         with self.transaction() as transaction:
             holder = self._write_keys.get(source.write_key)
             if holder is not None and holder != key:

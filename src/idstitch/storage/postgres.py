@@ -201,11 +201,11 @@ class PostgresStore:
             (space,),
         )
 
-    def upsert_source(self, source: SourceRecord) -> None:
-        """Create or update a source."""
+    def upsert_source(self, source: SourceRecord, *, replace: bool = True) -> None:
+        """Create or update a source (or keep an existing one)."""
+        update = "UPDATE SET write_key = excluded.write_key" if replace else "NOTHING"
         self._write(
-            "INSERT INTO sources VALUES (%s, %s, %s) "
-            "ON CONFLICT (space, name) DO UPDATE SET write_key = excluded.write_key",
+            f"INSERT INTO sources VALUES (%s, %s, %s) ON CONFLICT (space, name) DO {update}",
             (source.space, source.name, source.write_key),
         )
 

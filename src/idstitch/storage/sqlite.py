@@ -251,12 +251,12 @@ class SQLiteStore:
                 "INSERT OR IGNORE INTO spaces VALUES (?, strftime('%s','now') * 1000000)", (space,)
             )
 
-    def upsert_source(self, source: SourceRecord) -> None:
-        """Create or update a source."""
+    def upsert_source(self, source: SourceRecord, *, replace: bool = True) -> None:
+        """Create or update a source (or keep an existing one)."""
+        update = "UPDATE SET write_key = excluded.write_key" if replace else "NOTHING"
         with self.transaction() as transaction:
             transaction.db.execute(
-                "INSERT INTO sources VALUES (?, ?, ?) "
-                "ON CONFLICT (space, name) DO UPDATE SET write_key = excluded.write_key",
+                f"INSERT INTO sources VALUES (?, ?, ?) ON CONFLICT (space, name) DO {update}",
                 (source.space, source.name, source.write_key),
             )
 
