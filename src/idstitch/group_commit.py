@@ -19,7 +19,7 @@ from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.messages import Message
 from idstitch.engine import Engine, IngestBatch, IngestResult
 
-__all__ = ["GroupCommitWriter", "WriterBusy", "WriterClosed"]
+__all__ = ["GroupCommitWriter", "WriterBusy", "WriterClosed", "admit"]
 
 
 class WriterBusy(IdstitchError):
@@ -28,6 +28,19 @@ class WriterBusy(IdstitchError):
 
 class WriterClosed(IdstitchError):
     """The writer was closed; it accepts nothing more."""
+
+
+def admit(pending: int, size: int, bound: int, *, closed: bool, waiting: str) -> int:
+    """The backlog once `size` more messages are taken, or WriterClosed / WriterBusy (call under a lock).
+
+    An empty backlog always admits one request, however large, so nothing valid can starve. `waiting`
+    says what the backlog waits for, for the refusal's text.
+    """
+    if closed:
+        raise WriterClosed("the writer is shut down")
+    if pending and pending + size > bound:
+        raise WriterBusy(f"{pending} messages are waiting {waiting} (bound {bound})")
+    return pending + size
 
 
 @dataclass(slots=True)
@@ -75,14 +88,9 @@ class GroupCommitWriter:
         self.engine.config.space(space)  # unknown space: fail the caller now, not the whole group
         size = max(len(batch.items), 1)
         with self._lock:
-            if self._closed:
-                raise WriterClosed("the writer is shut down")
-            # An empty backlog always admits one batch, however large, so nothing valid can starve.
-            if self._pending and self._pending + size > self.max_pending_messages:
-                raise WriterBusy(
-                    f"{self._pending} messages are waiting to be written (bound {self.max_pending_messages})"
-                )
-            self._pending += size
+            self._pending = admit(
+                self._pending, size, self.max_pending_messages, closed=self._closed, waiting="to be written"
+            )
         future: Future[IngestResult] = Future()
         self._queue.put(_Request(batch, future, size))
         return future

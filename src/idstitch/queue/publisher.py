@@ -28,7 +28,7 @@ from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.identifiers import extract_identifiers, require_identifier
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine, IngestResult, MessageOutcome
-from idstitch.group_commit import WriterBusy, WriterClosed
+from idstitch.group_commit import admit
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
 
@@ -85,14 +85,9 @@ class JetStreamPublisher:
         received_at = datetime.now(UTC)
         size = max(sum(1 for item in items if isinstance(item, Message)), 1)
         with self._lock:
-            if self._closed:
-                raise WriterClosed("the publisher is shut down")
-            # An empty backlog always admits one request, however large, so nothing valid can starve.
-            if self._pending and self._pending + size > self.max_pending_messages:
-                raise WriterBusy(
-                    f"{self._pending} messages are waiting for JetStream (bound {self.max_pending_messages})"
-                )
-            self._pending += size
+            self._pending = admit(
+                self._pending, size, self.max_pending_messages, closed=self._closed, waiting="for JetStream"
+            )
             # Checking and encoding happen on the publisher's thread, not on the caller's event loop.
             future = asyncio.run_coroutine_threadsafe(
                 self._publish(items, space, source, received_at, size), self._loop
