@@ -97,6 +97,42 @@ def test_the_report_states_targets_figures_failures_and_plots(tmp_path: Path) ->
         assert (tmp_path / name).read_bytes().startswith(PNG), name
 
 
+def test_the_report_shows_memory_by_store_size_and_each_postgres_worker_count(tmp_path: Path) -> None:
+    data = results()
+    data["benchmarks"]["sqlite_scale"] = {
+        **data["benchmarks"]["sqlite"],
+        "messages": 5_000_000,
+        "rate_by_size": [
+            {
+                "messages": 1_000_000,
+                "cumulative_messages_per_s": 4000.0,
+                "segment_messages_per_s": 3800.0,
+                "rss_mb": 612.0,
+            },
+            {
+                "messages": 5_000_000,
+                "cumulative_messages_per_s": 3900.0,
+                "segment_messages_per_s": 3870.0,
+                "rss_mb": 618.4,
+            },
+        ],
+    }
+    run = {"mode": "direct", "messages": 10_000, "p95_ms": 271.0, "box_cpu_percent": 94.0, "verified": True}
+    data["benchmarks"]["postgres"] = {
+        "runs": [
+            {**run, "workers": 1, "messages_per_s": 464.0},
+            {**run, "workers": 4, "messages_per_s": 610.0, "verified": False},
+        ],
+        "messages_per_s": 610.0,
+    }
+    text = write_report(data, tmp_path).read_text()
+    assert "| 5,000,000 | 3,870.0 | 3,900.0 | 618 |" in text  # the furthest run's checkpoints, with RSS
+    assert (tmp_path / "memory_vs_size.png").read_bytes().startswith(PNG)
+    assert "| direct | 1 | 10,000 | 464.0 | 271.00 | 94.0 | – | – | yes |" in text
+    assert "| direct | 4 | 10,000 | 610.0 | 271.00 | 94.0 | – | – | **no** |" in text
+    assert "| PostgreSQL ≥ 20,000 messages/s | 610.0 | missed |" in text
+
+
 def test_a_report_without_accuracy_or_sizes_says_so(tmp_path: Path) -> None:
     data = results()
     data["accuracy"] = {"simulate": {"error": "exit code 2"}}

@@ -7,6 +7,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from idstitch.core.resolve import MergeStep, Resolution, SuspectMark
 from idstitch.engine import Engine
 from idstitch.sim.population import WorkloadConfig, generate
 from idstitch.storage.base import EventQuery, EventRecord, Store, StoreTransaction
+from idstitch.storage.sqlite import SQLiteStore
 from idstitch.storage.urls import open_store
 
 RECEIVED = datetime(2026, 6, 1, tzinfo=UTC)
@@ -115,6 +117,32 @@ def test_engine_on_every_store_builds_the_same_graph(
         for key in sqlite["dump"]:
             assert results[url]["dump"][key] == sqlite["dump"][key], (url, key)
         assert results[url] == sqlite, url
+
+
+def test_a_sqlite_graph_cache_far_smaller_than_the_graph_stays_bounded_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A bound of 100 identifiers on a graph of thousands: cleared again and again, same graph as memory."""
+    messages = _messages(4_000, seed=5)
+    bounded = SQLiteStore(tmp_path / "bounded.db", cache_size=100)
+    reference = open_store("memory://")
+    largest = 0
+    try:
+        for store in (bounded, reference):
+            engine = Engine(store, Config.default())
+            for start in range(0, len(messages), 100):
+                engine.ingest(messages[start : start + 100], space=SPACE, source="default")
+                if store is bounded:
+                    largest = max(largest, len(bounded._cache.identifiers))
+        bounded_reads, reference_reads = _reads(bounded, SPACE), _reads(reference, SPACE)
+    finally:
+        bounded.close()
+        reference.close()
+    identifiers = bounded_reads["stats"].identifiers
+    assert identifiers > 1_500 and bounded_reads["stats"].merges > 0
+    # One batch of 100 messages can add what it touches on top of the bound, never the whole graph.
+    assert largest < identifiers / 2, (largest, identifiers)
+    assert bounded_reads == reference_reads
 
 
 def _without_sequences(value: Any) -> Any:

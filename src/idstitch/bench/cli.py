@@ -89,7 +89,8 @@ def _print(result: BenchResult) -> None:
     for mark in result.rate_by_size:
         table.add_row(
             f"at {int(mark['messages']):,} messages",
-            f"{mark['cumulative_messages_per_s']:,.0f}/s overall, {mark['segment_messages_per_s']:,.0f}/s since previous",
+            f"{mark['cumulative_messages_per_s']:,.0f}/s overall, {mark['segment_messages_per_s']:,.0f}/s since previous, "
+            f"RSS {mark['rss_mb']:,.0f} MB",
         )
     table.add_row("outcomes", ", ".join(f"{key} {value:,}" for key, value in sorted(result.outcomes.items())))
     table.add_row(

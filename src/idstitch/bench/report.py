@@ -153,29 +153,94 @@ def _rate_by_size(benchmarks: dict[str, Any]) -> list[dict[str, Any]]:
     for name in ("sqlite", "sqlite_scale"):
         result = benchmarks.get(name) or {}
         sizes = result.get("rate_by_size") or []
-        if len(sizes) > len(best):
+        if sizes and (not best or sizes[-1]["messages"] > best[-1]["messages"]):
             best = list(sizes)
     return best
 
 
-def _plot_throughput(benchmarks: dict[str, Any], out: Path, plt: Any) -> str | None:
+def _size_table(benchmarks: dict[str, Any]) -> str | None:
+    """Throughput and the process's RSS at each store-size checkpoint of the furthest sqlite run."""
     sizes = _rate_by_size(benchmarks)
+    if not sizes:
+        return None
+    rows = [
+        [
+            f"{int(item['messages']):,}",
+            _number(item.get("segment_messages_per_s")),
+            _number(item.get("cumulative_messages_per_s")),
+            _number(item.get("rss_mb"), 0),
+        ]
+        for item in sizes
+    ]
+    return _table(["messages ingested", "msg/s since previous", "msg/s overall", "RSS MB"], rows)
+
+
+def _postgres_table(postgres: dict[str, Any]) -> str:
+    """One row per worker count of `bench postgres`."""
+    rows = [
+        [
+            str(run.get("mode", "?")),
+            _number(run.get("workers")),
+            _number(run.get("messages")),
+            _number(run.get("messages_per_s")),
+            _number(run.get("p95_ms"), 2),
+            _number(run.get("box_cpu_percent")),
+            _number(run.get("postgres_cpu_percent")),
+            _number(run.get("workers_cpu_percent")),
+            "yes" if run.get("verified") else "**no**",
+        ]
+        for run in postgres.get("runs") or []
+        if isinstance(run, dict)
+    ]
+    header = [
+        "mode",
+        "workers",
+        "messages",
+        "messages/s",
+        "P95 ms",
+        "box CPU %",
+        "PostgreSQL CPU %",
+        "workers CPU %",
+        "every message once",
+    ]
+    return _table(header, rows) if rows else "no runs"
+
+
+def _plot_by_size(
+    out: Path, plt: Any, sizes: list[dict[str, Any]], lines: dict[str, str], label: str, title: str, name: str
+) -> str | None:
+    """One line per `lines` field (→ its legend) over the store-size checkpoints, log-scaled sizes."""
+    sizes = [item for item in sizes if all(item.get(field) is not None for field in lines)]
     if not sizes:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
     counts = [item["messages"] for item in sizes]
-    axis.plot(
-        counts, [item["segment_messages_per_s"] for item in sizes], marker="o", label="since previous size"
-    )
-    axis.plot(counts, [item["cumulative_messages_per_s"] for item in sizes], marker="s", label="cumulative")
+    for (field, legend), marker in zip(lines.items(), "osd", strict=False):
+        axis.plot(counts, [item[field] for item in sizes], marker=marker, label=legend)
     axis.set_xscale("log")
     axis.set_xlabel("messages ingested (store size)")
-    axis.set_ylabel("messages/s")
+    axis.set_ylabel(label)
     axis.set_ylim(bottom=0)
-    axis.set_title("SQLite ingest throughput vs store size")
+    axis.set_title(title)
     axis.grid(True, alpha=0.3)
-    axis.legend()
-    return _save(figure, out / "throughput_vs_size.png", plt)
+    if len(lines) > 1:
+        axis.legend()
+    return _save(figure, out / name, plt)
+
+
+def _plot_throughput(benchmarks: dict[str, Any], out: Path, plt: Any) -> str | None:
+    rates = {"segment_messages_per_s": "since previous size", "cumulative_messages_per_s": "cumulative"}
+    title = "SQLite ingest throughput vs store size"
+    return _plot_by_size(
+        out, plt, _rate_by_size(benchmarks), rates, "messages/s", title, "throughput_vs_size.png"
+    )
+
+
+def _plot_memory_vs_size(benchmarks: dict[str, Any], out: Path, plt: Any) -> str | None:
+    title = "SQLite ingest process memory vs store size"
+    return _plot_by_size(
+        out, plt, _rate_by_size(benchmarks), {"rss_mb": "RSS"}, "RSS (MB)", title, "memory_vs_size.png"
+    )
 
 
 def _plot_latency(benchmarks: dict[str, Any], out: Path, plt: Any) -> str | None:
@@ -378,7 +443,14 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
     scale = benchmarks.get("sqlite_scale") or {}
     if scale.get("source"):
         lines += ["", f"The `sqlite_scale` row comes from {scale['source']}."]
-    for plot in (_plot_throughput(benchmarks, out, plt), _plot_latency(benchmarks, out, plt)):
+    sizes = _size_table(benchmarks)
+    if sizes:
+        lines += ["", "### Throughput and memory vs store size", "", sizes]
+    for plot in (
+        _plot_throughput(benchmarks, out, plt),
+        _plot_memory_vs_size(benchmarks, out, plt),
+        _plot_latency(benchmarks, out, plt),
+    ):
         if plot:
             lines += ["", f"![{plot}]({plot})"]
     http = benchmarks.get("http")
@@ -407,7 +479,12 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
         if source:
             lines += ["", f"The `{name}` row comes from {source}."]
     postgres = benchmarks.get("postgres")
-    lines += ["", "## PostgreSQL (`bench postgres`)", "", _status(postgres) or "see results.json"]
+    lines += [
+        "",
+        "## PostgreSQL (`bench postgres`)",
+        "",
+        _status(postgres) or _postgres_table(postgres or {}),
+    ]
     memory = _plot_memory(benchmarks, out, plt)
     if memory:
         lines += ["", "## Memory", "", f"![memory]({memory})"]

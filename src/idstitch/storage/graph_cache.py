@@ -12,7 +12,9 @@ from typing import Final
 
 __all__ = ["DEFAULT_MAX_IDENTIFIERS", "GraphCache", "IdentifierEntry", "IdentifierKey", "ProfileEntry"]
 
-DEFAULT_MAX_IDENTIFIERS: Final = 2_000_000
+# Measured at 1M messages (453k identifiers): a 250k bound ingests as fast as 2M (4,061 vs 3,973
+# msg/s) because the hot part of the graph is recent visitors, and it keeps RSS flat as the store grows.
+DEFAULT_MAX_IDENTIFIERS: Final = 250_000
 
 IdentifierKey = tuple[str, str, str, str]  # space, collection, type, value
 ProfileKey = tuple[str, str]  # space, segment_id
