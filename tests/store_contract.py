@@ -27,6 +27,7 @@ from idstitch.storage.base import (
     DroppedRecord,
     EventQuery,
     EventRecord,
+    EventResolution,
     IdentifierRecord,
     MergeRecord,
     ProfileActivity,
@@ -650,6 +651,27 @@ def test_merge_repoints_flattens_and_moves_everything(store: Store) -> None:
     assert store.event_count(SPACE, "use_a") == 3
     assert [record.message_id for record in store.events(SPACE, "use_a")] == ["e3", "e2", "e1"]
     assert [record.message_id for record in store.dropped(SPACE, "use_a")] == ["e2", "e3"]
+
+
+def test_event_resolutions_reach_todays_roots_in_ingest_order_and_blocked_values_are_listed(
+    store: Store,
+) -> None:
+    _merge_fixture(store)
+    with store.transaction() as tx:
+        merge(tx, "use_a", t(10), ("use_b", anon("b1")), message_id="m-ab")
+        tx.add_event(SPACE, event("e0", t(0), None, None, ("anonymous_id:null", "group_id:g9")))
+        tx.record_dropped(SPACE, [Dropped(email("x"), "cap 1")], "e0", t(0), None)
+        tx.record_dropped(SPACE, [Dropped(anon("null"), "blocked value")], "e0", t(0), None)
+    assert list(store.iter_event_resolutions(SPACE)) == [
+        EventResolution("e1", "use_a", "acc_x", ()),  # its own profile, still a root
+        EventResolution("e2", "use_a", None, ()),  # use_b, merged into use_a
+        EventResolution("e3", "use_a", "acc_y", ()),  # use_c, merged into use_b then flattened
+        EventResolution("e0", None, None, ("anonymous_id:null", "group_id:g9")),  # ingest order, not time
+    ]
+    assert store.blocked_values(SPACE) == frozenset({"anonymous_id:null", "anonymous_id:-1"})
+    store.ensure_space(OTHER)
+    assert list(store.iter_event_resolutions(OTHER)) == []
+    assert store.blocked_values(OTHER) == frozenset()
 
 
 def test_merge_of_accounts_moves_account_links(store: Store) -> None:

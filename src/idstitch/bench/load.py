@@ -31,16 +31,15 @@ import base64
 import itertools
 import sys
 import time
-from array import array
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 
-from idstitch.bench.runner import percentile
+from idstitch.bench.phases import TimedPhase
 
 __all__ = ["LoadSpec", "PhaseStats", "main", "run_load", "run_on_fast_loop"]
 
@@ -68,19 +67,14 @@ class LoadSpec(msgspec.Struct, kw_only=True):
 
 
 @dataclass
-class PhaseStats:
-    """What one phase measured."""
+class PhaseStats(TimedPhase):
+    """What one ingest phase measured."""
 
-    name: str
     target_rate: float | None = None
     messages: int = 0
     requests: int = 0
     rejected_429: int = 0
     rejected_messages: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    latencies: array[float] = field(default_factory=lambda: array("d"))
-    started: float = 0.0
-    finished: float = 0.0
 
     def acknowledged(self, messages: int, latency: float, body: bytes) -> None:
         """Count a 200: its messages and its latency (and any messages the server refused as invalid)."""
@@ -98,28 +92,17 @@ class PhaseStats:
             if isinstance(answer, dict):
                 self.rejected_messages += len(answer.get("rejected") or ())
 
-    def error(self, kind: str) -> None:
-        """Count a problem: a request that got no 200 (its messages are not acknowledged), or an odd 200."""
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
     def as_dict(self) -> dict[str, Any]:
         """The phase's figures (latencies in ms)."""
-        seconds = max(self.finished - self.started, 0.0)
-        latencies = array("d", sorted(self.latencies))
         return {
-            "name": self.name,
+            **self.timing(),
             "target_rate": self.target_rate,
             "messages": self.messages,
             "requests": self.requests,
-            "seconds": round(seconds, 3),
-            "messages_per_s": round(self.messages / seconds, 1) if seconds > 0 else 0.0,
-            "requests_per_s": round(self.requests / seconds, 1) if seconds > 0 else 0.0,
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
-            "p95_ms": round(percentile(latencies, 0.95) * 1000, 3),
-            "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+            "messages_per_s": self.rate(self.messages),
+            "requests_per_s": self.rate(self.requests),
             "rejected_429": self.rejected_429,
             "rejected_messages": self.rejected_messages,
-            "errors": self.errors,
         }
 
 

@@ -20,15 +20,14 @@ import base64
 import random
 import sys
 import time
-from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import msgspec
 
 from idstitch.bench.load import _Connection, _TransportError, run_on_fast_loop
-from idstitch.bench.runner import percentile
+from idstitch.bench.phases import TimedPhase
 from idstitch.bench.seed import SeededPeople
 
 __all__ = ["LookupSpec", "LookupStats", "main", "run_lookups"]
@@ -58,41 +57,23 @@ class _Traits(msgspec.Struct):
 
 
 @dataclass
-class LookupStats:
+class LookupStats(TimedPhase):
     """What one lookup phase measured."""
 
-    name: str
     requests: int = 0  # answered 200
     by_user_id: int = 0
     by_email: int = 0
     checked: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    latencies: array[float] = field(default_factory=lambda: array("d"))
-    started: float = 0.0
-    finished: float = 0.0
-
-    def error(self, kind: str) -> None:
-        """Count a lookup that did not get the right 200."""
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         """The phase's figures (latencies in ms)."""
-        seconds = max(self.finished - self.started, 0.0)
-        latencies = array("d", sorted(self.latencies))
         return {
-            "name": self.name,
+            **self.timing(),
             "requests": self.requests,
             "by_user_id": self.by_user_id,
             "by_email": self.by_email,
             "checked": self.checked,
-            "seconds": round(seconds, 3),
-            "requests_per_s": round(self.requests / seconds, 1) if seconds > 0 else 0.0,
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
-            "p95_ms": round(percentile(latencies, 0.95) * 1000, 3),
-            "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
-            "max_ms": round(latencies[-1] * 1000, 3) if latencies else 0.0,
-            "errors": self.errors,
-            "error_count": sum(self.errors.values()),
+            "requests_per_s": self.rate(self.requests),
         }
 
 

@@ -15,12 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from idstitch.core.rules import IdentityRules
 from idstitch.sim.accuracy import Accuracy, ClusterScores, Truth, evaluate, score_clusters
 from idstitch.sim.baseline import NaiveBaseline
-from idstitch.storage.base import Store
+from idstitch.storage.base import EventResolution, Store
 
 __all__ = ["PROTECTED_SCENARIOS", "TARGETS", "Comparison", "Target", "compare_store"]
 
@@ -71,42 +69,24 @@ class Comparison:
 
 
 class _Events:
-    """The stored messages of a space with their root profiles and identifiers split by collection."""
+    """The stored messages of a space, read from the store anew for each pass (memory stays flat)."""
 
     def __init__(self, store: Store, space: str, rules: IdentityRules) -> None:
-        # dump() is the one Store read that lists every message with its profile and identifiers; it
-        # also materialises the rest of the graph, which is dropped here as soon as it is read.
-        dump = store.dump(space)
-        self.rows: list[list[Any]] = dump["events"]
-        self._parent = {row[0]: row[2] for row in dump["profiles"]}
+        self._store = store
+        self._space = space
         # Blocked values are a property of the value, never of the message: the rules dropped them.
-        self.blocked = frozenset(row[1] for row in dump["dropped"] if str(row[2]).startswith("blocked"))
-        del dump
-        self._roots: dict[str, str] = {}
+        self.blocked = store.blocked_values(space)
         self._collections: dict[str, str] = {}
         self._rules = rules
-        self._decode = msgspec.json.Decoder(list[str]).decode
 
-    def root(self, segment_id: str) -> str | None:
-        """The root of a profile id as stored at arrival time ('' → None)."""
-        if not segment_id:
-            return None
-        found = self._roots.get(segment_id)
-        if found is None:
-            found = segment_id
-            seen = 0
-            # Children are repointed to the root on merge, but follow any chain to be safe.
-            while self._parent.get(found) and seen < 1000:
-                found = self._parent[found]
-                seen += 1
-            self._roots[segment_id] = found
-        return found
+    def __iter__(self) -> Iterator[EventResolution]:
+        return self._store.iter_event_resolutions(self._space)
 
-    def identifiers(self, row: list[Any]) -> tuple[list[str], list[str]]:
+    def identifiers(self, row: EventResolution) -> tuple[list[str], list[str]]:
         """(users, accounts) identifiers a stored message carried, blocked ones included."""
         users: list[str] = []
         accounts: list[str] = []
-        for item in self._decode(row[3]):
+        for item in row.identifiers:
             kind = item.partition(":")[0]
             collection = self._collections.get(kind)
             if collection is None:
@@ -123,21 +103,21 @@ def compare_store(
     events = _Events(store, space, rules)
     baseline = NaiveBaseline()
     baseline_accounts = NaiveBaseline()
-    for row in events.rows:
+    for row in events:
         users, accounts = events.identifiers(row)
         baseline.add(users)
         baseline_accounts.add(accounts)
 
     def idstitch_rows() -> Iterator[tuple[str, str | None, Iterable[str]]]:
         blocked = events.blocked
-        for row in events.rows:
+        for row in events:
             users, _ = events.identifiers(row)
-            yield row[0], events.root(row[1]), [item for item in users if item not in blocked]
+            yield row.message_id, row.profile_id, [item for item in users if item not in blocked]
 
     def baseline_rows() -> Iterator[tuple[str, str | None, Iterable[str]]]:
-        for row in events.rows:
+        for row in events:
             users, _ = events.identifiers(row)
-            yield row[0], baseline.cluster(users), users
+            yield row.message_id, baseline.cluster(users), users
 
     ours = evaluate(idstitch_rows(), truth, examples=examples)
     naive = evaluate(baseline_rows(), truth, examples=examples)
@@ -145,15 +125,14 @@ def compare_store(
     # Accounts: the messages that named an account (group calls), by the account profile they reached.
     ours_accounts: list[tuple[str, int]] = []
     naive_accounts: list[tuple[str, int]] = []
-    for row in events.rows:
-        index = truth.index.get(row[0])
-        if index is None or truth.account[index] < 0 or not row[2]:
+    for row in events:
+        index = truth.index.get(row.message_id)
+        if index is None or truth.account[index] < 0 or not row.account_id:
             continue
         _, accounts = events.identifiers(row)
-        root = events.root(row[2])
         naive_root = baseline_accounts.cluster(accounts)
-        if root is not None and naive_root is not None:
-            ours_accounts.append((root, truth.account[index]))
+        if naive_root is not None:
+            ours_accounts.append((row.account_id, truth.account[index]))
             naive_accounts.append((naive_root, truth.account[index]))
     return Comparison(
         space=space,

@@ -19,6 +19,7 @@ __all__ = [
     "DroppedRecord",
     "EventQuery",
     "EventRecord",
+    "EventResolution",
     "IdentifierRecord",
     "LockBusy",
     "MergeRecord",
@@ -160,6 +161,16 @@ class MergeRecord:
     message_id: str
     via: str
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EventResolution:
+    """Where one stored message stands now: the root profiles it resolved to and what it carried."""
+
+    message_id: str
+    profile_id: str | None  # the root of the user profile it reached (merges followed), if any
+    account_id: str | None  # the root of the account it named, if any
+    identifiers: tuple[str, ...]  # every identifier it carried, "type:value", blocked ones included
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,4 +407,12 @@ class Store(Protocol):
 
     def iter_event_ids(self, space: str) -> Iterator[str]:
         """Every stored message id of a space."""
+        ...
+
+    def iter_event_resolutions(self, space: str) -> Iterator[EventResolution]:
+        """Every stored message of a space in ingest order with its root profiles now, read in pages."""
+        ...
+
+    def blocked_values(self, space: str) -> frozenset[str]:
+        """Every identifier ("type:value") that a blocked-values rule dropped from some message."""
         ...

@@ -37,6 +37,7 @@ from idstitch.storage.base import (
     DroppedRecord,
     EventQuery,
     EventRecord,
+    EventResolution,
     IdentifierRecord,
     MergeRecord,
     ProfileActivity,
@@ -511,6 +512,26 @@ class MemoryStore:
     def iter_event_ids(self, space: str) -> Iterator[str]:
         """Every stored message id, in ingest order."""
         yield from list(self._read(space).message_ids)
+
+    def iter_event_resolutions(self, space: str) -> Iterator[EventResolution]:
+        """Every stored message in ingest order with its root profiles now."""
+        data = self._read(space)
+
+        def root(segment_id: str | None) -> str | None:
+            profile = data.profiles.get(segment_id) if segment_id else None
+            return segment_id if profile is None else profile.parent or segment_id
+
+        for sequence in list(data.message_ids.values()):
+            row = data.events[sequence]
+            yield EventResolution(row[0], root(row[6]), root(row[7]), tuple(row[8]))
+
+    def blocked_values(self, space: str) -> frozenset[str]:
+        """Every identifier that a blocked-values rule dropped from some message."""
+        return frozenset(
+            record.identifier
+            for record in list(self._read(space).dropped)
+            if record.rule.startswith("blocked")
+        )
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds): equal to SQLiteStore.dump."""

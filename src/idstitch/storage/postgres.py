@@ -43,6 +43,7 @@ from idstitch.storage.base import (
     DroppedRecord,
     EventQuery,
     EventRecord,
+    EventResolution,
     IdentifierRecord,
     LockBusy,
     MergeRecord,
@@ -57,11 +58,14 @@ from idstitch.storage.base import (
 )
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.rows import (
+    BLOCKED_VALUES_SQL,
     DUMP_QUERIES,
     EVENT_COLUMNS,
     EVENT_INSERT_COLUMNS,
+    EVENT_RESOLUTIONS_SQL,
     dropped_record,
     event_record,
+    event_resolution,
     event_row,
     identifier_record,
     merge_record,
@@ -495,6 +499,17 @@ class PostgresStore:
             for _, message_id in rows:
                 yield message_id
             after = rows[-1][0]
+
+    def iter_event_resolutions(self, space: str) -> Iterator[EventResolution]:
+        """Every stored message in ingest order with its root profiles now, read in pages."""
+        sql, after = EVENT_RESOLUTIONS_SQL.format(p="%s", events="events e"), 0
+        while rows := self._all(sql, (space, after)):
+            after = rows[-1][0]
+            yield from map(event_resolution, rows)
+
+    def blocked_values(self, space: str) -> frozenset[str]:
+        """Every identifier that a blocked-values rule dropped from some message."""
+        return frozenset(row[0] for row in self._all(BLOCKED_VALUES_SQL.format(p="%s"), (space,)))
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds), equal to SQLiteStore.dump."""

@@ -15,6 +15,7 @@ import msgspec
 from idstitch.storage.base import (
     DroppedRecord,
     EventRecord,
+    EventResolution,
     IdentifierRecord,
     MergeRecord,
     SuspectRecord,
@@ -23,11 +24,15 @@ from idstitch.storage.base import (
 from idstitch.storage.times import from_micros, to_micros
 
 __all__ = [
+    "BLOCKED_VALUES_SQL",
     "DUMP_QUERIES",
     "EVENT_COLUMNS",
     "EVENT_INSERT_COLUMNS",
+    "EVENT_RESOLUTIONS_PAGE",
+    "EVENT_RESOLUTIONS_SQL",
     "dropped_record",
     "event_record",
+    "event_resolution",
     "event_row",
     "identifier_record",
     "merge_record",
@@ -138,3 +143,28 @@ DUMP_QUERIES = {
     "dropped": "SELECT message_id, identifier, rule, coalesce(profile_id, '') FROM dropped "
     "WHERE space = {space} ORDER BY message_id, identifier, rule, 4",
 }
+
+
+# One page of Store.iter_event_resolutions, after a sequence: `{p}` is the adapter's placeholder and
+# `{events}` its events table (SQLite needs `events NOT INDEXED`: it would otherwise read the space
+# through its (space, message_id) index and sort every page). A merge repoints every descendant to
+# the new root, so one join reaches the root.
+EVENT_RESOLUTIONS_PAGE = 10_000
+EVENT_RESOLUTIONS_SQL = (
+    "SELECT e.sequence, e.message_id, coalesce(u.parent_id, e.profile_id), "
+    "coalesce(a.parent_id, e.account_id), e.identifiers FROM {events} "
+    "LEFT JOIN profiles u ON u.space = e.space AND u.segment_id = e.profile_id "
+    "LEFT JOIN profiles a ON a.space = e.space AND a.segment_id = e.account_id "
+    f"WHERE e.space = {{p}} AND e.sequence > {{p}} ORDER BY e.sequence LIMIT {EVENT_RESOLUTIONS_PAGE}"
+)
+# substr, not LIKE 'blocked%': psycopg reads a % in the SQL as a placeholder.
+BLOCKED_VALUES_SQL = (
+    "SELECT DISTINCT identifier FROM dropped WHERE space = {p} AND substr(rule, 1, 7) = 'blocked'"
+)
+
+_decode_identifiers = msgspec.json.Decoder(tuple[str, ...]).decode
+
+
+def event_resolution(row: Sequence[Any]) -> EventResolution:
+    """sequence, message_id, profile root, account root, identifiers (JSON)."""
+    return EventResolution(row[1], row[2], row[3], _decode_identifiers(row[4]))

@@ -21,6 +21,7 @@ from idstitch.storage.base import (
     DroppedRecord,
     EventQuery,
     EventRecord,
+    EventResolution,
     IdentifierRecord,
     MergeRecord,
     ProfileActivity,
@@ -40,11 +41,14 @@ from idstitch.storage.graph_cache import (
 )
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.rows import (
+    BLOCKED_VALUES_SQL,
     DUMP_QUERIES,
     EVENT_COLUMNS,
     EVENT_INSERT_COLUMNS,
+    EVENT_RESOLUTIONS_SQL,
     dropped_record,
     event_record,
+    event_resolution,
     event_row,
     identifier_record,
     merge_record,
@@ -554,6 +558,18 @@ class SQLiteStore:
             "SELECT message_id FROM events WHERE space = ? ORDER BY sequence", (space,)
         ):
             yield row[0]
+
+    def iter_event_resolutions(self, space: str) -> Iterator[EventResolution]:
+        """Every stored message in ingest order with its root profiles now, read in pages."""
+        sql, after = EVENT_RESOLUTIONS_SQL.format(p="?", events="events e NOT INDEXED"), 0
+        while rows := self._reader().execute(sql, (space, after)).fetchall():
+            after = rows[-1][0]
+            yield from map(event_resolution, rows)
+
+    def blocked_values(self, space: str) -> frozenset[str]:
+        """Every identifier that a blocked-values rule dropped from some message."""
+        rows = self._reader().execute(BLOCKED_VALUES_SQL.format(p="?"), (space,))
+        return frozenset(row[0] for row in rows)
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds)."""
