@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from idstitch.bench.all import postgres_unreachable
 from idstitch.bench.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -148,6 +149,7 @@ def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     results_path = tmp_path / "results.json"
     command = [sys.executable, "-m", "idstitch", "bench", "all", "--messages", "3000", "--http-seconds", "2"]
     command += ["--profiles", "2000", "--profile-seconds", "1", "--people", "300", "--out", str(results_path)]
+    command += ["--no-postgres"]  # bench postgres has its own end-to-end tests
     env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
     done = subprocess.run(
         command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600, check=False
@@ -159,7 +161,7 @@ def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
         assert "error" not in benchmarks[name], (name, benchmarks[name])
         assert benchmarks[name]["p95_ms"] > 0, name
     assert benchmarks["sqlite"]["messages"] == 3000
-    assert benchmarks["postgres"]["skipped"]
+    assert benchmarks["postgres"] == {"skipped": "not asked for (--no-postgres)"}
     assert data["accuracy"]["accuracy"]["idstitch"]["precision"] >= 0.999
     report = subprocess.run(
         [
@@ -182,3 +184,10 @@ def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "REPORT.md").read_text()
     assert "| SQLite ingest ≥ 50,000 messages/s |" in text and "## Accuracy" in text
     assert (tmp_path / "out" / "accuracy_by_scenario.png").read_bytes().startswith(PNG)
+
+
+def test_bench_all_benches_postgres_only_where_it_answers(postgres_url: str) -> None:
+    """Reachable: nothing to say; unreachable: the connection error, which the report lists as the skip."""
+    assert postgres_unreachable(postgres_url) is None
+    why = postgres_unreachable("postgresql://root@127.0.0.1:1/test")
+    assert why is not None and "127.0.0.1" in why and "port 1" in why, why

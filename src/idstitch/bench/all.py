@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["AllBenchPlan", "run_all"]
+__all__ = ["AllBenchPlan", "postgres_unreachable", "run_all"]
 
 _TAIL_CHARS = 2000
 
@@ -40,7 +40,7 @@ class AllBenchPlan:
     profile_seconds: float = 30.0
     profile_workers: int = 0  # also a profile-api run with this many worker processes; 0: none
     accuracy_people: int = 125_000  # 8 messages per person: 1M messages; 0: no accuracy run
-    postgres_url: str | None = None  # run `bench postgres` against it when the command exists
+    postgres_url: str | None = None  # run `bench postgres` against it when it answers; None: not asked for
 
 
 def _command(*arguments: str) -> list[str]:
@@ -70,9 +70,15 @@ def _run_json(arguments: Sequence[str], log: Callable[[str], None], cwd: Path) -
     return result
 
 
-def _has_bench(name: str) -> bool:
-    done = subprocess.run(_command("bench", name, "--help"), capture_output=True, check=False)
-    return done.returncode == 0
+def postgres_unreachable(url: str) -> str | None:
+    """Why PostgreSQL at `url` cannot be benchmarked (a connection attempt's error), or None."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return None
+    except psycopg.Error as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _postgres(url: str, seed: int, log: Callable[[str], None], cwd: Path) -> dict[str, Any]:
@@ -163,10 +169,11 @@ def run_all(plan: AllBenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
                 log,
                 scratch,
             )
-        if not _has_bench("postgres"):
-            benchmarks["postgres"] = {"skipped": "this build has no PostgreSQL store (`bench postgres`) yet"}
-        elif plan.postgres_url is None:
-            benchmarks["postgres"] = {"skipped": "no PostgreSQL URL given (--postgres URL)"}
+        if plan.postgres_url is None:
+            benchmarks["postgres"] = {"skipped": "not asked for (--no-postgres)"}
+        elif (why := postgres_unreachable(plan.postgres_url)) is not None:
+            log(f"PostgreSQL is not reachable, bench postgres skipped: {why}")
+            benchmarks["postgres"] = {"skipped": f"PostgreSQL not reachable at {plan.postgres_url}: {why}"}
         else:
             benchmarks["postgres"] = _postgres(plan.postgres_url, plan.seed, log, scratch)
         accuracy = _accuracy(plan, log, scratch) if plan.accuracy_people else {}

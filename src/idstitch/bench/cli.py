@@ -628,8 +628,15 @@ def bench_all(
         ),
     ] = None,
     postgres: Annotated[
-        str | None, typer.Option("--postgres", metavar="URL", help="Also bench postgres against this URL.")
-    ] = None,
+        str,
+        typer.Option(
+            "--postgres",
+            metavar="URL",
+            envvar="IDSTITCH_BENCH_POSTGRES",
+            help="bench postgres against this URL, when it answers (else listed as skipped, with why).",
+        ),
+    ] = DEFAULT_POSTGRES_URL,
+    no_postgres: Annotated[bool, typer.Option("--no-postgres", help="Leave bench postgres out.")] = False,
     out: Annotated[
         Path, typer.Option("--out", help="Where to write the results (read by `idstitch report`).")
     ] = Path("benchmarks/results.json"),
@@ -646,7 +653,7 @@ def bench_all(
         profile_seconds=profile_seconds,
         profile_workers=profile_workers,
         accuracy_people=0 if accuracy_from is not None else people,
-        postgres_url=postgres,
+        postgres_url=None if no_postgres else postgres,
     )
     results = run_all(plan, log=lambda line: _stderr.print(line, markup=False, highlight=False))
     if accuracy_from is not None:
