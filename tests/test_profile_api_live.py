@@ -20,6 +20,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server, free_port
 
@@ -313,6 +314,18 @@ def test_profile_workers_serve_reads_from_processes_of_their_own(tmp_path: Path)
             ) and (time.monotonic() < deadline):
                 time.sleep(0.05)
             assert len(worker_pids(server)) == 2
+        # the server's /metrics counts the workers' requests, the killed one's included
+        route = 'route="/v1/spaces/{space}/collections/users/profiles/{id}/traits",status="200"'
+        counted = f"idstitch_http_request_duration_seconds_count{{{route}}} 40.0"
+        metrics = ""
+        while counted not in metrics and time.monotonic() < deadline:
+            metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+            time.sleep(0.05)
+        assert counted in metrics, metrics
+        assert metrics.count("# TYPE idstitch_http_request_duration_seconds histogram") == 1
+        assert "idstitch_http_request_duration_seconds" in {
+            family.name for family in text_string_to_metric_families(metrics)
+        }  # still one valid exposition
     finally:
         remaining = worker_pids(server)
         server.stop()  # SIGTERM: exit 0 (asserted by stop)

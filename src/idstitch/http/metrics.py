@@ -7,6 +7,7 @@ from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -94,6 +95,12 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self._other_processes: list[Collector] = []
+
+    def include_processes(self, directory: str) -> None:
+        """Also show what other processes counted in Prometheus multiprocess files in `directory`."""
+        # Not registered: their families share names with this registry's and are merged at scrape.
+        self._other_processes.append(MultiProcessCollector(None, path=directory))  # type: ignore[no-untyped-call]
 
     def count_outcomes(self, space: str, outcomes: Iterable[MessageOutcome]) -> None:
         """Count what happened to each message of a request."""
@@ -150,8 +157,39 @@ class Metrics:
         self.request_seconds.labels(route, str(status)).observe(seconds)
 
     def exposition(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (other processes' added in)."""
+        if not self._other_processes:
+            return generate_latest(self.registry)
+        return generate_latest(_Merged(self.registry, self._other_processes))
+
+
+class _Merged(Collector):
+    """One registry's families with other collectors' added in: a family of the same name gets their
+    samples, summed where the labels are the same (a request count of a route served in many processes)."""
+
+    def __init__(self, registry: CollectorRegistry, others: list[Collector]) -> None:
+        self._registry = registry
+        self._others = others
+
+    def collect(self) -> Iterator[Metric]:
+        families = {metric.name: metric for metric in self._registry.collect()}
+        for other in self._others:
+            for metric in other.collect():
+                mine = families.get(metric.name)
+                if mine is None:
+                    families[metric.name] = metric
+                    continue
+                samples = {
+                    (sample.name, tuple(sorted(sample.labels.items()))): sample for sample in mine.samples
+                }
+                for sample in metric.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    found = samples.get(key)
+                    samples[key] = (
+                        sample if found is None else found._replace(value=found.value + sample.value)
+                    )
+                mine.samples = list(samples.values())
+        yield from families.values()
 
 
 class _WriterCollector(Collector):

@@ -13,8 +13,10 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Generator
 
@@ -107,6 +109,8 @@ def run_server(
             item.close()
         raise
     tracking = TrackingAPI(writer)
+    if workers is not None:
+        tracking.metrics.include_processes(workers.metrics_dir)
     # One registry: /metrics shows both APIs' request latencies beside the ingest counters.
     profiles = ProfileAPI(engine, metrics=tracking.metrics)
     app = ServeApp(tracking, profiles, profile_port=bound_profile_port)
@@ -175,6 +179,10 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_environment_lock = threading.Lock()
+
+
 class ProfileWorkers:
     """Processes serving the Profile API on one shared listening socket, each with a read-only store.
 
@@ -192,6 +200,8 @@ class ProfileWorkers:
         self.count = count
         self._store_url = engine.store.url
         self._config_path = None if engine.config.path is None else str(engine.config.path)
+        # The workers count their requests in Prometheus multiprocess files here; /metrics adds them in.
+        self.metrics_dir = tempfile.mkdtemp(prefix="idstitch-profile-metrics-")
         self._context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and SQLite
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._stopping = threading.Event()
@@ -204,7 +214,14 @@ class ProfileWorkers:
             name="idstitch-profile-worker",
             daemon=True,
         )
-        process.start()
+        # prometheus_client picks multiprocess mode from the environment when a process imports it, so
+        # the variable is set only while the child starts (this process already counts in memory).
+        with _environment_lock:
+            os.environ[_MULTIPROC_VARIABLE] = self.metrics_dir
+            try:
+                process.start()
+            finally:
+                del os.environ[_MULTIPROC_VARIABLE]
         return process
 
     def start(self) -> None:
@@ -240,6 +257,7 @@ class ProfileWorkers:
                 process.kill()
                 process.join(5)
         self.sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 def _profile_worker(sock: socket.socket, store_url: str, config_path: str | None) -> None:
