@@ -8,6 +8,8 @@ import base64
 import os
 import re
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from idstitch.http.server import _remove_orphaned_metrics_dirs
 from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server, free_port
 
 USERS = "/v1/spaces/default/collections/users/profiles"
@@ -331,3 +334,18 @@ def test_profile_workers_serve_reads_from_processes_of_their_own(tmp_path: Path)
         server.stop()  # SIGTERM: exit 0 (asserted by stop)
     for pid in remaining:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_killed_servers_worker_metrics_directory_is_removed_by_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process now
+    orphan = tmp_path / f"idstitch-profile-metrics-{dead.pid}-abc"
+    alive = tmp_path / f"idstitch-profile-metrics-{os.getpid()}-def"
+    for path in (orphan, alive):
+        path.mkdir()
+        (path / "histogram_1.db").write_bytes(b"x")
+    _remove_orphaned_metrics_dirs()
+    assert not orphan.exists() and alive.exists()

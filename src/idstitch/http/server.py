@@ -19,6 +19,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable, Generator
+from pathlib import Path
 
 import prometheus_client
 import uvicorn
@@ -180,7 +181,22 @@ class _Server(uvicorn.Server):
 
 
 _MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_METRICS_DIR_PREFIX = "idstitch-profile-metrics-"
 _environment_lock = threading.Lock()
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """Remove the metrics directories of servers that died without stopping (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_DIR_PREFIX}*"):
+        pid = path.name.removeprefix(_METRICS_DIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 class ProfileWorkers:
@@ -201,7 +217,8 @@ class ProfileWorkers:
         self._store_url = engine.store.url
         self._config_path = None if engine.config.path is None else str(engine.config.path)
         # The workers count their requests in Prometheus multiprocess files here; /metrics adds them in.
-        self.metrics_dir = tempfile.mkdtemp(prefix="idstitch-profile-metrics-")
+        _remove_orphaned_metrics_dirs()
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_DIR_PREFIX}{os.getpid()}-")
         self._context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and SQLite
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._stopping = threading.Event()
