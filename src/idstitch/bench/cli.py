@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,6 +55,21 @@ def _progress(label: str, as_json: bool) -> Progress:
         console=_stderr,
         disable=as_json or not sys.stderr.isatty(),
     )
+
+
+def _phase_bars(bar: Progress, done_field: str = "messages") -> Callable[[dict[str, Any]], None]:
+    """A benchmark's `on_event`: a bar per phase (`{"event": "phase", "phase", "total"}`), moved by its
+    progress events' `done_field`."""
+    tasks: dict[str, TaskID] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        phase = str(event.get("phase"))
+        if event.get("event") == "phase" and phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=float(event["total"]))
+        elif event.get("event") == "progress" and phase in tasks:
+            bar.update(tasks[phase], completed=float(event[done_field]))
+
+    return on_event
 
 
 def _run(name: str, store_url: str, messages: int, seed: int, batch_size: int, as_json: bool) -> None:
@@ -231,14 +247,7 @@ def bench_http(
 ) -> None:
     """A real `idstitch serve` over a fresh SQLite file, loaded over loopback from another process."""
     with _progress("bench http {task.description}", as_json) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_event(event: dict[str, Any]) -> None:
-            phase = str(event.get("phase"))
-            if event.get("event") == "phase":
-                tasks[phase] = bar.add_task(phase, total=int(event["total"]))
-            elif event.get("event") == "progress" and phase in tasks:
-                bar.update(tasks[phase], completed=int(event["messages"]))
+        on_event = _phase_bars(bar)
 
         try:
             result = run_http_bench(
@@ -370,14 +379,7 @@ def bench_profile_api(
 ) -> None:
     """Traits lookups by type:value on a seeded store over loopback, alone and while ingest runs at half rate."""
     with _progress("bench profile-api {task.description}", as_json) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_event(event: dict[str, Any]) -> None:
-            phase = str(event.get("phase"))
-            if event.get("event") == "phase" and phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=float(event["total"]))
-            elif event.get("event") == "progress" and phase in tasks:
-                bar.update(tasks[phase], completed=float(event["completed"]))
+        on_event = _phase_bars(bar, "completed")
 
         try:
             result = run_profile_api_bench(
@@ -552,14 +554,7 @@ def bench_postgres(
         fetch=fetch,
     )
     with _progress("bench postgres {task.description}", as_json) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def on_event(event: dict[str, Any]) -> None:
-            phase = str(event.get("phase"))
-            if event.get("event") == "phase":
-                tasks[phase] = bar.add_task(phase, total=int(event["total"]))
-            elif event.get("event") == "progress" and phase in tasks:
-                bar.update(tasks[phase], completed=int(event["messages"]))
+        on_event = _phase_bars(bar)
 
         try:
             runs = run_postgres_bench(plan, on_event=on_event)
