@@ -211,7 +211,9 @@ class SQLiteStore:
                 if not cache.loaded:
                     self._load_cache(db, cache)
                 writes = cache.writes
-                yield SQLiteTransaction(db, cache)
+                transaction = SQLiteTransaction(db, cache)
+                yield transaction
+                transaction.flush_events()
             except BaseException:
                 db.execute("ROLLBACK")
                 if cache.writes != writes:
@@ -587,6 +589,11 @@ class SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
         self.db = db
         self.cache = cache
+        # Event rows wait here and go in with one executemany before COMMIT: one statement per
+        # transaction instead of one per message. Nothing reads events inside a transaction but
+        # has_message, which looks here first.
+        self._events: list[tuple[Any, ...]] = []
+        self._event_ids: set[tuple[str, str]] = set()
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -595,11 +602,15 @@ class SQLiteTransaction:
         # statement cache that keeps the hot path fast.
         self.db.execute("SAVEPOINT message")
         writes = self.cache.writes
+        events = len(self._events)
         try:
             yield
         except BaseException:
             self.db.execute("ROLLBACK TO message")
             self.db.execute("RELEASE message")
+            for row in self._events[events:]:
+                self._event_ids.discard((row[0], row[1]))
+            del self._events[events:]
             if self.cache.writes != writes:
                 # What this message wrote to the cache is gone from the database; the transaction goes
                 # on, so the suspects (always held in full) are read again now.
@@ -613,6 +624,8 @@ class SQLiteTransaction:
 
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
+        if (space, message_id) in self._event_ids:
+            return True
         row = self.db.execute(
             "SELECT 1 FROM events WHERE space = ? AND message_id = ?", (space, message_id)
         ).fetchone()
@@ -959,11 +972,19 @@ class SQLiteTransaction:
         )
 
     def add_event(self, space: str, event: EventRecord) -> None:
-        """Store a message."""
-        self.db.execute(
-            f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            event_row(space, event),
-        )
+        """Store a message (written with the transaction's other events before it commits)."""
+        self._events.append(event_row(space, event))
+        self._event_ids.add((space, event.message_id))
+
+    def flush_events(self) -> None:
+        """Write the events stored so far; the store calls this before COMMIT."""
+        if self._events:
+            self.db.executemany(
+                f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._events,
+            )
+            self._events = []
+            self._event_ids = set()
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
         """Append custom types in first-seen order."""
