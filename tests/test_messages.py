@@ -20,6 +20,7 @@ from idstitch.core.messages import (
     ExternalId,
     Message,
     SourceOccurrences,
+    decode_batch_json,
     decode_json,
     decode_message,
     format_timestamp,
@@ -142,6 +143,9 @@ def test_type_not_a_string() -> None:
         (-7, "-7"),
         (1.0, "1"),
         (1.5, "1.5"),
+        (1e-7, "0.0000001"),  # decimal notation (SPEC §2), never an exponent
+        (-2.5e-5, "-0.000025"),
+        (1e22, "10000000000000000000000"),
         (12345678901234567890, "12345678901234567890"),
         (None, None),
         ("", None),
@@ -678,18 +682,43 @@ def test_invalid_message_received_at_is_replaced_by_server_time(bad: object) -> 
     assert message.payload["receivedAt"] == "2026-03-01T12:00:00.000Z"
 
 
+# sentAt only corrects originalTimestamp: these carry one, so that a bad sentAt matters.
+NEEDS_SENT_AT = {"originalTimestamp": "2026-03-01T11:59:00.000Z"}
+
+
 @pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
 def test_invalid_timestamp_strings(field: str) -> None:
-    assert parse_error(track(**{field: "last tuesday"})) == (field, "not an ISO-8601 timestamp")
-    assert parse_error(track(**{field: "2026-13-01T00:00:00Z"})) == (field, "not an ISO-8601 timestamp")
+    fields = NEEDS_SENT_AT if field == "sentAt" else {}
+    for bad in ("last tuesday", "2026-13-01T00:00:00Z"):
+        assert parse_error(track(**{**fields, field: bad})) == (field, "not an ISO-8601 timestamp")
 
 
 @pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
 def test_timestamp_not_a_string(field: str) -> None:
-    assert parse_error(track(**{field: 1700000000})) == (
+    fields = NEEDS_SENT_AT if field == "sentAt" else {}
+    assert parse_error(track(**{**fields, field: 1700000000})) == (
         field,
         "must be an ISO-8601 timestamp string, got number",
     )
+
+
+@pytest.mark.parametrize("own", [{}, {"timestamp": "2020-01-01T00:00:00.000Z"}])
+def test_a_bad_sent_at_that_corrects_nothing_is_kept_as_sent(own: dict[str, str]) -> None:
+    message = parse(track(sentAt="garbage", **own))
+    assert message.timestamp == (datetime(2020, 1, 1, tzinfo=UTC) if own else RECEIVED)
+    assert message.payload["sentAt"] == "garbage"
+
+
+def test_a_bad_batch_sent_at_fails_only_the_messages_it_would_correct() -> None:
+    items, _ = parse_batch(
+        {
+            "sentAt": "garbage",
+            "batch": [track(timestamp="2020-01-01T00:00:00Z"), track(**NEEDS_SENT_AT), track()],
+        },
+        received_at=RECEIVED,
+    )
+    assert isinstance(items[0], Message) and isinstance(items[2], Message)
+    assert isinstance(items[1], InvalidEvent) and items[1].field == "sentAt"
 
 
 @pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
@@ -930,7 +959,7 @@ def test_batch_envelope_errors() -> None:
         "integrations",
         "must be an object, got string",
     )
-    assert batch_error({"batch": [], "sentAt": "soon"}) == ("sentAt", "not an ISO-8601 timestamp")
+    # A bad batch sentAt is not an envelope error: it fails only the elements it would correct.
 
 
 def test_batch_over_message_limit() -> None:
@@ -1092,3 +1121,66 @@ def test_a_replayable_source_gives_timeless_messages_the_same_ids_on_every_run()
     assert parse_message(
         timed, received_at=datetime(2026, 3, 1, tzinfo=UTC), occurrences=occurrences
     ).message_id == (parse_message(timed, received_at=datetime(2026, 4, 1, tzinfo=UTC)).message_id)
+
+
+def test_page_category_must_be_a_string_like_name() -> None:
+    assert parse_error({"type": "page", "userId": "u1", "category": 5}) == (
+        "category",
+        "must be a string, got number",
+    )
+    assert parse({"type": "page", "userId": "u1", "category": "Docs"}).payload["category"] == "Docs"
+
+
+def test_a_utf8_bom_before_the_json_is_skipped() -> None:
+    assert decode_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+
+
+def test_decode_batch_json_turns_only_the_undecodable_elements_into_errors() -> None:
+    good = b'{"type": "track", "event": "E", "userId": "u1"}'
+    body = (
+        b'{"sentAt": "2026-01-01T00:00:00Z", "batch": ['
+        + good
+        + b', {"k": "\\udc00"}, {"n": NaN}, ['
+        + b"1" * 4400
+        + b"]]}"
+    )
+    document = decode_batch_json(body)
+    assert isinstance(document, dict)
+    assert document["sentAt"] == "2026-01-01T00:00:00Z"
+    first, *bad = document["batch"]
+    assert first == {"type": "track", "event": "E", "userId": "u1"}
+    assert [str(item) for item in bad] == [
+        "invalid JSON: a string holds an unpaired UTF-16 surrogate",
+        "invalid JSON: NaN is not a JSON number",
+        "invalid JSON: an integer of 4400 digits is out of range",
+    ]
+    items, _ = parse_batch(document, received_at=RECEIVED)
+    assert isinstance(items[0], Message) and all(isinstance(item, InvalidEvent) for item in items[1:])
+    # What no parser reads, and an undecodable value outside `batch`, still fail the whole body.
+    for broken in (
+        b'{"batch": [' + good,
+        b'{"context": {"k": "\\udc00"}, "batch": [' + good + b"]}",
+        b'"\\udc00"',
+    ):
+        with pytest.raises(InvalidEvent):
+            decode_batch_json(broken)
+    assert decode_batch_json(b'{"batch": [' + good + b"]}") == decode_json(b'{"batch": [' + good + b"]}")
+
+
+def test_a_live_delivery_gives_every_message_without_an_id_its_own() -> None:
+    twin = {"type": "track", "event": "Click", "userId": "u1", "timestamp": TS}
+    items, _ = parse_batch({"batch": [twin, twin]}, received_at=RECEIVED, delivery="req-1")
+    again, _ = parse_batch({"batch": [twin, twin]}, received_at=RECEIVED, delivery="req-2")
+    ids = [item.message_id for item in (*items, *again) if isinstance(item, Message)]
+    assert len(set(ids)) == 4 and all(item.startswith("gen-") for item in ids)
+    single = parse(twin, delivery="req-3")
+    assert single.message_id not in ids
+    # An id the client sent is kept, delivery or not: that is what makes retries duplicates.
+    assert parse({**twin, "messageId": "m1"}, delivery="req-4").message_id == "m1"
+
+
+def test_a_live_delivery_keeps_the_servers_received_at() -> None:
+    sent = track(receivedAt="2001-01-01T00:00:00.000Z")
+    assert parse(sent).received_at == datetime(2001, 1, 1, tzinfo=UTC)  # an archive's own is kept
+    assert parse(sent, delivery="req-1").received_at == RECEIVED
+    assert parse(sent, delivery="req-1").payload["receivedAt"] == "2026-03-01T12:00:00.000Z"

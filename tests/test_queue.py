@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -430,6 +431,12 @@ def test_published_requests_resolve_into_exactly_the_graph_of_a_direct_ingest(
     assert queue_state(queue_url) == QueueState(0, 0, 0, 0)
 
 
+def counter() -> Callable[[], str]:
+    """Delivery tokens 0, 1, 2, ...: the same run for two apps given the same requests."""
+    numbers = itertools.count()
+    return lambda: str(next(numbers))
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_tracking_api_answers_in_queue_mode_as_it_does_without(
@@ -463,9 +470,11 @@ async def test_the_tracking_api_answers_in_queue_mode_as_it_does_without(
         writer = GroupCommitWriter(direct)
         publisher = JetStreamPublisher(engine, queue_url)
         try:
-            # One clock for both: messages without a timestamp or messageId take theirs from it.
-            queued_app = TrackingAPI(publisher, clock=lambda: RECEIVED)
-            assert await answers(queued_app) == await answers(TrackingAPI(writer, clock=lambda: RECEIVED))
+            # One clock and one run of delivery tokens for both: messages without a timestamp or
+            # messageId take theirs from them.
+            queued_app = TrackingAPI(publisher, clock=lambda: RECEIVED, delivery_tokens=counter())
+            direct_app = TrackingAPI(writer, clock=lambda: RECEIVED, delivery_tokens=counter())
+            assert await answers(queued_app) == await answers(direct_app)
             metrics = queued_app.metrics.exposition().decode()
         finally:
             writer.close()

@@ -299,6 +299,86 @@ async def test_a_batch_with_invalid_messages_rejects_them_by_index_and_stores_th
     assert api.event_ids() == ["m1", "m3", "m6"]
 
 
+async def test_an_element_only_a_lenient_parser_reads_is_rejected_alone(api: Api) -> None:
+    # A lone UTF-16 surrogate (JavaScript's JSON.stringify of a string cut mid-emoji) and an integer
+    # past Python's digit limit: msgspec refuses the whole body for either; only their element goes.
+    body = (
+        '{"batch": [' + json.dumps(track(1)) + ","
+        '{"type": "track", "event": "E", "userId": "u2", "messageId": "m2", "properties": {"k": "\\ud83d"}},'
+        + json.dumps(track(3))
+        + ',{"type": "track", "event": "E", "userId": "u4", "messageId": "m4", "n": '
+        + "9" * 5000
+        + "}]}"
+    )
+    status, answer = await api.post("/v1/batch", content=body.encode())
+    assert (status, answer) == (
+        200,
+        {
+            "success": True,
+            "rejected": [
+                {
+                    "index": 1,
+                    "messageId": None,
+                    "error": "invalid JSON: a string holds an unpaired UTF-16 surrogate",
+                },
+                {
+                    "index": 3,
+                    "messageId": None,
+                    "error": "invalid JSON: an integer of 5000 digits is out of range",
+                },
+            ],
+        },
+    )
+    assert api.event_ids() == ["m1", "m3"]
+    # In the envelope it concerns every element: the whole request is refused.
+    bad_context = '{"context": {"k": "\\ud83d"}, "batch": [' + json.dumps(track(5)) + "]}"
+    status, answer = await api.post("/v1/batch", content=bad_context.encode())
+    assert status == 400 and answer["code"] == "invalid_json"
+
+
+async def test_messages_without_a_message_id_are_each_stored_however_alike(api: Api) -> None:
+    twin = {"type": "track", "event": "Click", "userId": "twin"}
+    assert await api.post("/v1/batch", {"batch": [twin, twin, twin]}) == (200, OK)
+    assert await api.post("/v1/batch", {"batch": [twin], "sentAt": "2026-01-01T00:00:00Z"}) == (200, OK)
+    assert await api.post("/v1/batch", {"batch": [twin], "sentAt": "2026-01-01T00:00:00Z"}) == (200, OK)
+    assert await api.post("/v1/track", twin) == (200, OK)
+    assert await api.post("/v1/track", twin) == (200, OK)
+    assert api.world.space(SPACE).event_count_of("user_id:twin") == 7
+
+
+async def test_received_at_is_the_servers_whatever_the_client_sends(api: Api) -> None:
+    sent = {
+        **track(1),
+        "receivedAt": "2001-01-01T00:00:00.000Z",
+        "timestamp": None,
+        "sentAt": "2026-01-01T00:00:30.000Z",
+        "originalTimestamp": "2026-01-01T00:00:00.000Z",
+    }
+    assert await api.post("/v1/track", sent) == (200, OK)
+    payload = api.payload("u1", "m1")
+    assert payload["receivedAt"] == "2027-06-01T00:00:00.000Z"
+    assert payload["timestamp"] == "2027-05-31T23:59:30.000Z"  # corrected from the server's clock
+
+
+async def test_a_bad_sent_at_fails_only_what_it_would_correct(api: Api) -> None:
+    needs = {"timestamp": None, "originalTimestamp": "2026-01-01T00:00:00.000Z"}
+    body = {"sentAt": "garbage", "batch": [track(1), track(2, **needs), track(3, sentAt="also garbage")]}
+    status, answer = await api.post("/v1/batch", body)
+    assert (status, answer) == (
+        200,
+        {
+            "success": True,
+            "rejected": [{"index": 1, "messageId": "m2", "error": "sentAt: not an ISO-8601 timestamp"}],
+        },
+    )
+    assert api.event_ids() == ["m1", "m3"]
+
+
+async def test_a_body_starting_with_a_utf8_bom_is_read(api: Api) -> None:
+    assert await api.post("/v1/track", content=b"\xef\xbb\xbf" + json.dumps(track(1)).encode()) == (200, OK)
+    assert api.event_ids() == ["m1"]
+
+
 async def test_a_batch_of_only_invalid_messages_rejects_them_all(api: Api) -> None:
     assert await api.post("/v1/batch", {"batch": [{"type": "track", "userId": "u1"}]}) == (
         200,
@@ -498,9 +578,20 @@ async def test_cors_preflight_and_headers_let_a_browser_on_another_origin_send(a
     assert {key: preflight.headers[key] for key in preflight.headers if key.startswith("access-control")} == {
         "access-control-allow-origin": "https://shop.example",
         "access-control-allow-methods": "POST, OPTIONS",
-        "access-control-allow-headers": "Authorization, Content-Type, Content-Encoding",
+        "access-control-allow-headers": "content-type, authorization",
         "access-control-max-age": "86400",
     }
+    # Whatever a client library adds is allowed (RudderStack sends an AnonymousId header).
+    extra = await api.client.options(
+        "/v1/batch",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Headers": "content-type,anonymousid",
+        },
+    )
+    assert extra.headers["access-control-allow-headers"] == "content-type,anonymousid"
+    bare = await api.client.options("/v1/batch", headers={"Origin": "https://shop.example"})
+    assert bare.headers["access-control-allow-headers"] == "Authorization, Content-Type, Content-Encoding"
     response = await api.client.post(
         "/v1/track", json={**track(1), "writeKey": "wk_test"}, headers={"Origin": "https://shop.example"}
     )
@@ -559,6 +650,7 @@ async def test_a_full_writer_backlog_is_429_with_retry_after_and_nothing_accepte
                 answers[name] = (response.status_code, response.json())
                 if name in ("over the bound", "at the bound"):
                     assert response.headers["retry-after"] == "1"
+                    assert response.headers["x-ratelimit-reset"] == "1"  # as Segment sends it
 
             async with anyio.create_task_group() as group:
                 group.start_soon(post, "first", "/v1/batch", {"batch": [track(1), track(2)]})

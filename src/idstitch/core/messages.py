@@ -11,9 +11,11 @@ them as read-only.
 import base64
 import binascii
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from hashlib import blake2b
 from typing import Any
 
@@ -30,6 +32,7 @@ __all__ = [
     "ExternalId",
     "Message",
     "SourceOccurrences",
+    "decode_batch_json",
     "decode_json",
     "decode_message",
     "format_timestamp",
@@ -89,12 +92,86 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     payload: dict[str, Any]
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def decode_json(data: bytes) -> object:
-    """Decode JSON bytes, raising InvalidEvent("", "invalid JSON: ...") when malformed."""
+    """Decode JSON bytes (a UTF-8 BOM is skipped), raising InvalidEvent("", "invalid JSON: ...")."""
     try:
-        return _decoder.decode(data)
+        return _decoder.decode(data.removeprefix(_BOM))
     except msgspec.DecodeError as exc:
         raise InvalidEvent("", f"invalid JSON: {exc}") from None
+
+
+class _Unrepresentable:
+    """A JSON value the strict decoder refuses (a huge integer, NaN), kept to name it in the reason."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def decode_batch_json(data: bytes) -> object:
+    """Like decode_json, but one undecodable element of `batch` becomes its own InvalidEvent.
+
+    msgspec refuses a whole document for one unpaired UTF-16 surrogate (what JavaScript writes for a
+    string cut mid-emoji) or one integer past Python's digit limit; a batch must not lose its valid
+    messages to one such element. The standard library reads both, so it reads the document again and
+    each element that holds one is replaced by the error that rejects it.
+    """
+    try:
+        return decode_json(data)
+    except InvalidEvent as strict:
+        try:
+            document = json.loads(
+                data.removeprefix(_BOM),
+                parse_int=_lenient_int,
+                parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
+            )
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise strict from None
+        if not isinstance(document, dict) or not isinstance(document.get("batch"), list):
+            raise strict from None
+        envelope = {key: value for key, value in document.items() if key != "batch"}
+        if _unrepresentable(envelope) is not None:
+            raise strict from None  # the envelope applies to every element: nothing can land
+        elements: list[object] = []
+        for element in document["batch"]:
+            reason = _unrepresentable(element)
+            elements.append(element if reason is None else InvalidEvent("", f"invalid JSON: {reason}"))
+        envelope["batch"] = elements
+        return envelope
+
+
+def _lenient_int(text: str) -> object:
+    try:
+        return int(text)
+    except ValueError:  # past the interpreter's int-to-str digit limit
+        return _Unrepresentable(f"an integer of {len(text.lstrip('-'))} digits is out of range")
+
+
+def _unrepresentable(value: object) -> str | None:
+    """Why a leniently decoded value cannot be a message (None when it can)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "a string holds an unpaired UTF-16 surrogate"
+        return None
+    if isinstance(value, _Unrepresentable):
+        return value.reason
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reason = _unrepresentable(key) or _unrepresentable(item)
+            if reason is not None:
+                return reason
+    elif isinstance(value, list):
+        for item in value:
+            reason = _unrepresentable(item)
+            if reason is not None:
+                return reason
+    return None
 
 
 @dataclass(slots=True)
@@ -121,12 +198,17 @@ def parse_message(
     batch_integrations: dict[str, Any] | None = None,
     default_type: str | None = None,
     occurrences: SourceOccurrences | None = None,
+    delivery: str | None = None,
 ) -> Message:
     """Validate one decoded message and normalise it into a Message.
 
     `occurrences` is for replayable sources (files): a message with neither messageId nor any timestamp
     then gets an id from its content, the source's name and how many identical ones came before it
     there, so a re-run gives the same ids; without it, the id also depends on `received_at`.
+
+    `delivery` is for a live endpoint: a token unique to the request. There a message's own
+    `receivedAt` is replaced by the server's, and a message without messageId is a send of its own,
+    never a copy of another with the same content: its id comes from the token and its position.
     """
     received = _utc_ms(received_at)
     return _parse(
@@ -138,13 +220,22 @@ def parse_message(
         default_type,
         None,
         occurrences,
+        None if delivery is None else f"{delivery}#0",
     )
 
 
 def parse_batch(
-    raw: object, *, received_at: datetime, occurrences: SourceOccurrences | None = None
+    raw: object,
+    *,
+    received_at: datetime,
+    occurrences: SourceOccurrences | None = None,
+    delivery: str | None = None,
 ) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
-    """Parse a batch envelope into per-element results (Message or its error) and the other envelope keys."""
+    """Parse a batch envelope into per-element results (Message or its error) and the other envelope keys.
+
+    An element may already be an InvalidEvent (see decode_batch_json). `occurrences` and `delivery` are
+    as for parse_message.
+    """
     if not isinstance(raw, dict):
         raise InvalidEvent("", "batch request must be a JSON object")
     batch = raw.get("batch")
@@ -157,21 +248,35 @@ def parse_batch(
     context = _object(raw.get("context"), "context")
     integrations = _object(raw.get("integrations"), "integrations")
     sent_value = raw.get("sentAt")
-    batch_sent = None
+    batch_sent: tuple[object, datetime | InvalidEvent] | None = None
     if sent_value is not None and sent_value != "":
-        batch_sent = (sent_value, parse_timestamp(sent_value, "sentAt"))
+        # A bad batch sentAt fails only the elements whose time it would correct.
+        batch_sent = (sent_value, _timestamp_or_error(sent_value, "sentAt"))
     received = _utc_ms(received_at)
     received_text = format_timestamp(received)  # the same for every element: format it once
 
     results: list[Message | InvalidEvent] = []
     append = results.append
-    for item in batch:
+    for index, item in enumerate(batch):
+        if isinstance(item, InvalidEvent):
+            append(item)
+            continue
         try:
             size = _encoded_size(item)
             if size > MAX_MESSAGE_BYTES:
                 raise InvalidEvent("", _size_reason(size))
             append(
-                _parse(item, received, received_text, context, integrations, None, batch_sent, occurrences)
+                _parse(
+                    item,
+                    received,
+                    received_text,
+                    context,
+                    integrations,
+                    None,
+                    batch_sent,
+                    occurrences,
+                    None if delivery is None else f"{delivery}#{index}",
+                )
             )
         except InvalidEvent as exc:
             # One bad element must not sink the rest of the batch.
@@ -223,6 +328,13 @@ def _parse_timestamp_lenient(value: str, field: str) -> datetime:
     raise InvalidEvent(field, "not an ISO-8601 timestamp")
 
 
+def _timestamp_or_error(value: object, field: str) -> datetime | InvalidEvent:
+    try:
+        return parse_timestamp(value, field)
+    except InvalidEvent as error:
+        return error
+
+
 def _parse(
     raw: object,
     received_at: datetime,
@@ -230,8 +342,9 @@ def _parse(
     batch_context: dict[str, Any] | None,
     batch_integrations: dict[str, Any] | None,
     default_type: str | None,
-    batch_sent: tuple[object, datetime] | None,
+    batch_sent: tuple[object, datetime | InvalidEvent] | None,
     occurrences: SourceOccurrences | None = None,
+    delivery: str | None = None,
 ) -> Message:
     if not isinstance(raw, dict):
         raise InvalidEvent("", "message must be a JSON object")
@@ -256,6 +369,9 @@ def _parse(
         if name_value is not None and not isinstance(name_value, str):
             raise InvalidEvent("name", f"must be a string, got {_kind(name_value)}")
         name = name_value or None
+        category = get("category")
+        if mtype == "page" and category is not None and not isinstance(category, str):
+            raise InvalidEvent("category", f"must be a string, got {_kind(category)}")
     elif mtype == "alias":
         previous_id = _identifier(raw, "previousId", "previous_id")
         if previous_id is None:
@@ -287,21 +403,21 @@ def _parse(
         if raw_external_ids is not None:
             external_ids = _external_ids(raw_external_ids)
 
-    # Timestamps (SPEC §6). An archived message's own receivedAt is kept; a client cannot
-    # break ingestion with a bad one, it is only overridden by the server's.
+    # Timestamps (SPEC §6). An archived message's own receivedAt is kept (a live endpoint passes
+    # `delivery` and keeps its own clock); a bad one cannot break ingestion, the server's is used.
     received = received_at
     own_received = get("receivedAt")
-    if own_received is not None and own_received != "":
+    if delivery is None and own_received is not None and own_received != "":
         with contextlib.suppress(InvalidEvent):
             received = _utc_ms(parse_timestamp(own_received, "receivedAt"))
             received_text = own_received if _is_canonical(own_received) else format_timestamp(received)
     sent_value = get("sentAt")
-    sent = None
+    sent_or_error: datetime | InvalidEvent | None = None
     batch_sent_applied = False
     if sent_value is not None and sent_value != "":
-        sent = parse_timestamp(sent_value, "sentAt")
+        sent_or_error = _timestamp_or_error(sent_value, "sentAt")
     elif batch_sent is not None:
-        sent_value, sent = batch_sent
+        sent_value, sent_or_error = batch_sent
         batch_sent_applied = True
     original_value = get("originalTimestamp")
     original = None
@@ -309,6 +425,13 @@ def _parse(
         original = parse_timestamp(original_value, "originalTimestamp")
     timestamp_value = get("timestamp")
     timestamp_text = None
+    sent = None
+    if isinstance(sent_or_error, InvalidEvent):
+        # sentAt only corrects originalTimestamp: a bad one matters only where it would do that.
+        if original is not None and timestamp_value in _ABSENT:
+            raise sent_or_error
+    else:
+        sent = sent_or_error
     if timestamp_value is not None and timestamp_value != "":
         timestamp = parse_timestamp(timestamp_value, "timestamp")
         if _is_canonical(timestamp_value):
@@ -339,7 +462,9 @@ def _parse(
         # Without any client-side time, content alone would merge two genuinely separate sends.
         timeless = sent is None and original is None and timestamp_value in _ABSENT
         canonical = _canonical(payload)
-        if timeless and occurrences is not None:
+        if delivery is not None:
+            message_id = _id_from(canonical, delivery)
+        elif timeless and occurrences is not None:
             content = _id_from(canonical, None)
             seen = occurrences.counts.get(content, 0)
             occurrences.counts[content] = seen + 1
@@ -411,7 +536,8 @@ def _id_string(value: object, field: str) -> str | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidEvent(field, "must be a finite number")
-        return str(int(value)) if value.is_integer() else repr(value)
+        # Decimal notation, never an exponent: 1e-07 is the identifier "0.0000001".
+        return str(int(value)) if value.is_integer() else format(Decimal(repr(value)), "f")
     raise InvalidEvent(field, f"must be a string or number, got {_kind(value)}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ from idstitch.core.messages import (
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_ID_LENGTH,
     Message,
+    decode_batch_json,
     decode_json,
     parse_batch,
     parse_message,
@@ -56,9 +58,9 @@ _JSON = b"application/json"
 _encoder = msgspec.json.Encoder()
 _PREFLIGHT = [
     (b"access-control-allow-methods", b"POST, OPTIONS"),
-    (b"access-control-allow-headers", b"Authorization, Content-Type, Content-Encoding"),
     (b"access-control-max-age", b"86400"),
 ]
+_PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Encoding"
 
 
 class IngestWriter(WriterFigures, Protocol):
@@ -108,6 +110,10 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _delivery_token() -> str:
+    return secrets.token_hex(8)
+
+
 class TrackingAPI:
     """ASGI app: `POST /v1/{identify,track,page,screen,group,alias,batch,import}`, `/healthz`, `/metrics`."""
 
@@ -118,6 +124,7 @@ class TrackingAPI:
         write_keys: WriteKeys | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = _utc_now,
+        delivery_tokens: Callable[[], str] = _delivery_token,
         max_in_flight: int = 512,
         retry_after: int = 1,
     ) -> None:
@@ -125,6 +132,8 @@ class TrackingAPI:
         self.write_keys = write_keys or WriteKeys(writer.engine)
         self.metrics = metrics or Metrics(writer)
         self.clock = clock
+        # One per request: what tells two sends of alike messages without a messageId apart.
+        self.delivery_tokens = delivery_tokens
         # Ingest requests open at once (reading, parsing or waiting for their commit): with the
         # per-request size limits this bounds the memory held by bodies the writer's bound does not see.
         self.max_in_flight = max_in_flight
@@ -156,7 +165,13 @@ class TrackingAPI:
                     body = await self._ingest(call, headers, receive, request)
                 elif method == "OPTIONS":
                     status, body, content_type = 204, b"", b""
-                    request.headers += _PREFLIGHT
+                    # Whatever headers the client library adds (RudderStack's AnonymousId, say):
+                    # none of them is a credential the browser would send on its own.
+                    allowed = headers.get("access-control-request-headers") or _PREFLIGHT_HEADERS
+                    request.headers += [
+                        *_PREFLIGHT,
+                        (b"access-control-allow-headers", allowed.encode("latin-1")),
+                    ]
                 else:
                     raise _not_allowed(method, path, "POST, OPTIONS")
             elif route == "/healthz":
@@ -230,7 +245,7 @@ class TrackingAPI:
             limit=REQUEST_LIMIT if batch else MESSAGE_LIMIT,
         )
         try:
-            raw = decode_json(body)
+            raw = decode_batch_json(body) if batch else decode_json(body)
         except InvalidEvent as error:
             raise HTTPProblem(400, "invalid_json", error.reason) from None
         if not isinstance(raw, dict):
@@ -248,7 +263,7 @@ class TrackingAPI:
             request.messages = 1
             raw["type"] = call  # the path says which call this is
             try:
-                message = parse_message(raw, received_at=received_at)
+                message = parse_message(raw, received_at=received_at, delivery=self.delivery_tokens())
             except InvalidEvent as error:
                 request.rejected = 1
                 self.metrics.count_rejected(source.space, 1)
@@ -259,7 +274,7 @@ class TrackingAPI:
                 raise HTTPProblem(400, "invalid_message", outcome.error or "rejected")
             return _SUCCESS
         try:
-            items, _ = parse_batch(raw, received_at=received_at)
+            items, _ = parse_batch(raw, received_at=received_at, delivery=self.delivery_tokens())
         except InvalidEvent as error:
             entries = raw.get("batch")
             too_many = isinstance(entries, list) and len(entries) > MAX_BATCH_MESSAGES
@@ -317,8 +332,13 @@ class TrackingAPI:
         return result
 
     def _overloaded(self, reason: str) -> HTTPProblem:
+        wait = str(self.retry_after)
+        # Both headers, as Segment sends them: clients read one or the other.
         return HTTPProblem(
-            429, "overloaded", f"overloaded: {reason}; retry later", {"Retry-After": str(self.retry_after)}
+            429,
+            "overloaded",
+            f"overloaded: {reason}; retry later",
+            {"Retry-After": wait, "X-RateLimit-Reset": wait},
         )
 
     def _finish(self, request: _Request, status: int, error: BaseException | None) -> None:

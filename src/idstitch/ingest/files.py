@@ -39,6 +39,7 @@ from idstitch.core.messages import (
     MAX_MESSAGE_BYTES,
     Message,
     SourceOccurrences,
+    decode_batch_json,
     decode_json,
     parse_batch,
     parse_message,
@@ -245,7 +246,7 @@ def _peek_content(stream: IO[bytes]) -> bytes:
 
 def _stands_alone(line: bytes) -> bool:
     try:
-        decode_json(line.strip().removeprefix(_BOM))
+        decode_json(line.strip())
     except InvalidEvent:
         return False
     return True
@@ -270,7 +271,7 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
     data = stream.read(MAX_DOCUMENT_BYTES + 1)
     if len(data) <= MAX_DOCUMENT_BYTES:
         try:
-            document = decode_json(data.removeprefix(_BOM))
+            document = decode_batch_json(data)
         except InvalidEvent:
             document = None
         if isinstance(document, dict):
