@@ -1172,6 +1172,19 @@ def test_non_unique_detection_counts_within_the_higher_types_window(space: Space
     assert [s.identifier for s in space.store.suspects(space.name)] == ["anonymous_id:shared"]
 
 
+def test_non_unique_detection_does_not_depend_on_the_order_messages_arrive_in(space: Space) -> None:
+    # Six emails within a year, the last-stamped one arriving first: the others come in late.
+    order = [5, 0, 1, 2, 3, 4]
+    for n in order:
+        space.send("identify", anonymousId="late", traits={"email": f"l{n}@x.io"}, at=at(days=n))
+    (suspect,) = space.store.suspects(space.name)
+    assert (suspect.identifier, suspect.evidence_type) == ("anonymous_id:late", "email")
+    # Spread over three years they stay apart whatever the order.
+    for n in reversed(range(6)):
+        space.send("identify", anonymousId="apart", traits={"email": f"a{n}@x.io"}, at=at(days=200 * n))
+    assert [s.identifier for s in space.store.suspects(space.name)] == ["anonymous_id:late"]
+
+
 def test_identifier_reference_helper() -> None:
     assert ident("group_id:acme").collection == "accounts"
     assert ident("email:a:b") == Identifier("email", "a:b", "users")

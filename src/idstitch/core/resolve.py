@@ -431,13 +431,30 @@ def _evidence(
             seen.setdefault(higher.type, {})[higher.value] = timestamp
         for higher_type in sorted(seen, key=rules.rank):
             rule = rules.rule(higher_type)
-            window = rule.window_length
-            values = [
-                value
-                for value, last in seen[higher_type].items()
-                if window is None or timestamp - window < last <= timestamp
-            ]
-            if len(values) > rule.limit:
-                marks.append(SuspectMark(lower, higher_type, tuple(sorted(values))))
+            values = _crowded_window(seen[higher_type], timestamp, rule.limit, rule.window_length)
+            if values is not None:
+                marks.append(SuspectMark(lower, higher_type, values))
                 break
     return pairs, marks
+
+
+def _crowded_window(
+    last_seen: Mapping[str, datetime], timestamp: datetime, limit: int, window: timedelta | None
+) -> tuple[str, ...] | None:
+    """The values of one window holding the message's time and more than `limit` values (else None).
+
+    Every window that holds the message's time is looked at, not only the one ending there, so that the
+    verdict does not depend on the order messages arrive in: evidence stamped later than a late message
+    counts as well.
+    """
+    if len(last_seen) <= limit:
+        return None
+    if window is None:
+        return tuple(sorted(last_seen))
+    for end in sorted(last_seen.values()):
+        if not timestamp <= end < timestamp + window:
+            continue
+        inside = [value for value, last in last_seen.items() if end - window < last <= end]
+        if len(inside) > limit:
+            return tuple(sorted(inside))
+    return None
