@@ -6,11 +6,18 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from idstitch.bench.all import postgres_unreachable
 from idstitch.bench.report import write_report
+from idstitch.bench.runner import ensure_workload, store_floor_rate, workload_lines
+from idstitch.core.errors import InvalidEvent
+from idstitch.core.messages import decode_message
+from idstitch.storage.urls import open_store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -161,6 +168,12 @@ def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
         assert "error" not in benchmarks[name], (name, benchmarks[name])
         assert benchmarks[name]["p95_ms"] > 0, name
     assert benchmarks["sqlite"]["messages"] == 3000
+    for name in ("core", "sqlite"):
+        figures = benchmarks[name]
+        assert figures["floor_messages_per_s"] > 0, name
+        assert figures["floor_ratio"] == pytest.approx(
+            figures["messages_per_s"] / figures["floor_messages_per_s"], rel=0.01
+        )
     assert benchmarks["postgres"] == {"skipped": "not asked for (--no-postgres)"}
     assert data["accuracy"]["accuracy"]["idstitch"]["precision"] >= 0.999
     report = subprocess.run(
@@ -191,3 +204,26 @@ def test_bench_all_benches_postgres_only_where_it_answers(postgres_url: str) -> 
     assert postgres_unreachable(postgres_url) is None
     why = postgres_unreachable("postgresql://root@127.0.0.1:1/test")
     assert why is not None and "127.0.0.1" in why and "port 1" in why, why
+
+
+def test_the_floor_stores_every_distinct_valid_message_as_an_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor does the non-resolving half of ingest for real: each valid message lands once."""
+    monkeypatch.setenv("IDSTITCH_BENCH_CACHE", str(tmp_path / "cache"))
+    path = ensure_workload(2000, 1)
+    url = f"sqlite:///{tmp_path / 'floor.db'}"
+    assert store_floor_rate(path, url, 1500, 100) > 0
+    expected: set[str] = set()
+    for line in list(workload_lines(path))[:1500]:
+        try:
+            expected.add(decode_message(line, received_at=datetime.now(UTC)).message_id)
+        except InvalidEvent:
+            continue
+    store = open_store(url)
+    try:
+        assert set(store.iter_event_ids("default")) == expected
+        stats = store.stats("default")
+        assert (stats.profiles, stats.identifiers) == (0, 0)  # nothing was resolved
+    finally:
+        store.close()

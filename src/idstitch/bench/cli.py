@@ -102,6 +102,10 @@ def _print(result: BenchResult) -> None:
     table.add_row("peak RSS", f"{result.peak_rss_mb:,.0f} MB")
     table.add_row("msgspec parse-only messages/s", f"{result.parse_only_messages_per_s:,.0f}")
     table.add_row("ratio to parse-only", f"{result.parse_only_ratio:.3f}")
+    table.add_row(
+        "floor: decode + de-dup + store the event, no resolution",
+        f"{result.floor_messages_per_s:,.0f}/s (this run at {result.floor_ratio:.2f} of it)",
+    )
     for mark in result.rate_by_size:
         table.add_row(
             f"at {int(mark['messages']):,} messages",

@@ -82,7 +82,7 @@ def _ingest_rows(benchmarks: dict[str, Any]) -> str:
         if result is None:
             continue
         if why is not None:
-            rows.append([name, why, "", "", "", "", "", ""])
+            rows.append([name, why, "", "", "", "", "", "", ""])
             continue
         rows.append(
             [
@@ -94,6 +94,7 @@ def _ingest_rows(benchmarks: dict[str, Any]) -> str:
                 _number(result.get("p99_ms"), 2),
                 _number(result.get("peak_rss_mb")),
                 _number(result.get("parse_only_ratio"), 4),
+                _number(result.get("floor_ratio"), 2),
             ]
         )
     header = [
@@ -105,6 +106,7 @@ def _ingest_rows(benchmarks: dict[str, Any]) -> str:
         "P99 ms",
         "peak RSS MB",
         "÷ parse-only",
+        "÷ floor",
     ]
     return _table(header, rows)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import itertools
 import os
 import resource
 import tempfile
@@ -24,6 +25,7 @@ from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
 from idstitch.engine import Engine
 from idstitch.sim.population import WorkloadConfig, write_ndjson
+from idstitch.storage.base import EventRecord
 from idstitch.storage.urls import open_store
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "percentile",
     "run_ingest_bench",
     "scratch_directory",
+    "store_floor_rate",
     "workload_lines",
 ]
 
@@ -56,6 +59,8 @@ class BenchResult:
     peak_rss_mb: float
     parse_only_messages_per_s: float
     parse_only_ratio: float
+    floor_messages_per_s: float
+    floor_ratio: float
     rate_by_size: list[dict[str, float]] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +81,8 @@ class BenchResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "parse_only_messages_per_s": round(self.parse_only_messages_per_s, 1),
             "parse_only_ratio": round(self.parse_only_ratio, 4),
+            "floor_messages_per_s": round(self.floor_messages_per_s, 1),
+            "floor_ratio": round(self.floor_ratio, 4),
             "rate_by_size": self.rate_by_size,
             "outcomes": self.outcomes,
             "stats": self.stats,
@@ -155,6 +162,61 @@ def parse_only_rate(path: Path, limit: int) -> float:
     return count / elapsed if elapsed > 0 else 0.0
 
 
+def store_floor_rate(path: Path, store_url: str, limit: int, batch_size: int) -> float:
+    """Messages/s of what any ingest does besides resolving, into the store at `store_url` (fresh).
+
+    Each message is decoded and validated, checked for a duplicate id and stored as an event; each
+    batch commits durably. No identifier is read or written: the gap to the full benchmark is what
+    identity resolution costs, and this rate is a ceiling no resolver on this store can pass.
+    """
+    store = open_store(store_url)
+    space = "default"
+    store.ensure_space(space)
+    received_at = datetime.now(UTC)
+    count = 0
+    started = time.perf_counter()
+    lines = workload_lines(path)
+    try:
+        while count < limit:
+            batch = list(itertools.islice(lines, min(batch_size, limit - count)))
+            if not batch:
+                break
+            with store.transaction() as transaction:
+                for line in batch:
+                    try:
+                        message = decode_message(line, received_at=received_at)
+                    except InvalidEvent:
+                        continue
+                    if transaction.has_message(space, message.message_id):
+                        continue
+                    transaction.add_event(space, _bare_event(message))
+            count += len(batch)
+    finally:
+        store.close()
+    elapsed = time.perf_counter() - started
+    return count / elapsed if elapsed > 0 else 0.0
+
+
+def _bare_event(message: Message) -> EventRecord:
+    identifiers = tuple(
+        f"{kind}:{value}"
+        for kind, value in (("user_id", message.user_id), ("anonymous_id", message.anonymous_id))
+        if value is not None
+    )
+    return EventRecord(
+        message_id=message.message_id,
+        type=message.type,
+        name=message.event if message.type == "track" else message.name,
+        timestamp=message.timestamp,
+        received_at=message.received_at,
+        source=None,
+        profile_id=None,
+        account_id=None,
+        identifiers=identifiers,
+        payload=msgspec.json.encode(message.payload),
+    )
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -175,6 +237,10 @@ def run_ingest_bench(
     """Ingest `messages` generated messages into the store; latency is receipt (line read) to commit."""
     path = ensure_workload(messages, seed)
     parse_rate = parse_only_rate(path, messages)
+    with scratch_directory("floor") as folder:
+        # The same kind of store as the benchmark's, fresh: memory for core, a SQLite file otherwise.
+        floor_url = "memory://" if store_url.startswith("memory") else f"sqlite:///{folder / 'floor.db'}"
+        floor_rate = store_floor_rate(path, floor_url, messages, batch_size)
     store = open_store(store_url)
     engine = Engine(store, Config.default())
     space = "default"
@@ -245,6 +311,8 @@ def run_ingest_bench(
         peak_rss_mb=peak_rss_mb,
         parse_only_messages_per_s=parse_rate,
         parse_only_ratio=rate / parse_rate if parse_rate else 0.0,
+        floor_messages_per_s=floor_rate,
+        floor_ratio=rate / floor_rate if floor_rate else 0.0,
         rate_by_size=rate_by_size,
         outcomes=outcomes,
         stats=stats,
