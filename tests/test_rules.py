@@ -234,6 +234,92 @@ def test_bad_rules_name_the_field(table: dict[str, Any], field: str) -> None:
     assert f"spaces.app_a.{field}" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "table, field, complaint",
+    [
+        # A string is not split into one-character keys.
+        ({"identifiers": {"phone": {"trait_keys": "phone"}}}, "identifiers.phone.trait_keys", "got a string"),
+        ({"identifiers": {"phone": {"trait_keys": [""]}}}, "identifiers.phone.trait_keys", "empty"),
+        # Booleans must be TOML booleans: bool("false") is True.
+        ({"identifiers": {"phone": {"merge": "false"}}}, "identifiers.phone.merge", "true or false"),
+        ({"identifiers": {"email": {"merge": 0}}}, "identifiers.email.merge", "true or false"),
+        ({"sources": {"crm": {"merge": "false"}}}, "sources.crm.merge", "true or false"),
+        ({"alias": "false"}, "alias", "true or false"),
+        ({"detect_non_unique": "no"}, "detect_non_unique", "true or false"),
+        ({"email_from_track_properties": 1}, "email_from_track_properties", "true or false"),
+        ({"blocked": {"replace_defaults": "false"}}, "blocked.replace_defaults", "true or false"),
+        # Whole numbers: no strings, no floats, and priority 1 is the most trusted.
+        ({"identifiers": {"phone": {"priority": 0}}}, "identifiers.phone.priority", "at least 1"),
+        ({"identifiers": {"phone": {"priority": 2.5}}}, "identifiers.phone.priority", "a float"),
+        ({"identifiers": {"phone": {"priority": "3"}}}, "identifiers.phone.priority", "a string"),
+        ({"identifiers": {"email": {"limit": 2.0}}}, "identifiers.email.limit", "a float"),
+        ({"max_merges": "100"}, "max_merges", "a string"),
+        ({"custom_limit": 1.5}, "custom_limit", "a float"),
+        # Strings stay strings: 7 is not turned into "7".
+        ({"identifiers": {"email": {"window": 7}}}, "identifiers.email.window", "an integer"),
+        ({"custom_window": True}, "custom_window", "a boolean"),
+        ({"sources": {"crm": {"identifier_types": "email"}}}, "sources.crm.identifier_types", "got a string"),
+        # Unknown keys are typos, not settings to ignore.
+        ({"identifers": {}}, "identifers", "valid keys"),
+        ({"identifiers": {"phone": {"trait_key": ["phone"]}}}, "identifiers.phone.trait_key", "trait_keys"),
+        ({"identifiers": {"email": {"normalize": "lower"}}}, "identifiers.email.normalize", "normalise"),
+        ({"sources": {"crm": {"merges": False}}}, "sources.crm.merges", "merge"),
+        ({"blocked": {"exacts": ["x"]}}, "blocked.exacts", "exact"),
+        ({"non_unique": {"replace_defaults": True}}, "non_unique.replace_defaults", "regex"),
+        # One type, one table: `Phone` and `phone` would silently overwrite each other.
+        ({"identifiers": {"Phone": {"limit": 1}, "phone": {"limit": 2}}}, "identifiers.phone", "same type"),
+        ({"identifiers": {"": {"limit": 1}}}, "identifiers.", "empty"),
+        ({"identifiers": {"a:b": {"limit": 1}}}, "identifiers.a:b", "':'"),
+    ],
+)
+def test_bad_setting_types_name_the_key(table: dict[str, Any], field: str, complaint: str) -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config(table, "spaces.app_a")
+    assert f"spaces.app_a.{field}" in str(info.value)
+    assert complaint in str(info.value)
+
+
+def test_trait_keys_error_reads_as_the_audit_asked() -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config({"identifiers": {"phone": {"trait_keys": "phone"}}}, "spaces.a")
+    expected = "spaces.a.identifiers.phone.trait_keys: must be a list of strings, got a string"
+    assert str(info.value).startswith(expected)
+
+
+def test_unknown_key_error_lists_the_valid_ones() -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config({"identifiers": {"phone": {"limits": 2}}}, "spaces.a")
+    message = str(info.value)
+    assert message.startswith("spaces.a.identifiers.phone.limits: unknown key")
+    for key in ("collection", "limit", "merge", "normalise", "priority", "trait_keys", "window"):
+        assert key in message
+
+
+def test_booleans_given_as_booleans_are_kept() -> None:
+    rules = IdentityRules.from_config(
+        {
+            "identifiers": {"phone": {"merge": False, "trait_keys": ["phone"]}},
+            "sources": {"crm": {"merge": False}},
+            "blocked": {"replace_defaults": True},
+            "alias": False,
+            "detect_non_unique": False,
+            "email_from_track_properties": True,
+        }
+    )
+    assert rules.rule("phone").merge is False and rules.source("crm").merge is False
+    assert not rules.blocked.matches("null")
+    assert (rules.alias_enabled, rules.detect_non_unique, rules.email_from_track_properties) == (
+        False,
+        False,
+        True,
+    )
+
+
+def test_string_trait_keys_no_longer_match_single_characters(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"spaces\.s\.identifiers\.phone\.trait_keys"):
+        config_from_toml('[spaces.s.identifiers.phone]\ntrait_keys = "phone"\n')
+
+
 def test_bad_regex_error_names_the_pattern() -> None:
     with pytest.raises(RuleViolation) as info:
         IdentityRules.from_config({"blocked": {"regex": ["^ok$", "(unclosed"]}})
@@ -336,3 +422,57 @@ def test_rejected_message_learns_no_type(tmp_path: Path) -> None:
         assert world.store.learned_types("default") == [("kept", "users")]
     finally:
         world.close()
+
+
+# --- trait-key identifiers by collection ----------------------------------------------------------
+
+ACCOUNT_TRAIT_KEYS = """
+[spaces.s.identifiers.domain]
+collection = "accounts"
+trait_keys = ["domain"]
+[spaces.s.identifiers.phone]
+trait_keys = ["phone"]
+"""
+
+
+def test_group_traits_give_the_account_its_trait_key_identifiers(tmp_path: Path) -> None:
+    with open_space(tmp_path, ACCOUNT_TRAIT_KEYS) as space:
+        group = space.send("group", userId="u1", groupId="acme", traits={"domain": "acme.com"})
+        account = space.profile_of("group_id:acme")
+        assert account is not None and group.account_id == account
+        assert space.identifiers_of(account) == {"group_id:acme", "domain:acme.com"}
+        assert space.identifiers_of("user_id:u1") == {"user_id:u1"}
+        # A later identify carrying the domain finds that account instead of making a second one.
+        later = space.send("identify", userId="u2", traits={"domain": "acme.com"})
+        assert later.account_id == account
+        assert space.roots("accounts") == [account]
+        assert space.links_of("user_id:u2") == {account}
+
+
+def test_group_traits_are_read_in_camel_or_snake_case_for_accounts(tmp_path: Path) -> None:
+    toml = '[spaces.s.identifiers.sfdc_account]\ncollection = "accounts"\ntrait_keys = ["sfdc_account"]\n'
+    with open_space(tmp_path, toml) as space:
+        space.send("group", userId="u1", groupId="acme", traits={"sfdcAccount": "SF-1"})
+        assert space.identifiers_of("group_id:acme") == {"group_id:acme", "sfdc_account:SF-1"}
+
+
+def test_group_traits_do_not_feed_users_trait_key_identifiers(tmp_path: Path) -> None:
+    with open_space(tmp_path, ACCOUNT_TRAIT_KEYS) as space:
+        space.send("group", userId="u1", groupId="acme", traits={"phone": "+15550100"})
+        assert space.identifiers_of("user_id:u1") == {"user_id:u1"}
+        assert space.identifiers_of("group_id:acme") == {"group_id:acme"}
+        assert space.profile_of("phone:+15550100") is None
+
+
+def test_persons_traits_on_a_group_call_do_not_feed_the_account(tmp_path: Path) -> None:
+    # context.traits and properties describe the person acting, not the group being joined.
+    with open_space(tmp_path, ACCOUNT_TRAIT_KEYS) as space:
+        space.send(
+            "group",
+            userId="u1",
+            groupId="acme",
+            context={"traits": {"domain": "gmail.com", "phone": "+15550100"}},
+        )
+        assert space.identifiers_of("group_id:acme") == {"group_id:acme"}
+        assert space.identifiers_of("user_id:u1") == {"user_id:u1", "phone:+15550100"}
+        assert space.roots("accounts") == [space.profile_of("group_id:acme")]

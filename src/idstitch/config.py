@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from idstitch.core.errors import ConfigError, RuleViolation
-from idstitch.core.rules import IdentityRules
+from idstitch.core.rules import IdentityRules, check_keys, toml_type
 
 __all__ = [
     "DEFAULT_SPACE",
@@ -27,6 +27,10 @@ DEFAULT_SOURCE: Final = "default"
 # Profile API requests per second per token. Segment allows 100 per space; a self-hosted API that
 # support tools and apps read in real time needs more, and 0 turns the limit off.
 DEFAULT_RATE_LIMIT: Final = 1000
+
+# Keys this module reads itself; the rest of a space or source table belongs to IdentityRules.
+_SPACE_KEYS: Final = ("profile_tokens", "admin_tokens", "rate_limit")
+_SOURCE_KEYS: Final = ("write_key",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,60 +98,76 @@ class Config:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], path: Path | None = None) -> Config:
-        """A config from parsed TOML."""
-        spaces_table = data.get("spaces")
-        if not isinstance(spaces_table, Mapping) or not spaces_table:
-            raise ConfigError(f"{path or 'config'}: needs at least one [spaces.NAME] table")
-        spaces: dict[str, SpaceConfig] = {}
-        write_keys: dict[str, str] = {}
-        tokens: dict[str, str] = {}
-        for name, table in spaces_table.items():
-            where = f"spaces.{name}"
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"{where}: must be a table")
-            try:
-                rules = IdentityRules.from_config(table, where)
-            except RuleViolation as error:
-                raise ConfigError(str(error)) from None
-            sources: dict[str, SourceConfig] = {}
-            for source_name, source in dict(table.get("sources", {})).items():
-                key = source.get("write_key") if isinstance(source, Mapping) else None
-                if not isinstance(key, str) or not key:
-                    raise ConfigError(f"{where}.sources.{source_name}.write_key: required")
-                if key in write_keys:
-                    raise ConfigError(
-                        f"{where}.sources.{source_name}.write_key: already used by {write_keys[key]}"
-                    )
-                write_keys[key] = f"{where}.sources.{source_name}"
-                sources[source_name] = SourceConfig(source_name, key, bool(source.get("merge", True)))
-            profile_tokens = _string_list(table, "profile_tokens", where)
-            admin_tokens = _string_list(table, "admin_tokens", where)
-            for kind, listed in (("profile_tokens", profile_tokens), ("admin_tokens", admin_tokens)):
-                for token in listed:
-                    if not token:
-                        raise ConfigError(f"{where}.{kind}: a token cannot be empty")
-                    if token in tokens:
-                        # One token, one space and one kind: otherwise what it may read would be ambiguous.
-                        raise ConfigError(f"{where}.{kind}: {token!r} is already used by {tokens[token]}")
-                    tokens[token] = f"{where}.{kind}"
-            rate_limit = table.get("rate_limit", DEFAULT_RATE_LIMIT)
-            if isinstance(rate_limit, bool) or not isinstance(rate_limit, int) or rate_limit < 0:
-                raise ConfigError(f"{where}.rate_limit: must be a whole number >= 0 (0: unlimited)")
-            spaces[name] = SpaceConfig(
-                name=name,
-                rules=rules,
-                sources=sources,
-                profile_tokens=tuple(profile_tokens),
-                admin_tokens=tuple(admin_tokens),
-                rate_limit=rate_limit,
-            )
-        return cls(spaces=spaces, path=path)
+        """A config from parsed TOML; every error names the file (when given) and the exact key."""
+        try:
+            return cls(spaces=_spaces(data), path=path)
+        except RuleViolation as error:
+            raise ConfigError(f"{path}: {error}" if path else str(error)) from None
+        except ConfigError as error:
+            if path is None:
+                raise
+            raise ConfigError(f"{path}: {error}") from None
+
+
+def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
+    check_keys(data, ("spaces",), "")
+    spaces_table = data.get("spaces")
+    if not isinstance(spaces_table, Mapping) or not spaces_table:
+        raise ConfigError("needs at least one [spaces.NAME] table")
+    spaces: dict[str, SpaceConfig] = {}
+    write_keys: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    for name, table in spaces_table.items():
+        where = f"spaces.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: must be a table")
+        # The rules check the sources' tables (types, merge, unknown keys) before write keys are read.
+        rules = IdentityRules.from_config(table, where, space_keys=_SPACE_KEYS, source_keys=_SOURCE_KEYS)
+        sources: dict[str, SourceConfig] = {}
+        for source_name, source in table.get("sources", {}).items():
+            here = f"{where}.sources.{source_name}"
+            key = source.get("write_key")
+            if not isinstance(key, str) or not key:
+                got = "nothing" if key is None else toml_type(key)
+                raise ConfigError(f"{here}.write_key: must be a non-empty string (required), got {got}")
+            if key in write_keys:
+                raise ConfigError(f"{here}.write_key: already used by {write_keys[key]}")
+            write_keys[key] = here
+            # One reading of `merge`, the rules': the source and its policy cannot disagree.
+            sources[source_name] = SourceConfig(source_name, key, rules.source(source_name).merge)
+        profile_tokens = _string_list(table, "profile_tokens", where)
+        admin_tokens = _string_list(table, "admin_tokens", where)
+        for kind, listed in (("profile_tokens", profile_tokens), ("admin_tokens", admin_tokens)):
+            for token in listed:
+                if not token:
+                    raise ConfigError(f"{where}.{kind}: a token cannot be empty")
+                if token in tokens:
+                    # One token, one space and one kind: otherwise what it may read would be ambiguous.
+                    raise ConfigError(f"{where}.{kind}: {token!r} is already used by {tokens[token]}")
+                tokens[token] = f"{where}.{kind}"
+        rate_limit = table.get("rate_limit", DEFAULT_RATE_LIMIT)
+        if isinstance(rate_limit, bool) or not isinstance(rate_limit, int) or rate_limit < 0:
+            got = str(rate_limit) if type(rate_limit) is int else toml_type(rate_limit)
+            raise ConfigError(f"{where}.rate_limit: must be a whole number >= 0 (0: unlimited), got {got}")
+        spaces[name] = SpaceConfig(
+            name=name,
+            rules=rules,
+            sources=sources,
+            profile_tokens=tuple(profile_tokens),
+            admin_tokens=tuple(admin_tokens),
+            rate_limit=rate_limit,
+        )
+    return spaces
 
 
 def _string_list(table: Mapping[str, Any], key: str, where: str) -> list[str]:
     value = table.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{where}.{key}: must be a list of strings")
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}.{key}: must be a list of strings, got {toml_type(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            # Tokens are secrets: the message says what is wrong, not what was written.
+            raise ConfigError(f"{where}.{key}: must be a list of strings, but one item is {toml_type(item)}")
     return list(value)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, NamedTuple
 
 from idstitch.core.errors import InvalidEvent
@@ -110,12 +111,25 @@ def _dict(container: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])([A-Z])")
 
 
+@cache  # keys come from the config, so the cache stays small; the regex would run per message
 def _key_variants(key: str) -> tuple[str, ...]:
     snake = _CAMEL_BOUNDARY.sub(r"_\1", key).lower()
     parts = snake.split("_")
     camel = parts[0] + "".join(part.title() for part in parts[1:])
     pascal = "".join(part.title() for part in parts)
     return tuple(dict.fromkeys((key, snake, camel, pascal)))
+
+
+def _trait_value(keys: tuple[str, ...], containers: Sequence[Mapping[str, Any]]) -> object:
+    # The first key that has a value wins; for one key, the first container, then the first spelling.
+    for key in keys:
+        variants = _key_variants(key)
+        for container in containers:
+            for variant in variants:
+                raw = container.get(variant)
+                if _as_value(raw) is not None:
+                    return raw
+    return None
 
 
 def _device_platform(context: Mapping[str, Any]) -> str | None:
@@ -171,23 +185,21 @@ def extract_identifiers(
     for external in message.external_ids:
         add(external.type, external.id, external.collection)
 
-    for rule in rules.trait_key_rules():
-        sources: list[Mapping[str, Any]] = [context_traits, message.properties]
-        if message.type != "group":
-            sources.insert(0, message.traits)
-        for key in rule.trait_keys:
-            hit = next(
-                (
-                    container[variant]
-                    for container in sources
-                    for variant in _key_variants(key)
-                    if _as_value(container.get(variant)) is not None
-                ),
-                None,
-            )
-            if hit is not None:
-                add(rule.type, hit, rule.collection)
-                break
+    user_trait_rules = rules.trait_key_rules("users")
+    account_trait_rules = rules.trait_key_rules("accounts")
+    if user_trait_rules or account_trait_rules:
+        everywhere = (message.traits, context_traits, message.properties)
+        if message.type == "group":
+            # A group call's traits are the account's (Segment spec), so they feed accounts types only;
+            # context.traits and properties describe the person acting, so they feed users types only.
+            user_sources: Sequence[Mapping[str, Any]] = everywhere[1:]
+            account_sources: Sequence[Mapping[str, Any]] = everywhere[:1]
+        else:
+            user_sources = account_sources = everywhere
+        for rule in user_trait_rules:
+            add(rule.type, _trait_value(rule.trait_keys, user_sources), rule.collection)
+        for rule in account_trait_rules:
+            add(rule.type, _trait_value(rule.trait_keys, account_sources), rule.collection)
 
     policy = source if source is not None else rules.source(None)
     users: list[Identifier] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Final
@@ -26,6 +26,8 @@ __all__ = [
     "IdentityRules",
     "SourcePolicy",
     "ValueList",
+    "check_keys",
+    "toml_type",
 ]
 
 COLLECTIONS: Final = ("users", "accounts")
@@ -40,6 +42,25 @@ WINDOWS: Final[Mapping[str, timedelta | None]] = {
 }
 
 NORMALISATIONS: Final = ("exact", "trim", "lower", "trim_lower")
+
+# The keys each table of the rules may hold; anything else is a typo that would silently do nothing.
+_SPACE_KEYS: Final = (
+    "identifiers",
+    "blocked",
+    "non_unique",
+    "sources",
+    "custom_limit",
+    "custom_window",
+    "max_merges",
+    "max_identifiers",
+    "alias",
+    "detect_non_unique",
+    "email_from_track_properties",
+)
+_IDENTIFIER_KEYS: Final = ("priority", "limit", "window", "merge", "collection", "trait_keys", "normalise")
+_SOURCE_KEYS: Final = ("merge", "identifier_types")
+_BLOCKED_KEYS: Final = ("exact", "regex", "replace_defaults")
+_NON_UNIQUE_KEYS: Final = ("exact", "regex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +154,9 @@ class IdentityRules:
     email_from_track_properties: bool = False
     _all: dict[str, IdentifierRule] = field(init=False, repr=False, compare=False)
     _rank: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False)
+    _trait_key_rules: dict[str | None, tuple[IdentifierRule, ...]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         ordered = sorted(self.configured.values(), key=lambda rule: rule.priority)
@@ -156,6 +180,12 @@ class IdentityRules:
             "_rank",
             {name: (rule.priority, index) for index, (name, rule) in enumerate(all_rules.items())},
         )
+        # Computed once: extract_identifiers asks for these on every message.
+        with_keys = tuple(rule for rule in all_rules.values() if rule.trait_keys)
+        by_collection: dict[str | None, tuple[IdentifierRule, ...]] = {None: with_keys}
+        for collection in COLLECTIONS:
+            by_collection[collection] = tuple(rule for rule in with_keys if rule.collection == collection)
+        object.__setattr__(self, "_trait_key_rules", by_collection)
 
     def rule(self, identifier_type: str) -> IdentifierRule:
         """The rule of a type; a type never seen before ranks below every known one."""
@@ -183,9 +213,9 @@ class IdentityRules:
         """Every known rule in priority order."""
         return tuple(self._all.values())
 
-    def trait_key_rules(self) -> tuple[IdentifierRule, ...]:
-        """Rules that read identifiers from trait or property keys."""
-        return tuple(rule for rule in self._all.values() if rule.trait_keys)
+    def trait_key_rules(self, collection: str | None = None) -> tuple[IdentifierRule, ...]:
+        """Rules that read identifiers from trait or property keys (of one collection, if named)."""
+        return self._trait_key_rules.get(collection, ())
 
     def source(self, name: str | None) -> SourcePolicy:
         """The policy of a source; unknown or unnamed sources are unrestricted."""
@@ -249,19 +279,43 @@ class IdentityRules:
         return cls.from_config({})
 
     @classmethod
-    def from_config(cls, space: Mapping[str, Any], where: str = "space") -> IdentityRules:
-        """Rules from one `[spaces.X]` table of the config file, on top of the defaults."""
+    def from_config(
+        cls,
+        space: Mapping[str, Any],
+        where: str = "space",
+        *,
+        space_keys: Collection[str] = (),
+        source_keys: Collection[str] = (),
+    ) -> IdentityRules:
+        """Rules from one `[spaces.X]` table of the config file, on top of the defaults.
+
+        `space_keys` and `source_keys` are the keys the caller itself reads from the space and source
+        tables: accepted here, so that every other key is reported as unknown.
+        """
+        check_keys(space, (*_SPACE_KEYS, *space_keys), where)
         configured: dict[str, IdentifierRule] = {}
         for row in DEFAULT_IDENTIFIER_RULES:
             configured[row["type"]] = _rule_from_row(row["type"], row, where)
-        overrides = space.get("identifiers", {})
-        if not isinstance(overrides, Mapping):
-            raise RuleViolation(f"{where}.identifiers: must be a table")
+        overrides = _table(space, "identifiers", where)
         next_priority = max(rule.priority for rule in configured.values()) + 1
+        named: dict[str, str] = {}
         for name, row in overrides.items():
+            here = f"{where}.identifiers.{name}"
             if not isinstance(row, Mapping):
-                raise RuleViolation(f"{where}.identifiers.{name}: must be a table")
+                raise RuleViolation(f"{here}: must be a table")
             identifier_type = str(name).lower()
+            if not identifier_type:
+                raise RuleViolation(f"{here}: an identifier type cannot be empty")
+            if ":" in identifier_type:
+                # Identifiers are written `type:value`; a colon in the type could never be found again.
+                raise RuleViolation(f"{here}: an identifier type cannot contain ':'")
+            if identifier_type in named:
+                raise RuleViolation(
+                    f"{here}: names the same type as {where}.identifiers.{named[identifier_type]} "
+                    "(types are lower-case)"
+                )
+            named[identifier_type] = str(name)
+            check_keys(row, _IDENTIFIER_KEYS, here)
             base: dict[str, Any] = {}
             existing = configured.get(identifier_type)
             if existing is not None:
@@ -272,37 +326,40 @@ class IdentityRules:
                     "merge": existing.merge,
                     "collection": existing.collection,
                     "normalise": existing.normalise,
-                    "trait_keys": existing.trait_keys,
+                    "trait_keys": list(existing.trait_keys),
                 }
             else:
                 base = dict(DEFAULT_CUSTOM_RULE, priority=next_priority)
                 next_priority += 1
-            configured[identifier_type] = _rule_from_row(
-                identifier_type, {**base, **row}, f"{where}.identifiers.{name}"
-            )
+            configured[identifier_type] = _rule_from_row(identifier_type, {**base, **row}, here)
 
         blocked_table = _table(space, "blocked", where)
-        replace_defaults = bool(blocked_table.get("replace_defaults", False))
+        check_keys(blocked_table, _BLOCKED_KEYS, f"{where}.blocked")
+        replace_defaults = _flag(blocked_table, "replace_defaults", False, f"{where}.blocked")
         exact = [] if replace_defaults else list(DEFAULT_BLOCKED_EXACT)
         regex = [] if replace_defaults else list(DEFAULT_BLOCKED_REGEX)
         exact += _strings(blocked_table.get("exact", []), f"{where}.blocked.exact")
         regex += _strings(blocked_table.get("regex", []), f"{where}.blocked.regex")
         non_unique_table = _table(space, "non_unique", where)
+        check_keys(non_unique_table, _NON_UNIQUE_KEYS, f"{where}.non_unique")
 
         sources: dict[str, SourcePolicy] = {}
         for source_name, source in _table(space, "sources", where).items():
+            here = f"{where}.sources.{source_name}"
             if not isinstance(source, Mapping):
-                raise RuleViolation(f"{where}.sources.{source_name}: must be a table")
+                raise RuleViolation(f"{here}: must be a table")
+            check_keys(source, (*_SOURCE_KEYS, *source_keys), here)
             types = source.get("identifier_types")
             sources[str(source_name)] = SourcePolicy(
                 name=str(source_name),
-                merge=bool(source.get("merge", True)),
+                merge=_flag(source, "merge", True, here),
                 identifier_types=None
                 if types is None
-                else frozenset(t.lower() for t in _strings(types, f"{where}.sources.{source_name}")),
+                else frozenset(t.lower() for t in _strings(types, f"{here}.identifier_types")),
             )
-        custom_window = str(space.get("custom_window", DEFAULT_CUSTOM_RULE["window"]))
-        _check_window(custom_window, f"{where}.custom_window")
+        custom_window = _choice(
+            space.get("custom_window", DEFAULT_CUSTOM_RULE["window"]), WINDOWS, f"{where}.custom_window"
+        )
         return cls(
             configured=configured,
             blocked=ValueList.build(exact, regex, f"{where}.blocked"),
@@ -320,55 +377,100 @@ class IdentityRules:
             max_identifiers=_positive(
                 space.get("max_identifiers", DEFAULT_MAX_IDENTIFIERS), f"{where}.max_identifiers"
             ),
-            alias_enabled=bool(space.get("alias", True)),
-            detect_non_unique=bool(space.get("detect_non_unique", True)),
-            email_from_track_properties=bool(space.get("email_from_track_properties", False)),
+            alias_enabled=_flag(space, "alias", True, where),
+            detect_non_unique=_flag(space, "detect_non_unique", True, where),
+            email_from_track_properties=_flag(space, "email_from_track_properties", False, where),
         )
+
+
+def toml_type(value: object) -> str:
+    """What a config value is, in TOML's words (`a string`, `an integer`, …), for error messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _typed(value: object) -> str:
+    # What was given, as TOML would call it, with the value for a scalar: `a string ('false')`.
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float | str):
+        return f"{toml_type(value)} ({value!r})"
+    return toml_type(value)
+
+
+def check_keys(table: Mapping[str, Any], valid: Collection[str], where: str) -> None:
+    """Reject the first key of `table` not in `valid`, naming it and listing the valid ones (RuleViolation).
+
+    `where` is the table's own key path; empty for the top level of the file.
+    """
+    for key in table:
+        if key not in valid:
+            full = f"{where}.{key}" if where else key
+            raise RuleViolation(f"{full}: unknown key (valid keys: {', '.join(sorted(valid))})")
 
 
 def _table(space: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     value = space.get(key, {})
     if not isinstance(value, Mapping):
-        raise RuleViolation(f"{where}.{key}: must be a table")
+        raise RuleViolation(f"{where}.{key}: must be a table, got {_typed(value)}")
     return value
 
 
 def _strings(value: object, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise RuleViolation(f"{where}: must be a list of strings")
+    if not isinstance(value, list):
+        raise RuleViolation(f"{where}: must be a list of strings, got {toml_type(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise RuleViolation(f"{where}: must be a list of strings, but one item is {toml_type(item)}")
     return list(value)
 
 
 def _positive(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RuleViolation(f"{where}: must be a whole number of at least 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RuleViolation(f"{where}: must be a whole number of at least 1, got {_typed(value)}")
+    if value < 1:
+        raise RuleViolation(f"{where}: must be a whole number of at least 1, got {value}")
     return value
 
 
-def _check_window(window: str, where: str) -> None:
-    if window not in WINDOWS:
-        raise RuleViolation(f"{where}: window must be one of {', '.join(WINDOWS)}, got {window!r}")
+def _flag(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    # bool("false") is True: only a TOML boolean says what the user meant.
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise RuleViolation(f"{where}.{key}: must be true or false (a TOML boolean), got {_typed(value)}")
+    return value
+
+
+def _choice(value: object, choices: Iterable[str], where: str) -> str:
+    names = tuple(choices)
+    if not isinstance(value, str) or value not in names:
+        got = repr(value) if isinstance(value, str) else _typed(value)
+        raise RuleViolation(f"{where}: must be one of {', '.join(names)}, got {got}")
+    return value
 
 
 def _rule_from_row(identifier_type: str, row: Mapping[str, Any], where: str) -> IdentifierRule:
-    window = str(row.get("window", "ever"))
-    _check_window(window, f"{where}.window")
-    collection = str(row.get("collection", "users"))
-    if collection not in COLLECTIONS:
-        raise RuleViolation(f"{where}.collection: must be users or accounts, got {collection!r}")
-    normalise = str(row.get("normalise", "exact"))
-    if normalise not in NORMALISATIONS:
-        raise RuleViolation(f"{where}.normalise: must be one of {', '.join(NORMALISATIONS)}")
-    priority = row.get("priority")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise RuleViolation(f"{where}.priority: must be a whole number")
+    trait_keys = _strings(row.get("trait_keys", []), f"{where}.trait_keys")
+    if "" in trait_keys:
+        raise RuleViolation(f"{where}.trait_keys: a trait key cannot be empty")
     return IdentifierRule(
         type=identifier_type,
-        priority=priority,
+        priority=_positive(row.get("priority"), f"{where}.priority"),
         limit=_positive(row.get("limit"), f"{where}.limit"),
-        window=window,
-        merge=bool(row.get("merge", True)),
-        collection=collection,
-        trait_keys=tuple(_strings(list(row.get("trait_keys", ())), f"{where}.trait_keys")),
-        normalise=normalise,
+        window=_choice(row.get("window", "ever"), WINDOWS, f"{where}.window"),
+        merge=_flag(row, "merge", True, where),
+        collection=_choice(row.get("collection", "users"), COLLECTIONS, f"{where}.collection"),
+        trait_keys=tuple(trait_keys),
+        normalise=_choice(row.get("normalise", "exact"), NORMALISATIONS, f"{where}.normalise"),
     )
