@@ -17,6 +17,7 @@ import idstitch.engine as engine_module
 from helpers import Space, World, at, config_from_toml, open_world
 from idstitch.core.errors import ConfigError
 from idstitch.core.identifiers import Identifier
+from idstitch.core.messages import format_timestamp
 from idstitch.engine import Engine
 from idstitch.http.profiles import ProfileAPI, RateLimiter
 from idstitch.storage.urls import open_store
@@ -253,6 +254,8 @@ async def test_events_newest_first_with_segments_event_shape(api: Api) -> None:
         "source_id": "web",
         "timestamp": "2026-01-05T09:10:00.000Z",
         "related": {"users": root},
+        "event": None,  # every row has event and properties, as Segment's do
+        "properties": {},
         "traits": {"email": "J@X.io", "plan": "pro", "age": 41},
     }
     assert body["data"][3] == {
@@ -263,8 +266,9 @@ async def test_events_newest_first_with_segments_event_shape(api: Api) -> None:
         "source_id": "web",
         "timestamp": "2026-01-05T09:00:00.000Z",
         "related": {"users": root},
-        "name": "Page 0",
+        "event": None,
         "properties": {"path": "/p0"},
+        "name": "Page 0",
     }
     assert body["cursor"] == {"url": f"{USERS}/user_id:u1/events", "has_more": False, "next": "", "limit": 10}
 
@@ -558,7 +562,45 @@ async def test_a_repeated_parameter_and_other_methods_are_refused(api: Api) -> N
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request_error"
     response = await api.client.post(f"{USERS}/user_id:u1/traits", headers={"Authorization": basic("pt_app")})
-    assert response.status_code == 405
+    assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD"
+    # A route that does not exist is 404 whatever the method, not "use GET".
+    response = await api.client.post(
+        f"{USERS}/user_id:u1/external_ids/delete", headers={"Authorization": basic("pt_app")}
+    )
+    assert response.status_code == 404
+
+
+async def test_the_caller_is_authenticated_before_the_request_is_validated(api: Api) -> None:
+    for path in (
+        f"{USERS}/user_id:u1/traits",
+        "/v1/spaces/app/collections/user/profiles/u1/traits",
+        "/v1/spaces//stats",
+    ):
+        status, body = await api.get(path, token=None)
+        assert (status, body["error"]["code"]) == (401, "authentication_error"), path
+
+
+async def test_a_links_cursor_that_is_not_one_is_400(api: Api) -> None:
+    api.web.send("group", userId="u1", groupId="acme", at=at(minutes=1))
+    for cursor in (b'["a","b"]', b'["use_nobody"]'):
+        tampered = base64.urlsafe_b64encode(cursor).decode().rstrip("=")
+        status, body = await api.get(f"{USERS}/user_id:u1/links", next=tampered)
+        assert (status, body["error"]["code"]) == (400, "invalid_request_error"), body
+
+
+async def test_an_id_shaped_like_a_segment_id_that_names_nothing_is_404(api: Api) -> None:
+    assert await api.get(f"{USERS}/use_doesnotexist/metadata") == (404, NOT_FOUND)
+    assert await api.get(f"{ACCOUNTS}/acc_nope/traits") == (404, NOT_FOUND)
+
+
+async def test_metadata_is_never_updated_before_it_was_created(api: Api) -> None:
+    # A client clock a year ahead: the profile is created at the message's time, after it was received.
+    api.web.send("identify", userId="u9", at=at(days=900))
+    status, body = await api.get(f"{USERS}/user_id:u9/metadata")
+    assert status == 200
+    metadata = body["metadata"]
+    assert metadata["updated_at"] >= metadata["created_at"]
+    assert metadata["updated_at"] == metadata["created_at"] == format_timestamp(at(days=900))
 
 
 async def test_openapi_document_is_served(api: Api) -> None:

@@ -103,9 +103,10 @@ class EventItem(Struct, omit_defaults=True):
     source_id: str | None
     timestamp: str
     related: dict[str, str]
-    event: str | UnsetType = UNSET
+    # Always present (null / {} where the call has none): clients read every row with one shape.
+    event: str | None
+    properties: dict[str, Any]
     name: str | UnsetType = UNSET
-    properties: dict[str, Any] | UnsetType = UNSET
     traits: dict[str, Any] | UnsetType = UNSET
 
 

@@ -29,6 +29,7 @@ import msgspec
 
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import format_timestamp, parse_timestamp
+from idstitch.core.segment_ids import ACCOUNT_PREFIX, USER_PREFIX
 from idstitch.engine import Engine
 from idstitch.http.auth import basic_user
 from idstitch.http.logs import request_logger
@@ -176,16 +177,18 @@ class ProfileAPI:
         route = "other"
         error: HTTPProblem | None = None
         try:
-            if method not in ("GET", "HEAD"):
-                raise _problem(405, "method_not_allowed", f"{method} is not allowed on {path}; use GET")
             if path == "/openapi.json":
                 route = path
+                _read_only(method, path)
                 body = self._openapi_document()
             else:
+                # Who asks, then what: a caller without a valid token learns nothing about the routes.
+                token = self._token(headers.get("authorization"))
                 call = _parse_call(path, scope.get("query_string", b""))
                 space = call.space
                 route = _route_of(call)
-                self._authorise(call, headers.get("authorization"))
+                _read_only(method, path)
+                self._authorise(call, token)
                 if call.resource in _SCANS:
                     body = await asyncio.to_thread(self._answer, call)
                 else:
@@ -223,7 +226,7 @@ class ProfileAPI:
             self._log.info("request", extra=fields)
 
     # -- auth ----------------------------------------------------------------------------------
-    def _authorise(self, call: _Call, authorization: str | None) -> TokenRecord:
+    def _token(self, authorization: str | None) -> TokenRecord:
         name = basic_user(authorization)
         if name is None:
             raise _problem(
@@ -240,6 +243,9 @@ class ProfileAPI:
                 "unknown Profile API token",
                 {"WWW-Authenticate": 'Basic realm="idstitch profile api"'},
             )
+        return token
+
+    def _authorise(self, call: _Call, token: TokenRecord) -> None:
         if token.space != call.space:
             raise _problem(403, "forbidden", f"this token does not give access to space {call.space!r}")
         if call.resource in _ADMIN_RESOURCES and token.kind != "admin":
@@ -253,7 +259,6 @@ class ProfileAPI:
                 f"more than {rate} requests per second with this token; retry after {wait} s",
                 {"Retry-After": str(wait), "X-RateLimit-Reset": str(wait)},
             )
-        return token
 
     # -- answers (on the event loop, or a worker thread for the space-wide scans) ---------------
     def _answer(self, call: _Call) -> bytes:
@@ -266,6 +271,8 @@ class ProfileAPI:
                 store, self.engine.rules(call.space), call.space, call.profile_id, call.collection
             )
         except InvalidProfileId as error:
+            if call.profile_id.startswith((USER_PREFIX, ACCOUNT_PREFIX)):
+                raise _not_found() from None  # shaped like a segment id: one that names no profile
             raise _problem(400, "validation_error", f"profile id: {error}") from None
         if root is None:
             raise _not_found()
@@ -391,13 +398,13 @@ class ProfileAPI:
             source_id=record.source,
             timestamp=format_timestamp(record.timestamp),
             related=related,
+            event=record.name if record.type == "track" else None,
+            properties=_object(payload.get("properties"))
+            if record.type in ("track", "page", "screen")
+            else {},
         )
-        if record.type == "track" and record.name is not None:
-            item.event = record.name
         if record.type in ("page", "screen") and record.name is not None:
             item.name = record.name
-        if record.type in ("track", "page", "screen"):
-            item.properties = _object(payload.get("properties"))
         if record.type in ("identify", "group"):
             item.traits = _object(payload.get("traits"))
         return item
@@ -410,8 +417,8 @@ class ProfileAPI:
         store = self.engine.store
         linked = store.links(call.space, root)
         if after is not None:
-            (wanted,) = after
-            if wanted not in linked:
+            wanted = after[0]
+            if len(after) != 1 or wanted not in linked:
                 raise _problem(400, "invalid_request_error", "`next` does not name a link of this profile")
             linked = linked[linked.index(wanted) :]
         page, more = linked[:limit], linked[limit:]
@@ -432,7 +439,10 @@ class ProfileAPI:
         if record is None:
             raise _not_found()
         activity = store.activity(call.space, root)
-        updated = activity.updated_at or record.created_at
+        # created_at is the creating message's time, updated_at the server's when the last one arrived:
+        # a message stamped in the future (client clock, backfill) must not make a profile updated
+        # before it was created.
+        updated = max(activity.updated_at or record.created_at, record.created_at)
         metadata = Metadata(
             created_at=format_timestamp(record.created_at),
             updated_at=format_timestamp(updated),
@@ -521,6 +531,14 @@ class ProfileAPI:
 
 
 # -- request parsing ----------------------------------------------------------------------------
+
+
+def _read_only(method: str, path: str) -> None:
+    """405, with the methods this route has, for anything but a read."""
+    if method not in ("GET", "HEAD"):
+        raise _problem(
+            405, "method_not_allowed", f"{method} is not allowed on {path}; use GET", {"Allow": "GET, HEAD"}
+        )
 
 
 def _route_of(call: _Call) -> str:
