@@ -14,7 +14,7 @@ from idstitch.engine import Engine
 from idstitch.ingest.files import read_batches
 from idstitch.sim.accuracy import Accuracy, Truth, evaluate, read_truth, score_clusters
 from idstitch.sim.baseline import NaiveBaseline, naive_clusters
-from idstitch.sim.compare import PROTECTED_SCENARIOS, Comparison, compare_store
+from idstitch.sim.compare import PROTECTED_SCENARIOS, Comparison, TruthMismatch, compare_store
 from idstitch.sim.population import WorkloadConfig, write_ndjson
 from idstitch.storage.urls import open_store
 
@@ -320,3 +320,25 @@ def test_weakened_rules_over_merge_and_the_report_says_through_what(tmp_path: Pa
         bridge["identifier"].startswith("anonymous_id:") and bridge["scenarios"] == ["shared_device"]
         for bridge in example["bridging_identifiers"]
     )
+
+
+def test_a_truth_mostly_absent_from_the_store_is_refused_not_scored(tmp_path: Path) -> None:
+    # Scoring it would count every absent message as a singleton: a precision of 1.0 over nothing.
+    events = tmp_path / "e.ndjson"
+    events.write_text(
+        '{"type": "page", "messageId": "m0", "anonymousId": "a0", "timestamp": "2026-01-01T00:00:00Z"}\n'
+        '{"type": "page", "messageId": "m1", "anonymousId": "a1", "timestamp": "2026-01-01T00:00:01Z"}\n'
+    )
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        engine = Engine(store, Config.default())
+        for batch in read_batches([str(events)], batch_size=10, received_at=datetime.now(UTC)):
+            assert not engine.ingest([item for _, item in batch.items], space="default").rejected
+        rules = engine.rules("default")
+        half = truth_of(*((f"m{n}", f"p{n % 2}", "login") for n in range(4)))
+        assert compare_store(store, "default", rules, half).idstitch.missing == 2  # 2 of 4 stored: scored
+        most_absent = truth_of(*((f"m{n}", f"p{n % 2}", "login") for n in range(5)))
+        with pytest.raises(TruthMismatch, match=r"only 2 of its 5 messages \(40%\) are in space default"):
+            compare_store(store, "default", rules, most_absent)
+    finally:
+        store.close()

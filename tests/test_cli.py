@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -421,3 +422,167 @@ def test_rerunning_a_file_without_message_ids_or_timestamps_changes_nothing(cli:
     assert again["accepted"] == 0 and again["duplicates"] == 5
     assert cli.json("profile", "anonymous_id:a1")["event_count"] == 4
     assert cli.json("stats")[0]["events"] == 5
+
+
+TWO_SPACES = """
+[spaces.app_a]
+profile_tokens = ["pt_a"]
+admin_tokens = ["at_a"]
+[spaces.app_a.sources.web]
+write_key = "wk_a_web"
+[spaces.app_a.sources.crm]
+write_key = "wk_a_crm"
+merge = false
+
+[spaces.app_b.sources.web]
+write_key = "wk_b_web"
+"""
+
+
+def test_a_failed_ingest_writes_nothing_not_even_the_store_file(cli: CLI) -> None:
+    path = cli.write("a.ndjson", msg(1, anonymousId="a1"))
+    config = cli.directory / "two.toml"
+    config.write_text(TWO_SPACES)
+    fresh = cli.directory / "fresh.db"
+    for args, needle in (
+        (["--space", "nope"], "unknown space 'nope'"),
+        (["--source", "nope"], "unknown source 'nope'"),
+        (["--config", str(config), "--space", "app_a", "--source", "nope"], "unknown source 'nope'"),
+    ):
+        done = cli.run("ingest", str(path), "--store", f"sqlite:///{fresh}", *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert needle in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert "created" not in done.stderr and done.stdout == ""
+        assert not fresh.exists(), args
+
+
+def test_a_space_with_several_sources_needs_source(cli: CLI) -> None:
+    # Without --source the events would be stored with no source, bypassing crm's merge = false.
+    path = cli.write("a.ndjson", msg(1, anonymousId="a1"))
+    config = cli.directory / "two.toml"
+    config.write_text(TWO_SPACES)
+    done = cli.run("ingest", str(path), "--config", str(config), "--space", "app_a")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr == "error: space app_a has several sources (crm, web): name one with --source\n"
+    assert not Path(cli.url.removeprefix("sqlite:///")).exists()
+    done = cli.ok("ingest", str(path), "--config", str(config), "--space", "app_a", "--source", "crm")
+    assert "accepted" in done.stdout
+    assert "required when the space has several" in " ".join(
+        cli.ok("ingest", "--help", store=False).stdout.split()
+    )
+
+
+def test_ingest_of_a_directory_says_it_is_a_directory(cli: CLI) -> None:
+    done = cli.run("ingest", ".")
+    assert done.returncode == 2 and "error: .: is a directory" in done.stderr
+    assert "no such file" not in done.stderr
+
+
+def test_not_found_with_a_forced_collection_names_the_collection(cli: CLI) -> None:
+    cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
+    user = cli.json("profile", "anonymous_id:a1")["segment_id"]
+    for command in ("profile", "explain"):
+        done = cli.run(command, user, "--collection", "accounts")
+        assert done.returncode == 1
+        assert done.stderr == f"error: no accounts profile {user} in space default\n"
+    done = cli.run("profile", "user_id:nobody")
+    assert done.stderr == "error: no profile user_id:nobody in space default\n"
+
+
+def test_read_commands_on_a_configured_space_the_store_lacks(cli: CLI) -> None:
+    # The store was written with a config of space app_a; read without it (space `default`) and with a
+    # config naming a space the store never held.
+    config = cli.directory / "one.toml"
+    config.write_text('[spaces.app_a.sources.web]\nwrite_key = "wk_a"\n')
+    cli.ok("ingest", str(cli.write("a.ndjson", msg(1, "identify", userId="u1"))), "--config", str(config))
+    other = cli.directory / "other.toml"
+    other.write_text(
+        '[spaces.app_a.sources.web]\nwrite_key = "wk_a"\n[spaces.app_z.sources.web]\nwrite_key = "wk_z"\n'
+    )
+    for extra in ([], ["--config", str(other), "--space", "app_z"]):
+        name = "default" if not extra else "app_z"
+        expected = f"error: space {name} is not in the store (it holds: app_a)\n"
+        for command in ("profile", "explain"):
+            done = cli.run(command, "user_id:u1", *extra)
+            assert (done.returncode, done.stderr) == (1, expected), (command, extra, done.stderr)
+        done = cli.run("stats", "--space", name, *extra)
+        assert (done.returncode, done.stderr, done.stdout) == (2, expected, ""), (extra, done.stderr)
+    store = open_store(cli.url)
+    try:
+        assert store.spaces() == ["app_a"]  # reading created nothing
+    finally:
+        store.close()
+    assert cli.json("profile", "user_id:u1", "--config", str(config))["traits"] == {}
+
+
+def test_keys_lists_write_keys_and_tokens_again(cli: CLI) -> None:
+    done = cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
+    printed = set(re.findall(r"\b(?:wk|pt|at)_\S+", done.stderr))
+    assert len(printed) == 3
+    listed = cli.json("keys")
+    assert len(listed) == 1 and listed[0]["space"] == "default"
+    (source,) = listed[0]["sources"]
+    assert source["name"] == "default" and source["write_key"].startswith("wk_")
+    assert [token["kind"] for token in listed[0]["tokens"]] == ["read", "admin"]
+    assert {source["write_key"], *(token["token"] for token in listed[0]["tokens"])} == printed
+    assert cli.json("keys", "--space", "default") == listed[0]
+    text = cli.ok("keys").stdout
+    for value in printed:
+        assert value in text
+    assert "read token" in text and "admin token" in text and "write key" in text
+
+    # With a config: its keys and tokens (the generated ones of the implicit space are not valid there).
+    config = cli.directory / "two.toml"
+    config.write_text(TWO_SPACES)
+    documents = json.loads(cli.ok("keys", "--config", str(config), "--json").stdout)
+    assert documents == [
+        {
+            "space": "app_a",
+            "sources": [
+                {"name": "crm", "write_key": "wk_a_crm", "merge": False},
+                {"name": "web", "write_key": "wk_a_web", "merge": True},
+            ],
+            "tokens": [{"kind": "read", "token": "pt_a"}, {"kind": "admin", "token": "at_a"}],
+        },
+        {
+            "space": "app_b",
+            "sources": [{"name": "web", "write_key": "wk_b_web", "merge": True}],
+            "tokens": [],
+        },
+    ]
+    done = cli.run("keys", "--config", str(config), "--space", "nope")
+    assert done.returncode == 2 and "unknown space 'nope'" in done.stderr
+    done = cli.run("keys", "--store", "sqlite:///never.db")
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert not (cli.directory / "never.db").exists()
+
+
+def test_help_and_usage_lines(cli: CLI) -> None:
+    ingest_help = cli.ok("ingest", "--help", store=False).stdout
+    # The program name is `python -m idstitch` here, `idstitch` when installed.
+    assert ingest_help.splitlines()[0].endswith(" idstitch ingest [OPTIONS] FILE...")
+    assert "postgresql://" in ingest_help
+    for command in ("profile", "explain"):
+        usage = cli.ok(command, "--help", store=False).stdout.splitlines()[0]
+        assert usage.endswith(f" idstitch {command} [OPTIONS] ID")
+    assert "keys" in cli.ok("--help", store=False).stdout
+
+
+def test_counts_of_one_are_singular(cli: CLI) -> None:
+    done = cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
+    assert done.stdout.startswith("ingested 1 message from 1 file in ")
+    two = cli.ok("ingest", str(cli.write("b.ndjson", msg(2, anonymousId="a1"), msg(3, anonymousId="a1"))))
+    assert two.stdout.startswith("ingested 2 messages from 1 file in ")
+
+
+def test_worker_summary_counts_of_one_are_singular(capsys: pytest.CaptureFixture[str]) -> None:
+    from idstitch.cli import _print_worker_summary
+
+    counts = dict.fromkeys(
+        ("accepted", "duplicates", "unresolved", "rejected", "profiles_created", "merges", "commits"), 0
+    )
+    summary = {**counts, "retried": 0, "terminated": 0, "seconds": 1.0, "messages_per_second": 1}
+    _print_worker_summary({**summary, "queue_messages": 1, "messages": 1}, as_json=False)
+    assert "1 queue message, 1 message (" in capsys.readouterr().out
+    _print_worker_summary({**summary, "queue_messages": 2, "messages": 3}, as_json=False)
+    assert "2 queue messages, 3 messages (" in capsys.readouterr().out

@@ -107,8 +107,40 @@ def test_accuracy_text_shows_idstitch_beside_the_baseline(scored: tuple[Path, di
         "junk_id",
         "targets",
         "definitions",
+        "0 not in the store",
     ):
         assert needle in text, needle
+    assert "(rejected)" not in text
+
+
+def test_accuracy_refuses_a_truth_that_does_not_match_the_store(scored: tuple[Path, dict[str, Any]]) -> None:
+    folder, _ = scored
+    lines = gzip.decompress((folder / "e.ndjson.gz").read_bytes()).decode().splitlines()
+    assert len(lines) == 2400
+    # Most of the truth's messages stored: scored, the others named as not in the store.
+    (folder / "most.ndjson").write_text("\n".join(lines[:2000]) + "\n")
+    ok(folder, "ingest", "most.ndjson", "--store", "sqlite:///most.db", "-q")
+    report = json.loads(
+        ok(folder, "accuracy", "--truth", "t.csv.gz", "--store", "sqlite:///most.db", "--json").stdout
+    )
+    assert report["idstitch"]["missing"] >= 390
+    text = ok(folder, "accuracy", "--truth", "t.csv.gz", "--store", "sqlite:///most.db").stdout
+    assert f"{report['idstitch']['missing']} not in the store" in text
+    # Under half of them, or none: another store's truth, an error rather than a perfect precision.
+    (folder / "few.ndjson").write_text("\n".join(lines[:1000]) + "\n")
+    ok(folder, "ingest", "few.ndjson", "--store", "sqlite:///few.db", "-q")
+    (folder / "other.ndjson").write_text(json.dumps({"type": "page", "messageId": "x1", "anonymousId": "a"}))
+    ok(folder, "ingest", "other.ndjson", "--store", "sqlite:///other.db", "-q")
+    for name in ("few", "other"):
+        done = run(folder, "accuracy", "--truth", "t.csv.gz", "--store", f"sqlite:///{name}.db")
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stdout == "" and done.stderr.count("\n") == 1
+        assert "error: t.csv.gz: the truth does not match the store" in done.stderr, done.stderr
+
+
+def test_simulate_summary_counts_of_one_are_singular(tmp_path: Path) -> None:
+    text = ok(tmp_path, "simulate", "--messages", "1", "--days", "1", "--out", "one.ndjson").stdout
+    assert text.startswith("simulated 1 message of 1 person over 1 day (seed 1)"), text
 
 
 @pytest.mark.parametrize(

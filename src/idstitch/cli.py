@@ -1,12 +1,13 @@
-"""The command line: `idstitch ingest | serve | worker | profile | explain | stats | simulate | accuracy | bench`.
+"""The command line: `idstitch ingest | serve | worker | profile | explain | stats | keys | simulate |
+accuracy | report | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
-1 the profile asked for does not exist, 2 a usage or configuration error (missing file, unknown space,
-bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C / SIGTERM (every batch
-committed before that is kept; run the same command again to resume). `serve` exits 0 after a
-graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so does `worker`
-(the group it was resolving is committed and acknowledged first).
+1 the profile asked for (or its space) is not in the store, 2 a usage or configuration error (missing
+file, unknown space, bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C /
+SIGTERM (every batch committed before that is kept; run the same command again to resume). `serve`
+exits 0 after a graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so
+does `worker` (the group it was resolving is committed and acknowledged first).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand
 
 from idstitch.config import DEFAULT_STORE_URL, Config, load_config
 from idstitch.core.errors import IdstitchError
@@ -77,7 +79,8 @@ StoreOption = Annotated[
         "--store",
         envvar="IDSTITCH_STORE",
         metavar="URL",
-        help="Store URL: sqlite:///relative.db, sqlite:////absolute.db.",
+        help="Store URL: sqlite:///relative.db, sqlite:////absolute.db, "
+        "postgresql://user:password@host:5432/db.",
         show_default=True,
     ),
 ]
@@ -117,6 +120,32 @@ class UsageError(IdstitchError):
     """A command line that cannot be carried out as given (exit code 2)."""
 
 
+class _PlainUsage(TyperCommand):
+    """A command whose usage line shows its arguments as `FILE...` and `ID`.
+
+    Typer writes a required argument as `{FILE...}...`, braces and a second ellipsis included, which
+    reads like a choice; click's own convention is the bare metavar.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """The usage line's words: [OPTIONS], then each argument by its plain name."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not isinstance(param, TyperArgument):
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar or (param.name or "").upper()
+            if param.nargs != 1 and not name.endswith("..."):
+                name += "..."
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    """`1 message`, `2 messages`, `1,000 people`: a count with its noun in the right number."""
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
 def _error(text: str, code: int = 2) -> NoReturn:
     """One line on stderr, then exit."""
     stderr.print(f"error: {text}", markup=False, soft_wrap=True)
@@ -153,12 +182,35 @@ def _store(url: str, *, must_exist: bool = False) -> Iterator[Store]:
         store.close()
 
 
-def _space_for_reading(config: Config, store: Store, space: str | None) -> str:
+def _space_for_reading(config: Config, store: Store, space: str | None, *, absent_code: int = 2) -> str:
+    """The space a read-only command looks at; it must be in the store (reading creates nothing)."""
     name = space or config.default_space
-    if name in config.spaces or name in store.spaces():
+    held = store.spaces()
+    if name in held:
         return name
-    known = ", ".join(sorted(set(config.spaces) | set(store.spaces()))) or "none"
-    raise UsageError(f"unknown space {name!r} (known: {known})")
+    if name not in config.spaces:
+        known = ", ".join(sorted(set(config.spaces) | set(held))) or "none"
+        raise UsageError(f"unknown space {name!r} (known: {known})")
+    # Configured but never written to: reading it would answer "no profile" or zeros, as if it were
+    # an empty space, when the likelier story is a wrong --store or --config.
+    _error(f"space {name} is not in the store (it holds: {', '.join(held) or 'no space yet'})", absent_code)
+
+
+def _ingest_target(config: Config, space: str | None, source: str | None) -> tuple[str, str | None]:
+    """The space and source an ingest writes to, checked against the config before the store is opened."""
+    name = space or config.default_space
+    sources = config.space(name).sources  # unknown space: a ConfigError naming the configured ones
+    if source is not None:
+        if source not in sources:
+            known = ", ".join(sorted(sources)) or "none"
+            raise UsageError(f"unknown source {source!r} in space {name} (configured: {known})")
+        return name, source
+    if len(sources) > 1:
+        # Guessing would store the events with no source and bypass that source's policy (merge = false).
+        raise UsageError(
+            f"space {name} has several sources ({', '.join(sorted(sources))}): name one with --source"
+        )
+    return name, next(iter(sources), None)
 
 
 def _rules(config: Config, store: Store, space: str) -> IdentityRules:
@@ -200,7 +252,7 @@ class _Tally(OutcomeCounts):
         }
 
 
-@app.command()
+@app.command(cls=_PlainUsage)
 def ingest(
     files: Annotated[
         list[str],
@@ -214,7 +266,8 @@ def ingest(
         typer.Option(
             "--source",
             metavar="NAME",
-            help="Source the messages came from (default: the space's only source).",
+            help="Source the messages came from; required when the space has several "
+            "(default: the space's only source).",
         ),
     ] = None,
     batch_size: Annotated[
@@ -234,19 +287,17 @@ def ingest(
 
     with _user_errors():
         for name in files:
+            if name != "-" and Path(name).is_dir():
+                raise UsageError(f"{name}: is a directory (name the files in it)")
             if name != "-" and not Path(name).is_file():
                 raise UsageError(f"{name}: no such file")
         settings = load_config(config)
+        # Before the store is opened: opening creates the file and the engine bootstraps the spaces,
+        # and a usage error must leave nothing behind.
+        space_name, source = _ingest_target(settings, space, source)
         with _store(store) as opened:
             engine = Engine(opened, settings)
             _print_created_write_keys(engine)
-            space_name = space or settings.default_space
-            space_config = settings.space(space_name)
-            if source is None and len(space_config.sources) == 1:
-                source = next(iter(space_config.sources))
-            elif source is not None and source not in space_config.sources:
-                known = ", ".join(sorted(space_config.sources)) or "none"
-                raise UsageError(f"unknown source {source!r} in space {space_name} (configured: {known})")
             tally = _Tally()
             started = time.monotonic()
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -280,8 +331,9 @@ def ingest(
                         )
             except (KeyboardInterrupt, _Terminated) as stop:
                 stderr.print(
-                    f"interrupted: {tally.batches} batches ({tally.messages:,} messages) were committed and "
-                    "are kept; run the same command again to resume (stored messages are skipped)",
+                    f"interrupted: {_plural(tally.batches, 'batch', 'batches')} "
+                    f"({_plural(tally.messages, 'message')}) committed and kept; "
+                    "run the same command again to resume (stored messages are skipped)",
                     markup=False,
                     soft_wrap=True,
                 )
@@ -310,7 +362,7 @@ def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
         print(json.dumps(summary))
         return
     lines = [
-        f"ingested {summary['messages']:,} messages from {files} file{'s' if files != 1 else ''} "
+        f"ingested {_plural(summary['messages'], 'message')} from {_plural(files, 'file')} "
         f"in {summary['seconds']:.2f} s ({summary['messages_per_second']:,} messages/s)",
         f"  accepted          {summary['accepted']:>10,}",
         f"  duplicates        {summary['duplicates']:>10,}",
@@ -459,9 +511,10 @@ def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
         ("retried", "retried"),
         ("terminated", "terminated"),
     ]
+    queued = _plural(summary["queue_messages"], "queue message")
     lines = [
-        f"worker stopped after {summary['seconds']:.2f} s: {summary['queue_messages']:,} queue messages, "
-        f"{summary['messages']:,} messages ({summary['messages_per_second']:,} messages/s)",
+        f"worker stopped after {summary['seconds']:.2f} s: {queued}, "
+        f"{_plural(summary['messages'], 'message')} ({summary['messages_per_second']:,} messages/s)",
         *(f"  {label:<18}{summary[key]:>10,}" for label, key in labels),
     ]
     print("\n".join(lines), flush=True)
@@ -519,21 +572,23 @@ def _found_profile(
     _check_collection(collection)
     settings = load_config(config)
     with _store(store_url, must_exist=True) as opened:
-        space_name = _space_for_reading(settings, opened, space)
+        space_name = _space_for_reading(settings, opened, space, absent_code=1)
         try:
             root = find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
         except InvalidProfileId as error:
             raise UsageError(str(error)) from None
         if root is None:
-            _not_found(id, space_name)
+            _not_found(id, space_name, collection)
         yield opened, space_name, root
 
 
-def _not_found(text: str, space: str) -> NoReturn:
-    _error(f"no profile {text} in space {space}", code=1)
+def _not_found(text: str, space: str, collection: str | None) -> NoReturn:
+    """Exit 1: nothing by that id; a forced collection is named, as the id may be in the other one."""
+    what = f"{collection} profile" if collection else "profile"
+    _error(f"no {what} {text} in space {space}", code=1)
 
 
-@app.command()
+@app.command(cls=_PlainUsage)
 def profile(
     id: Annotated[
         str, typer.Argument(metavar="ID", help="type:value (e.g. email:jane@example.com) or a segment id.")
@@ -602,7 +657,7 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
         stdout.print(links)
 
 
-@app.command()
+@app.command(cls=_PlainUsage)
 def explain(
     id: Annotated[str, typer.Argument(metavar="ID", help="type:value or a segment id.")],
     space: SpaceOption = None,
@@ -685,6 +740,80 @@ def stats(
             print("\n\n".join(blocks))
 
 
+# -- keys ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def keys(
+    space: Annotated[
+        str | None,
+        typer.Option(
+            "--space",
+            envvar="IDSTITCH_SPACE",
+            metavar="NAME",
+            help="One space (default: every configured one).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON: one object with --space, else a list with one per space.")
+    ] = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """The write key of each source and the Profile API tokens of each space, generated ones included."""
+    from idstitch.engine import Engine
+
+    with _user_errors():
+        settings = load_config(config)
+        if space is not None:
+            settings.space(space)  # unknown space: a ConfigError naming the configured ones
+        with _store(store, must_exist=True) as opened:
+            # A read-only engine accepts exactly the tokens `serve` accepts; it creates nothing.
+            engine = Engine(opened, settings, read_only=True)
+            names = [space] if space is not None else sorted(settings.spaces)
+            documents = [_keys_document(engine, name) for name in names]
+        if as_json:
+            print(json.dumps(documents[0] if space is not None else documents, indent=2))
+            return
+        blocks = []
+        for document in documents:
+            pairs = [
+                (
+                    f"source {item['name']}",
+                    "write key "
+                    + (item["write_key"] or "(none yet: the next `idstitch ingest` or `serve` makes it)"),
+                )
+                for item in document["sources"]
+            ]
+            pairs += [(f"{item['kind']} token", item["token"]) for item in document["tokens"]]
+            if not document["tokens"]:
+                pairs.append(("tokens", "none (profile_tokens / admin_tokens in the config)"))
+            width = max(len(label) for label, _ in pairs)
+            rows = [f"space {document['space']}", *(f"  {label:<{width}}  {text}" for label, text in pairs)]
+            blocks.append("\n".join(rows))
+        print("\n\n".join(blocks))
+
+
+def _keys_document(engine: Engine, space: str) -> dict[str, Any]:
+    """One space's sources with their write keys and its Profile API tokens (kind read or admin)."""
+    configured = engine.config.space(space)
+    stored = {source.name: source.write_key for source in engine.store.sources() if source.space == space}
+    # A configured key wins: it is what the store holds once `ingest` or `serve` has started with it.
+    sources = [
+        {"name": name, "write_key": item.write_key or stored.get(name), "merge": item.merge}
+        for name, item in sorted(configured.sources.items())
+    ]
+    candidates = [*configured.profile_tokens, *configured.admin_tokens]
+    candidates += [token.token for token in engine.store.tokens() if token.space == space]
+    tokens = []
+    for text in dict.fromkeys(candidates):
+        record = engine.token(text)
+        if record is not None and record.space == space:
+            tokens.append({"kind": record.kind, "token": record.token})
+    tokens.sort(key=lambda item: (item["kind"] != "read", item["token"]))
+    return {"space": space, "sources": sources, "tokens": tokens}
+
+
 # -- simulate / accuracy ---------------------------------------------------------------------------
 
 
@@ -744,7 +873,8 @@ def simulate(
             print(json.dumps(summary))
             return
         print(
-            f"simulated {written:,} messages of {population:,} people over {days} days (seed {seed}) "
+            f"simulated {_plural(written, 'message')} of {_plural(population, 'person', 'people')} "
+            f"over {_plural(days, 'day')} (seed {seed}) "
             f"in {seconds:.1f} s: {out}" + (f", truth {truth}" if truth is not None else "")
         )
 
@@ -773,7 +903,7 @@ def accuracy(
 ) -> None:
     """Score what the store resolved against the truth, beside a naive merge-on-any-shared-id baseline."""
     from idstitch.sim.accuracy import read_truth
-    from idstitch.sim.compare import compare_store
+    from idstitch.sim.compare import TruthMismatch, compare_store
 
     with _user_errors():
         if not truth.is_file():
@@ -787,9 +917,12 @@ def accuracy(
                 raise UsageError(f"{truth}: not a truth file ({error})") from None
             except ValueError as error:  # read_truth names the file and the line
                 raise UsageError(str(error)) from None
-            result = compare_store(
-                opened, space_name, _rules(settings, opened, space_name), known, examples=examples
-            )
+            try:
+                result = compare_store(
+                    opened, space_name, _rules(settings, opened, space_name), known, examples=examples
+                )
+            except TruthMismatch as error:
+                raise UsageError(f"{truth}: {error}") from None
         if as_json:
             print(json.dumps({"truth": str(truth), **result.as_dict()}))
             return
@@ -811,7 +944,7 @@ def _render_accuracy(result: Comparison, truth: Path) -> None:
     ours, naive = result.idstitch, result.baseline
     stdout.print(
         f"accuracy of space {result.space} against {truth}: "
-        f"{ours.messages:,} messages of {ours.people:,} people",
+        f"{_plural(ours.messages, 'message')} of {_plural(ours.people, 'person', 'people')}",
         markup=False,
         soft_wrap=True,
     )
@@ -887,8 +1020,9 @@ def _render_accuracy(result: Comparison, truth: Path) -> None:
     lines.append(
         f"counted: {ours.truth_rows:,} truth rows; {ours.repeated:,} retries repeat a messageId and count "
         f"once; {ours.junk_only:,} junk-only messages belong to nobody and are left out; "
-        f"{ours.unresolved:,} unresolved and {ours.missing:,} missing (rejected) messages count as "
-        f"singletons; {ours.extra:,} stored messages are not in the truth and are ignored"
+        f"{ours.unresolved:,} unresolved messages and {ours.missing:,} not in the store (rejected by "
+        f"ingest or never ingested) count as singletons; {ours.extra:,} stored messages are not in the "
+        "truth and are ignored"
     )
     lines += _example_lines("idstitch", ours) + _example_lines("baseline", naive, splits=False)
     lines += [

@@ -9,7 +9,8 @@ Definitions (the `idstitch accuracy` report repeats them):
   repeats a messageId: it is one message, with the scenario of its first row. Messages whose truth
   person is empty (junk-only traffic that belongs to nobody) are left out and counted.
 - **Predicted profile** of a message: the root profile it resolved to. A message stored as unresolved
-  (all identifiers blocked) or missing from the store (rejected) is a profile of its own (a singleton).
+  (all identifiers blocked) or not in the store (rejected by ingest, or never ingested) is a profile of its
+  own (a singleton).
 - **Pairwise precision / recall / F1**: over unordered pairs of scored messages. A pair is *predicted*
   when both messages are in the same profile, *true* when both belong to the same person.
   precision = correct / predicted pairs, recall = correct / true pairs.

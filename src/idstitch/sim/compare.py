@@ -20,12 +20,27 @@ from idstitch.sim.accuracy import Accuracy, ClusterScores, Truth, evaluate, scor
 from idstitch.sim.baseline import NaiveBaseline
 from idstitch.storage.base import EventResolution, Store
 
-__all__ = ["PROTECTED_SCENARIOS", "TARGETS", "Comparison", "Target", "compare_store"]
+__all__ = [
+    "MIN_TRUTH_IN_STORE",
+    "PROTECTED_SCENARIOS",
+    "TARGETS",
+    "Comparison",
+    "Target",
+    "TruthMismatch",
+    "compare_store",
+]
 
 # The scenarios the rules exist to protect against: an over-merge through them is a defect.
 PROTECTED_SCENARIOS: tuple[str, ...] = ("shared_device", "junk_id")
 # The accuracy bar of the default simulated population with the default rules.
 TARGETS: dict[str, float] = {"precision": 0.999, "recall": 0.98, "over_merged_protected": 0}
+# Below this share of the truth's messages in the store, the truth describes some other store: scoring
+# it would count the absent messages as singletons and report a perfect precision of nothing.
+MIN_TRUTH_IN_STORE = 0.5
+
+
+class TruthMismatch(ValueError):
+    """The truth file and the store's space hold (almost) none of the same messages."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +118,18 @@ def compare_store(
     events = _Events(store, space, rules)
     baseline = NaiveBaseline()
     baseline_accounts = NaiveBaseline()
+    stored = known = 0
     for row in events:
+        stored += 1
+        known += row.message_id in truth.index
         users, accounts = events.identifiers(row)
         baseline.add(users)
         baseline_accounts.add(accounts)
+    if len(truth) and known < MIN_TRUTH_IN_STORE * len(truth):
+        raise TruthMismatch(
+            f"the truth does not match the store: only {known:,} of its {len(truth):,} messages "
+            f"({known / len(truth):.0%}) are in space {space}, which holds {stored:,}"
+        )
 
     def idstitch_rows() -> Iterator[tuple[str, str | None, Iterable[str]]]:
         blocked = events.blocked
