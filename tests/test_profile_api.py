@@ -5,6 +5,7 @@ built from the SPEC examples. Full response bodies are compared, not just fields
 from __future__ import annotations
 
 import base64
+import multiprocessing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from idstitch.core.errors import ConfigError
 from idstitch.core.identifiers import Identifier
 from idstitch.core.messages import format_timestamp
 from idstitch.engine import Engine
-from idstitch.http.profiles import ProfileAPI, RateLimiter
+from idstitch.http.profiles import ProfileAPI
+from idstitch.http.rate_limits import RateLimiter, SharedBuckets
 from idstitch.storage.urls import open_store
 
 pytestmark = pytest.mark.anyio
@@ -516,6 +518,34 @@ async def test_rate_limit_per_token_is_429_with_retry_after(api: Api) -> None:
     assert (await api.get(path, token="at_other"))[0] == 404
     api.clock.now += 1.0
     assert (await api.get(path, token="pt_other"))[0] == 404
+
+
+def _frozen_clock() -> float:
+    return 100.0  # no refill: what was spent stays spent, whichever process spent it
+
+
+def _spend_in_another_process(buckets: SharedBuckets, token: str, count: int) -> None:
+    limiter = RateLimiter(_frozen_clock, buckets)
+    for _ in range(count):
+        if limiter.retry_after(token, 5) != 0:
+            raise SystemExit(1)
+
+
+def test_profile_worker_processes_share_one_budget_per_token() -> None:
+    """`serve --profile-workers N` gives each token the space's rate, not N times it."""
+    context = multiprocessing.get_context("spawn")  # as ProfileWorkers starts them
+    buckets = SharedBuckets(context, slots=8)
+    process = context.Process(target=_spend_in_another_process, args=(buckets, "pt_app", 4))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    here = RateLimiter(_frozen_clock, buckets)
+    assert here.retry_after("pt_app", 5) == 0  # the fifth of the second's five
+    assert here.retry_after("pt_app", 5) == 1  # spent, across both processes
+    assert here.retry_after("pt_other", 5) == 0  # each token has its own
+    for number in range(20):  # more tokens than slots: the table starts over instead of failing
+        assert here.retry_after(f"t{number}", 5) == 0
+    assert here.retry_after("t19", 5) == 0
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ import base64
 import binascii
 import itertools
 import logging
-import math
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -59,6 +58,7 @@ from idstitch.http.profile_shapes import (
     UnresolvedResponse,
     VerboseTrait,
 )
+from idstitch.http.rate_limits import RateLimiter
 from idstitch.http.tracking import Receive, Scope, Send
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root, graph_document
 from idstitch.storage.base import EventQuery, EventRecord, IdentifierRecord, TokenRecord
@@ -96,30 +96,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def is_profile_api_path(path: str) -> bool:
     """Whether a request path belongs to this app (the rest of the port is the Tracking API's)."""
     return path.startswith(("/v1/spaces/", "/v1/namespaces/")) or path == "/openapi.json"
-
-
-class RateLimiter:
-    """A token bucket per Profile API token: `rate` requests a second, bursts up to one second's worth."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_tokens: int = 100_000) -> None:
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # token → (allowance, last refill)
-        self._max_tokens = max_tokens
-
-    def retry_after(self, token: str, rate: int) -> int:
-        """0 when the request may go ahead (and is counted), else whole seconds to wait."""
-        if rate <= 0:
-            return 0
-        now = self._clock()
-        allowance, last = self._buckets.get(token, (float(rate), now))
-        allowance = min(float(rate), allowance + (now - last) * rate)
-        if allowance < 1.0:
-            self._buckets[token] = (allowance, now)
-            return max(1, math.ceil((1.0 - allowance) / rate))
-        if len(self._buckets) >= self._max_tokens and token not in self._buckets:
-            self._buckets.clear()  # only configured tokens get here, so this is a safety bound only
-        self._buckets[token] = (allowance - 1.0, now)
-        return 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
 from idstitch.http.profiles import ProfileAPI
+from idstitch.http.rate_limits import RateLimiter, SharedBuckets
 from idstitch.http.tracking import IngestWriter, TrackingAPI
 from idstitch.storage.urls import open_store
 
@@ -220,6 +221,8 @@ class ProfileWorkers:
         _remove_orphaned_metrics_dirs()
         self.metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_DIR_PREFIX}{os.getpid()}-")
         self._context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and SQLite
+        # One set of rate-limit buckets for all: a token's limit is the space's, however many workers.
+        self._buckets = SharedBuckets(self._context)
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="idstitch-profile-workers", daemon=True)
@@ -227,7 +230,7 @@ class ProfileWorkers:
     def _spawn(self) -> multiprocessing.process.BaseProcess:
         process = self._context.Process(
             target=_profile_worker,
-            args=(self.sock, self._store_url, self._config_path),
+            args=(self.sock, self._store_url, self._config_path, self._buckets),
             name="idstitch-profile-worker",
             daemon=True,
         )
@@ -277,7 +280,9 @@ class ProfileWorkers:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
-def _profile_worker(sock: socket.socket, store_url: str, config_path: str | None) -> None:
+def _profile_worker(
+    sock: socket.socket, store_url: str, config_path: str | None, buckets: SharedBuckets
+) -> None:
     """A worker process: the Profile API over a read-only store on the shared socket, until SIGTERM."""
     configure_logging()
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -285,7 +290,7 @@ def _profile_worker(sock: socket.socket, store_url: str, config_path: str | None
     try:
         engine = Engine(store, load_config(config_path), read_only=True)
         config = uvicorn.Config(
-            ProfileAPI(engine),
+            ProfileAPI(engine, rate_limiter=RateLimiter(buckets=buckets)),
             lifespan="off",
             access_log=False,
             log_config=None,
