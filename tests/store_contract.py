@@ -410,6 +410,20 @@ def test_write_keys_are_unique_across_spaces(store: Store) -> None:
     assert store.sources() == before
 
 
+def test_first_token_keeps_the_first_of_each_space_and_kind(store: Store) -> None:
+    store.ensure_space("a")
+    store.ensure_space("b")
+    assert store.first_token(TokenRecord("a", "pt_1", "read")) == TokenRecord("a", "pt_1", "read")
+    assert store.first_token(TokenRecord("a", "pt_0", "read")) == TokenRecord("a", "pt_1", "read")
+    assert store.first_token(TokenRecord("a", "at_1", "admin")) == TokenRecord("a", "at_1", "admin")
+    assert store.first_token(TokenRecord("b", "pt_2", "read")) == TokenRecord("b", "pt_2", "read")
+    assert store.tokens() == [
+        TokenRecord("a", "at_1", "admin"),
+        TokenRecord("a", "pt_1", "read"),
+        TokenRecord("b", "pt_2", "read"),
+    ]
+
+
 def test_tokens_upsert_by_token_and_list_by_space_then_token(store: Store) -> None:
     store.ensure_space("a")
     store.ensure_space("b")

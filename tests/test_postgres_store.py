@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -12,6 +13,7 @@ import pytest
 
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError
+from idstitch.core.messages import decode_message
 from idstitch.engine import Engine
 from idstitch.storage.base import SourceRecord
 from idstitch.storage.postgres import PostgresStore, lock_key
@@ -57,12 +59,17 @@ def _first_run(url: str, ready: Any, created: Any) -> None:
     try:
         ready.wait()
         engine = Engine(store, Config.default())
-        created.put([record.write_key for record in engine.created_write_keys])
+        created.put(
+            (
+                [record.write_key for record in engine.created_write_keys],
+                [record.token for record in engine.created_tokens],
+            )
+        )
     finally:
         store.close()
 
 
-def test_first_runs_started_together_agree_on_one_generated_write_key(postgres_url: str) -> None:
+def test_first_runs_started_together_agree_on_one_generated_write_key_and_tokens(postgres_url: str) -> None:
     context = multiprocessing.get_context("spawn")
     ready, created = context.Event(), context.Queue()
     processes = [context.Process(target=_first_run, args=(postgres_url, ready, created)) for _ in range(4)]
@@ -76,10 +83,15 @@ def test_first_runs_started_together_agree_on_one_generated_write_key(postgres_u
     store = open_store(postgres_url)
     try:
         stored = [source.write_key for source in store.sources()]
+        tokens = store.tokens()
     finally:
         store.close()
     assert len(stored) == 1
-    assert sorted(key for keys in announced for key in keys) == stored  # only the key that counts is printed
+    assert (
+        sorted(key for keys, _ in announced for key in keys) == stored
+    )  # only the key that counts is printed
+    assert sorted(token.kind for token in tokens) == ["admin", "read"]  # one of each, not one per process
+    assert sorted(token for _, made in announced for token in made) == sorted(token.token for token in tokens)
 
 
 def test_read_only_reads_a_migrated_store_and_refuses_writes(
@@ -113,3 +125,22 @@ def test_lock_keys_differ_by_kind_space_and_parts_and_are_signed_64_bit() -> Non
     }
     assert len(keys) == 5
     assert all(-(2**63) <= key < 2**63 for key in keys)
+
+
+def test_connections_that_died_in_the_pool_are_replaced_not_handed_out(postgres_url: str) -> None:
+    """A PostgreSQL restart, failover or pg_terminate_backend between requests costs no request."""
+    store = open_store(postgres_url)
+    try:
+        engine = Engine(store, Config.default())
+        assert len(store.sources()) == 1
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert row is not None and row[0] >= 1
+        assert len(store.sources()) == 1  # a read
+        message = decode_message(b'{"type": "identify", "userId": "u1"}', received_at=datetime.now(UTC))
+        assert engine.ingest([message], space="default").outcomes[0].status == "resolved"  # a write
+    finally:
+        store.close()

@@ -168,9 +168,11 @@ class Engine:
                 if configured or any(t.space == space.name and t.kind == kind for t in stored):
                     continue
                 record = TokenRecord(space.name, prefix + secrets.token_urlsafe(18), kind)
-                self.store.upsert_token(record)
-                self._tokens[record.token] = record
-                self.created_tokens.append(record)
+                # Processes starting together on one new store (serve and its workers) keep the first.
+                kept = self.store.first_token(record)
+                self._tokens[kept.token] = kept
+                if kept == record:
+                    self.created_tokens.append(record)
 
     def _ensure_source(self, space: str, source: SourceConfig, existing: SourceRecord | None) -> None:
         if source.write_key is None:

@@ -328,6 +328,13 @@ class Store(Protocol):
         """Create a Profile API token (keyed by the token itself) or change its space or kind."""
         ...
 
+    def first_token(self, token: TokenRecord) -> TokenRecord:
+        """Store `token` unless its space already has a token of its kind; the one kept, either way.
+
+        How concurrent first runs agree on one generated read and one admin token: the first wins.
+        """
+        ...
+
     def tokens(self) -> list[TokenRecord]:
         """Every Profile API token the store keeps (generated on a first run without config)."""
         ...

@@ -276,6 +276,19 @@ class MemoryStore:
         with self.transaction() as transaction:
             transaction.set_item(self._tokens, token.token, (token.space, token.kind))
 
+    def first_token(self, token: TokenRecord) -> TokenRecord:
+        """Store `token` unless its space has one of its kind; the one kept, either way."""
+        with self.transaction() as transaction:
+            kept = sorted(
+                stored
+                for stored, (space, kind) in self._tokens.items()
+                if (space, kind) == (token.space, token.kind)
+            )
+            if kept:
+                return TokenRecord(token.space, kept[0], token.kind)
+            transaction.set_item(self._tokens, token.token, (token.space, token.kind))
+        return token
+
     # -- reads -------------------------------------------------------------------------------
     def _read(self, space: str) -> _Space:
         return self._data.get(space) or _EMPTY

@@ -121,6 +121,10 @@ class PostgresStore:
             open=True,
             timeout=30,
             name="idstitch",
+            # A connection that died while idle in the pool (a server restart, a failover,
+            # pg_terminate_backend, an idle timeout) is replaced when taken, not handed out to fail:
+            # one empty round trip per checkout, and a checkout serves a whole transaction or read.
+            check=ConnectionPool.check_connection,
         )
         try:
             if read_only:
@@ -220,6 +224,24 @@ class PostgresStore:
             "ON CONFLICT (token) DO UPDATE SET space = excluded.space, kind = excluded.kind",
             (token.token, token.space, token.kind),
         )
+
+    def first_token(self, token: TokenRecord) -> TokenRecord:
+        """Store `token` unless its space has one of its kind; an advisory lock orders concurrent callers."""
+        if self.read_only:
+            raise ConfigError(f"store {_safe(self.url)} was opened read-only")
+        with self._pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("t", token.space, token.kind),))
+            row = db.execute(
+                "SELECT token FROM tokens WHERE space = %s AND kind = %s ORDER BY token LIMIT 1",
+                (token.space, token.kind),
+            ).fetchone()
+            if row is not None:
+                return TokenRecord(token.space, row[0], token.kind)
+            db.execute(
+                "INSERT INTO tokens (token, space, kind) VALUES (%s, %s, %s)",
+                (token.token, token.space, token.kind),
+            )
+        return token
 
     def _write(self, sql: str, parameters: Sequence[Any]) -> None:
         if self.read_only:

@@ -275,6 +275,21 @@ class SQLiteStore:
                 (token.token, token.space, token.kind),
             )
 
+    def first_token(self, token: TokenRecord) -> TokenRecord:
+        """Store `token` unless its space has one of its kind (BEGIN IMMEDIATE: one writer at a time)."""
+        with self.transaction() as transaction:
+            row = transaction.db.execute(
+                "SELECT token FROM tokens WHERE space = ? AND kind = ? ORDER BY token LIMIT 1",
+                (token.space, token.kind),
+            ).fetchone()
+            if row is not None:
+                return TokenRecord(token.space, row[0], token.kind)
+            transaction.db.execute(
+                "INSERT INTO tokens (token, space, kind) VALUES (?, ?, ?)",
+                (token.token, token.space, token.kind),
+            )
+        return token
+
     # -- reads -------------------------------------------------------------------------------
     def spaces(self) -> list[str]:
         """Every space."""
