@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -529,6 +530,82 @@ async def test_a_stream_that_refuses_or_a_missing_nats_is_a_429_or_a_clear_error
         ):
             JetStreamPublisher(engine, "nats://127.0.0.1:1", connect_timeout=1)
         assert time.monotonic() - started < 5
+
+
+class PrivateNats:
+    """A nats-server of this test's own (JetStream on disk), to stop and start again at will."""
+
+    def __init__(self, directory: Path) -> None:
+        from live_server import free_port
+
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}?stream=OUTAGE&subject=outage"
+
+    def start(self) -> None:
+        command = ["/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        self.process = subprocess.Popen([*command, "-sd", str(self.directory)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_while_nats_is_down_healthz_is_503_and_a_refused_request_is_never_published_later(
+    tmp_path: Path,
+) -> None:
+    nats_server = PrivateNats(tmp_path / "nats")
+    nats_server.start()
+    try:
+        with engine_at(tmp_path / "queued.db") as engine:
+            publisher = JetStreamPublisher(engine, nats_server.url, publish_timeout=1.5)
+            auth = {"Authorization": "Basic " + base64.b64encode(b"wk_test:").decode()}
+            transport = httpx.ASGITransport(app=TrackingAPI(publisher))
+            try:
+                async with httpx.AsyncClient(transport=transport, base_url="http://idstitch") as api:
+                    assert (await api.get("/healthz")).status_code == 200
+                    sent = await api.post("/v1/identify", json={"userId": "u1"}, headers=auth)
+                    assert sent.status_code == 200
+                    nats_server.stop()
+                    while publisher.unhealthy() is None:
+                        await asyncio.sleep(0.05)
+                    health = await api.get("/healthz")
+                    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+                    refused = await api.post("/v1/identify", json={"userId": "u2"}, headers=auth)
+                    assert refused.status_code == 429
+                    assert "may still be stored" not in refused.json()["message"]  # it was never sent
+                    nats_server.start()
+                    deadline = time.monotonic() + 30
+                    while publisher.unhealthy() is not None and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    assert (await api.get("/healthz")).status_code == 200
+                    again = await api.post("/v1/identify", json={"userId": "u3"}, headers=auth)
+                    assert again.status_code == 200
+            finally:
+                publisher.close()
+        client = await nats.connect(f"nats://127.0.0.1:{nats_server.port}", connect_timeout=3)
+        try:
+            info = await client.jetstream().stream_info("OUTAGE")
+        finally:
+            await client.close()
+        assert info.state.messages == 2  # u1 and u3: the refused request did not go out on reconnect
+    finally:
+        nats_server.stop()
 
 
 class CommitsThenDies(Engine):

@@ -80,6 +80,14 @@ class GroupCommitWriter:
         """Messages submitted and not yet committed."""
         return self._pending
 
+    def unhealthy(self) -> str | None:
+        """Why requests cannot be committed now (None when they can)."""
+        if self._closed:
+            return "shutting down"
+        if not self._thread.is_alive():
+            return "the writer thread has stopped"
+        return None
+
     def submit(
         self, items: Iterable[Message | InvalidEvent], *, space: str, source: str | None = None
     ) -> Future[IngestResult]:

@@ -100,7 +100,10 @@ def configure_logging(stream: TextIO | None = None, level: int = logging.INFO) -
     """Send idstitch's and uvicorn's logs to `stream` (stderr) as JSON lines."""
     handler = BatchingStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name, logger_level in (("idstitch", level), ("uvicorn.error", logging.WARNING)):
+    # psycopg's pool and nats-py log a dropped connection themselves: as JSON lines too, not as the
+    # bare multi-line text Python prints for a logger nobody configured.
+    libraries = (("uvicorn.error", logging.WARNING), ("psycopg", logging.WARNING), ("nats", logging.WARNING))
+    for name, logger_level in (("idstitch", level), *libraries):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(logger_level)

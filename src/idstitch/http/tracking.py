@@ -86,6 +86,10 @@ class IngestWriter(WriterFigures, Protocol):
         """Stop accepting and make everything accepted durable."""
         ...
 
+    def unhealthy(self) -> str | None:
+        """Why requests cannot be made durable now (None when they can): what /healthz reports."""
+        ...
+
 
 class _Disconnected(Exception):
     """The client went away before its body was read: there is nobody to answer."""
@@ -177,7 +181,13 @@ class TrackingAPI:
             elif route == "/healthz":
                 if method not in ("GET", "HEAD"):
                     raise _not_allowed(method, path, "GET, HEAD")
-                body = b'{"status":"ok"}'
+                reason = self.writer.unhealthy()
+                if reason is not None:
+                    # A load balancer takes this server out instead of sending it requests it must refuse.
+                    status = 503
+                    body = _encoder.encode({"status": "unavailable", "reason": reason})
+                else:
+                    body = b'{"status":"ok"}'
             elif route == "/metrics":
                 if method not in ("GET", "HEAD"):
                     raise _not_allowed(method, path, "GET, HEAD")

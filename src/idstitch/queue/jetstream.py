@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import ParseResult, parse_qs, urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.errors
@@ -199,7 +199,7 @@ class JetStream:
             _log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
-        _log.warning("reconnected to NATS", extra={"server": str(self.client.connected_url)})
+        _log.warning("reconnected to NATS", extra={"server": _shown(self.client.connected_url)})
 
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or check that an existing one of that name holds our subjects."""
@@ -261,9 +261,15 @@ class JetStream:
         """
         deadline = time.monotonic() + timeout
         attempt = 0
+        sent = False
         while True:
             remaining = deadline - time.monotonic()
             try:
+                if not self.client.is_connected:
+                    # A publish now would wait in the client's reconnect buffer and go out when NATS is
+                    # back, after this request was answered 429: wait for the connection instead.
+                    raise nats.errors.ConnectionReconnectingError
+                sent = True
                 return await self.js.publish(
                     subject,
                     data,
@@ -288,8 +294,11 @@ class JetStream:
             pause = min(0.1 * 2**attempt, 1.0)
             attempt += 1
             if time.monotonic() + pause >= deadline:
+                # Sent but not acknowledged: it may still be stored. Its Nats-Msg-Id and the messages'
+                # messageIds make a retry land once; messages sent without one may land twice.
+                unknown = "; it may still be stored: a retry is de-duplicated by messageId" if sent else ""
                 raise QueueUnavailable(
-                    f"JetStream did not acknowledge within {timeout:g} s ({type(last).__name__})"
+                    f"JetStream did not acknowledge within {timeout:g} s ({type(last).__name__}){unknown}"
                 ) from None
             await asyncio.sleep(pause)
 
@@ -331,3 +340,11 @@ def _without_credentials(server: str) -> str:
         host = f"[{host}]"  # IPv6
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _shown(url: ParseResult | None) -> str | None:
+    """A server URL as a user writes it (nats-py hands over a ParseResult), without any password."""
+    if url is None:
+        return None
+    host = url.hostname or ""
+    return f"{url.scheme}://{host}:{url.port}" if url.port else f"{url.scheme}://{host}"

@@ -76,6 +76,14 @@ class JetStreamPublisher:
         """Messages submitted and not yet acknowledged by JetStream."""
         return self._pending
 
+    def unhealthy(self) -> str | None:
+        """Why requests cannot be published now (None when they can)."""
+        if self._closed:
+            return "shutting down"
+        if not self._jetstream.client.is_connected:
+            return f"not connected to NATS at {self.queue.shown_servers}; reconnecting"
+        return None
+
     def submit(
         self, items: Iterable[Message | InvalidEvent], *, space: str, source: str | None = None
     ) -> Future[IngestResult]:
