@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -220,13 +221,20 @@ def test_stdin_dash_in_a_real_process() -> None:
     assert done.stdout.decode().split("\n") == ["-:1[0] m1", "-:1[1] m2", ""]
 
 
-def test_received_at_is_the_runs_time_unless_the_message_has_its_own(tmp_path: Path) -> None:
+def test_received_at_is_the_files_time_unless_the_message_has_its_own(tmp_path: Path) -> None:
     path = tmp_path / "events.ndjson"
     path.write_bytes(ndjson(message(1), message(2, receivedAt="2026-02-01T00:00:00.000Z")))
+    os.utime(path, (1_767_225_600.25, 1_767_225_600.25))
     first, second = (item for _, item in items(path))
     assert isinstance(first, Message) and isinstance(second, Message)
-    assert first.received_at == RECEIVED
+    # The file's modification time, not the run's: a resumed run stamps as the first did.
+    assert first.received_at == datetime(2026, 1, 1, 0, 0, 0, 250000, tzinfo=UTC)
     assert second.received_at == datetime(2026, 2, 1, tzinfo=UTC)
+    # Standard input has no such time: the run's is used.
+    (only,) = (
+        item for _, item in read_items("-", received_at=RECEIVED, stdin=io.BytesIO(ndjson(message(3))))
+    )
+    assert isinstance(only, Message) and only.received_at == RECEIVED
 
 
 def test_read_batches_groups_items_across_files_and_reports_bytes(tmp_path: Path) -> None:

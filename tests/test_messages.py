@@ -20,7 +20,7 @@ from idstitch.core.messages import (
     ExternalId,
     Message,
     SourceOccurrences,
-    decode_batch_json,
+    decode_document,
     decode_json,
     decode_message,
     format_timestamp,
@@ -1135,36 +1135,46 @@ def test_a_utf8_bom_before_the_json_is_skipped() -> None:
     assert decode_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
 
 
-def test_decode_batch_json_turns_only_the_undecodable_elements_into_errors() -> None:
+def test_decode_document_repairs_what_javascript_sends_and_rejects_only_unholdable_elements() -> None:
     good = b'{"type": "track", "event": "E", "userId": "u1"}'
     body = (
         b'{"sentAt": "2026-01-01T00:00:00Z", "batch": ['
         + good
-        + b', {"k": "\\udc00"}, {"n": NaN}, ['
+        + b', {"k": "cut \\ud83d", "n\\u0000ul": "a\\u0000b"}, {"n": NaN, "messageId": "m-nan"}, ['
         + b"1" * 4400
         + b"]]}"
     )
-    document = decode_batch_json(body)
+    document = decode_document(body)
     assert isinstance(document, dict)
     assert document["sentAt"] == "2026-01-01T00:00:00Z"
-    first, *bad = document["batch"]
+    first, repaired, *bad = document["batch"]
     assert first == {"type": "track", "event": "E", "userId": "u1"}
-    assert [str(item) for item in bad] == [
-        "invalid JSON: a string holds an unpaired UTF-16 surrogate",
-        "invalid JSON: NaN is not a JSON number",
-        "invalid JSON: an integer of 4400 digits is out of range",
+    # A string cut mid-emoji keeps the rest, the half character becomes U+FFFD; so does a NUL.
+    assert repaired == {"k": "cut \ufffd", "n\ufffdul": "a\ufffdb"}
+    assert [(str(item), item.message_id) for item in bad if isinstance(item, InvalidEvent)] == [
+        ("invalid JSON: NaN is not a JSON number", "m-nan"),
+        ("invalid JSON: an integer of 4400 digits is out of range", None),
     ]
     items, _ = parse_batch(document, received_at=RECEIVED)
-    assert isinstance(items[0], Message) and all(isinstance(item, InvalidEvent) for item in items[1:])
-    # What no parser reads, and an undecodable value outside `batch`, still fail the whole body.
+    assert isinstance(items[0], Message) and all(isinstance(item, InvalidEvent) for item in items[2:])
+    # A NUL in a document msgspec reads is repaired too (no PostgreSQL text column holds one).
+    assert decode_document(b'{"userId": "a\\u0000"}') == {"userId": "a\ufffd"}
+    # What no parser reads, an unholdable value outside `batch`, or in a lone message: the whole body.
     for broken in (
         b'{"batch": [' + good,
-        b'{"context": {"k": "\\udc00"}, "batch": [' + good + b"]}",
-        b'"\\udc00"',
+        b'{"context": {"n": NaN}, "batch": [' + good + b"]}",
+        b'{"type": "track", "n": NaN}',
     ):
         with pytest.raises(InvalidEvent):
-            decode_batch_json(broken)
-    assert decode_batch_json(b'{"batch": [' + good + b"]}") == decode_json(b'{"batch": [' + good + b"]}")
+            decode_document(broken)
+    assert decode_document(b'{"batch": [' + good + b"]}") == decode_json(b'{"batch": [' + good + b"]}")
+
+
+def test_json_nested_past_the_decoders_depth_is_an_invalid_event_not_a_crash() -> None:
+    deep = b'{"type": "track", "event": "E", "userId": "u1", "p": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    for decode in (decode_json, decode_document):
+        with pytest.raises(InvalidEvent, match="nested deeper"):
+            decode(deep)
 
 
 def test_a_live_delivery_gives_every_message_without_an_id_its_own() -> None:

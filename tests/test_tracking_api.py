@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 import os
 import random
 import signal
@@ -299,12 +300,13 @@ async def test_a_batch_with_invalid_messages_rejects_them_by_index_and_stores_th
     assert api.event_ids() == ["m1", "m3", "m6"]
 
 
-async def test_an_element_only_a_lenient_parser_reads_is_rejected_alone(api: Api) -> None:
-    # A lone UTF-16 surrogate (JavaScript's JSON.stringify of a string cut mid-emoji) and an integer
-    # past Python's digit limit: msgspec refuses the whole body for either; only their element goes.
+async def test_a_string_cut_mid_emoji_is_kept_and_an_unholdable_element_is_rejected_alone(api: Api) -> None:
+    # JavaScript's JSON.stringify of a string cut mid-emoji writes a lone UTF-16 surrogate: msgspec
+    # refuses the whole body for it; the message lands with U+FFFD for the half character. An integer
+    # past Python's digit limit rejects only its own element, named by its messageId.
     body = (
         '{"batch": [' + json.dumps(track(1)) + ","
-        '{"type": "track", "event": "E", "userId": "u2", "messageId": "m2", "properties": {"k": "\\ud83d"}},'
+        '{"type": "identify", "userId": "u2", "messageId": "m2", "traits": {"cut": "ok \\ud83d"}},'
         + json.dumps(track(3))
         + ',{"type": "track", "event": "E", "userId": "u4", "messageId": "m4", "n": '
         + "9" * 5000
@@ -317,23 +319,43 @@ async def test_an_element_only_a_lenient_parser_reads_is_rejected_alone(api: Api
             "success": True,
             "rejected": [
                 {
-                    "index": 1,
-                    "messageId": None,
-                    "error": "invalid JSON: a string holds an unpaired UTF-16 surrogate",
-                },
-                {
                     "index": 3,
-                    "messageId": None,
+                    "messageId": "m4",
                     "error": "invalid JSON: an integer of 5000 digits is out of range",
-                },
+                }
             ],
         },
     )
-    assert api.event_ids() == ["m1", "m3"]
+    assert api.event_ids() == ["m1", "m2", "m3"]
+    assert api.world.space(SPACE).traits_of("user_id:u2") == {"cut": "ok \ufffd"}
+    # The single-message routes read it the same way.
+    single = '{"userId": "u5", "event": "E", "messageId": "m5", "properties": {"c": "\\ud83dx"}}'
+    assert await api.post("/v1/track", content=single.encode()) == (200, OK)
+    assert "m5" in api.event_ids()
     # In the envelope it concerns every element: the whole request is refused.
-    bad_context = '{"context": {"k": "\\ud83d"}, "batch": [' + json.dumps(track(5)) + "]}"
+    bad_context = '{"context": {"n": NaN}, "batch": [' + json.dumps(track(6)) + "]}"
     status, answer = await api.post("/v1/batch", content=bad_context.encode())
     assert status == 400 and answer["code"] == "invalid_json"
+    # Nested past the decoder's depth: a 400 with the reason, not a 500.
+    deep = '{"userId": "u7", "event": "E", "p": ' + "[" * 1000 + "]" * 1000 + "}"
+    status, answer = await api.post("/v1/track", content=deep.encode())
+    assert status == 400 and "nested deeper" in answer["message"]
+
+
+async def test_a_rejected_message_is_named_by_the_id_it_was_sent_with_and_logged_with_its_reason(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_id = "x" * 150
+    caplog.set_level(logging.INFO, logger="idstitch")
+    status, answer = await api.post("/v1/batch", {"batch": [track(1), {**track(2), "messageId": long_id}]})
+    assert (status, answer["rejected"]) == (
+        200,
+        [{"index": 1, "messageId": long_id, "error": "messageId: longer than 100 characters"}],
+    )
+    (line,) = [record for record in caplog.records if getattr(record, "path", None) == "/v1/batch"]
+    assert line.rejections == [
+        {"index": 1, "messageId": long_id, "error": "messageId: longer than 100 characters"}
+    ]
 
 
 async def test_messages_without_a_message_id_are_each_stored_however_alike(api: Api) -> None:

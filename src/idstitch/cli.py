@@ -289,7 +289,7 @@ def ingest(
         for name in files:
             if name != "-" and Path(name).is_dir():
                 raise UsageError(f"{name}: is a directory (name the files in it)")
-            if name != "-" and not Path(name).is_file():
+            if name != "-" and not Path(name).exists():  # a pipe (<(…), a FIFO) is read like a file
                 raise UsageError(f"{name}: no such file")
         settings = load_config(config)
         # Before the store is opened: opening creates the file and the engine bootstraps the spaces,

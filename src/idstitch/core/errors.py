@@ -12,9 +12,10 @@ class IdstitchError(Exception):
 class InvalidEvent(IdstitchError):
     """A message that does not follow the Segment spec; `field` names where, `reason` says why."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, field: str, reason: str, message_id: str | None = None) -> None:
         self.field = field
         self.reason = reason
+        self.message_id = message_id  # the id the client sent, when known: to tell it which one failed
         super().__init__(f"{field}: {reason}" if field else reason)
 
 

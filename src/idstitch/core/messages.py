@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,7 +33,7 @@ __all__ = [
     "ExternalId",
     "Message",
     "SourceOccurrences",
-    "decode_batch_json",
+    "decode_document",
     "decode_json",
     "decode_message",
     "format_timestamp",
@@ -101,10 +102,14 @@ def decode_json(data: bytes) -> object:
         return _decoder.decode(data.removeprefix(_BOM))
     except msgspec.DecodeError as exc:
         raise InvalidEvent("", f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent(
+            "", "invalid JSON: nested deeper than the decoder goes (about 1,000 levels)"
+        ) from None
 
 
 class _Unrepresentable:
-    """A JSON value the strict decoder refuses (a huge integer, NaN), kept to name it in the reason."""
+    """A JSON value no message can hold (a huge integer, NaN), kept to name it in the rejection."""
 
     __slots__ = ("reason",)
 
@@ -112,36 +117,71 @@ class _Unrepresentable:
         self.reason = reason
 
 
-def decode_batch_json(data: bytes) -> object:
-    """Like decode_json, but one undecodable element of `batch` becomes its own InvalidEvent.
+def decode_document(data: bytes) -> object:
+    """A message or a batch envelope, read as leniently as JavaScript clients need.
 
-    msgspec refuses a whole document for one unpaired UTF-16 surrogate (what JavaScript writes for a
-    string cut mid-emoji) or one integer past Python's digit limit; a batch must not lose its valid
-    messages to one such element. The standard library reads both, so it reads the document again and
-    each element that holds one is replaced by the error that rejects it.
+    msgspec refuses a whole document for one unpaired UTF-16 surrogate, which is what JSON.stringify
+    writes for a string cut mid-emoji; the standard library reads it, and the half character becomes
+    U+FFFD, as browsers do: the message keeps everything else. A NUL becomes U+FFFD as well. A value
+    no message can hold (an integer past Python's digit limit, NaN, Infinity) rejects only its own
+    message: in a batch envelope, that element becomes an InvalidEvent (carrying its messageId) while
+    the others stay; anywhere else the whole document is refused with InvalidEvent("", "invalid JSON: ...").
     """
     try:
-        return decode_json(data)
+        document = decode_json(data)
+        if b"\\u0000" in data:
+            # NUL is valid JSON but no PostgreSQL text column can hold it: U+FFFD, as for a cut character.
+            document = _repaired(document)
     except InvalidEvent as strict:
         try:
-            document = json.loads(
-                data.removeprefix(_BOM),
-                parse_int=_lenient_int,
-                parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
+            document = _repaired(
+                json.loads(
+                    data.removeprefix(_BOM),
+                    parse_int=_lenient_int,
+                    parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
+                )
             )
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise strict from None
-        if not isinstance(document, dict) or not isinstance(document.get("batch"), list):
-            raise strict from None
-        envelope = {key: value for key, value in document.items() if key != "batch"}
-        if _unrepresentable(envelope) is not None:
-            raise strict from None  # the envelope applies to every element: nothing can land
-        elements: list[object] = []
-        for element in document["batch"]:
-            reason = _unrepresentable(element)
-            elements.append(element if reason is None else InvalidEvent("", f"invalid JSON: {reason}"))
-        envelope["batch"] = elements
-        return envelope
+    batch = document.get("batch") if isinstance(document, dict) else None
+    if not isinstance(document, dict) or not isinstance(batch, list):
+        _refuse_unrepresentable(document)
+        return document
+    envelope = {key: value for key, value in document.items() if key != "batch"}
+    _refuse_unrepresentable(envelope)  # the envelope applies to every element: nothing could land
+    elements: list[object] = []
+    for element in batch:
+        reason = _unrepresentable(element)
+        if reason is None:
+            elements.append(element)
+            continue
+        message_id = element.get("messageId") if isinstance(element, dict) else None
+        elements.append(
+            InvalidEvent("", f"invalid JSON: {reason}", message_id if isinstance(message_id, str) else None)
+        )
+    envelope["batch"] = elements
+    return envelope
+
+
+def _refuse_unrepresentable(value: object) -> None:
+    reason = _unrepresentable(value)
+    if reason is not None:
+        raise InvalidEvent("", f"invalid JSON: {reason}")
+
+
+def _repaired(value: object) -> object:
+    """The decoded document with every unpaired surrogate and NUL replaced by U+FFFD (keys included)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_repaired(key): _repaired(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_repaired(item) for item in value]
+    return value
 
 
 def _lenient_int(text: str) -> object:
@@ -152,25 +192,19 @@ def _lenient_int(text: str) -> object:
 
 
 def _unrepresentable(value: object) -> str | None:
-    """Why a leniently decoded value cannot be a message (None when it can)."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return "a string holds an unpaired UTF-16 surrogate"
-        return None
+    """Why a leniently decoded value cannot be (part of) a message; None when it can."""
     if isinstance(value, _Unrepresentable):
         return value.reason
     if isinstance(value, dict):
-        for key, item in value.items():
-            reason = _unrepresentable(key) or _unrepresentable(item)
-            if reason is not None:
-                return reason
+        items: Iterable[object] = value.values()
     elif isinstance(value, list):
-        for item in value:
-            reason = _unrepresentable(item)
-            if reason is not None:
-                return reason
+        items = value
+    else:
+        return None
+    for item in items:
+        reason = _unrepresentable(item)
+        if reason is not None:
+            return reason
     return None
 
 

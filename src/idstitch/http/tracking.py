@@ -26,10 +26,8 @@ from idstitch.core.messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
-    MAX_MESSAGE_ID_LENGTH,
     Message,
-    decode_batch_json,
-    decode_json,
+    decode_document,
     parse_batch,
     parse_message,
 )
@@ -61,6 +59,7 @@ _PREFLIGHT = [
     (b"access-control-max-age", b"86400"),
 ]
 _PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Encoding"
+_LOGGED_REJECTIONS = 10  # per request log line: enough to diagnose, bounded for a 2,500-message batch
 
 
 class IngestWriter(WriterFigures, Protocol):
@@ -106,6 +105,9 @@ class _Request:
     messages: int = 0
     source: Source | None = None
     rejected: int = 0
+    # The first rejections of a batch with their reasons: client libraries ignore a 200's body, so
+    # the log is where an operator can learn why a message was refused.
+    rejections: list[dict[str, Any]] = field(default_factory=list)
     problem: HTTPProblem | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
@@ -255,7 +257,7 @@ class TrackingAPI:
             limit=REQUEST_LIMIT if batch else MESSAGE_LIMIT,
         )
         try:
-            raw = decode_batch_json(body) if batch else decode_json(body)
+            raw = decode_document(body)
         except InvalidEvent as error:
             raise HTTPProblem(400, "invalid_json", error.reason) from None
         if not isinstance(raw, dict):
@@ -311,6 +313,7 @@ class TrackingAPI:
         if not rejected:
             return _SUCCESS
         request.rejected = len(rejected)
+        request.rejections = rejected[:_LOGGED_REJECTIONS]
         return _encoder.encode({"success": True, "rejected": rejected})
 
     async def _source(self, write_key: str) -> Source:
@@ -369,6 +372,8 @@ class TrackingAPI:
             fields["source"] = request.source.name
         if request.rejected:
             fields["rejected"] = request.rejected
+        if request.rejections:
+            fields["rejections"] = request.rejections
         if request.problem is not None:
             fields["error"] = request.problem.code
             fields["reason"] = request.problem.message
@@ -400,12 +405,14 @@ def _int_or_none(text: str | None) -> int | None:
 
 def _raw_message_id(item: object) -> str | None:
     """The messageId a refused batch element carried, so the client can tell which one it was."""
+    if isinstance(item, InvalidEvent):
+        return item.message_id  # an element the JSON decoder already refused
     if isinstance(item, dict):
         value = item.get("messageId")
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # core accepts numeric ids as their decimal text
-        if isinstance(value, str) and value and len(value) <= MAX_MESSAGE_ID_LENGTH:
-            return value
+        if isinstance(value, str) and value:
+            return value  # even one over the length limit: it is what the client sent
     return None
 
 

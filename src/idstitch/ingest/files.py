@@ -23,11 +23,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
@@ -39,7 +40,7 @@ from idstitch.core.messages import (
     MAX_MESSAGE_BYTES,
     Message,
     SourceOccurrences,
-    decode_batch_json,
+    decode_document,
     decode_json,
     parse_batch,
     parse_message,
@@ -157,8 +158,6 @@ class InputFile:
 
     def __init__(self, path: str | Path, *, received_at: datetime, stdin: IO[bytes] | None = None) -> None:
         self.name = str(path)
-        self.received_at = received_at
-        self._parsing = _Parsing(self.name, received_at)
         if self.name == "-":
             source: IO[bytes] = stdin if stdin is not None else sys.stdin.buffer
             self.size: int | None = None
@@ -166,13 +165,20 @@ class InputFile:
         else:
             source = open(path, "rb")  # noqa: SIM115 - closed by close()
             self._owned = source
-            try:
-                self.size = os.fstat(source.fileno()).st_size
-            except OSError:
-                self.size = None
+            status = os.fstat(source.fileno())
+            regular = stat.S_ISREG(status.st_mode)
+            self.size = status.st_size if regular else None  # a pipe's size says nothing
+            if regular:
+                # A file's messages without a time of their own are stamped with its modification
+                # time, not the run's: a run resumed after a crash stamps them as the first run did,
+                # and so builds the same graph.
+                received_at = datetime.fromtimestamp(status.st_mtime, UTC)
+        self.received_at = received_at
+        self._parsing = _Parsing(self.name, received_at)
         self._counter = _CountingReader(source)
-        buffered = io.BufferedReader(self._counter, buffer_size=_BUFFER)
-        self.compressed = buffered.peek(2)[:2] == _GZIP_MAGIC
+        # From a pipe, a peek returns whatever has arrived: wait for the two bytes gzip is known by.
+        head, buffered = _look_ahead(self._counter, lambda data: len(data) >= 2)
+        self.compressed = head[:2] == _GZIP_MAGIC
         self._gunzip = _GunzipReader(buffered) if self.compressed else None
         self._stream: IO[bytes] = (
             io.BufferedReader(self._gunzip, buffer_size=_BUFFER) if self._gunzip is not None else buffered
@@ -204,8 +210,7 @@ class InputFile:
             )
 
     def _items(self) -> Iterator[Item]:
-        stream = self._stream
-        head = _peek_content(stream)
+        head, stream = _first_content(self._stream)
         if head == b"[":
             yield from _array_items(stream, self.name, self._parsing)
             return
@@ -234,14 +239,30 @@ class _Parsing:
         return parse_batch(value, received_at=self.received_at, occurrences=self.occurrences)
 
 
-def _peek_content(stream: IO[bytes]) -> bytes:
-    """The first byte that is not whitespace (or a UTF-8 BOM), without consuming anything."""
-    assert isinstance(stream, io.BufferedReader)
-    data = stream.peek(4096)
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    stripped = data.lstrip(_WHITESPACE)
-    return stripped[:1]
+def _look_ahead(stream: Any, enough: Callable[[bytes], bool]) -> tuple[bytes, io.BufferedReader]:
+    """The first bytes of a stream, read until `enough` says so (or the end), and a reader from the start.
+
+    A pipe hands over what has arrived so far, so one read (or a peek) may hold a single byte of what
+    decides the format; this reads on until the decision can be made.
+    """
+    head = b""
+    read = getattr(stream, "read1", stream.read)  # what has arrived, not a whole buffer's worth
+    while not enough(head):
+        chunk = read(_BUFFER)
+        if not chunk:
+            break
+        head += chunk
+    return head, io.BufferedReader(_Concat(head, stream), buffer_size=_BUFFER)
+
+
+def _first_content(stream: IO[bytes]) -> tuple[bytes, IO[bytes]]:
+    """The first byte that is not whitespace (or a UTF-8 BOM), and the stream to read from the start."""
+
+    def content(data: bytes) -> bytes:
+        return data.removeprefix(_BOM).lstrip(_WHITESPACE)[:1]
+
+    head, reader = _look_ahead(stream, lambda data: bool(content(data)) or len(data) > MAX_DOCUMENT_BYTES)
+    return content(head), reader
 
 
 def _stands_alone(line: bytes) -> bool:
@@ -259,8 +280,8 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
     stream to go on reading: the first or second non-blank line is a JSON value on its own, or the
     start of the file does not form one document within MAX_DOCUMENT_BYTES.
     """
-    assert isinstance(stream, io.BufferedReader)
-    head = stream.peek(_BUFFER)
+    # Three lines decide it (or a whole buffer without them): wait for them on a pipe.
+    head, stream = _look_ahead(stream, lambda data: data.count(b"\n") >= 3 or len(data) >= _BUFFER)
     lines = [line for line in head.split(b"\n", 3)[:3] if line.strip()]
     if b"\n" not in head.rstrip():
         return None, stream  # one (long) line: NDJSON, whatever it holds
@@ -271,7 +292,7 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
     data = stream.read(MAX_DOCUMENT_BYTES + 1)
     if len(data) <= MAX_DOCUMENT_BYTES:
         try:
-            document = decode_batch_json(data)
+            document = decode_document(data)
         except InvalidEvent:
             document = None
         if isinstance(document, dict):
@@ -383,7 +404,7 @@ def _line_items(text: bytes, where: str, parsing: _Parsing) -> Iterator[Item]:
     """One NDJSON line: a message, or a batch envelope with several."""
     size = len(text)
     try:
-        value = decode_json(text)
+        value = decode_document(text)
     except InvalidEvent as error:
         # Like decode_message: a message over the limit is reported as such, whatever it contains.
         yield where, _size_error(size) if size > MAX_MESSAGE_BYTES else error
@@ -582,7 +603,7 @@ def _array_items(stream: IO[bytes], name: str, parsing: _Parsing) -> Iterator[It
             yield where, _size_error(element)
             continue
         try:
-            value = decode_json(element)
+            value = decode_document(element)
             if isinstance(value, dict) and _is_envelope(value):
                 # An array of envelopes: each element's messages are sub-indexed.
                 yield from _envelope_items(value, where, parsing)
@@ -641,7 +662,9 @@ def read_batches(
     """
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
-    sizes: list[int | None] = [None if str(path) == "-" else Path(path).stat().st_size for path in paths]
+    sizes: list[int | None] = [
+        Path(path).stat().st_size if str(path) != "-" and Path(path).is_file() else None for path in paths
+    ]
     total = None if any(size is None for size in sizes) else sum(size or 0 for size in sizes)
     done_before = 0
     batch: list[Item] = []
