@@ -339,20 +339,7 @@ def test_stdin_and_gzip_inputs(cli: CLI) -> None:
 
 def test_config_file_spaces_sources_and_account_types(cli: CLI) -> None:
     config = cli.directory / "idstitch-test.toml"
-    config.write_text(
-        """
-[spaces.app_a]
-profile_tokens = ["pt_a"]
-[spaces.app_a.sources.web]
-write_key = "wk_a_web"
-[spaces.app_a.sources.crm]
-write_key = "wk_a_crm"
-merge = false
-
-[spaces.app_b.sources.web]
-write_key = "wk_b_web"
-"""
-    )
+    config.write_text(TWO_SPACES)
     external = {"id": "sf_1", "type": "salesforce_id", "collection": "accounts", "encoding": "none"}
     path = cli.write("a.ndjson", msg(1, "track", userId="u1", context={"externalIds": [external]}))
     done = cli.ok("ingest", str(path), "--config", str(config), "--space", "app_a", "--source", "web")

@@ -73,6 +73,9 @@ stdout = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS"
 stderr = Console(stderr=True, highlight=False)
 
 
+JsonPerSpaceOption = Annotated[
+    bool, typer.Option("--json", help="JSON: one object with --space, else a list with one per space.")
+]
 StoreOption = Annotated[
     str,
     typer.Option(
@@ -715,9 +718,7 @@ def stats(
             "--space", envvar="IDSTITCH_SPACE", metavar="NAME", help="One space (default: every space)."
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="JSON: one object with --space, else a list with one per space.")
-    ] = False,
+    as_json: JsonPerSpaceOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -754,9 +755,7 @@ def keys(
             help="One space (default: every configured one).",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="JSON: one object with --space, else a list with one per space.")
-    ] = False,
+    as_json: JsonPerSpaceOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
