@@ -591,7 +591,6 @@ def test_messages_without_a_time_get_the_files_and_a_second_run_builds_the_same_
     for name in ("first.db", "second.db"):
         url = f"sqlite:///{cli.directory / name}"
         cli.ok("ingest", str(path), "--batch-size", "1", "--store", url)
-        time.sleep(0.01)  # another run, another clock reading: it must not matter
         store = open_store(url)
         try:
             dumps.append(store.dump("default"))
@@ -615,7 +614,7 @@ def test_a_pipe_whose_first_bytes_arrive_late_is_read_by_its_real_format(cli: CL
             with target.open("wb") as pipe:
                 pipe.write(payload[:1])
                 pipe.flush()
-                time.sleep(0.5)
+                time.sleep(0.5)  # the rest arrives late: what a slow producer on a pipe does
                 pipe.write(payload[1:])
 
         writer = threading.Thread(target=feed, daemon=True)  # never holds pytest if ingest fails
