@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import ParseResult, parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.errors
@@ -199,7 +199,12 @@ class JetStream:
             _log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
-        _log.warning("reconnected to NATS", extra={"server": _shown(self.client.connected_url)})
+        # nats-py hands over a ParseResult: logged as the URL a user writes, without credentials.
+        url = self.client.connected_url
+        _log.warning(
+            "reconnected to NATS",
+            extra={"server": None if url is None else _without_credentials(url.geturl())},
+        )
 
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or check that an existing one of that name holds our subjects."""
@@ -340,11 +345,3 @@ def _without_credentials(server: str) -> str:
         host = f"[{host}]"  # IPv6
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def _shown(url: ParseResult | None) -> str | None:
-    """A server URL as a user writes it (nats-py hands over a ParseResult), without any password."""
-    if url is None:
-        return None
-    host = url.hostname or ""
-    return f"{url.scheme}://{host}:{url.port}" if url.port else f"{url.scheme}://{host}"
