@@ -239,12 +239,16 @@ class _Parsing:
         return parse_batch(value, received_at=self.received_at, occurrences=self.occurrences)
 
 
-def _look_ahead(stream: Any, enough: Callable[[bytes], bool]) -> tuple[bytes, io.BufferedReader]:
+def _look_ahead(stream: Any, enough: Callable[[bytes], bool]) -> tuple[bytes, IO[bytes]]:
     """The first bytes of a stream, read until `enough` says so (or the end), and a reader from the start.
 
     A pipe hands over what has arrived so far, so one read (or a peek) may hold a single byte of what
     decides the format; this reads on until the decision can be made.
     """
+    if isinstance(stream, io.BufferedReader):
+        head = stream.peek(_BUFFER)
+        if enough(head):
+            return head, stream  # a file, or a pipe that has delivered: no extra layer of buffering
     head = b""
     read = getattr(stream, "read1", stream.read)  # what has arrived, not a whole buffer's worth
     while not enough(head):
