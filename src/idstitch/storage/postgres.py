@@ -63,6 +63,8 @@ from idstitch.storage.rows import (
     EVENT_COLUMNS,
     EVENT_INSERT_COLUMNS,
     EVENT_RESOLUTIONS_SQL,
+    INSERT_TOKEN_SQL,
+    TOKEN_OF_KIND_SQL,
     dropped_record,
     event_record,
     event_resolution,
@@ -231,16 +233,10 @@ class PostgresStore:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
         with self._pool.connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("t", token.space, token.kind),))
-            row = db.execute(
-                "SELECT token FROM tokens WHERE space = %s AND kind = %s ORDER BY token LIMIT 1",
-                (token.space, token.kind),
-            ).fetchone()
+            row = db.execute(TOKEN_OF_KIND_SQL.format(p="%s"), (token.space, token.kind)).fetchone()
             if row is not None:
                 return TokenRecord(token.space, row[0], token.kind)
-            db.execute(
-                "INSERT INTO tokens (token, space, kind) VALUES (%s, %s, %s)",
-                (token.token, token.space, token.kind),
-            )
+            db.execute(INSERT_TOKEN_SQL.format(p="%s"), (token.token, token.space, token.kind))
         return token
 
     def _write(self, sql: str, parameters: Sequence[Any]) -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "EVENT_INSERT_COLUMNS",
     "EVENT_RESOLUTIONS_PAGE",
     "EVENT_RESOLUTIONS_SQL",
+    "INSERT_TOKEN_SQL",
+    "TOKEN_OF_KIND_SQL",
     "dropped_record",
     "event_record",
     "event_resolution",
@@ -161,6 +163,10 @@ EVENT_RESOLUTIONS_SQL = (
 BLOCKED_VALUES_SQL = (
     "SELECT DISTINCT identifier FROM dropped WHERE space = {p} AND substr(rule, 1, 7) = 'blocked'"
 )
+
+# Store.first_token: the token a space already has of a kind (the first by name), and the insert.
+TOKEN_OF_KIND_SQL = "SELECT token FROM tokens WHERE space = {p} AND kind = {p} ORDER BY token LIMIT 1"
+INSERT_TOKEN_SQL = "INSERT INTO tokens (token, space, kind) VALUES ({p}, {p}, {p})"
 
 _decode_identifiers = msgspec.json.Decoder(tuple[str, ...]).decode
 

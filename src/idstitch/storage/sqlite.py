@@ -46,6 +46,8 @@ from idstitch.storage.rows import (
     EVENT_COLUMNS,
     EVENT_INSERT_COLUMNS,
     EVENT_RESOLUTIONS_SQL,
+    INSERT_TOKEN_SQL,
+    TOKEN_OF_KIND_SQL,
     dropped_record,
     event_record,
     event_resolution,
@@ -279,15 +281,11 @@ class SQLiteStore:
         """Store `token` unless its space has one of its kind (BEGIN IMMEDIATE: one writer at a time)."""
         with self.transaction() as transaction:
             row = transaction.db.execute(
-                "SELECT token FROM tokens WHERE space = ? AND kind = ? ORDER BY token LIMIT 1",
-                (token.space, token.kind),
+                TOKEN_OF_KIND_SQL.format(p="?"), (token.space, token.kind)
             ).fetchone()
             if row is not None:
                 return TokenRecord(token.space, row[0], token.kind)
-            transaction.db.execute(
-                "INSERT INTO tokens (token, space, kind) VALUES (?, ?, ?)",
-                (token.token, token.space, token.kind),
-            )
+            transaction.db.execute(INSERT_TOKEN_SQL.format(p="?"), (token.token, token.space, token.kind))
         return token
 
     # -- reads -------------------------------------------------------------------------------
