@@ -28,7 +28,7 @@ from idstitch.storage.base import (
     TokenRecord,
 )
 
-__all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome", "OutcomeCounts"]
+__all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome", "OutcomeCounts", "event_record"]
 
 _EMPTY_VIEW = GraphView()
 _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
@@ -115,6 +115,29 @@ class IngestBatch:
     items: list[Message | InvalidEvent]
     space: str
     source: str | None = None
+
+
+def event_record(
+    message: Message,
+    *,
+    source: str | None,
+    profile_id: str | None,
+    account_id: str | None,
+    identifiers: tuple[str, ...],
+) -> EventRecord:
+    """The stored form of a message: its name (a track's event), times and payload, and where it went."""
+    return EventRecord(
+        message_id=message.message_id,
+        type=message.type,
+        name=message.event if message.type == "track" else message.name,
+        timestamp=message.timestamp,
+        received_at=message.received_at,
+        source=source,
+        profile_id=profile_id,
+        account_id=account_id,
+        identifiers=identifiers,
+        payload=msgspec.json.encode(message.payload),
+    )
 
 
 class Engine:
@@ -389,17 +412,12 @@ class Engine:
             transaction.record_dropped(space, decision.dropped, message.message_id, at, owner)
         transaction.add_event(
             space,
-            EventRecord(
-                message_id=message.message_id,
-                type=message.type,
-                name=message.event if message.type == "track" else message.name,
-                timestamp=at,
-                received_at=message.received_at,
+            event_record(
+                message,
                 source=source,
                 profile_id=users.profile_id if users is not None else None,
                 account_id=accounts.profile_id if accounts is not None else None,
                 identifiers=carried,
-                payload=msgspec.json.encode(message.payload),
             ),
         )
         if decision.unresolved:

@@ -23,7 +23,7 @@ import psutil
 from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
-from idstitch.engine import Engine
+from idstitch.engine import Engine, event_record
 from idstitch.sim.population import WorkloadConfig, write_ndjson
 from idstitch.storage.base import EventRecord
 from idstitch.storage.urls import open_store
@@ -203,18 +203,7 @@ def _bare_event(message: Message) -> EventRecord:
         for kind, value in (("user_id", message.user_id), ("anonymous_id", message.anonymous_id))
         if value is not None
     )
-    return EventRecord(
-        message_id=message.message_id,
-        type=message.type,
-        name=message.event if message.type == "track" else message.name,
-        timestamp=message.timestamp,
-        received_at=message.received_at,
-        source=None,
-        profile_id=None,
-        account_id=None,
-        identifiers=identifiers,
-        payload=msgspec.json.encode(message.payload),
-    )
+    return event_record(message, source=None, profile_id=None, account_id=None, identifiers=identifiers)
 
 
 def _peak_rss_mb() -> float:
