@@ -205,7 +205,15 @@ def check_operation(operation: Any, base_url: str, statuses: set[int]) -> None:
         token=st.sampled_from([PROFILE_TOKEN, ADMIN_TOKEN]),
         known=st.sampled_from(KNOWN_USERS),
     )
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    # derandomize: the same cases every run, so whether the steering reaches each 200 does not
+    # depend on the draw (one run in several missed the graph route's 200 with a random draw).
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
+    )
     def check(case: Any, steer: str, token: str, known: str) -> None:
         # A cursor is a value only the server makes; arbitrary ones are refused with 400 (see
         # test_profile_api.py), which schemathesis would count as a valid request rejected.
