@@ -1562,6 +1562,47 @@ def test_suspects_survive_a_failed_savepoint(store: Store) -> None:
         assert graph.evidence == {}
 
 
+def test_refreshes_of_earlier_messages_survive_a_later_failed_savepoint(store: Store) -> None:
+    """Last-seen, device-owner and evidence refreshes of one transaction, several per row, then a rollback."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"))
+        create(tx, "use_b", t(2), uid("u2"))
+    with store.transaction() as tx:
+        for at, owner, partner in ((t(30), "use_a", uid("u1")), (t(10), "use_b", uid("u2"))):
+            with tx.savepoint():
+                tx.apply_resolution(
+                    SPACE,
+                    resolution(
+                        owner,
+                        at,
+                        touched=(anon("a1"),),
+                        evidence=((anon("a1"), partner),),
+                        device_owned=(anon("a1"),),
+                    ),
+                    f"m{at.second}",
+                )
+        with pytest.raises(RuntimeError), tx.savepoint():
+            create(tx, "use_c", t(40), anon("a9"), message_id="m40")
+            raise RuntimeError("a rejected message")
+        # read after the rollback, which may have emptied any cache
+        graph = tx.load_view(SPACE, "users", [anon("a1")])
+        stored = graph.identifiers[anon("a1")]
+        assert (stored.last_seen, stored.device_owner, stored.device_owner_at) == (t(30), "use_a", t(30))
+        assert graph.evidence[anon("a1")] == {uid("u1"): t(30), uid("u2"): t(10)}
+        with tx.savepoint():  # a later, older message refreshes nothing but first-seen
+            tx.apply_resolution(
+                SPACE, resolution("use_a", t(0), touched=(anon("a1"),), device_owned=(anon("a1"),)), "m0"
+            )
+    rows = {(row[1], row[2]): row for row in store.dump(SPACE)["identifiers"]}
+    graph = view(store, [anon("a1")])
+    stored = graph.identifiers[anon("a1")]
+    assert (stored.first_seen, stored.last_seen) == (t(0), t(30))
+    assert (stored.device_owner, stored.device_owner_at) == ("use_a", t(30))
+    assert graph.evidence[anon("a1")] == {uid("u1"): t(30), uid("u2"): t(10)}
+    assert ("anonymous_id", "a9") not in rows
+
+
 def test_reads_in_a_transaction_see_its_own_writes_after_a_claim(store: Store) -> None:
     """A claim may read ahead; whatever it read must not outlive the transaction's next write."""
     with store.transaction() as tx:

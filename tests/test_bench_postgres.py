@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,8 @@ POSITIVE = (
     "cpu_ms_per_message",
     "cpu_bound_messages_per_s",
     "stored_events",
+    "parse_only_messages_per_s",  # every bench prints these (README, Benchmarks)
+    "parse_only_ratio",
 )
 
 
@@ -137,6 +140,9 @@ def _check_runs(runs: list[dict[str, Any]], mode: str) -> None:
         assert outcomes.get("resolved", 0) + outcomes.get("unresolved", 0) == distinct
         assert outcomes.get("duplicate", 0) == MESSAGES - distinct
         assert outcomes.get("rejected", 0) == 0
+        assert run["parse_only_ratio"] == pytest.approx(
+            run["messages_per_s"] / run["parse_only_messages_per_s"], rel=0.01, abs=1e-4
+        )
         assert run["meets_target"] == (run["messages_per_s"] >= run["target_messages_per_s"] == 20_000)
         assert sum(count for _, count in run["latency_histogram_ms"]) == MESSAGES
         assert len(run["rate_by_quarter"]) == 4
@@ -227,3 +233,35 @@ def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, t
     # multiprocessing's resource tracker ends when it sees its parent's pipe close: allow it a moment.
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert alive == [], f"{[process.pid for process in alive]} outlived the interrupted benchmark"
+
+
+def _closed_port() -> int:
+    """A local port nobody listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_queue_is_a_clear_error_not_a_hang(postgres_database: str, tmp_path: Path) -> None:
+    """nats-py retries a refused connection for minutes by default: the benchmark must give up at once."""
+    queue = f"nats://127.0.0.1:{_closed_port()}"
+    command = _command(postgres_database, "-n", "100", "--workers", "1", "--queue", queue, "--json")
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=_environment(tmp_path), cwd=tmp_path, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bench postgres --queue {queue} still waiting for NATS after 60 s")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert "--queue: no NATS JetStream at" in done.stderr and queue.removeprefix("nats://") in done.stderr
+
+
+def test_fetch_without_queue_is_refused(tmp_path: Path) -> None:
+    """--fetch only means something with --queue: a direct run must not silently ignore it."""
+    command = _command("postgresql://root@127.0.0.1:1/test", "-n", "100", "--fetch", "10")
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=_environment(tmp_path), cwd=tmp_path, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--fetch" in done.stderr and "--queue" in done.stderr

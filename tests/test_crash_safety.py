@@ -136,6 +136,52 @@ def assert_committed_prefix(database: Path, ids: list[str]) -> int:
     return len(stored)
 
 
+def kill_9_once(workload: Path, database: Path, at_least: int) -> None:
+    """Run `idstitch ingest` and SIGKILL it as soon as `at_least` events are committed."""
+    victim = subprocess.Popen(
+        ingest_command(workload, f"sqlite:///{database}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        wait_for(lambda: stored_events(database) >= at_least, f"{at_least:,} committed events", victim)
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+
+
+def prefix_file(workload: Path, stored: set[str], path: Path) -> Path:
+    """The lines of the workload up to the first one whose message was not stored."""
+    with workload.open("rb") as lines, path.open("wb") as out:
+        for line in lines:
+            if line.strip() and json.loads(line)["messageId"] not in stored:
+                break
+            out.write(line)
+    return path
+
+
+def assert_graph_of_prefix(workload: Path, database: Path, tmp_path: Path, name: str) -> None:
+    """What survived a kill is exactly the graph an uninterrupted run of the committed messages builds:
+    every batch's resolution (profiles, identifiers, merges, traits, links, drops) landed whole or not at
+    all, never only its events or only part of its graph."""
+    url = f"sqlite:///{database}"
+    killed_dump, killed_ids = dump_and_ids(url)
+    prefix = prefix_file(workload, killed_ids, tmp_path / f"{name}.ndjson")
+    reference = tmp_path / f"{name}-reference.db"
+    done = subprocess.run(
+        ingest_command(prefix, f"sqlite:///{reference}"), capture_output=True, env=clean_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    reference_dump, reference_ids = dump_and_ids(f"sqlite:///{reference}")
+    assert reference_ids == killed_ids
+    assert killed_dump == reference_dump
+
+
 @pytest.mark.slow
 def test_kill_9_mid_ingest_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     workload = tmp_path / "workload.ndjson"
@@ -151,28 +197,24 @@ def test_kill_9_mid_ingest_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
         stderr=subprocess.PIPE,
         env=clean_env(),
     )
-    victim = subprocess.Popen(
-        ingest_command(workload, crashed_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-    )
-    try:
-        wait_for(lambda: stored_events(crashed_db) >= 1000, "1,000 committed events", victim)
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-
+    # Killed twice: once in a first run, once in the run that resumes it, then resumed to the end.
+    kill_9_once(workload, crashed_db, 1000)
     committed = assert_committed_prefix(crashed_db, ids)
     assert 1000 <= committed < len(ids), "the kill must land mid-run"
+    assert_graph_of_prefix(workload, crashed_db, tmp_path, "first-kill")
+
+    kill_9_once(workload, crashed_db, committed + len(ids) // 4)
+    second = assert_committed_prefix(crashed_db, ids)
+    assert committed < second < len(ids), "the second kill must land mid-run too"
+    assert_graph_of_prefix(workload, crashed_db, tmp_path, "second-kill")
 
     resumed = subprocess.run(
         ingest_command(workload, crashed_url), capture_output=True, env=clean_env(), timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert summary["duplicates"] >= committed
+    assert summary["duplicates"] >= second
+    assert summary["accepted"] <= len(ids) - second
     assert summary["rejected"] == 0
 
     out, err = reference.communicate(timeout=300)

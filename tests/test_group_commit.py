@@ -162,6 +162,33 @@ def test_close_writes_everything_accepted_then_refuses_more(store: Store) -> Non
         writer.submit(work[0], space=SPACE)
 
 
+def test_a_close_racing_a_submit_never_strands_the_batch(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while a batch is being submitted: the batch is refused or written, never left unanswered."""
+    import idstitch.group_commit as group_commit
+
+    writer = GroupCommitWriter(Engine(store, Config.default()))
+    closing = threading.Thread(target=writer.close)
+
+    def future_while_closing() -> Future[IngestResult]:
+        # submit() makes its future somewhere around admission; close() runs as far as it can right then
+        closing.start()
+        closing.join(timeout=0.5)
+        return Future()
+
+    monkeypatch.setattr(group_commit, "Future", future_while_closing)
+    try:
+        future = writer.submit(batches(1, 3)[0], space=SPACE)
+    except WriterClosed:
+        future = None
+    closing.join(timeout=30)
+    assert not closing.is_alive()
+    if future is not None:
+        assert future.result(timeout=10).count("resolved") == 3
+        assert store.stats(SPACE).events == 3
+
+
 def test_an_unknown_space_fails_the_caller_not_the_group(store: Store) -> None:
     with GroupCommitWriter(Engine(store, Config.default())) as writer:
         with pytest.raises(ConfigError):

@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+import pytest
+
 from idstitch.http.logs import BatchingStreamHandler, JsonFormatter
 
 
@@ -47,4 +49,44 @@ def test_queued_lines_are_written_within_the_interval() -> None:
     while not stream.getvalue() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert json.loads(stream.getvalue())["msg"] == "request"
+    handler.close()
+
+
+class FlakyStream(io.StringIO):
+    """A stderr whose reader has gone (a pipe to a log shipper that died) until `broken` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.failed_writes = 0
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            self.failed_writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_broken_stream_never_raises_into_the_code_that_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: emit() let the write's BrokenPipeError out, so a warning or the 1,000th queued line raised
+    # in whatever code logged it (a request handler; the profile-worker watcher, which then died and
+    # stopped restarting workers), and the periodic flusher thread stopped for good at the first error.
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # handleError: no report on the test's stderr
+    stream = FlakyStream()
+    handler = BatchingStreamHandler(stream, interval=0.02, max_pending=2)
+    handler.setFormatter(JsonFormatter())
+    log = logger_with(handler)
+    log.error("profile worker exited; starting another")  # written at once: fails, must not raise
+    log.info("request")
+    log.info("request")  # max_pending reached: written inline, fails, must not raise
+    log.info("queued for the flusher")
+    deadline = time.monotonic() + 10
+    while stream.failed_writes < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.failed_writes >= 3  # the flusher met the broken stream too
+    stream.broken = False  # the reader is back: the flusher still runs
+    log.info("after", extra={"status": 200})
+    while "after" not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(stream.getvalue().splitlines()[-1])["msg"] == "after"
     handler.close()

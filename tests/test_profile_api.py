@@ -406,6 +406,7 @@ async def test_merges_and_graph_explain_a_merge(api: Api) -> None:
             }
         ],
         "dropped": [],
+        "retired": [],
         "suspects": [],
     }
     status, graph = await api.get(f"{USERS}/anonymous_id:a1/graph")
@@ -448,6 +449,21 @@ async def test_merges_show_identifiers_dropped_and_suspects(api: Api) -> None:
     ]
     assert suspects["data"][0]["evidence_type"] == "user_id"
     assert sorted(suspects["data"][0]["evidence_values"]) == ["alice", "bob"]
+
+
+async def test_merges_show_a_user_id_an_alias_retired(api: Api) -> None:
+    """SPEC E11: the old user id stays on the profile, retired; explain says so."""
+    api.web.send("identify", userId="old_id", at=at(minutes=1))
+    api.web.send("alias", previousId="old_id", userId="new_id", at=at(minutes=2))
+    status, body = await api.get(f"{USERS}/user_id:new_id/merges")
+    assert status == 200
+    assert body["retired"] == [
+        {
+            "identifier": "user_id:old_id",
+            "first_seen": "2026-01-05T09:01:00.000Z",
+            "last_seen": "2026-01-05T09:02:00.000Z",
+        }
+    ]
 
 
 # -- space views (admin) ------------------------------------------------------------------------------

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections import defaultdict
+import subprocess
+import sys
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 from helpers import BASE, World, open_world
@@ -31,7 +36,30 @@ window = "monthly"
 limit = 1
 window = "daily"
 """
-CONFIGS = {"default": None, "tight": TIGHT}
+# A low merge cap alone (with a low identifier cap as well, the identifier cap is always reached first).
+MERGE_CAPPED = """
+[spaces.p]
+max_merges = 1
+"""
+# A low identifier cap and blocked values of the space's own, so that random streams reach the caps (SPEC §4.6) and
+# blocked values beyond the defaults are checked too.
+CAPPED = """
+[spaces.p]
+max_identifiers = 4
+[spaces.p.blocked]
+exact = ["c2"]
+regex = ["^d3$"]
+"""
+CONFIGS = {"default": None, "tight": TIGHT, "capped": CAPPED}
+# The blocked values each config adds to the defaults, written out here rather than read from the rules
+# the engine uses, so that a broken matcher cannot agree with itself.
+DEFAULT_BLOCKED = {"-1", "null", "undefined", "none", "nil", "anonymous", "unknown", "[object Object]", ""}
+EXTRA_BLOCKED = {"default": set(), "tight": set(), "capped": {"c2", "d3"}}
+
+
+def is_blocked(value: str, config: str) -> bool:
+    return value in DEFAULT_BLOCKED | EXTRA_BLOCKED[config] or set(value) <= {"0", "-"}
+
 
 USER_IDS = [None, "u1", "u2", "u3", "U1", 7, "null", ""]
 ANONYMOUS_IDS = [None, "a1", "a2", "a3", "a4", ZEROS, "undefined"]
@@ -54,7 +82,7 @@ def message(draw: st.DrawFn) -> dict[str, Any]:
     user_id = draw(st.sampled_from(USER_IDS))
     anonymous_id = draw(st.sampled_from(ANONYMOUS_IDS))
     if kind == "alias":
-        raw["userId"] = draw(st.sampled_from(["u1", "u2", "u3", "u4"]))
+        raw["userId"] = draw(st.sampled_from(["u4", "u5", "u1", "u2"]))  # new ids: migrations (E11)
         raw["previousId"] = draw(st.sampled_from(["u1", "u2", "a1", "a2", "a3", "x9", "null"]))
         return raw
     if user_id is not None:
@@ -162,8 +190,53 @@ def dump(world: World) -> dict[str, Any]:
     return world.store.dump(space.name)
 
 
+@st.composite
+def linking(draw: st.DrawFn) -> dict[str, Any]:
+    """An identify carrying one to three identifiers of a small pool, mostly without a user_id.
+
+    Without user_ids (limit 1) to stand in the way, messages that share one identifier with one profile and
+    another with a second one merge them: chains of merges that reach the caps.
+    """
+    pool = draw(
+        st.lists(
+            st.sampled_from(["a1", "a2", "a3", "e1", "e2", "e3", "d1", "d2", "c1", "c2", "c3", "u1", "u2"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
+    raw: dict[str, Any] = {
+        "type": "identify",
+        "timestamp": format_timestamp(BASE + timedelta(hours=draw(st.integers(0, 24 * 10)))),
+    }
+    context: dict[str, Any] = {}
+    for item in pool:
+        kind, number = item[0], item[1:]
+        if kind == "a":
+            raw["anonymousId"] = f"a{number}"
+        elif kind == "u":
+            raw["userId"] = f"u{number}"
+        elif kind == "e":
+            context["traits"] = {"email": f"e{number}@x.io"}
+        elif kind == "d":
+            context["device"] = {"id": f"d{number}", "type": "ios"}
+        else:
+            context["externalIds"] = [
+                {"id": f"c{number}", "type": "crm_id", "collection": "users", "encoding": "none"}
+            ]
+    if context:
+        raw["context"] = context
+    return raw
+
+
+def linking_streams() -> st.SearchStrategy[list[dict[str, Any]]]:
+    return st.lists(linking(), min_size=4, max_size=20).map(
+        lambda items: [{**item, "messageId": f"k{index}"} for index, item in enumerate(items)]
+    )
+
+
 configs = st.sampled_from(sorted(CONFIGS))
-any_stream = st.one_of(streams(), login_streams())
+any_stream = st.one_of(streams(), login_streams(), linking_streams())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +274,14 @@ def test_no_profile_exceeds_a_windowed_limit_over_a_month_of_logins(stream: list
     check_limits(stream, TIGHT)
 
 
+@FAST
+@given(stream=linking_streams(), config=st.sampled_from([MERGE_CAPPED, CAPPED]))
+def test_no_profile_passes_the_caps_of_merges_and_identifiers(
+    stream: list[dict[str, Any]], config: str
+) -> None:
+    check_limits(stream, config)
+
+
 def check_limits(stream: list[dict[str, Any]], config: str | None) -> None:
     world = graph_of(stream, config)
     try:
@@ -224,6 +305,18 @@ def check_limits(stream: list[dict[str, Any]], config: str | None) -> None:
         for (_, kind), seen in values.items():
             if kind in ("user_id", "group_id"):
                 assert len(seen) <= 1
+        # The caps (SPEC §4.6): identifiers per profile (retired ones included) and profiles merged into
+        # one, counted from the graph itself and as the profile records them.
+        held = Counter(row[3] for row in graph["identifiers"])
+        for profile_id, count in held.items():
+            assert count <= rules.max_identifiers, (profile_id, count, rules.max_identifiers)
+        merged_into = Counter(
+            world.store.resolve_segment_id(space.name, row[0]) for row in graph["profiles"] if row[2]
+        )
+        for segment_id, _collection, parent, _created, merge_count in graph["profiles"]:
+            if parent == "":
+                assert merged_into[segment_id] == merge_count, (segment_id, merge_count)
+                assert merge_count <= rules.max_merges, (segment_id, merge_count, rules.max_merges)
     finally:
         world.close()
 
@@ -234,9 +327,20 @@ def test_blocked_values_are_never_stored(stream: list[dict[str, Any]], config: s
     world = graph_of(stream, CONFIGS[config])
     try:
         blocked = world.space().rules.blocked
-        for _collection, kind, value, *_ in dump(world)["identifiers"]:
+        graph = dump(world)
+        for _collection, kind, value, *_ in graph["identifiers"]:
             assert not blocked.matches(value), f"{kind}:{value}"
-            assert value not in (ZEROS, "null", "undefined", "none", "-1", "")
+            assert not is_blocked(value, config), f"{kind}:{value}"
+        # nor are they ever suspect, evidence, or the identifier a merge went by
+        for _collection, kind, value, _evidence_type, evidence in graph["suspects"]:
+            assert not is_blocked(value, config), f"suspect {kind}:{value}"
+            assert not any(is_blocked(item, config) for item in json.loads(evidence)), (kind, value, evidence)
+        for *_, via, _at in graph["merges"]:
+            assert not is_blocked(via.split(":", 1)[1], config), via
+        # every blocked value a message carried is on record as dropped by a blocked rule
+        for message_id, identifier, rule, _profile in graph["dropped"]:
+            if is_blocked(identifier.split(":", 1)[1], config):
+                assert rule.startswith("blocked"), (message_id, identifier, rule)
     finally:
         world.close()
 
@@ -252,10 +356,59 @@ def test_same_messages_same_order_give_the_same_graph(stream: list[dict[str, Any
         second.close()
 
 
+# Rebuilds graphs in a process of its own: what a restart, a replay on another machine or a backfill does.
+REBUILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_properties import CONFIGS, dump, graph_of
+graphs = []
+for stream, config in json.load(sys.stdin):
+    world = graph_of(stream, CONFIGS[config])
+    graphs.append(dump(world))
+    world.close()
+print(json.dumps(graphs))
+"""
+
+
+@settings(FAST, max_examples=2)
+@given(cases=st.lists(st.tuples(any_stream, configs), min_size=12, max_size=12))
+def test_another_process_builds_the_same_graph_ids_included(
+    cases: list[tuple[list[dict[str, Any]], str]],
+) -> None:
+    """Segment ids and every row must not depend on the process (str hash seeds, id() or the clock)."""
+    here = []
+    for stream, config in cases:
+        world = graph_of(stream, CONFIGS[config])
+        try:
+            here.append(dump(world))
+        finally:
+            world.close()
+    tests = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", REBUILD, tests],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    there = json.loads(done.stdout)
+    assert len(there) == len(cases)
+    for index, (mine, theirs) in enumerate(zip(here, there, strict=True)):
+        assert json.loads(json.dumps(mine)) == theirs, index
+    assert any(graph["profiles"] for graph in here)
+
+
 @FAST
 @given(stream=any_stream, config=configs)
 def test_ingesting_twice_is_ingesting_once(stream: list[dict[str, Any]], config: str) -> None:
     world = graph_of(stream, CONFIGS[config])
+    doubled = graph_of(stream + stream, CONFIGS[config])  # the whole stream again inside one batch
     try:
         once = dump(world)
         again = world.space().ingest(stream)
@@ -263,8 +416,10 @@ def test_ingesting_twice_is_ingesting_once(stream: list[dict[str, Any]], config:
         stored = set(ids(world))
         assert again.count("duplicate") == sum(1 for raw in stream if raw["messageId"] in stored)
         assert dump(world) == once
+        assert dump(doubled) == once
     finally:
         world.close()
+        doubled.close()
 
 
 def ids(world: World) -> list[str]:
@@ -346,3 +501,66 @@ def test_batch_boundaries_do_not_matter(
         whole.close()
         split.close()
         single.close()
+
+
+# -- the generators reach every situation the invariants are about -------------------------------------
+
+
+def situations(stream: list[dict[str, Any]], config: str) -> set[str]:
+    """What ingesting `stream` under `config` did, in the words of the invariants above."""
+    world, outcomes = run(stream, CONFIGS[config])
+    try:
+        graph = dump(world)
+        found = {outcome.status for outcome in outcomes}
+        rules = [row[2] for row in graph["dropped"]]
+        if graph["merges"]:
+            found.add("merge")
+        if any(row[4] >= 2 for row in graph["profiles"]):
+            found.add("merge chain")
+        if any("limit" in rule for rule in rules):
+            found.add("limit violation")
+        if any(rule.startswith("blocked") for rule in rules):
+            found.add("blocked value")
+        if any(
+            row[2].startswith("blocked") and row[1].split(":", 1)[1] in EXTRA_BLOCKED[config]
+            for row in graph["dropped"]
+        ):
+            found.add("space's own blocked value")
+        if any(rule.startswith("cap ") for rule in rules):
+            found.add("cap")
+        if graph["suspects"]:
+            found.add("suspect")
+        if any(row[6] for row in graph["identifiers"]):
+            found.add("retired")
+        if graph["links"]:
+            found.add("account link")
+        return found
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize(
+    "situation",
+    [
+        "merge",
+        "merge chain",
+        "limit violation",
+        "blocked value",
+        "space's own blocked value",
+        "cap",
+        "suspect",
+        "unresolved",
+        "duplicate",
+        "retired",
+        "account link",
+    ],
+)
+def test_the_generated_streams_reach(situation: str) -> None:
+    """Each invariant is tested on streams that can break it: merges, limit drops, blocked values, caps,
+    suspects, unresolved messages, retries, alias migrations and account links all occur."""
+    found = find(
+        st.tuples(any_stream, configs),
+        lambda case: situation in situations(*case),
+        settings=settings(max_examples=1000, phases=[Phase.generate], database=None, deadline=None),
+    )
+    assert situation in situations(*found)

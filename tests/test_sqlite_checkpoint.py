@@ -69,3 +69,56 @@ def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path)
     finally:
         checkpointer.close()
         writer.close()
+
+
+class _Cursor:
+    def __init__(self, row: tuple[int, int, int]) -> None:
+        self.row = row
+
+    def fetchone(self) -> tuple[int, int, int]:
+        return self.row
+
+
+class _ScriptedConnection:
+    """Answers each PASSIVE checkpoint with (busy, frames in the WAL, frames copied) from a script."""
+
+    def __init__(self, answers: list[tuple[int, int, int]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    def execute(self, sql: str) -> _Cursor:
+        assert sql == "PRAGMA wal_checkpoint(PASSIVE)"
+        self.calls += 1
+        return _Cursor(self.answers.pop(0))
+
+    def close(self) -> None:
+        pass
+
+
+def _run_one_round(connection: _ScriptedConnection, **options: int) -> Checkpointer:
+    checkpointer = Checkpointer(
+        "/nonexistent/db.sqlite", lambda: connection, every_commits=1, hard_limit_bytes=1 << 40, **options
+    )
+    writer = _ScriptedConnection([(0, 10, 10)])  # the writer's catch-up after the round
+    checkpointer.after_commit(writer)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30
+    while checkpointer.busy or not checkpointer._pass_done:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    checkpointer.after_commit(writer)  # type: ignore[arg-type]
+    assert writer.calls == 1
+    checkpointer.close()
+    return checkpointer
+
+
+def test_the_thread_passes_again_over_what_a_busy_writer_committed_meanwhile() -> None:
+    # 5,000 frames copied while 3,000 more came in; then 2,900 copied while 400 came in; then 100 left.
+    connection = _ScriptedConnection([(0, 5000, 2000), (0, 5400, 5000), (0, 5500, 5400), (0, 0, 0)])
+    checkpointer = _run_one_round(connection, catch_up_frames=256)
+    assert connection.calls == 3 and checkpointer.checkpoints == 3
+
+
+def test_the_thread_stops_after_max_passes_when_the_writer_outruns_it() -> None:
+    connection = _ScriptedConnection([(0, 1000 * n, 500 * n) for n in range(1, 10)])
+    checkpointer = _run_one_round(connection, catch_up_frames=256, max_passes=4)
+    assert connection.calls == 4 and checkpointer.checkpoints == 4

@@ -275,6 +275,7 @@ def check_e3(graph: Graph) -> None:
     assert graph.root("anonymous_id:d7") == root
     assert graph.identifiers(root) == {"anonymous_id:i1", "anonymous_id:d7", "user_id:u1"}
     assert graph.event_count(root) == 2
+    assert sorted(event.name or "" for event in graph.events(root)) == ["Added to Cart", "Order Completed"]
     from_iphone = graph.root("anonymous_id:i1")
     assert from_iphone == root
     assert "Order Completed" in {event.name for event in graph.events(from_iphone)}
@@ -434,6 +435,19 @@ def test_client_library_resolves_spec_example(
         for root in graph.roots():
             for event in graph.events(root):
                 assert started - timedelta(minutes=1) <= event.timestamp <= datetime.now(UTC), event
+        if client == "rudder-python":
+            # The path this client exists to test: RudderStack sends identify traits in context.traits only,
+            # and the email above was read from there.
+            identifies = [
+                json.loads(event.payload)
+                for root in graph.roots()
+                for event in graph.events(root)
+                if event.type == "identify"
+            ]
+            assert len(identifies) == sum(call["method"] == "identify" for call in scenario.calls)
+            for payload in identifies:
+                assert "email" not in payload.get("traits", {}), payload
+                assert "email" in payload["context"]["traits"], payload
 
 
 def test_segment_python_reports_the_servers_reason_for_a_wrong_write_key(server: Server) -> None:

@@ -695,6 +695,15 @@ def _render_explain(document: dict[str, Any]) -> None:
         lines.append(
             f"  {item['at']}  {item['identifier']}  rule: {item['rule']}  (message {item['message_id']})"
         )
+    retired = document["retired"]
+    lines.append(
+        f"retired identifiers: {len(retired)}"
+        + (" (by an alias: still resolve here, count toward no limit)" if retired else "")
+    )
+    for item in retired:
+        lines.append(
+            f"  {item['identifier']}  first seen {item['first_seen']}, last seen {item['last_seen']}"
+        )
     suspects = document["suspects"]
     lines.append(f"suspect identifiers: {len(suspects)}")
     for item in suspects:

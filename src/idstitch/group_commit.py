@@ -95,12 +95,14 @@ class GroupCommitWriter:
         batch = IngestBatch(list(items), space, source)
         self.engine.config.space(space)  # unknown space: fail the caller now, not the whole group
         size = max(len(batch.items), 1)
+        future: Future[IngestResult] = Future()
         with self._lock:
             self._pending = admit(
                 self._pending, size, self.max_pending_messages, closed=self._closed, waiting="to be written"
             )
-        future: Future[IngestResult] = Future()
-        self._queue.put(_Request(batch, future, size))
+            # Queued under the lock: a close() in between would put its stop mark first, and this
+            # accepted batch would never be written or answered.
+            self._queue.put(_Request(batch, future, size))
         return future
 
     def ingest(
@@ -115,7 +117,7 @@ class GroupCommitWriter:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_STOP)
+            self._queue.put(_STOP)
         self._thread.join()
 
     def __enter__(self) -> GroupCommitWriter:

@@ -87,7 +87,7 @@ def _time(value: datetime) -> str:
 
 
 def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | None:
-    """How a root profile came to be: merges (oldest first), dropped identifiers with rules, suspects."""
+    """How a root profile came to be: merges (oldest first), dropped, retired and suspect identifiers."""
     record = store.profile(space, root)
     if record is None:
         return None
@@ -129,6 +129,17 @@ def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | No
                 "at": _time(item.at),
             }
             for item in dropped
+        ],
+        # Retired by an alias that moved the person to a new user id (SPEC §4, E11): the identifier
+        # still resolves here but no longer counts toward its type's limit.
+        "retired": [
+            {
+                "identifier": f"{item.type}:{item.value}",
+                "first_seen": _time(item.first_seen),
+                "last_seen": _time(item.last_seen),
+            }
+            for item in identifiers
+            if item.retired
         ],
         "suspects": suspects,
     }

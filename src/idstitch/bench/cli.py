@@ -170,7 +170,7 @@ def _print_http(result: HttpBenchResult) -> None:
         half = phases["half"]
         table.add_row(
             f"half load: open loop at {half['target_rate']:,.0f} msg/s",
-            f"{half['messages']:,} messages, {half['messages_per_s']:,.0f}/s achieved",
+            f"{half['messages']:,} messages in {half['seconds']:.1f} s, {half['messages_per_s']:,.0f}/s achieved",
         )
         table.add_row("half load latency P50 / P95 / P99", _latencies(half))
     if "track" in phases:
@@ -240,7 +240,9 @@ def bench_http(
     half_load_seconds: Annotated[
         float,
         typer.Option(
-            "--half-load-seconds", min=0.0, help="Seconds at half the maximum rate after it (0: skip)."
+            "--half-load-seconds",
+            min=0.0,
+            help="Seconds at half the maximum rate after it, at most as long as that phase (0: skip).",
         ),
     ] = 20.0,
     track_requests: Annotated[
@@ -472,6 +474,8 @@ def _print_postgres(runs: list[PostgresRun]) -> None:
             for fig in figures
         ],
     )
+    row("msgspec parse-only msg/s", [f"{run.parse_only_messages_per_s:,.0f}" for run in runs])
+    row("  ratio to parse-only", [f"{run.parse_only_ratio:.4f}" for run in runs])
     row("CPU ms per message", [f"{run.cpu_ms_per_message:.2f}" for run in runs])
     row("msg/s that would fill every CPU", [f"{run.cpu_bound_messages_per_s:,.0f}" for run in runs])
     row(
@@ -537,17 +541,21 @@ def bench_postgres(
         ),
     ] = None,
     fetch: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--fetch", min=1, help="With --queue: requests per worker fetch, resolved as one group."
+            "--fetch",
+            min=1,
+            help="With --queue: requests per worker fetch, resolved as one group (default 1).",
         ),
-    ] = 1,
+    ] = None,
     seed: Seed = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON list: an object per worker count, with its mode.")
     ] = False,
 ) -> None:
     """Ingest on PostgreSQL with N worker processes at once: msg/s, latency, CPU by process, per worker count."""
+    if fetch is not None and queue is None:
+        raise typer.BadParameter("only means something with --queue nats://…", param_hint="--fetch")
     plan = PostgresBenchPlan(
         postgres_url=postgres,
         workers=_parse_workers(workers),
@@ -555,7 +563,7 @@ def bench_postgres(
         batch_size=batch_size,
         seed=seed,
         queue_url=queue,
-        fetch=fetch,
+        fetch=fetch or 1,
     )
     with _progress("bench postgres {task.description}", as_json) as bar:
         on_event = _phase_bars(bar)

@@ -44,12 +44,19 @@ import nats.errors
 import nats.js.errors
 import psutil
 import psycopg
+from nats.aio.client import Client as NatsClient
 from psycopg import sql
 
 from idstitch.bench.cpu import ProcessCpu, busiest, snapshot
 from idstitch.bench.postgres_result import TARGET_MESSAGES_PER_S, PostgresRun
 from idstitch.bench.postgres_worker import SPACE, WorkerPlan, WorkerReport, worker_main
-from idstitch.bench.runner import ensure_workload, latency_histogram, percentile, workload_lines
+from idstitch.bench.runner import (
+    ensure_workload,
+    latency_histogram,
+    parse_only_rate,
+    percentile,
+    workload_lines,
+)
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError, InvalidEvent
 from idstitch.core.messages import decode_message
@@ -228,6 +235,28 @@ async def _ignore(error: Exception) -> None:
     """nats-py prints a traceback per failed attempt by default; the caller reports the failure once."""
 
 
+_NATS_CONNECT_SECONDS = 10.0  # the whole connection attempt, whatever nats-py's own retries
+
+
+async def _nats_client(config: QueueConfig) -> NatsClient:
+    """A connection for the benchmark's own checks and clean-up; fails within seconds when no server answers.
+
+    `allow_reconnect=False` alone does not do it: nats-py (2.16) still tries a refused server again every
+    `reconnect_time_wait` (2 s) up to `max_reconnect_attempts` (60) times before giving up, two minutes.
+    """
+    return await asyncio.wait_for(
+        nats.connect(
+            list(config.servers),
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
+            connect_timeout=5,
+            error_cb=_ignore,
+        ),
+        _NATS_CONNECT_SECONDS,
+    )
+
+
 def _check_nats(url: str) -> None:
     """Fail early, with a clear message, when the queue URL is wrong or no NATS server answers there."""
     try:
@@ -236,9 +265,7 @@ def _check_nats(url: str) -> None:
         raise PostgresBenchError(f"--queue: {error}") from None
 
     async def connect() -> None:
-        client = await nats.connect(
-            list(config.servers), allow_reconnect=False, connect_timeout=5, error_cb=_ignore
-        )
+        client = await _nats_client(config)
         try:
             await client.jetstream().account_info()  # JetStream enabled, not just NATS
         finally:
@@ -253,9 +280,7 @@ def _check_nats(url: str) -> None:
 
 
 async def _delete_stream(config: QueueConfig) -> None:
-    client = await nats.connect(
-        list(config.servers), allow_reconnect=False, connect_timeout=5, error_cb=_ignore
-    )
+    client = await _nats_client(config)
     try:
         await client.jetstream().delete_stream(config.stream)
     except nats.js.errors.NotFoundError:
@@ -549,6 +574,7 @@ def run_postgres_bench(plan: PostgresBenchPlan, on_event: OnEvent | None = None)
     if plan.queue_url is not None:
         _check_nats(plan.queue_url)
     stream = _read_stream(plan.messages, plan.seed)
+    parse_rate = parse_only_rate(stream.path, plan.messages)  # before any worker competes for the CPU
     try:
         admin = psycopg.connect(
             _url_with(plan.postgres_url, application_name="idstitch_bench_admin"),
@@ -577,4 +603,5 @@ def run_postgres_bench(plan: PostgresBenchPlan, on_event: OnEvent | None = None)
     baseline = min(runs, key=lambda run: run.workers)
     for run in runs:
         run.speedup = run.messages_per_s / baseline.messages_per_s if baseline.messages_per_s else None
+        run.parse_only_messages_per_s = parse_rate
     return runs

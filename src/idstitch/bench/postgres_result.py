@@ -43,6 +43,7 @@ class PostgresRun:
     schema: str
     postgres_settings: dict[str, str]
     speedup: float | None = None  # over the run with the fewest workers (1 when asked for)
+    parse_only_messages_per_s: float = 0.0  # msgspec decoding the same stream's bytes, one process
     fetch: int | None = None
     stream: str | None = None
     publish_seconds: float | None = None
@@ -74,6 +75,12 @@ class PostgresRun:
         """The box's busy share that neither PostgreSQL, the workers nor NATS account for."""
         known = self.postgres_cpu_s + self.workers_cpu_s + (self.nats_cpu_s or 0.0)
         return max(0.0, self.box_cpu_percent - (self._share(known) or 0.0))
+
+    @property
+    def parse_only_ratio(self) -> float:
+        """This run's throughput over msgspec's parse-only throughput of the same bytes (as every bench)."""
+        rate = self.parse_only_messages_per_s
+        return self.messages_per_s / rate if rate > 0 else 0.0
 
     @property
     def cpu_ms_per_message(self) -> float:
@@ -116,6 +123,8 @@ class PostgresRun:
             "p95_ms": round(self.p95_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "parse_only_messages_per_s": round(self.parse_only_messages_per_s, 1),
+            "parse_only_ratio": round(self.parse_only_ratio, 4),
             "ingest_calls": self.ingest_calls,
             "commits": self.commits,
             "lock_splits": max(0, self.commits - self.ingest_calls),

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import gc
 import itertools
+import math
 import os
 import resource
 import tempfile
@@ -126,11 +127,13 @@ def workload_lines(path: Path) -> Iterator[bytes]:
 
 
 def percentile(values: array[float], fraction: float) -> float:
-    """The value below which `fraction` of the (sorted) values lie, nearest-rank."""
+    """The nearest-rank percentile of sorted values: the smallest value with at least `fraction` of the
+    values at or below it, i.e. the value of rank ceil(fraction × n)."""
     if not values:
         return 0.0
-    index = min(len(values) - 1, max(0, round(fraction * len(values)) - 1))
-    return values[index]
+    # round() first: 0.07 × 100 is 7.000000000000001 in binary, whose ceiling would be one rank too high.
+    rank = math.ceil(round(fraction * len(values), 9))
+    return values[min(len(values), max(1, rank)) - 1]
 
 
 # Upper bounds (ms) of the latency histogram buckets: 1-2-5 steps, the last one open.

@@ -68,7 +68,12 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  #
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             self._pending.append(line)
             if record.levelno >= logging.WARNING or len(self._pending) >= self._max_pending:
-                self._write_pending()
+                try:
+                    self._write_pending()
+                except Exception:
+                    # A stream that fails (stderr's reader gone) must not fail the code that logs:
+                    # a request, or the watcher that restarts profile workers. Those lines are lost.
+                    self.handleError(record)
 
     def _write_pending(self) -> None:
         if self._pending:
@@ -86,8 +91,10 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  #
         while not self._stopping.wait(self._interval):
             try:
                 self.flush()
-            except (OSError, ValueError):
+            except ValueError:
                 return  # the stream was closed under us (process exit)
+            except OSError:
+                continue  # the stream failed (its reader gone): those lines are lost, later ones may pass
 
     def close(self) -> None:
         """Write what is queued and stop the flushing thread."""

@@ -94,6 +94,26 @@ class Metrics:
             "HTTP request latency, from the first byte read to the response, by route and status.",
             ["route", "status"],
             registry=self.registry,
+            # Fine below 10 ms, where the latency target (P95 7 ms) is: the library's default buckets
+            # jump from 5 to 10 ms.
+            buckets=(
+                0.001,
+                0.002,
+                0.003,
+                0.005,
+                0.007,
+                0.01,
+                0.015,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+            ),
         )
         self._other_processes: list[Collector] = []
 

@@ -180,6 +180,14 @@ class ProfileSuspect(Struct):
     at: str
 
 
+class RetiredItem(Struct):
+    """An identifier an alias retired: it still resolves to the profile but counts toward no limit."""
+
+    identifier: str
+    first_seen: str
+    last_seen: str
+
+
 class ExplainResponse(Struct):
     """`GET …/merges`: how the profile came to be."""
 
@@ -188,6 +196,7 @@ class ExplainResponse(Struct):
     merged_segment_ids: list[str]
     merges: list[MergeItem]
     dropped: list[DroppedItem]
+    retired: list[RetiredItem]
     suspects: list[ProfileSuspect]
 
 

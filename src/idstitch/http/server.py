@@ -38,6 +38,7 @@ from idstitch.storage.urls import open_store
 __all__ = ["ProfileWorkers", "bind", "run_server"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_BACKLOG = 2048  # uvicorn's default
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,6 +53,9 @@ def bind(host: str, port: int) -> socket.socket:
         # A restarted server must not wait for the old one's connections to leave TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # Listening now, not when the server starts: with SO_REUSEADDR, two sockets that are bound but
+        # not yet listening may share a port, and only the second listen() would fail, inside uvicorn.
+        sock.listen(_BACKLOG)
     except OSError as error:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
@@ -77,6 +81,11 @@ def run_server(
     """
     if profile_workers and profile_port is None:
         raise ConfigError("--profile-workers needs --profile-port: the workers serve that port")
+    if profile_port is not None and profile_port != 0 and profile_port == port:
+        raise ConfigError(
+            f"--profile-port must differ from --port ({port}): "
+            "both APIs are served on --port when --profile-port is not given"
+        )
     sock = bind(host, port)  # first: a port in use fails before anything process-wide is touched
     sockets = [sock]
     if profile_port is not None:
@@ -212,7 +221,6 @@ class ProfileWorkers:
             raise ConfigError(
                 "--profile-workers needs a store file: a memory store is private to its process"
             )
-        sock.listen(2048)
         self.sock = sock
         self.count = count
         self._store_url = engine.store.url

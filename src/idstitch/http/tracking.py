@@ -204,6 +204,9 @@ class TrackingAPI:
                 (key.lower().encode(), value.encode()) for key, value in problem.headers.items()
             ]
         except _Disconnected:
+            request.problem = HTTPProblem(
+                499, "client_closed_request", "the client closed the connection before sending the whole body"
+            )
             self._finish(request, 499, None)  # nginx's "client closed request": nobody gets this
             return
         except Exception as exc:
@@ -239,6 +242,15 @@ class TrackingAPI:
         self._in_flight += 1
         try:
             return await self._ingest_counted(call, headers, receive, request)
+        except HTTPProblem as problem:
+            # A refused body is refused messages: one on a single-message call, each of a batch whose
+            # entries were read (too many of them). A body that is not JSON holds an unknown number.
+            if problem.status in (400, 413) and request.source is not None and not request.rejected:
+                if call in SINGLE_CALLS:
+                    request.messages = 1
+                request.rejected = request.messages
+                self.metrics.count_rejected(request.source.space, request.rejected)
+            raise
         finally:
             self._in_flight -= 1
 
@@ -289,6 +301,8 @@ class TrackingAPI:
             items, _ = parse_batch(raw, received_at=received_at, delivery=self.delivery_tokens())
         except InvalidEvent as error:
             entries = raw.get("batch")
+            if isinstance(entries, list):
+                request.messages = len(entries)
             too_many = isinstance(entries, list) and len(entries) > MAX_BATCH_MESSAGES
             raise HTTPProblem(400, "batch_too_large" if too_many else "invalid_batch", str(error)) from None
         request.messages = len(items)

@@ -88,6 +88,20 @@ def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
 DEFAULT_PAGE_CACHE_MB = 256
 
 
+def _open_failure(url: str, path: str, error: sqlite3.OperationalError) -> str:
+    """Why a store could not be opened, naming the file (SQLite's own message names nothing)."""
+    text = f"store {url}: {error}"
+    if Path(path).is_dir():
+        text += f" ({path} is a directory)"
+    elif "readonly" in str(error) or "unable to open" in str(error):
+        folder = Path(path).resolve().parent
+        text += (
+            f" ({path}: SQLite needs to write the file and its -wal and -shm files beside it, "
+            f"so {folder} must be writable)"
+        )
+    return text
+
+
 class SQLiteStore:
     """A store in one SQLite file (`sqlite:///path.db`) or in memory (`sqlite://`)."""
 
@@ -116,21 +130,24 @@ class SQLiteStore:
             )
         if read_only and not Path(self.path).is_file():
             raise ConfigError(f"store {self.url} does not exist")
-        # The writer's page cache holds the hot B-tree pages of the indexes every message touches.
-        self._writer = _connect(self._target, self._uri, 8 if read_only else page_cache_mb)
-        self._checkpointer: Checkpointer | None = None
-        if not self._memory and not read_only:
-            self._writer.execute("PRAGMA wal_autocheckpoint=0")
-            self._checkpointer = Checkpointer(self.path, lambda: _connect(self._target, self._uri))
         self._write_lock = threading.Lock()
         self._cache = GraphCache(cache_size)
         self._data_version: int | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        if read_only:
-            self._check_schema()  # a reader never migrates: the writing process does that
-        else:
-            self._migrate()
+        self._checkpointer: Checkpointer | None = None
+        try:
+            # The writer's page cache holds the hot B-tree pages of the indexes every message touches.
+            self._writer = _connect(self._target, self._uri, 8 if read_only else page_cache_mb)
+            if read_only:
+                self._check_schema()  # a reader never migrates: the writing process does that
+            else:
+                self._migrate()
+        except sqlite3.OperationalError as error:
+            raise ConfigError(_open_failure(self.url, self.path, error)) from error
+        if not self._memory and not read_only:
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = Checkpointer(self.path, lambda: _connect(self._target, self._uri))
 
     # -- connections --------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -201,7 +218,12 @@ class SQLiteStore:
             raise ConfigError(f"store {self.url} was opened read-only")
         with self._write_lock:
             db = self._writer
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                if "readonly" not in str(error):
+                    raise
+                raise ConfigError(_open_failure(self.url, self.path, error)) from error
             cache = self._cache
             try:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
@@ -215,7 +237,7 @@ class SQLiteStore:
                 writes = cache.writes
                 transaction = SQLiteTransaction(db, cache)
                 yield transaction
-                transaction.flush_events()
+                transaction.flush()
             except BaseException:
                 db.execute("ROLLBACK")
                 if cache.writes != writes:
@@ -607,6 +629,13 @@ class SQLiteTransaction:
         # has_message, which looks here first.
         self._events: list[tuple[Any, ...]] = []
         self._event_ids: set[tuple[str, str]] = set()
+        # Refreshes of stored rows wait too, and go in coalesced (one row per identifier or pair): a
+        # returning visitor refreshes the same rows message after message. Reads inside the transaction
+        # come from the cache, which already holds the new values; each refresh is a max / min /
+        # newest-wins, so applying only the last word per row at the end gives the same rows.
+        self._touches: list[tuple[Any, ...]] = []
+        self._owners: list[tuple[Any, ...]] = []
+        self._pairs: list[tuple[Any, ...]] = []
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -615,18 +644,23 @@ class SQLiteTransaction:
         # statement cache that keeps the hot path fast.
         self.db.execute("SAVEPOINT message")
         writes = self.cache.writes
-        events = len(self._events)
+        marks = [len(rows) for rows in (self._events, self._touches, self._owners, self._pairs)]
         try:
             yield
         except BaseException:
             self.db.execute("ROLLBACK TO message")
             self.db.execute("RELEASE message")
-            for row in self._events[events:]:
+            for row in self._events[marks[0] :]:
                 self._event_ids.discard((row[0], row[1]))
-            del self._events[events:]
+            for rows, mark in zip(
+                (self._events, self._touches, self._owners, self._pairs), marks, strict=True
+            ):
+                del rows[mark:]
             if self.cache.writes != writes:
                 # What this message wrote to the cache is gone from the database; the transaction goes
-                # on, so the suspects (always held in full) are read again now.
+                # on, so the suspects (always held in full) are read again now. The earlier messages'
+                # held-back refreshes go in first: from here on, misses read the database.
+                self._flush_refreshes()
                 self.cache.clear()
                 self.cache.suspects = _load_suspects(self.db)
             raise
@@ -796,21 +830,15 @@ class SQLiteTransaction:
                 key = (space, item.collection, item.type, item.value)
                 cache.identifiers[key] = IdentifierEntry(target, now, now)
                 members.add(key)
-        touch = []
         for item in resolution.touched:
-            entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+            key = (space, item.collection, item.type, item.value)
+            entry = self._identifier(key)
             if entry is not None:
                 if entry.last_seen >= now and entry.first_seen <= now:
                     continue  # nothing would change: skip the write
                 entry.last_seen = max(entry.last_seen, now)
                 entry.first_seen = min(entry.first_seen, now)
-            touch.append((now, now, space, item.collection, item.type, item.value))
-        if touch:
-            db.executemany(
-                "UPDATE identifiers SET last_seen = max(last_seen, ?), first_seen = min(first_seen, ?) "
-                "WHERE space = ? AND collection = ? AND type = ? AND value = ?",
-                touch,
-            )
+                self._touches.append((key, now))
         if resolution.retired:
             db.executemany(
                 "UPDATE identifiers SET retired = 1 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
@@ -820,44 +848,27 @@ class SQLiteTransaction:
                 entry = cache.identifiers.get((space, item.collection, item.type, item.value))
                 if entry is not None:
                     entry.retired = True
-        owned = []
         for item in resolution.device_owned:
-            entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+            key = (space, item.collection, item.type, item.value)
+            entry = self._identifier(key)
             if entry is not None:
                 if entry.device_owner_at is not None and entry.device_owner_at > now:
                     continue  # a newer login on this device already owns it
                 if entry.device_owner == target and entry.device_owner_at == now:
                     continue
                 entry.device_owner, entry.device_owner_at = target, now
-            owned.append((target, now, space, item.collection, item.type, item.value, now))
-        if owned:
-            db.executemany(
-                "UPDATE identifiers SET device_owner = ?, device_owner_at = ? WHERE space = ? "
-                "AND collection = ? AND type = ? AND value = ? "
-                "AND (device_owner_at IS NULL OR device_owner_at <= ?)",
-                owned,
-            )
-        seen_together = []
+                self._owners.append((key, target, now))
         for lower, higher in resolution.evidence:
             key = (space, lower.collection, lower.type, lower.value)
             partners = cache.evidence.get(key)
-            if partners is None and cache.complete:
-                partners = cache.evidence[key] = {}
-            if partners is not None:
-                pair = (higher.type, higher.value)
-                last = partners.get(pair)
-                if last is not None and last >= now:
-                    continue
-                partners[pair] = now
-            seen_together.append(
-                (space, lower.collection, lower.type, lower.value, higher.type, higher.value, now)
-            )
-        if seen_together:
-            db.executemany(
-                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                "SET last_seen = max(last_seen, excluded.last_seen)",
-                seen_together,
-            )
+            if partners is None:
+                partners = cache.evidence.setdefault(key, self._evidence(key))
+            pair = (higher.type, higher.value)
+            last = partners.get(pair)
+            if last is not None and last >= now:
+                continue
+            partners[pair] = now
+            self._pairs.append((key, pair, now))
         if resolution.suspects:
             db.executemany(
                 "INSERT OR IGNORE INTO suspects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -989,8 +1000,9 @@ class SQLiteTransaction:
         self._events.append(event_row(space, event))
         self._event_ids.add((space, event.message_id))
 
-    def flush_events(self) -> None:
-        """Write the events stored so far; the store calls this before COMMIT."""
+    def flush(self) -> None:
+        """Write the rows held back so far (refreshes, events); the store calls this before COMMIT."""
+        self._flush_refreshes()
         if self._events:
             self.db.executemany(
                 f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -998,6 +1010,39 @@ class SQLiteTransaction:
             )
             self._events = []
             self._event_ids = set()
+
+    def _flush_refreshes(self) -> None:
+        """Write the held-back identifier and evidence refreshes, the last word per row."""
+        if self._touches or self._owners:
+            # key -> [first seen, last seen, device owner, owned at]; None leaves the column alone
+            rows: dict[IdentifierKey, list[Any]] = {}
+            for key, at in self._touches:
+                row = rows.setdefault(key, [at, at, None, None])
+                row[0], row[1] = min(row[0], at), max(row[1], at)
+            for key, owner, at in self._owners:
+                row = rows.setdefault(key, [None, None, None, None])
+                if row[3] is None or at >= row[3]:
+                    row[2], row[3] = owner, at  # a tie goes to the later login, as row by row would
+            self.db.executemany(
+                "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
+                "last_seen = max(last_seen, coalesce(?2, last_seen)), "
+                "device_owner = iif(?4 >= coalesce(device_owner_at, ?4), ?3, device_owner), "
+                "device_owner_at = iif(?4 >= coalesce(device_owner_at, ?4), ?4, device_owner_at) "
+                "WHERE space = ?5 AND collection = ?6 AND type = ?7 AND value = ?8",
+                [(*row, *key) for key, row in rows.items()],
+            )
+            self._touches = []
+            self._owners = []
+        if self._pairs:
+            pairs: dict[tuple[IdentifierKey, tuple[str, str]], int] = {}
+            for key, pair, at in self._pairs:
+                pairs[(key, pair)] = max(at, pairs.get((key, pair), at))
+            self.db.executemany(
+                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                "SET last_seen = max(last_seen, excluded.last_seen)",
+                [(*key, *pair, at) for (key, pair), at in pairs.items()],
+            )
+            self._pairs = []
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
         """Append custom types in first-seen order."""

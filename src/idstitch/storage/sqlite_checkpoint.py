@@ -5,8 +5,11 @@ pages back into the database file. Here a second connection does the copying (PA
 the writer, and sqlite3 releases the GIL while it works, so it uses the machine's other core).
 
 A WAL file only rewinds when a write transaction starts with every frame copied, which a busy writer
-never sees: its next commit always lands while the thread copies. So after each background pass the
-writer copies the few frames committed since (cheap), and its next transaction rewinds the WAL. Should
+never sees: its next commit always lands while the thread copies. So the thread passes again over what
+was committed during its pass, until little is left (each pass is shorter than the one before), and only
+then does the writer copy the few frames committed since (cheap), so that its next transaction rewinds
+the WAL. A single pass left the writer copying all the frames of a long pass: at 300k messages, 54 ms
+of the writer's time per catch-up. Should
 the WAL outgrow `hard_limit_bytes` anyway (readers pinning old frames), the writer runs a blocking
 TRUNCATE checkpoint, so the file stays bounded.
 """
@@ -31,10 +34,14 @@ class Checkpointer:
         *,
         every_commits: int = 32,
         hard_limit_bytes: int = 512 * 1024 * 1024,
+        catch_up_frames: int = 256,
+        max_passes: int = 8,
     ) -> None:
         self.wal_path = path + "-wal"
         self.every_commits = every_commits
         self.hard_limit_bytes = hard_limit_bytes
+        self.catch_up_frames = catch_up_frames
+        self.max_passes = max_passes
         self.checkpoints = 0
         self._commits = 0
         self._busy = False
@@ -80,8 +87,11 @@ class Checkpointer:
             if self._stopping:
                 return
             try:
-                self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self.checkpoints += 1
+                for _ in range(self.max_passes):
+                    _, frames, copied = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                    if frames - copied <= self.catch_up_frames:
+                        break  # what is left (and what comes in meanwhile) the writer copies quickly
                 self._pass_done = True
             except sqlite3.Error:
                 pass  # busy or interrupted: the next pass catches up

@@ -1,0 +1,71 @@
+"""`idstitch bench core|sqlite`: the figures they compute and the JSON object they print, on tiny runs.
+
+No speed is asserted: only that each documented figure is there and computed as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from array import array
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idstitch.bench.runner import percentile
+
+DOCUMENTED = ("messages_per_s", "p50_ms", "p95_ms", "p99_ms", "peak_rss_mb", "parse_only_ratio")
+
+
+@pytest.mark.parametrize(
+    ("count", "fraction", "expected"),
+    [
+        (30, 0.95, 29),  # rank ceil(28.5) = 29; round() to even gave 28
+        (150, 0.99, 149),  # ceil(148.5) = 149; round() gave 148
+        (50, 0.95, 48),  # ceil(47.5) = 48
+        (30, 0.50, 15),
+        (100, 0.95, 95),  # exact ranks stay exact, despite 0.95 * 100 not being 95.0 in binary
+        (100, 0.07, 7),  # 0.07 * 100 = 7.000000000000001: still rank 7, not 8
+        (20, 0.95, 19),
+        (1, 0.99, 1),
+    ],
+)
+def test_percentile_is_the_nearest_rank(count: int, fraction: float, expected: int) -> None:
+    """P-th percentile, nearest rank: the smallest value with at least P % of the values at or below it."""
+    values = array("d", [float(value) for value in range(1, count + 1)])
+    assert percentile(values, fraction) == expected
+
+
+def test_percentile_of_nothing_is_zero() -> None:
+    assert percentile(array("d"), 0.95) == 0.0
+
+
+def _bench(name: str, cache: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env["IDSTITCH_BENCH_CACHE"] = str(cache)
+    command = [sys.executable, "-m", "idstitch", "bench", name, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cache, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["core", "sqlite"])
+def test_json_is_one_object_with_the_documented_figures(name: str, tmp_path: Path) -> None:
+    done = _bench(name, tmp_path, "-n", "300", "--batch-size", "40", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    figures: dict[str, Any] = json.loads(lines[0])
+    for key in DOCUMENTED:
+        assert figures[key] > 0, key
+    assert figures["benchmark"] == name
+    assert figures["messages"] == 300 and figures["batch_size"] == 40
+    assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+    # seconds is printed to the millisecond: compare at that precision
+    assert figures["messages"] / figures["messages_per_s"] == pytest.approx(figures["seconds"], abs=0.001)
+    assert figures["parse_only_ratio"] == pytest.approx(
+        figures["messages_per_s"] / figures["parse_only_messages_per_s"], rel=0.01, abs=1e-4
+    )
+    assert sum(count for _, count in figures["latency_histogram_ms"]) == 300
+    assert sum(figures["outcomes"].values()) == 300

@@ -1,0 +1,96 @@
+"""A store that cannot be written says which file and why, in one line, for a newcomer to fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from idstitch.core.errors import ConfigError
+from idstitch.storage.sqlite import SQLiteStore
+
+MESSAGE = '{"type": "identify", "userId": "u1", "messageId": "m1", "timestamp": "2026-01-01T00:00:00Z"}\n'
+
+
+@pytest.fixture
+def read_only_folder() -> Iterator[Path]:
+    """A folder holding one NDJSON file; `_forbid_writes` then makes it read-only."""
+    folder = Path(tempfile.mkdtemp(prefix="idstitch-read-only-"))
+    (folder / "events.ndjson").write_text(MESSAGE)
+    yield folder
+    _allow_writes(folder)
+    shutil.rmtree(folder)
+
+
+# Root writes through permission bits, and CI runs as root: there the folder is made immutable instead.
+AS_ROOT = os.geteuid() == 0
+
+
+def _forbid_writes(folder: Path) -> None:
+    if AS_ROOT:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+
+
+def _allow_writes(folder: Path) -> None:
+    if AS_ROOT:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+def _ingest_without_write_access(folder: Path, store: Path) -> subprocess.CompletedProcess[str]:
+    _forbid_writes(folder)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idstitch",
+            "ingest",
+            str(folder / "events.ndjson"),
+            "--store",
+            f"sqlite:///{store}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_new_store_in_a_read_only_folder_names_the_file_and_the_folder(read_only_folder: Path) -> None:
+    store = read_only_folder / "graph.db"
+    done = _ingest_without_write_access(read_only_folder, store)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    assert line.startswith(f"error: store sqlite:///{store}: unable to open database file")
+    assert f"so {read_only_folder.resolve()} must be writable" in line
+    assert "\n" not in line
+
+
+def test_an_existing_store_that_cannot_be_written_says_so_before_writing_anything(
+    read_only_folder: Path,
+) -> None:
+    store = read_only_folder / "graph.db"
+    SQLiteStore(store).close()
+    before = store.read_bytes()
+    done = _ingest_without_write_access(read_only_folder, store)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    assert line.startswith(f"error: store sqlite:///{store}: ")
+    assert "readonly" in line or "unable to open" in line
+    assert f"so {read_only_folder.resolve()} must be writable" in line
+    assert store.read_bytes() == before
+
+
+def test_a_directory_given_as_the_store_is_called_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a directory"):
+        SQLiteStore(tmp_path)
