@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from idstitch.bench.runner import percentile
+from idstitch.bench import runner
+from idstitch.bench.runner import BatchSizer, percentile
 
 DOCUMENTED = ("messages_per_s", "p50_ms", "p95_ms", "p99_ms", "peak_rss_mb", "parse_only_ratio")
 
@@ -61,6 +62,8 @@ def test_json_is_one_object_with_the_documented_figures(name: str, tmp_path: Pat
         assert figures[key] > 0, key
     assert figures["benchmark"] == name
     assert figures["messages"] == 300 and figures["batch_size"] == 40
+    assert figures["latency_budget_ms"] == 5.0  # the default: batches sized to commit within 5 ms
+    assert 1 <= figures["mean_batch_size"] <= 40
     assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
     # seconds is printed to the millisecond: compare at that precision
     assert figures["messages"] / figures["messages_per_s"] == pytest.approx(figures["seconds"], abs=0.001)
@@ -69,3 +72,47 @@ def test_json_is_one_object_with_the_documented_figures(name: str, tmp_path: Pat
     )
     assert sum(count for _, count in figures["latency_histogram_ms"]) == 300
     assert sum(figures["outcomes"].values()) == 300
+
+
+def test_without_a_budget_every_batch_is_the_limit() -> None:
+    sizer = BatchSizer(100, 0)
+    assert sizer.size == 100
+    sizer.observe(100, 2.0)
+    assert sizer.size == 100
+
+
+def test_batches_shrink_and_grow_to_commit_within_the_budget() -> None:
+    sizer = BatchSizer(100, 5.0)
+    assert sizer.size == 10  # a first guess, learnt from then on
+    sizer.observe(10, 0.010)  # 1 ms a message: 5 fit in 5 ms
+    assert sizer.size == 5
+    for _ in range(100):
+        sizer.observe(sizer.size, sizer.size * 0.0001)  # then 0.1 ms a message: 50 fit
+    assert sizer.size == 50
+    for _ in range(100):
+        sizer.observe(sizer.size, sizer.size * 0.00001)  # 0.01 ms a message: 500 would fit, 100 may
+    assert sizer.size == 100
+    for _ in range(50):
+        sizer.observe(sizer.size, sizer.size * 0.1)  # 100 ms a message: never below one
+    assert sizer.size == 1
+
+
+def test_a_fixed_batch_run_reports_its_batch_size(tmp_path: Path) -> None:
+    done = _bench("core", tmp_path, "-n", "120", "--batch-size", "40", "--latency-budget-ms", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert (figures["latency_budget_ms"], figures["mean_batch_size"]) == (0.0, 40.0)
+
+
+def test_size_checkpoints_are_measured_at_exactly_their_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDSTITCH_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(runner, "CHECKPOINTS", (100, 250))
+    committed: list[int] = []
+    result = runner.run_ingest_bench(
+        "core", "memory://", messages=300, batch_size=40, latency_budget_ms=0, progress=committed.append
+    )
+    assert {100, 250} <= set(committed)  # a batch of 40 ends early at each checkpoint
+    assert [mark["messages"] for mark in result.rate_by_size] == [100, 250]
+    assert committed[-1] == 300

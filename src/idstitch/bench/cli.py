@@ -38,8 +38,18 @@ Messages = Annotated[int, typer.Option("--messages", "-n", min=1, help="How many
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the generated population.")]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", min=1, help="Messages per transaction (group commit).")
+    int, typer.Option("--batch-size", min=1, help="Most messages per transaction (group commit).")
 ]
+LatencyBudget = Annotated[
+    float,
+    typer.Option(
+        "--latency-budget-ms",
+        min=0.0,
+        help="Size each transaction to commit within this many ms of its first message's receipt "
+        "(0: always --batch-size messages).",
+    ),
+]
+DEFAULT_LATENCY_BUDGET_MS = 5.0
 
 
 _stderr = Console(stderr=True)
@@ -72,7 +82,15 @@ def _phase_bars(bar: Progress, done_field: str = "messages") -> Callable[[dict[s
     return on_event
 
 
-def _run(name: str, store_url: str, messages: int, seed: int, batch_size: int, as_json: bool) -> None:
+def _run(
+    name: str,
+    store_url: str,
+    messages: int,
+    seed: int,
+    batch_size: int,
+    latency_budget_ms: float,
+    as_json: bool,
+) -> None:
     with _progress(f"bench {name}", as_json) as bar:
         task = bar.add_task(name, total=messages)
         result = run_ingest_bench(
@@ -81,6 +99,7 @@ def _run(name: str, store_url: str, messages: int, seed: int, batch_size: int, a
             messages=messages,
             seed=seed,
             batch_size=batch_size,
+            latency_budget_ms=latency_budget_ms,
             progress=lambda done: bar.update(task, completed=done),
         )
     if as_json:
@@ -93,7 +112,11 @@ def _print(result: BenchResult) -> None:
     console = Console()
     table = Table(title=f"idstitch bench {result.name} ({result.store})", show_header=False)
     table.add_row("messages", f"{result.messages:,}")
-    table.add_row("batch size (group commit)", str(result.batch_size))
+    budget = f"latency budget {result.latency_budget_ms:g} ms" if result.latency_budget_ms else "fixed"
+    table.add_row(
+        "batch size (group commit)",
+        f"{result.mean_batch_size:,.1f} on average, at most {result.batch_size} ({budget})",
+    )
     table.add_row("messages/s", f"{result.messages_per_s:,.0f}")
     table.add_row(
         "latency receipt→commit P50 / P95 / P99",
@@ -125,6 +148,7 @@ def bench_sqlite(
     messages: Messages = 1_000_000,
     seed: Seed = 1,
     batch_size: BatchSize = 100,
+    latency_budget_ms: LatencyBudget = DEFAULT_LATENCY_BUDGET_MS,
     path: Annotated[
         Path | None, typer.Option("--path", help="SQLite file to create (default: a fresh temp file).")
     ] = None,
@@ -137,7 +161,7 @@ def bench_sqlite(
             raise typer.BadParameter(
                 f"{target} exists; the benchmark needs a fresh file", param_hint="--path"
             )
-        _run("sqlite", f"sqlite:///{target}", messages, seed, batch_size, as_json)
+        _run("sqlite", f"sqlite:///{target}", messages, seed, batch_size, latency_budget_ms, as_json)
 
 
 @app.command("core")
@@ -145,10 +169,11 @@ def bench_core(
     messages: Messages = 1_000_000,
     seed: Seed = 1,
     batch_size: BatchSize = 100,
+    latency_budget_ms: LatencyBudget = DEFAULT_LATENCY_BUDGET_MS,
     as_json: Json = False,
 ) -> None:
     """The same stream through the core and the in-memory store: the ceiling without a database."""
-    _run("core", "memory://", messages, seed, batch_size, as_json)
+    _run("core", "memory://", messages, seed, batch_size, latency_budget_ms, as_json)
 
 
 def _print_http(result: HttpBenchResult) -> None:

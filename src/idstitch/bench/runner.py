@@ -30,6 +30,7 @@ from idstitch.storage.base import EventRecord
 from idstitch.storage.urls import open_store
 
 __all__ = [
+    "BatchSizer",
     "BenchResult",
     "ensure_workload",
     "latency_histogram",
@@ -66,6 +67,8 @@ class BenchResult:
     outcomes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     latency_histogram: list[list[float]] = field(default_factory=list)
+    latency_budget_ms: float = 0.0
+    mean_batch_size: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object `--json` prints."""
@@ -74,6 +77,8 @@ class BenchResult:
             "store": self.store,
             "messages": self.messages,
             "batch_size": self.batch_size,
+            "latency_budget_ms": self.latency_budget_ms,
+            "mean_batch_size": round(self.mean_batch_size, 1),
             "seconds": round(self.seconds, 3),
             "messages_per_s": round(self.messages_per_s, 1),
             "p50_ms": round(self.p50_ms, 3),
@@ -209,6 +214,33 @@ def _bare_event(message: Message) -> EventRecord:
     return event_record(message, source=None, profile_id=None, account_id=None, identifiers=identifiers)
 
 
+class BatchSizer:
+    """How many messages the next transaction takes: as many as commit within a latency budget.
+
+    A message's latency is the time from its receipt to its batch's commit, so the first message of a
+    batch waits for the whole batch: a batch must take no longer than the budget. The sizer keeps a moving
+    average of what a batch cost per message (its commit included) and sizes the next one to fit. It is
+    what a real-time consumer does with a backlog; a budget of 0 gives fixed batches of `limit`.
+    """
+
+    def __init__(self, limit: int, budget_ms: float) -> None:
+        self.limit = limit
+        self.budget_seconds = budget_ms / 1000
+        self.size = limit if budget_ms <= 0 else min(limit, 10)
+        self._seconds_per_message: float | None = None
+
+    def observe(self, messages: int, seconds: float) -> None:
+        """Learn from a committed batch and size the next one."""
+        if self.budget_seconds <= 0 or messages <= 0:
+            return
+        cost = seconds / messages
+        average = self._seconds_per_message
+        average = cost if average is None else 0.8 * average + 0.2 * cost
+        self._seconds_per_message = average
+        fits = int(self.budget_seconds / average + 1e-6) if average > 0 else self.limit  # 1e-6: float error
+        self.size = max(1, min(self.limit, fits))
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -224,15 +256,15 @@ def run_ingest_bench(
     messages: int,
     seed: int = 1,
     batch_size: int = 100,
+    latency_budget_ms: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> BenchResult:
-    """Ingest `messages` generated messages into the store; latency is receipt (line read) to commit."""
+    """Ingest `messages` generated messages into the store; latency is receipt (line read) to commit.
+
+    Each transaction takes at most `batch_size` messages, fewer when `latency_budget_ms` says so.
+    """
     path = ensure_workload(messages, seed)
     parse_rate = parse_only_rate(path, messages)
-    with scratch_directory("floor") as folder:
-        # The same kind of store as the benchmark's, fresh: memory for core, a SQLite file otherwise.
-        floor_url = "memory://" if store_url.startswith("memory") else f"sqlite:///{folder / 'floor.db'}"
-        floor_rate = store_floor_rate(path, floor_url, messages, batch_size)
     store = open_store(store_url)
     engine = Engine(store, Config.default())
     space = "default"
@@ -244,6 +276,8 @@ def run_ingest_bench(
     received_at = datetime.now(UTC)
     batch: list[Message | InvalidEvent] = []
     receipts: list[float] = []
+    sizer = BatchSizer(batch_size, latency_budget_ms)
+    commits = 0
     done = 0
     clock = time.perf_counter
     gc.freeze()  # the long-lived config and caches need not be scanned on every collection
@@ -251,9 +285,11 @@ def run_ingest_bench(
     last_mark, last_time = 0, started
 
     def flush() -> None:
-        nonlocal done, last_mark, last_time
+        nonlocal done, last_mark, last_time, commits
         result = engine.ingest(batch, space=space)
         committed = clock()
+        sizer.observe(len(batch), committed - receipts[0])
+        commits += 1
         latencies.extend(committed - receipt for receipt in receipts)
         for outcome in result.outcomes:
             outcomes[outcome.status] = outcomes.get(outcome.status, 0) + 1
@@ -280,7 +316,8 @@ def run_ingest_bench(
             batch.append(decode_message(line, received_at=received_at))
         except InvalidEvent as error:
             batch.append(error)
-        if len(batch) >= batch_size:
+        # A batch also ends at each size checkpoint, so that the figures at 100,000 are at 100,000.
+        if len(batch) >= sizer.size or (checkpoints and done + len(batch) == checkpoints[0]):
             flush()
     if batch:
         flush()
@@ -288,6 +325,12 @@ def run_ingest_bench(
     peak_rss_mb = _peak_rss_mb()  # before the percentiles' sort, which is the bench's, not the store's
     stats = store.stats(space).as_dict()
     store.close()
+    mean_batch = done / commits if commits else 0.0
+    with scratch_directory("floor") as folder:
+        # The same kind of store as the benchmark's, fresh (memory for core, a SQLite file otherwise),
+        # committing batches of the size the run used on average.
+        floor_url = "memory://" if store_url.startswith("memory") else f"sqlite:///{folder / 'floor.db'}"
+        floor_rate = store_floor_rate(path, floor_url, messages, max(1, round(mean_batch)))
     latencies = array("f", sorted(latencies))
     rate = done / elapsed if elapsed > 0 else 0.0
     return BenchResult(
@@ -309,4 +352,6 @@ def run_ingest_bench(
         outcomes=outcomes,
         stats=stats,
         latency_histogram=latency_histogram(latencies),
+        latency_budget_ms=latency_budget_ms,
+        mean_batch_size=mean_batch,
     )
