@@ -1026,8 +1026,9 @@ class SQLiteTransaction:
             self.db.executemany(
                 "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
                 "last_seen = max(last_seen, coalesce(?2, last_seen)), "
-                "device_owner = iif(?4 >= coalesce(device_owner_at, ?4), ?3, device_owner), "
-                "device_owner_at = iif(?4 >= coalesce(device_owner_at, ?4), ?4, device_owner_at) "
+                "device_owner = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?3 ELSE device_owner END, "
+                "device_owner_at = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?4 "
+                "ELSE device_owner_at END "
                 "WHERE space = ?5 AND collection = ?6 AND type = ?7 AND value = ?8",
                 [(*row, *key) for key, row in rows.items()],
             )
