@@ -37,6 +37,9 @@ def results() -> dict[str, Any]:
         "p99_ms": 385.0,
         "peak_rss_mb": 815.0,
         "parse_only_ratio": 0.0072,
+        "batch_size": 100,
+        "latency_budget_ms": 5.0,
+        "mean_batch_size": 18.4,
         "rate_by_size": [
             {"messages": 100_000, "cumulative_messages_per_s": 1676.0, "segment_messages_per_s": 1676.0},
             {"messages": 1_000_000, "cumulative_messages_per_s": 1440.0, "segment_messages_per_s": 1403.0},
@@ -93,6 +96,8 @@ def test_the_report_states_targets_figures_failures_and_plots(tmp_path: Path) ->
     assert "| SQLite ingest ≥ 50,000 messages/s | 1,440.0 | missed |" in text
     assert "| Profile API ≥ 5,000 lookups/s during ingest | 5,200.0 | **met** |" in text
     assert "| Profile API P95 ≤ 7 ms during ingest | 4.5 | **met** |" in text
+    # the group commit that gave the latency: its mean size and the budget that sized it
+    assert "| sqlite | 1,000,000 | 18.4 (sized to 5 ms) | 1,440.0 |" in text
     # a failed or skipped benchmark is listed with its reason, never dropped
     assert "| HTTP ingest ≥ 30,000 messages/s acknowledged | – | failed: exit code 1 |" in text
     assert "skipped: this build has no PostgreSQL store" in text

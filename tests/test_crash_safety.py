@@ -136,14 +136,19 @@ def assert_committed_prefix(database: Path, ids: list[str]) -> int:
     return len(stored)
 
 
-def kill_9_once(workload: Path, database: Path, at_least: int) -> None:
-    """Run `idstitch ingest` and SIGKILL it as soon as `at_least` events are committed."""
-    victim = subprocess.Popen(
+def start_ingest(workload: Path, database: Path) -> subprocess.Popen[bytes]:
+    """`idstitch ingest` of the workload into the database, running in the background."""
+    return subprocess.Popen(
         ingest_command(workload, f"sqlite:///{database}"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=clean_env(),
     )
+
+
+def kill_9_once(workload: Path, database: Path, at_least: int) -> None:
+    """Run `idstitch ingest` and SIGKILL it as soon as `at_least` events are committed."""
+    victim = start_ingest(workload, database)
     try:
         wait_for(lambda: stored_events(database) >= at_least, f"{at_least:,} committed events", victim)
         victim.send_signal(signal.SIGKILL)
@@ -191,12 +196,7 @@ def test_kill_9_mid_ingest_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
     crashed_url, reference_url = f"sqlite:///{crashed_db}", f"sqlite:///{reference_db}"
 
     # The uninterrupted reference runs alongside (two cores): the test takes one ingest's time, not two.
-    reference = subprocess.Popen(
-        ingest_command(workload, reference_url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    reference = start_ingest(workload, reference_db)
     # Killed twice: once in a first run, once in the run that resumes it, then resumed to the end.
     kill_9_once(workload, crashed_db, 1000)
     committed = assert_committed_prefix(crashed_db, ids)
@@ -234,12 +234,7 @@ def test_sigterm_stops_cleanly_between_batches(tmp_path: Path) -> None:
     write_workload(workload, 8000, seed=7)
     ids = message_ids(workload)
     database = tmp_path / "t.db"
-    process = subprocess.Popen(
-        ingest_command(workload, f"sqlite:///{database}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    process = start_ingest(workload, database)
     try:
         wait_for(lambda: stored_events(database) >= 300, "300 committed events", process)
         process.send_signal(signal.SIGTERM)

@@ -74,6 +74,14 @@ def _targets(benchmarks: dict[str, Any]) -> str:
     return _table(["target", "measured", ""], rows)
 
 
+def _messages_per_commit(result: dict[str, Any]) -> str:
+    """The run's group commit: its mean, and the latency budget that sized it (older runs: fixed)."""
+    budget = result.get("latency_budget_ms")
+    if not budget or result.get("mean_batch_size") is None:
+        return _number(result.get("batch_size"))
+    return f"{_number(result['mean_batch_size'], 1)} (sized to {budget:g} ms)"
+
+
 def _ingest_rows(benchmarks: dict[str, Any]) -> str:
     rows = []
     for name in ("core", "sqlite", "sqlite_scale"):
@@ -82,12 +90,13 @@ def _ingest_rows(benchmarks: dict[str, Any]) -> str:
         if result is None:
             continue
         if why is not None:
-            rows.append([name, why, "", "", "", "", "", "", ""])
+            rows.append([name, why, "", "", "", "", "", "", "", ""])
             continue
         rows.append(
             [
                 name,
                 _number(result.get("messages")),
+                _messages_per_commit(result),
                 _number(result.get("messages_per_s")),
                 _number(result.get("p50_ms"), 2),
                 _number(result.get("p95_ms"), 2),
@@ -100,6 +109,7 @@ def _ingest_rows(benchmarks: dict[str, Any]) -> str:
     header = [
         "benchmark",
         "messages",
+        "messages per commit",
         "messages/s",
         "P50 ms",
         "P95 ms",
