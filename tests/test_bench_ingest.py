@@ -116,3 +116,14 @@ def test_size_checkpoints_are_measured_at_exactly_their_size(
     assert {100, 250} <= set(committed)  # a batch of 40 ends early at each checkpoint
     assert [mark["messages"] for mark in result.rate_by_size] == [100, 250]
     assert committed[-1] == 300
+
+
+def test_a_cached_stream_is_reused_only_by_the_same_simulator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDSTITCH_BENCH_CACHE", str(tmp_path))
+    first = runner.ensure_workload(50, 1)
+    assert runner.ensure_workload(50, 1) == first  # same simulator: the cached file
+    monkeypatch.setattr(runner, "generator_fingerprint", lambda: "another-version")
+    changed = runner.ensure_workload(50, 1)
+    assert changed != first and changed.exists()  # a changed simulator: generated again

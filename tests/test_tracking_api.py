@@ -247,6 +247,10 @@ async def test_invalid_json_is_400(api: Api) -> None:
         400,
         problem("invalid_request", "the request body must be a JSON object"),
     )
+    assert api.event_ids() == []  # nothing of a refused body is stored
+    # and the next good request lands as usual
+    assert await api.post("/v1/track", track(1)) == (200, OK)
+    assert api.event_ids() == ["m1"]
 
 
 async def test_an_invalid_single_message_is_400_with_the_reason(api: Api) -> None:
@@ -703,6 +707,9 @@ async def test_a_full_writer_backlog_is_429_with_retry_after_and_nothing_accepte
         ),
     }
     assert list(world.store.iter_event_ids(SPACE)) == ["m1", "m2", "m5"]
+    # the two messages refused after their body was read are counted as such; the one refused before is not
+    refused = app.metrics.registry.get_sample_value("idstitch_messages_refused_busy_total", {"space": SPACE})
+    assert refused == 2.0
     world.close()
 
 

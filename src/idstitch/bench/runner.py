@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import hashlib
 import itertools
 import math
 import os
@@ -25,6 +26,7 @@ from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
 from idstitch.engine import Engine, event_record
+from idstitch.sim import population
 from idstitch.sim.population import WorkloadConfig, write_ndjson
 from idstitch.storage.base import EventRecord
 from idstitch.storage.urls import open_store
@@ -33,6 +35,7 @@ __all__ = [
     "BatchSizer",
     "BenchResult",
     "ensure_workload",
+    "generator_fingerprint",
     "latency_histogram",
     "parse_only_rate",
     "percentile",
@@ -113,9 +116,14 @@ def _cache_dir() -> Path:
     return path
 
 
+def generator_fingerprint() -> str:
+    """A short hash of the simulator's source: a cached stream made by another version is not reused."""
+    return hashlib.sha256(Path(population.__file__).read_bytes()).hexdigest()[:12]
+
+
 def ensure_workload(messages: int, seed: int) -> Path:
     """The generated NDJSON stream for (messages, seed), written once and reused (it is deterministic)."""
-    path = _cache_dir() / f"workload-{messages}-{seed}.ndjson"
+    path = _cache_dir() / f"workload-{messages}-{seed}-{generator_fingerprint()}.ndjson"
     if not path.exists():
         partial = path.with_suffix(".partial")
         write_ndjson(partial, WorkloadConfig(messages=messages, seed=seed))

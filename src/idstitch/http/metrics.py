@@ -73,6 +73,13 @@ class Metrics:
             ["space"],
             registry=self.registry,
         )
+        self.refused_busy = Counter(
+            "idstitch_messages_refused_busy",
+            "Messages answered 429 because the writer's backlog was full (the client retries them); a request "
+            "refused before its body was read counts only as a 429 request.",
+            ["space"],
+            registry=self.registry,
+        )
         self.resolutions = Counter(
             "idstitch_resolutions",
             "Stored messages by how they resolved: matched an existing profile, created one, or unresolved.",
@@ -171,6 +178,11 @@ class Metrics:
         """Count messages refused before they reached the writer."""
         if amount:
             self.rejected.labels(space).inc(amount)
+
+    def count_refused_busy(self, space: str, amount: int) -> None:
+        """Count messages turned away with 429 while the backlog was full."""
+        if amount:
+            self.refused_busy.labels(space).inc(amount)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Record one request's latency."""

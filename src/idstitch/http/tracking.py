@@ -340,6 +340,7 @@ class TrackingAPI:
         try:
             future = self.writer.submit(items, space=source.space, source=source.name)
         except WriterBusy as busy:
+            self.metrics.count_refused_busy(source.space, len(items))
             raise self._overloaded(str(busy)) from None
         except WriterClosed:
             raise HTTPProblem(
@@ -354,6 +355,7 @@ class TrackingAPI:
             result = await asyncio.shield(asyncio.wrap_future(future))
         except WriterBusy as busy:
             # Queue mode: JetStream was unreachable or refused; the client retries later.
+            self.metrics.count_refused_busy(source.space, len(items))
             raise self._overloaded(str(busy)) from None
         self.metrics.count_outcomes(source.space, result.outcomes)
         return result
