@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from idstitch.core.errors import ConfigError
 from idstitch.http.server import bind
+from live_server import WRITE_KEY, Server
 
 
 def free_port() -> int:
@@ -49,3 +55,52 @@ def test_profile_port_equal_to_port_is_a_one_line_usage_error(tmp_path: Path) ->
         "both APIs are served on --port when --profile-port is not given"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_the_backlog_bound_and_retry_after_are_the_operators_to_set(tmp_path: Path) -> None:
+    """`--max-pending 1 --retry-after 9`: shown in /metrics, and a second big batch behind a first is told 9 s."""
+    server = Server(tmp_path / "serve", args=("--max-pending", "1", "--retry-after", "9"))
+    server.start()
+    try:
+        with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        assert "\nidstitch_writer_max_pending_messages 1.0\n" in exposition
+
+        def batch(number: int) -> tuple[int, dict[str, str]]:
+            # 2,500 messages: the first one admitted takes far longer to resolve than the others take to
+            # arrive, and an empty backlog admits one request of any size, so the rest meet a full one
+            messages = [
+                {
+                    "type": "track",
+                    "event": "E",
+                    "userId": f"u{number}-{index}",
+                    "messageId": f"m{number}-{index}",
+                }
+                for index in range(2500)
+            ]
+            body = json.dumps({"batch": messages}).encode()
+            request = urllib.request.Request(
+                f"{server.base_url}/v1/batch",
+                data=body,
+                headers={"Authorization": basic_auth(WRITE_KEY), "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=120) as answer:
+                    return answer.status, {key.lower(): value for key, value in answer.headers.items()}
+            except urllib.error.HTTPError as refused:
+                return refused.code, {key.lower(): value for key, value in refused.headers.items()}
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(batch, range(6)))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses[0] == 200 and statuses[-1] == 429, statuses
+        for status, headers in answers:
+            if status == 429:
+                assert (headers["retry-after"], headers["x-ratelimit-reset"]) == ("9", "9")
+        server.stop()
+    finally:
+        server.kill()
+
+
+def basic_auth(write_key: str) -> str:
+    return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()

@@ -776,6 +776,7 @@ async def test_metrics_count_messages_resolutions_merges_drops_and_latency(api: 
         'idstitch_merges_total{space="app"}': 1.0,
         'idstitch_identifiers_dropped_total{rule="blocked exact \'void\'",space="app"}': 1.0,
         "idstitch_writer_pending_messages": 0.0,
+        "idstitch_writer_max_pending_messages": 3000.0,
         "idstitch_writer_commits_total": 2.0,
         "idstitch_writer_batches_total": 2.0,
     }

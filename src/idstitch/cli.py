@@ -423,6 +423,26 @@ def serve(
             "`idstitch worker`s to resolve, instead of writing them to the store here. " + _QUEUE_HELP,
         ),
     ] = None,
+    max_pending: Annotated[
+        int,
+        typer.Option(
+            "--max-pending",
+            envvar="IDSTITCH_MAX_PENDING",
+            min=1,
+            metavar="N",
+            help="Messages accepted but not yet durable past which requests are answered 429.",
+        ),
+    ] = 50_000,
+    retry_after: Annotated[
+        int,
+        typer.Option(
+            "--retry-after",
+            envvar="IDSTITCH_RETRY_AFTER",
+            min=1,
+            metavar="SECONDS",
+            help="The Retry-After (and X-RateLimit-Reset) of a 429 or a 503 while shutting down.",
+        ),
+    ] = 1,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -446,6 +466,8 @@ def serve(
                 host=host,
                 port=port,
                 announce=lambda url: print(f"idstitch serving on {url}{mode}", file=sys.stderr, flush=True),
+                max_pending_messages=max_pending,
+                retry_after=retry_after,
                 profile_port=profile_port,
                 profile_workers=profile_workers,
                 queue=queue,

@@ -34,6 +34,11 @@ class WriterFigures(Protocol):
         ...
 
     @property
+    def max_pending_messages(self) -> int:
+        """The backlog bound past which requests are answered 429."""
+        ...
+
+    @property
     def batches(self) -> int:
         """Requests made durable."""
         ...
@@ -236,6 +241,11 @@ class _WriterCollector(Collector):
             "idstitch_writer_pending_messages",
             "Messages accepted by the writer and not yet committed (queue mode: not yet persisted by JetStream).",
             value=writer.pending_messages,
+        )
+        yield GaugeMetricFamily(
+            "idstitch_writer_max_pending_messages",
+            "The backlog bound (serve --max-pending): past it, requests are answered 429.",
+            value=writer.max_pending_messages,
         )
         yield CounterMetricFamily(
             "idstitch_writer_commits",

@@ -69,6 +69,7 @@ def run_server(
     port: int,
     announce: Callable[[str], None],
     max_pending_messages: int = 50_000,
+    retry_after: int = 1,
     profile_port: int | None = None,
     profile_workers: int = 0,
     queue: str | None = None,
@@ -119,7 +120,7 @@ def run_server(
         for item in sockets:
             item.close()
         raise
-    tracking = TrackingAPI(writer)
+    tracking = TrackingAPI(writer, retry_after=retry_after)
     if workers is not None:
         tracking.metrics.include_processes(workers.metrics_dir)
     # One registry: /metrics shows both APIs' request latencies beside the ingest counters.
