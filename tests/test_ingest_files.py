@@ -153,6 +153,28 @@ def test_a_whole_file_envelope_pretty_printed(tmp_path: Path) -> None:
     assert isinstance(found[0][1], Message) and found[0][1].context["ip"] == "10.0.0.1"
 
 
+def test_a_pretty_printed_envelope_with_a_syntax_error_is_one_error_and_lands_nothing(tmp_path: Path) -> None:
+    # One comma missing between two elements. Read line by line, the last element (a whole JSON object
+    # on its own line) used to land without the envelope's context.
+    path = tmp_path / "batch.json"
+    first, second = json.dumps(message(1)), json.dumps(message(2))
+    path.write_text(
+        f'{{\n  "context": {{"ip": "10.0.0.1"}},\n  "batch": [\n    {first}\n    {second}\n  ]\n}}\n'
+    )
+    found = items(path)
+    assert len(found) == 1
+    where, error = found[0]
+    assert where == f"{path}:1" and isinstance(error, InvalidEvent)
+    assert str(error).startswith("invalid JSON: JSON is malformed: expected ',' or ']'")
+    assert str(error).endswith("on line 5; nothing of this document was ingested")
+
+
+def test_ndjson_whose_first_lines_are_broken_is_still_read_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b'{"type": "track", "anonymousId": "a1"\n' + b'{"type": \n' + ndjson(message(3)))
+    assert [item for _, item in summary(items(path))][2:] == ["m3"]
+
+
 def test_a_single_pretty_printed_message(tmp_path: Path) -> None:
     path = tmp_path / "one.json"
     path.write_text("\n" + json.dumps(message(1), indent=2))

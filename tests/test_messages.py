@@ -647,6 +647,16 @@ def test_clock_skew_correction_with_offsets_and_millis() -> None:
     assert message.timestamp == RECEIVED - timedelta(seconds=2, milliseconds=250)
 
 
+@pytest.mark.parametrize("sent_at", ["0001-01-01T00:00:00Z", "2026-03-01T10:54:59.000Z"])
+def test_a_sent_at_before_the_call_dates_it_on_arrival_not_in_the_future(sent_at: str) -> None:
+    # sentAt in year 1 (a reset device clock), or 1 s before the call: the formula would give year 4051,
+    # or 1 s after the server received it
+    message = parse(track(sentAt=sent_at, originalTimestamp="2026-03-01T10:55:00.000Z"))
+    assert message.timestamp == RECEIVED
+    assert message.payload["sentAt"] == sent_at
+    assert message.payload["originalTimestamp"] == "2026-03-01T10:55:00.000Z"
+
+
 def test_original_timestamp_alone() -> None:
     message = parse(track(originalTimestamp="2026-02-02T02:02:02.002Z"))
     assert message.timestamp == datetime(2026, 2, 2, 2, 2, 2, 2000, tzinfo=UTC)

@@ -475,6 +475,10 @@ def _parse(
             timestamp = received - (sent - original)
         except OverflowError:
             raise InvalidEvent("sentAt", "clock-skew correction out of range") from None
+        # A sentAt before the call it sends cannot be: the correction would date the call after it
+        # reached us (a sentAt in year 1 put it in year 4051), and a time in the future would skew every
+        # window it falls in. Such a message is dated when it arrived; both client times stay in the payload.
+        timestamp = min(timestamp, received)
     elif original is not None:
         timestamp = original
     else:

@@ -295,14 +295,33 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
     # hand the bytes back through a fresh reader if they turn out not to be one document.
     data = stream.read(MAX_DOCUMENT_BYTES + 1)
     if len(data) <= MAX_DOCUMENT_BYTES:
+        start_line = data[: len(data) - len(data.lstrip(_WHITESPACE))].count(b"\n") + 1
         try:
             document = decode_document(data)
-        except InvalidEvent:
+        except InvalidEvent as error:
+            if _opens_a_document(lines[0]):
+                # A document opened over several lines and broken further on is one error: read line by
+                # line, an element here and there would land without its envelope's context.
+                return (start_line, _where_broken(error, data)), stream
             document = None
         if isinstance(document, dict):
-            start_line = data[: len(data) - len(data.lstrip(_WHITESPACE))].count(b"\n") + 1
             return (start_line, document), stream
     return None, io.BufferedReader(_Concat(data, stream), buffer_size=_BUFFER)
+
+
+def _opens_a_document(first_line: bytes) -> bool:
+    """Whether a file's first line opens a JSON value that goes on below it (never an NDJSON line)."""
+    text = first_line.strip()
+    return text in (b"{", b"[") or text.endswith((b"{", b"[", b",", b":"))
+
+
+def _where_broken(error: InvalidEvent, data: bytes) -> InvalidEvent:
+    """The decoding error, with the line of the byte it names."""
+    found = re.search(r"\(byte (\d+)\)", error.reason)
+    if found is None:
+        return error
+    line = data[: int(found.group(1))].count(b"\n") + 1
+    return InvalidEvent(error.field, f"{error.reason} on line {line}; nothing of this document was ingested")
 
 
 class _Concat(io.RawIOBase):
@@ -329,6 +348,9 @@ class _Concat(io.RawIOBase):
 
 def _document_items(document: tuple[int, object], name: str, parsing: _Parsing) -> Iterator[Item]:
     line, value = document
+    if isinstance(value, InvalidEvent):
+        yield f"{name}:{line}", value
+        return
     if isinstance(value, dict) and _is_envelope(value):
         yield from _envelope_items(value, f"{name}:{line}", parsing)
         return
