@@ -337,7 +337,7 @@ def test_the_format_gives_back_the_very_same_messages_split_when_large() -> None
     assert len(chunks) > 2 and all(len(chunk) <= len(whole) // 3 for chunk in chunks)
     again = [item for chunk in chunks for item in envelope.decode(chunk).items]
     assert again == messages  # in order, none lost, none twice
-    with pytest.raises(envelope.RequestTooLarge, match="max_payload of 100 bytes"):
+    with pytest.raises(envelope.RequestTooLarge, match="over the 100 bytes a JetStream message may hold"):
         envelope.encode(SPACE, None, received, messages, max_bytes=100)
 
     for garbage, reason in [
@@ -532,6 +532,42 @@ async def test_a_stream_that_refuses_or_a_missing_nats_is_a_429_or_a_clear_error
         assert time.monotonic() - started < 5
 
 
+def test_a_stream_with_a_smaller_max_msg_size_gets_a_request_in_pieces(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+
+    async def make() -> None:
+        # An operator's stream whose messages may be at most 4 KB: a 14 KB request must still land.
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        try:
+            await client.jetstream().add_stream(
+                name=queue.stream, subjects=[queue.filter_subject], max_msg_size=4096
+            )
+        finally:
+            await client.close()
+
+    asyncio.run(make())
+    raw = [
+        {
+            "type": "track",
+            "event": "E",
+            "userId": f"u{n}",
+            "messageId": f"m{n}",
+            "properties": {"x": "y" * 500},
+        }
+        for n in range(24)
+    ]
+    items = [parse_message(message, received_at=RECEIVED) for message in raw]
+    with engine_at(tmp_path / "queued.db") as engine:
+        with JetStreamPublisher(engine, queue_url) as publisher:
+            result = publisher.ingest(items, space=SPACE, source="web")
+            assert publisher.commits > 1  # in pieces, each under the stream's limit
+        assert [o.status for o in result.outcomes] == ["queued"] * 24
+        summary = drain(engine, queue_url)
+        assert (summary.accepted, summary.queue_messages) == (24, publisher.commits)
+
+
 class PrivateNats:
     """A nats-server of this test's own (JetStream on disk), to stop and start again at will."""
 
@@ -604,6 +640,43 @@ async def test_while_nats_is_down_healthz_is_503_and_a_refused_request_is_never_
         finally:
             await client.close()
         assert info.state.messages == 2  # u1 and u3: the refused request did not go out on reconnect
+    finally:
+        nats_server.stop()
+
+
+def test_a_worker_stopped_while_nats_is_down_still_stops_cleanly(tmp_path: Path) -> None:
+    nats_server = PrivateNats(tmp_path / "nats")
+    nats_server.start()
+    try:
+        with engine_at(tmp_path / "queued.db") as engine:
+            stop = threading.Event()
+            started = threading.Event()
+            outcome: list[object] = []
+
+            def work() -> None:
+                try:
+                    outcome.append(
+                        run_worker(
+                            engine,
+                            nats_server.url,
+                            stop=stop,
+                            fetch_timeout=0.3,
+                            on_start=lambda _: started.set(),
+                        )
+                    )
+                except BaseException as error:  # what `idstitch worker` would print as "error: …", exit 2
+                    outcome.append(error)
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            assert started.wait(30)
+            nats_server.stop()
+            time.sleep(2.5)  # pull requests pile up in the client's reconnect buffer meanwhile
+            stop.set()
+            thread.join(30)
+            assert not thread.is_alive()
+            (result,) = outcome
+            assert isinstance(result, WorkerSummary), f"{type(result).__name__}: {result}"
     finally:
         nats_server.stop()
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.auth import basic_user
 from idstitch.http.tracking import TrackingAPI
+from idstitch.queue.envelope import RequestTooLarge
 from idstitch.storage.base import Store
 from idstitch.storage.urls import open_store
 
@@ -711,6 +713,35 @@ async def test_a_full_writer_backlog_is_429_with_retry_after_and_nothing_accepte
     refused = app.metrics.registry.get_sample_value("idstitch_messages_refused_busy_total", {"space": SPACE})
     assert refused == 2.0
     world.close()
+
+
+class TooLargeForTheStream(GroupCommitWriter):
+    """Queue mode with a stream whose max_msg_size is under 32 KB: the publisher refuses the message."""
+
+    def submit(self, items: Any, *, space: str, source: str | None = None) -> Future[IngestResult]:
+        future: Future[IngestResult] = Future()
+        future.set_exception(RequestTooLarge("message m1 is 900 bytes normalised, over the 800 bytes …"))
+        return future
+
+
+async def test_a_message_too_large_for_the_queue_is_400_not_a_500_retried_for_ever(tmp_path: Path) -> None:
+    world = open_world(tmp_path, CONFIG)
+    writer = TooLargeForTheStream(world.engine)
+    app = TrackingAPI(writer, clock=lambda: RECEIVED)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            response = await client.post(
+                "/v1/track", json=track(1), headers={"Authorization": basic("wk_test")}
+            )
+        assert (response.status_code, response.json()) == (
+            400,
+            problem("message_too_large", "message m1 is 900 bytes normalised, over the 800 bytes …"),
+        )
+        rejected = app.metrics.registry.get_sample_value("idstitch_messages_rejected_total", {"space": SPACE})
+        assert rejected == 1.0
+    finally:
+        writer.close()
+        world.close()
 
 
 async def test_too_many_open_requests_is_429_before_reading_the_body(api: Api) -> None:

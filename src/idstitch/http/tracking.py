@@ -38,6 +38,7 @@ from idstitch.http.bodies import BodyLimit, read_body
 from idstitch.http.logs import request_logger
 from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
+from idstitch.queue.envelope import RequestTooLarge
 
 __all__ = ["BATCH_CALLS", "MESSAGE_LIMIT", "REQUEST_LIMIT", "SINGLE_CALLS", "IngestWriter", "TrackingAPI"]
 
@@ -68,11 +69,6 @@ class IngestWriter(WriterFigures, Protocol):
     @property
     def engine(self) -> Engine:
         """The engine whose config and write keys the API uses."""
-        ...
-
-    @property
-    def max_pending_messages(self) -> int:
-        """The backlog bound past which `submit` refuses (WriterBusy)."""
         ...
 
     def submit(
@@ -357,6 +353,10 @@ class TrackingAPI:
             # Queue mode: JetStream was unreachable or refused; the client retries later.
             self.metrics.count_refused_busy(source.space, len(items))
             raise self._overloaded(str(busy)) from None
+        except RequestTooLarge as too_large:
+            # Queue mode: one message is over what the stream may hold (an operator's max_msg_size under
+            # 32 KB). A 500 would have the client retry it for ever; a 400 is not retried.
+            raise HTTPProblem(400, "message_too_large", str(too_large)) from None
         self.metrics.count_outcomes(source.space, result.outcomes)
         return result
 

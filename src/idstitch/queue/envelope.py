@@ -48,7 +48,7 @@ class UndecodableMessage(IdstitchError):
 
 
 class RequestTooLarge(IdstitchError):
-    """One message is larger than the NATS server accepts (its `max_payload`)."""
+    """One message is larger than a JetStream message may be (the server's `max_payload`, the stream's `max_msg_size`)."""
 
 
 def encode(
@@ -77,7 +77,7 @@ def encode(
         if len(head) + len(part) + len(tail) > max_bytes:
             raise RequestTooLarge(
                 f"message {message.message_id} is {len(part)} bytes normalised, "
-                f"over the NATS server's max_payload of {max_bytes} bytes"
+                f"over the {max_bytes} bytes a JetStream message may hold (NATS max_payload, stream max_msg_size)"
             )
         if parts and size + len(part) + 1 > max_bytes:
             chunks.append(head + b",".join(parts) + tail)

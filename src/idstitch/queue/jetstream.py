@@ -152,6 +152,7 @@ class JetStream:
         self.client = client
         self.js: JetStreamContext = client.jetstream()
         self.last_error: Exception | None = None
+        self.stream_max_msg_size: int | None = None  # the stream's own limit, when an operator set one
         self._quiet = True  # until connected, failures end in one error, not a log line per attempt
 
     @classmethod
@@ -206,8 +207,24 @@ class JetStream:
             extra={"server": None if url is None else _without_credentials(url.geturl())},
         )
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest JetStream message this connection may publish: the server's and the stream's limit.
+
+        Less a margin for the headers (`Nats-Msg-Id`), which both limits count.
+        """
+        limit = self.client.max_payload
+        if self.stream_max_msg_size is not None and self.stream_max_msg_size > 0:
+            limit = min(limit, self.stream_max_msg_size)
+        return limit - min(1024, limit // 8)
+
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or check that an existing one of that name holds our subjects."""
+        info = await self._ensure_stream()
+        self.stream_max_msg_size = info.config.max_msg_size
+        return info
+
+    async def _ensure_stream(self) -> StreamInfo:
         queue = self.queue
         config = StreamConfig(
             name=queue.stream,
@@ -316,7 +333,14 @@ class JetStream:
                 await client.flush(timeout=5)
             except (nats.errors.Error, OSError, TimeoutError):
                 _log.warning("could not flush the NATS connection before closing it")
-        await client.close()
+        try:
+            await client.close()
+        except (nats.errors.Error, OSError) as error:
+            # Closed while NATS is down: what the client buffered meanwhile (pull requests, acks) cannot
+            # be sent, and nothing depends on it (unacked messages are delivered again).
+            _log.warning(
+                "NATS connection closed uncleanly", extra={"error": f"{type(error).__name__}: {error}"}
+            )
 
 
 def _subject_token(space: str) -> str:

@@ -211,9 +211,7 @@ async def publish_request(
     timeout: float,
 ) -> int:
     """Publish one request's messages (one JetStream message, or a few if large); how many were persisted."""
-    chunks = envelope.encode(
-        space, source, received_at, messages, max_bytes=jetstream.client.max_payload - 1024
-    )
+    chunks = envelope.encode(space, source, received_at, messages, max_bytes=jetstream.max_message_bytes)
     request_id = secrets.token_hex(12)
     subject = jetstream.queue.subject_for(space)
     await asyncio.gather(
