@@ -19,6 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
+from idstitch.bench.load import PhaseStats
+
 KEYS = {
     "messages_per_s",
     "requests_per_s",
@@ -130,3 +132,13 @@ def test_load_client_retries_after_429_and_a_closed_keep_alive_connection() -> N
     assert (stats.messages, stats.requests, stats.rejected_429, stats.rejected_messages) == (100, 2, 1, 1)
     assert stats.errors == {}
     assert connections == 2
+
+
+def test_a_phase_rate_counts_accepted_messages_not_those_rejected_inside_a_200() -> None:
+    phase = PhaseStats("main", started=0.0)
+    phase.acknowledged(50, 0.01, b'{"success":true}')
+    phase.acknowledged(50, 0.01, b'{"success":true,"rejected":[{"index":3},{"index":7}]}')
+    phase.finished = 2.0  # two seconds
+    figures = phase.as_dict()
+    assert (figures["messages"], figures["rejected_messages"]) == (100, 2)
+    assert figures["messages_per_s"] == 49.0  # 98 accepted in 2 s

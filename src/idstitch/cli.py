@@ -108,7 +108,8 @@ SpaceOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 _QUEUE_HELP = (
-    "NATS JetStream URL: nats://host:port[?stream=NAME&subject=PREFIX&consumer=NAME&ack_wait=SECONDS] "
+    "NATS JetStream URL: nats://host:port[,nats://other:port][?stream=NAME&subject=PREFIX&consumer=NAME"
+    "&ack_wait=SECONDS] "
     "(defaults: stream IDSTITCH, subjects idstitch.ingest.<space>, consumer idstitch-workers, ack_wait 60)."
 )
 CollectionOption = Annotated[

@@ -99,7 +99,8 @@ class PhaseStats(TimedPhase):
             "target_rate": self.target_rate,
             "messages": self.messages,
             "requests": self.requests,
-            "messages_per_s": self.rate(self.messages),
+            # accepted: answered 200 and not rejected inside the answer as invalid
+            "messages_per_s": self.rate(self.messages - self.rejected_messages),
             "requests_per_s": self.rate(self.requests),
             "rejected_429": self.rejected_429,
             "rejected_messages": self.rejected_messages,
