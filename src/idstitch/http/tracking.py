@@ -335,7 +335,11 @@ class TrackingAPI:
     async def _write(self, items: list[Message | InvalidEvent], source: Source) -> IngestResult:
         try:
             future = self.writer.submit(items, space=source.space, source=source.name)
+            # shield: a request whose client went away keeps its messages; once a body is accepted it is
+            # written and counted whether or not anyone waits for the answer.
+            result = await asyncio.shield(asyncio.wrap_future(future))
         except WriterBusy as busy:
+            # A full backlog, or in queue mode JetStream unreachable or refusing: the client retries later.
             self.metrics.count_refused_busy(source.space, len(items))
             raise self._overloaded(str(busy)) from None
         except WriterClosed:
@@ -345,14 +349,6 @@ class TrackingAPI:
                 "the server is shutting down; retry",
                 {"Retry-After": str(self.retry_after)},
             ) from None
-        # shield: a request whose client went away keeps its messages; once a body is accepted it is
-        # written and counted whether or not anyone waits for the answer.
-        try:
-            result = await asyncio.shield(asyncio.wrap_future(future))
-        except WriterBusy as busy:
-            # Queue mode: JetStream was unreachable or refused; the client retries later.
-            self.metrics.count_refused_busy(source.space, len(items))
-            raise self._overloaded(str(busy)) from None
         except RequestTooLarge as too_large:
             # Queue mode: one message is over what the stream may hold (an operator's max_msg_size under
             # 32 KB). A 500 would have the client retry it for ever; a 400 is not retried.

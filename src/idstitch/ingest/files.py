@@ -311,8 +311,7 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
 
 def _opens_a_document(first_line: bytes) -> bool:
     """Whether a file's first line opens a JSON value that goes on below it (never an NDJSON line)."""
-    text = first_line.strip()
-    return text in (b"{", b"[") or text.endswith((b"{", b"[", b",", b":"))
+    return first_line.strip().endswith((b"{", b"[", b",", b":"))
 
 
 def _where_broken(error: InvalidEvent, data: bytes) -> InvalidEvent:

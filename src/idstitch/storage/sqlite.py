@@ -644,7 +644,8 @@ class SQLiteTransaction:
         # statement cache that keeps the hot path fast.
         self.db.execute("SAVEPOINT message")
         writes = self.cache.writes
-        marks = [len(rows) for rows in (self._events, self._touches, self._owners, self._pairs)]
+        held = (self._events, self._touches, self._owners, self._pairs)
+        marks = [len(rows) for rows in held]
         try:
             yield
         except BaseException:
@@ -652,9 +653,7 @@ class SQLiteTransaction:
             self.db.execute("RELEASE message")
             for row in self._events[marks[0] :]:
                 self._event_ids.discard((row[0], row[1]))
-            for rows, mark in zip(
-                (self._events, self._touches, self._owners, self._pairs), marks, strict=True
-            ):
+            for rows, mark in zip(held, marks, strict=True):
                 del rows[mark:]
             if self.cache.writes != writes:
                 # What this message wrote to the cache is gone from the database; the transaction goes
@@ -1008,8 +1007,8 @@ class SQLiteTransaction:
                 f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._events,
             )
-            self._events = []
-            self._event_ids = set()
+            self._events.clear()
+            self._event_ids.clear()
 
     def _flush_refreshes(self) -> None:
         """Write the held-back identifier and evidence refreshes, the last word per row."""
@@ -1032,8 +1031,8 @@ class SQLiteTransaction:
                 "WHERE space = ?5 AND collection = ?6 AND type = ?7 AND value = ?8",
                 [(*row, *key) for key, row in rows.items()],
             )
-            self._touches = []
-            self._owners = []
+            self._touches.clear()
+            self._owners.clear()
         if self._pairs:
             pairs: dict[tuple[IdentifierKey, tuple[str, str]], int] = {}
             for key, pair, at in self._pairs:
@@ -1043,7 +1042,7 @@ class SQLiteTransaction:
                 "SET last_seen = max(last_seen, excluded.last_seen)",
                 [(*key, *pair, at) for (key, pair), at in pairs.items()],
             )
-            self._pairs = []
+            self._pairs.clear()
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
         """Append custom types in first-seen order."""
