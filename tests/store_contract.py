@@ -1540,6 +1540,59 @@ def test_a_failed_savepoint_undoes_only_its_part(store: Store) -> None:
     assert after["stats"] == dataclasses.replace(before["stats"], events=before["stats"].events + 1)
 
 
+def test_a_failed_savepoint_undoes_its_part_even_after_a_read_inside_it(store: Store) -> None:
+    """A store that holds writes back must send them before it reads what it has not claimed; a
+    savepoint open at that moment must still roll back exactly its own part, nested ones included."""
+    populate(store)
+    with store.transaction() as tx:
+        with tx.savepoint():
+            tx.set_traits(SPACE, "use_a", {"kept": 1}, t(12))
+            tx.add_event(SPACE, event("m12", t(12), "use_a"))
+        with pytest.raises(RuntimeError), tx.savepoint():
+            tx.set_traits(SPACE, "use_a", {"lost": 1}, t(13))
+            tx.add_event(SPACE, event("m13", t(13), "use_a"))
+            with tx.savepoint():  # nested, and it succeeds: still undone with its parent
+                create(tx, "use_z", t(13), anon("z1"), message_id="m13")
+            graph = tx.load_view(SPACE, "users", [anon("never-seen"), anon("z1")])
+            assert graph.identifiers[anon("z1")].profile_id == "use_z"
+            tx.set_traits(SPACE, "use_a", {"also lost": 1}, t(13))
+            raise RuntimeError("a bad message")
+        assert not tx.has_message(SPACE, "m13") and tx.has_message(SPACE, "m12")
+        assert anon("z1") not in tx.load_view(SPACE, "users", [anon("z1")]).identifiers
+        with tx.savepoint():
+            create(tx, "use_y", t(14), anon("y1"), message_id="m14")
+            tx.add_event(SPACE, event("m14", t(14), "use_y"))
+    assert store.traits(SPACE, "use_a") == {"name": "Ann", "kept": 1}
+    assert list(store.iter_event_ids(SPACE))[-2:] == ["m12", "m14"]
+    assert store.find_profile(SPACE, anon("z1")) is None and store.profile(SPACE, "use_z") is None
+    assert store.find_profile(SPACE, anon("y1")) == "use_y"
+
+
+def test_claiming_ahead_changes_no_outcome(store: Store) -> None:
+    """claim_many is a hint: with it, without it, or with claims that turn out wrong, the same writes."""
+    populate(store)
+    with store.transaction() as tx:
+        tx.claim_many(
+            [(SPACE, "m20", [uid("u1"), anon("a9")]), (SPACE, "m21", [anon("a2")]), (SPACE, "m1", [])]
+        )
+        assert tx.has_message(SPACE, "m1") and not tx.has_message(SPACE, "m20")
+        tx.claim(SPACE, "m20", [uid("u1"), anon("a9")])
+        graph = tx.load_view(SPACE, "users", [uid("u1"), anon("a9")])
+        assert graph.identifiers[uid("u1")].profile_id == "use_a" and anon("a9") not in graph.identifiers
+        tx.apply_resolution(
+            SPACE, resolution("use_a", t(20), added=(anon("a9"),), touched=(uid("u1"),)), "m20"
+        )
+        tx.add_event(SPACE, event("m20", t(20), "use_a"))
+        tx.claim(SPACE, "m22", [anon("a9"), anon("unclaimed")])  # not claimed ahead: claimed now
+        graph = tx.load_view(SPACE, "users", [anon("a9"), anon("unclaimed")])
+        assert graph.identifiers[anon("a9")].profile_id == "use_a"
+        assert graph.profiles["use_a"].identifiers and anon("unclaimed") not in graph.identifiers
+        tx.claim_many([(SPACE, "m23", [anon("a1")])])  # too late in the transaction: ignored, harmless
+        assert tx.has_message(SPACE, "m20")
+    assert store.find_profile(SPACE, anon("a9")) == "use_a"
+    assert store.identifiers(SPACE, "use_a")
+
+
 def test_suspects_survive_a_failed_savepoint(store: Store) -> None:
     with store.transaction() as tx:
         tx.apply_resolution(

@@ -247,11 +247,12 @@ def terminate_writers(database_url: str, stop: threading.Event, killed: list[int
 def test_killed_workers_and_killed_connections_lose_nothing_and_double_nothing(
     tmp_path: Path, postgres_database: str, queue_url: str
 ) -> None:
-    raws = stream(2_000, seed=33)
+    # Long enough that the workers are still at it when one is killed, with connections killed meanwhile.
+    raws = stream(8_000, seed=33)
     url = new_schema(postgres_database)
     expected = valid_ids(raws)
     published = publish_messages(queue_url, SPACE, "default", raws, batch_size=20, received_at=RECEIVED)
-    assert published.queue_messages == 100
+    assert published.queue_messages == 400
     workers = [
         Worker(tmp_path / f"w{number}", queue_url, worker_url(url), "--batch", "3") for number in range(3)
     ]

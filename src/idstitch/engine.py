@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 import time
@@ -13,7 +14,7 @@ import msgspec
 from idstitch.config import Config, SourceConfig
 from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.graph import GraphView
-from idstitch.core.identifiers import Dropped, Extraction, extract_identifiers, require_identifier
+from idstitch.core.identifiers import Dropped, Extraction, Identifier, extract_identifiers, require_identifier
 from idstitch.core.messages import Message
 from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
 from idstitch.core.rules import IdentityRules
@@ -31,6 +32,8 @@ from idstitch.storage.base import (
 __all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome", "OutcomeCounts", "event_record"]
 
 _EMPTY_VIEW = GraphView()
+# A message's identifiers as extracted ahead: space, the rules used, the extraction, the keys to claim.
+_Extracted = tuple[str, IdentityRules, Extraction, list[Identifier]]
 _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
 # A transaction that lost to a concurrent writer runs again, after a short random pause (so that two
 # losers do not collide again in step), for up to this long before the conflict is reported.
@@ -272,9 +275,21 @@ class Engine:
             done: list[tuple[int, MessageOutcome]] = []
             try:
                 with self.store.transaction() as transaction:
-                    for number, index, item, batch in work[position:]:
+                    extractions = self._extractions(work[position:])
+                    transaction.claim_many(
+                        [
+                            (extracted[0], item.message_id, extracted[3])
+                            for (_, _, item, _), extracted in zip(work[position:], extractions, strict=True)
+                            if extracted is not None and not isinstance(item, InvalidEvent)
+                        ]
+                    )
+                    for (number, index, item, batch), extracted in zip(
+                        work[position:], extractions, strict=True
+                    ):
                         try:
-                            outcome = self._ingest_one(transaction, index, item, batch.space, batch.source)
+                            outcome = self._ingest_one(
+                                transaction, index, item, batch.space, batch.source, extracted
+                            )
                         except LockBusy:
                             if not done:
                                 raise
@@ -298,6 +313,25 @@ class Engine:
             if position >= len(work):
                 return results
 
+    def _extractions(
+        self, work: Sequence[tuple[int, int, Message | InvalidEvent, IngestBatch]]
+    ) -> list[_Extracted | None]:
+        """Each valid message's identifiers under the rules of now, so that a transaction can claim
+        them all at once (a message whose rules change before its turn is extracted again)."""
+        extracted: list[_Extracted | None] = []
+        for _, _, item, batch in work:
+            extraction = None
+            if not isinstance(item, InvalidEvent):
+                rules = self.rules(batch.space)
+                with contextlib.suppress(IdstitchError):  # rejected in its turn, with the reason
+                    extraction = extract_identifiers(item, rules, rules.source(batch.source))
+            if extraction is None:
+                extracted.append(None)
+                continue
+            user_keys, account_keys = view_keys(extraction)
+            extracted.append((batch.space, rules, extraction, [*user_keys, *account_keys]))
+        return extracted
+
     def _forget_rules(self, batches: Sequence[IngestBatch]) -> None:
         # Types learned in a transaction that rolled back are not in the store: learn them again.
         for batch in batches:
@@ -310,20 +344,24 @@ class Engine:
         item: Message | InvalidEvent,
         space: str,
         source: str | None,
+        extracted: _Extracted | None = None,
     ) -> MessageOutcome:
         if isinstance(item, InvalidEvent):
             return MessageOutcome(index, None, "rejected", error=str(item))
         rules = self.rules(space)
-        policy = rules.source(source)
-        try:
-            extraction = extract_identifiers(item, rules, policy)
-        except IdstitchError as error:
-            if transaction.has_message(space, item.message_id):
-                return MessageOutcome(index, item.message_id, "duplicate")  # stored under earlier rules
-            return MessageOutcome(index, item.message_id, "rejected", error=str(error))
-        user_keys, account_keys = view_keys(extraction)
+        if extracted is not None and extracted[0] == space and extracted[1] is rules:
+            extraction, keys = extracted[2], extracted[3]
+        else:
+            try:
+                extraction = extract_identifiers(item, rules, rules.source(source))
+            except IdstitchError as error:
+                if transaction.has_message(space, item.message_id):
+                    return MessageOutcome(index, item.message_id, "duplicate")  # stored under earlier rules
+                return MessageOutcome(index, item.message_id, "rejected", error=str(error))
+            user_keys, account_keys = view_keys(extraction)
+            keys = [*user_keys, *account_keys]
         # Before the duplicate check: a concurrent writer with the same message finishes first.
-        transaction.claim(space, item.message_id, [*user_keys, *account_keys])
+        transaction.claim(space, item.message_id, keys)
         if transaction.has_message(space, item.message_id):
             return MessageOutcome(index, item.message_id, "duplicate")
         try:

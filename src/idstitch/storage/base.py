@@ -240,6 +240,11 @@ class StoreTransaction(Protocol):
         """
         ...
 
+    def claim_many(self, claims: Sequence[tuple[str, str, Sequence[Identifier]]]) -> None:
+        """At the start of a transaction, claim ahead the messages (space, message id, identifiers) it
+        is about to claim one by one: a store with concurrent writers locks and reads them in one go."""
+        ...
+
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether this space already stored a message with this id (de-duplication)."""
         ...

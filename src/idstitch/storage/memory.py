@@ -665,6 +665,9 @@ class MemoryTransaction:
     def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
         """Nothing to lock: this store has one writer at a time."""
 
+    def claim_many(self, claims: Sequence[tuple[str, str, Sequence[Identifier]]]) -> None:
+        """Nothing to lock: this store has one writer at a time."""
+
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
         return message_id in self._store._read(space).message_ids

@@ -3,17 +3,19 @@
 Concurrency. Every writer locks what it is about to read and change, with transaction-scoped advisory
 locks on 64-bit hashes:
 
-- `claim` locks the message id and every identifier the message carries, in sorted order;
-- `load_view` then locks the root profile of every identifier it finds (and of a device's owner), and
-  reads again until the roots it holds are the roots the graph shows (a merge may have moved them).
+- `claim_many` locks, in one sorted wait at the start of a transaction, the message ids of all its
+  messages, every identifier they carry and the root profiles those identifiers had a moment before;
+- `claim` (per message) locks whatever that did not cover, and the root profile of every identifier
+  it finds (and of a device's owner), reading again until the roots it holds are the roots the graph
+  shows (a merge may have moved them).
 
 Whoever changes an identifier row holds that identifier's lock or its root profile's lock (a merge holds
 both roots), so once both are held the neighbourhood cannot change under the resolver: read, decide,
 write, commit. Messages on disjoint identifiers and profiles take disjoint locks and never wait on each
 other.
 
-Deadlock freedom: a transaction waits for a lock only while it holds none (the first message of a
-transaction, whose claim is taken in sorted order). Every later lock is a try-lock; when it is busy the
+Deadlock freedom: a transaction waits for a lock only while it holds none (its first statement that
+locks, taken in sorted order). Every later lock is a try-lock; when it is busy the
 store raises LockBusy and the engine commits what it has done and starts the message again in a fresh
 transaction. Deadlocks PostgreSQL detects anyway (a unique index waiting on a concurrent insert),
 serialisation failures and lost connections become StoreConflict, which the engine retries.
@@ -24,10 +26,8 @@ table leads with `space`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -36,16 +36,13 @@ import psycopg.errors
 from psycopg_pool import ConnectionPool
 
 from idstitch.core.errors import ConfigError
-from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
-from idstitch.core.identifiers import Dropped, Identifier
-from idstitch.core.resolve import Resolution
+from idstitch.core.identifiers import Identifier
 from idstitch.storage.base import (
     DroppedRecord,
     EventQuery,
     EventRecord,
     EventResolution,
     IdentifierRecord,
-    LockBusy,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -57,18 +54,17 @@ from idstitch.storage.base import (
     TraitRecord,
 )
 from idstitch.storage.migrations import read_migrations
+from idstitch.storage.postgres_transaction import PostgresTransaction, lock_key
 from idstitch.storage.rows import (
     BLOCKED_VALUES_SQL,
     DUMP_QUERIES,
     EVENT_COLUMNS,
-    EVENT_INSERT_COLUMNS,
     EVENT_RESOLUTIONS_SQL,
     INSERT_TOKEN_SQL,
     TOKEN_OF_KIND_SQL,
     dropped_record,
     event_record,
     event_resolution,
-    event_row,
     identifier_record,
     merge_record,
     suspect_record,
@@ -83,12 +79,6 @@ _json_decode = msgspec.json.decode
 
 # Taken around migrations, so that workers started together migrate once.
 _MIGRATION_LOCK = 0x1D5_7C4_0001
-
-
-def lock_key(kind: str, space: str, *parts: str) -> int:
-    """The advisory lock key (signed 64-bit) of a message (`m`), identifier (`i`) or profile (`p`)."""
-    text = "\x1f".join((kind, space, *parts)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big", signed=True)
 
 
 # This process ANALYZEs the graph tables after writing this many messages, then 4x as many, … up to
@@ -184,6 +174,7 @@ class PostgresStore:
             with self._pool.connection() as db, db.transaction(), db.pipeline():
                 transaction = PostgresTransaction(db)
                 yield transaction
+                transaction.flush()
         except _RETRYABLE as error:
             raise StoreConflict(f"{type(error).__name__}: {error}".strip()) from error
         self._grown(transaction.events)
@@ -541,60 +532,6 @@ class PostgresStore:
         return dump
 
 
-def _still_roots(rows: list[_Owned], roots: list[str], root_rows: list[tuple[Any, ...]]) -> bool:
-    """Whether the identifiers read before their roots were locked are still where the roots say."""
-    members: set[tuple[str, str, str, str]] = set()
-    for segment_id, _, _, _, parent_id, collections, types, values, *_ in root_rows:
-        if parent_id is not None:
-            return False  # merged into another profile meanwhile
-        members.update(
-            zip(
-                [segment_id] * len(collections or ()),
-                collections or (),
-                types or (),
-                values or (),
-                strict=True,
-            )
-        )
-    if len(root_rows) != len(roots):
-        return False
-    return all(row[3] is None or (row[3], row[0], row[1], row[2]) in members for row in rows)
-
-
-def _profile_states(roots: list[str], root_rows: list[tuple[Any, ...]]) -> dict[str, ProfileState]:
-    """ProfileStates of roots from the rows of _ROOTS_SQL."""
-    states = {}
-    for (
-        segment_id,
-        collection,
-        created_at,
-        count,
-        _,
-        collections,
-        types,
-        values,
-        first,
-        last,
-        retired,
-    ) in root_rows:
-        members = tuple(
-            StoredIdentifier(
-                Identifier(kind, value, member_collection), segment_id, from_micros(f), from_micros(t), gone
-            )
-            for member_collection, kind, value, f, t, gone in zip(
-                collections or (),
-                types or (),
-                values or (),
-                first or (),
-                last or (),
-                retired or (),
-                strict=True,
-            )
-        )
-        states[segment_id] = ProfileState(segment_id, collection, from_micros(created_at), count, members)
-    return {root: states[root] for root in roots}
-
-
 def _safe(url: str) -> str:
     """The URL without its password, for messages."""
     try:
@@ -603,402 +540,3 @@ def _safe(url: str) -> str:
         return "postgresql://…"
     user = f"{info['user']}@" if info.get("user") else ""
     return f"postgresql://{user}{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-
-
-# The neighbourhood of identifiers in one statement: each identifier's row (if any), the root of its
-# device owner, and whether it is suspect. LATERAL with OFFSET 0 (which keeps the planner from
-# flattening it into a join), so that every lookup is a primary-key probe whatever the planner believes
-# about the tables' sizes: as a plain join to `unnest` it was planned as a scan of the whole collection
-# while the statistics still described an empty table.
-_OWNED_SQL = (
-    "SELECT k.collection, k.type, k.value, i.profile_id, i.first_seen, i.last_seen, i.retired, i.owner, "
-    "i.device_owner_at, EXISTS (SELECT FROM suspects s WHERE s.space = %(space)s "
-    "AND s.collection = k.collection AND s.type = k.type AND s.value = k.value), "
-    "e.other_types, e.other_values, e.seen "
-    "FROM unnest(%(collections)s::text[], %(types)s::text[], %(values)s::text[]) AS k(collection, type, value) "
-    "LEFT JOIN LATERAL (SELECT i.profile_id, i.first_seen, i.last_seen, i.retired, i.device_owner_at, "
-    "(SELECT coalesce(o.parent_id, o.segment_id) FROM profiles o "
-    "WHERE o.space = %(space)s AND o.segment_id = i.device_owner) AS owner "
-    "FROM identifiers i WHERE i.space = %(space)s AND i.collection = k.collection "
-    "AND i.type = k.type AND i.value = k.value OFFSET 0) AS i ON true "
-    "CROSS JOIN LATERAL (SELECT array_agg(e.other_type) AS other_types, array_agg(e.other_value) AS other_values, "
-    "array_agg(e.last_seen) AS seen FROM evidence e WHERE e.space = %(space)s AND e.collection = k.collection "
-    "AND e.type = k.type AND e.value = k.value) AS e"
-)
-_STORED_SQL = "SELECT EXISTS (SELECT FROM events WHERE space = %s AND message_id = %s)"
-# Root profiles with their members, one row per root (the members as parallel arrays).
-_ROOTS_SQL = (
-    "SELECT p.segment_id, p.collection, p.created_at, p.merge_count, p.parent_id, "
-    "m.collections, m.types, m.values, m.first_seen, m.last_seen, m.retired "
-    "FROM unnest(%(roots)s::text[]) AS r(segment_id) "
-    "JOIN profiles p ON p.space = %(space)s AND p.segment_id = r.segment_id "
-    "CROSS JOIN LATERAL (SELECT array_agg(i.collection) AS collections, array_agg(i.type) AS types, "
-    "array_agg(i.value) AS values, array_agg(i.first_seen) AS first_seen, array_agg(i.last_seen) AS last_seen, "
-    "array_agg(i.retired) AS retired FROM identifiers i "
-    "WHERE i.space = %(space)s AND i.profile_id = p.segment_id) AS m"
-)
-
-_Key = tuple[str, str, str]  # collection, type, value
-_Owned = tuple[Any, ...]  # a row of _OWNED_SQL
-
-
-def _arrays(space: str, identifiers: Sequence[Identifier]) -> dict[str, Any]:
-    """Identifiers as parallel arrays for `unnest`: one statement for all of them."""
-    return {
-        "space": space,
-        "collections": [item.collection for item in identifiers],
-        "types": [item.type for item in identifiers],
-        "values": [item.value for item in identifiers],
-    }
-
-
-class PostgresTransaction:
-    """The write side of one open transaction: locks, then reads, then writes, all pipelined.
-
-    The connection is in pipeline mode: writes are sent without waiting for their answers, and go out
-    with the next read (or the commit). A message costs about three round trips: its claim (locks, the
-    duplicate check, its identifiers' rows and evidence in one go), its roots (locks, a check that they
-    are still roots, their profiles), and the commit it shares with the rest of the transaction. An
-    error of a write surfaces at the next read and fails the whole transaction.
-    """
-
-    def __init__(self, db: psycopg.Connection[Any]) -> None:
-        self.db = db
-        self._writes = db.cursor()
-        self._held: set[int] = set()
-        self.events = 0  # messages stored in this transaction
-        self._message: tuple[str, str, bool] | None = None  # (space, message id, stored) of the claim
-        self._owned: dict[_Key, _Owned] = {}  # rows read after their identifiers' locks were taken
-
-    def _send(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> None:
-        """Queue a write (its errors surface with the next read)."""
-        self._owned.clear()  # rows read before a write may describe what it changes
-        self._message = None
-        self._writes.execute(sql, parameters)
-
-    def _send_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Queue one write per row."""
-        self._owned.clear()
-        self._message = None
-        self._writes.executemany(sql, rows)
-
-    def _ask(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> psycopg.Cursor[Any]:
-        """Queue a read; its rows come with the next fetch (one round trip for everything queued)."""
-        cursor = self.db.cursor()
-        cursor.execute(sql, parameters)
-        return cursor
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """A nested unit that rolls back alone, and with it the advisory locks it took."""
-        held = set(self._held)
-        self._writes.execute("SAVEPOINT message")
-        try:
-            yield
-        except psycopg.Error:
-            raise  # the transaction is lost as a whole; rolling back to here would not be heard
-        except BaseException:
-            self._writes.execute("ROLLBACK TO message")
-            self._writes.execute("RELEASE message")
-            self._held = held  # ROLLBACK TO SAVEPOINT released the locks taken since
-            self._owned.clear()  # rows read inside may describe writes now undone
-            raise
-        self._writes.execute("RELEASE message")
-
-    def _queue_lock(self, keys: Sequence[int]) -> tuple[list[int], psycopg.Cursor[Any] | None]:
-        """Queue the advisory locks not yet held: waiting, in sorted order, if none is held yet."""
-        wanted = sorted(set(keys) - self._held)
-        if not wanted:
-            return wanted, None
-        if not self._held:
-            # Sorted, one after the other (unnest keeps the array's order): two transactions that
-            # wait this way cannot wait on each other in a cycle.
-            self._held.update(wanted)
-            return wanted, self._ask(
-                "SELECT key, pg_advisory_xact_lock(key) IS NOT NULL FROM unnest(%s::bigint[]) AS key",
-                (wanted,),
-            )
-        return wanted, self._ask(
-            "SELECT key, pg_try_advisory_xact_lock(key) FROM unnest(%s::bigint[]) AS key", (wanted,)
-        )
-
-    def _check_lock(self, cursor: psycopg.Cursor[Any] | None) -> None:
-        if cursor is None:
-            return
-        rows = cursor.fetchall()
-        self._held.update(key for key, taken in rows if taken)
-        if not all(taken for _, taken in rows):
-            raise LockBusy("a concurrent transaction holds an identifier or profile of this message")
-
-    def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
-        """Lock the message id and its identifiers until commit; read what they are now, in one go."""
-        _, locking = self._queue_lock(
-            [
-                lock_key("m", space, message_id),
-                *(lock_key("i", space, item.collection, item.type, item.value) for item in identifiers),
-            ]
-        )
-        # A separate statement from the lock: a statement reads the snapshot of its start, before the
-        # lock was granted.
-        stored = self._ask(_STORED_SQL, (space, message_id))
-        owned = self._ask(_OWNED_SQL, _arrays(space, identifiers)) if identifiers else None
-        self._owned.clear()
-        self._message = None
-        self._check_lock(locking)
-        row = stored.fetchone()
-        self._message = (space, message_id, bool(row and row[0]))
-        if owned is not None:
-            self._owned = {(row[0], row[1], row[2]): row for row in owned.fetchall()}
-
-    def has_message(self, space: str, message_id: str) -> bool:
-        """Whether the message id is stored in this space."""
-        if self._message is not None and self._message[:2] == (space, message_id):
-            return self._message[2]
-        row = self._ask(_STORED_SQL, (space, message_id)).fetchone()
-        return bool(row and row[0])
-
-    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
-        """Lock the identifiers and their roots, then read owners, profiles, evidence and suspects."""
-        keys = [(collection, item.type, item.value) for item in identifiers]
-        wanted = [Identifier(item.type, item.value, collection) for item in identifiers]
-        if not all(key in self._owned for key in keys):
-            # Not claimed: lock and read them now (the engine claims first; direct callers may not).
-            _, locking = self._queue_lock([lock_key("i", space, *key) for key in keys])
-            owned_rows = self._ask(_OWNED_SQL, _arrays(space, wanted))
-            self._check_lock(locking)
-            self._owned.update({(row[0], row[1], row[2]): row for row in owned_rows.fetchall()})
-        rows = [self._owned[key] for key in keys]
-        states: dict[str, ProfileState] = {}
-        while True:
-            roots = list(dict.fromkeys(root for row in rows for root in (row[3], row[7]) if root is not None))
-            if not roots:
-                break
-            _, locking = self._queue_lock([lock_key("p", space, root) for root in roots])
-            found = self._ask(_ROOTS_SQL, {"space": space, "roots": roots})
-            self._check_lock(locking)
-            root_rows = found.fetchall()
-            if locking is None or _still_roots(rows, roots, root_rows):
-                # Locked before these rows were read, or checked: nothing can move them now.
-                states = _profile_states(roots, root_rows)
-                break
-            # A merge moved a root before we locked it: read again, lock the new roots.
-            rows = self._ask(_OWNED_SQL, _arrays(space, wanted)).fetchall()
-            self._owned.update({(row[0], row[1], row[2]): row for row in rows})
-        owned: dict[Identifier, StoredIdentifier] = {}
-        suspects: set[Identifier] = set()
-        evidence: dict[Identifier, dict[Identifier, datetime]] = {}
-        for identifier, row in zip(identifiers, rows, strict=True):
-            profile_id, first_seen, last_seen, retired, owner, owner_at, suspect, types, values, seen = row[
-                3:
-            ]
-            if profile_id is not None:
-                owned[identifier] = StoredIdentifier(
-                    identifier,
-                    profile_id,
-                    from_micros(first_seen),
-                    from_micros(last_seen),
-                    retired,
-                    owner,
-                    None if owner_at is None else from_micros(owner_at),
-                )
-            if suspect:
-                suspects.add(identifier)  # a suspect stays suspect: its evidence is never needed again
-            elif types:
-                evidence[identifier] = {
-                    Identifier(other_type, other_value, collection): from_micros(at)
-                    for other_type, other_value, at in zip(types, values, seen, strict=True)
-                }
-        return GraphView(owned, states, evidence, frozenset(suspects))
-
-    def apply_resolution(
-        self, space: str, resolution: Resolution, message_id: str, source: str | None = None
-    ) -> None:
-        """Write one collection's decision."""
-        target = resolution.profile_id
-        collection = resolution.collection
-        now = to_micros(resolution.timestamp)
-        if resolution.created:
-            self._send(
-                "INSERT INTO profiles (space, segment_id, collection, created_at, created_by) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (space, target, collection, to_micros(resolution.created_at), message_id),
-            )
-        for step in resolution.merges:
-            self._merge(space, collection, target, step.child_id, message_id, str(step.via), now)
-        if resolution.added:
-            self._send(
-                "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen, "
-                "source, first_message_id) SELECT %(space)s, k.collection, k.type, k.value, %(target)s, "
-                "%(now)s, %(now)s, %(source)s, %(message)s "
-                "FROM unnest(%(collections)s::text[], %(types)s::text[], %(values)s::text[]) "
-                "AS k(collection, type, value)",
-                {
-                    **_arrays(space, resolution.added),
-                    "target": target,
-                    "now": now,
-                    "source": source,
-                    "message": message_id,
-                },
-            )
-        # Row by row by primary key (executemany pipelines them into one round trip); only rows
-        # that change are rewritten (no dead tuple for an unchanged row).
-        if resolution.touched:
-            self._send_many(
-                "UPDATE identifiers SET last_seen = greatest(last_seen, %s), first_seen = least(first_seen, %s) "
-                "WHERE space = %s AND collection = %s AND type = %s AND value = %s "
-                "AND (last_seen < %s OR first_seen > %s)",
-                [
-                    (now, now, space, item.collection, item.type, item.value, now, now)
-                    for item in resolution.touched
-                ],
-            )
-        if resolution.retired:
-            self._send_many(
-                "UPDATE identifiers SET retired = true WHERE space = %s AND collection = %s AND type = %s "
-                "AND value = %s AND NOT retired",
-                [(space, item.collection, item.type, item.value) for item in resolution.retired],
-            )
-        if resolution.device_owned:
-            self._send_many(
-                "UPDATE identifiers SET device_owner = %s, device_owner_at = %s WHERE space = %s "
-                "AND collection = %s AND type = %s AND value = %s "
-                "AND (device_owner_at IS NULL OR device_owner_at <= %s)",
-                [
-                    (target, now, space, item.collection, item.type, item.value, now)
-                    for item in resolution.device_owned
-                ],
-            )
-        if resolution.evidence:
-            self._send_many(
-                "INSERT INTO evidence VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (space, collection, type, value, other_type, other_value) DO UPDATE "
-                "SET last_seen = excluded.last_seen WHERE evidence.last_seen < excluded.last_seen",
-                sorted(
-                    {
-                        (space, lower.collection, lower.type, lower.value, higher.type, higher.value, now)
-                        for lower, higher in resolution.evidence
-                    }
-                ),
-            )
-        if resolution.suspects:
-            self._send_many(
-                "INSERT INTO suspects VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [
-                    (
-                        space,
-                        mark.identifier.collection,
-                        mark.identifier.type,
-                        mark.identifier.value,
-                        mark.evidence_type,
-                        _json_encode(list(mark.values)).decode(),
-                        message_id,
-                        now,
-                    )
-                    for mark in resolution.suspects
-                ],
-            )
-        if resolution.dropped:
-            self.record_dropped(space, resolution.dropped, message_id, resolution.timestamp, target)
-
-    def _merge(
-        self, space: str, collection: str, target: str, child: str, message_id: str, via: str, at: int
-    ) -> None:
-        parameters = {"target": target, "child": child, "space": space, "at": at}
-        # One round trip: the child and its former children point at the target, which counts them.
-        self._send(
-            "WITH moved AS (UPDATE profiles SET parent_id = %(target)s, merged_at = %(at)s "
-            "WHERE space = %(space)s AND (segment_id = %(child)s OR parent_id = %(child)s) "
-            "RETURNING segment_id, merge_count) "
-            "UPDATE profiles SET merge_count = merge_count + "
-            "(SELECT merge_count + 1 FROM moved WHERE segment_id = %(child)s) "
-            "WHERE space = %(space)s AND segment_id = %(target)s",
-            parameters,
-        )
-        self._send(
-            "UPDATE identifiers SET profile_id = %(target)s WHERE space = %(space)s AND profile_id = %(child)s",
-            parameters,
-        )
-        # Per trait key the newest value (with its source) wins; the parent keeps its value on a tie.
-        self._send(
-            "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-            "SELECT space, %(target)s, key, value, set_at, source FROM traits "
-            "WHERE space = %(space)s AND profile_id = %(child)s "
-            "ON CONFLICT (space, profile_id, key) DO UPDATE SET value = excluded.value, "
-            "set_at = excluded.set_at, source = excluded.source WHERE excluded.set_at > traits.set_at",
-            parameters,
-        )
-        self._send("DELETE FROM traits WHERE space = %(space)s AND profile_id = %(child)s", parameters)
-        own, other = ("account_id", "user_id") if collection == "accounts" else ("user_id", "account_id")
-        self._send(
-            f"INSERT INTO links (space, {own}, {other}, at) "
-            f"SELECT space, %(target)s, {other}, at FROM links WHERE space = %(space)s AND {own} = %(child)s "
-            "ON CONFLICT DO NOTHING",
-            parameters,
-        )
-        self._send(f"DELETE FROM links WHERE space = %(space)s AND {own} = %(child)s", parameters)
-        self._send(
-            "INSERT INTO merges (space, parent_id, child_id, message_id, via, at) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            (space, target, child, message_id, via, at),
-        )
-
-    def record_dropped(
-        self, space: str, dropped: Sequence[Dropped], message_id: str, at: datetime, profile_id: str | None
-    ) -> None:
-        """Record dropped identifiers."""
-        micros = to_micros(at)
-        self._send_many(
-            "INSERT INTO dropped (space, profile_id, message_id, identifier, rule, at) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
-            [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
-        )
-
-    def set_traits(
-        self,
-        space: str,
-        profile_id: str,
-        updates: Mapping[str, Any],
-        at: datetime,
-        source: str | None = None,
-    ) -> None:
-        """Set traits (with the source that sent them) unless a newer value is stored."""
-        self._send(
-            "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-            "SELECT %s, %s, t.key, t.value, %s, %s FROM unnest(%s::text[], %s::text[]) AS t(key, value) "
-            "ON CONFLICT (space, profile_id, key) DO UPDATE "
-            "SET value = excluded.value, set_at = excluded.set_at, source = excluded.source "
-            "WHERE excluded.set_at >= traits.set_at",
-            (
-                space,
-                profile_id,
-                to_micros(at),
-                source,
-                list(updates),
-                [None if value is None else _json_encode(value).decode() for value in updates.values()],
-            ),
-        )
-
-    def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
-        """Link a user and an account."""
-        self._send(
-            "INSERT INTO links VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (space, user_id, account_id, to_micros(at)),
-        )
-
-    def add_event(self, space: str, event: EventRecord) -> None:
-        """Store a message."""
-        self.events += 1
-        self._send(
-            f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            event_row(space, event),
-        )
-
-    def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
-        """Append custom types in first-seen order (a type another writer learned first keeps its place)."""
-        self._send(
-            "INSERT INTO learned_types (space, position, type, collection) "
-            "SELECT %s, coalesce((SELECT max(position) FROM learned_types WHERE space = %s), 0) + ordinal, "
-            "type, collection FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(type, collection, ordinal) "
-            "ON CONFLICT DO NOTHING",
-            (space, space, [item[0] for item in types], [item[1] for item in types]),
-        )

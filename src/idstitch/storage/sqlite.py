@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from idstitch.core.errors import ConfigError
-from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
+from idstitch.core.graph import GraphView
 from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import Resolution
 from idstitch.storage.base import (
@@ -35,9 +35,11 @@ from idstitch.storage.base import (
 from idstitch.storage.graph_cache import (
     DEFAULT_MAX_IDENTIFIERS,
     GraphCache,
+    GraphCacheReader,
     IdentifierEntry,
     IdentifierKey,
     ProfileEntry,
+    seen_together,
 )
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.rows import (
@@ -618,7 +620,7 @@ class SQLiteStore:
         return dump
 
 
-class SQLiteTransaction:
+class SQLiteTransaction(GraphCacheReader):
     """The write side of one open transaction."""
 
     def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
@@ -668,6 +670,9 @@ class SQLiteTransaction:
     def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
         """Nothing to lock: this store has one writer at a time."""
 
+    def claim_many(self, claims: Sequence[tuple[str, str, Sequence[Identifier]]]) -> None:
+        """Nothing to lock: this store has one writer at a time."""
+
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
         if (space, message_id) in self._event_ids:
@@ -679,40 +684,7 @@ class SQLiteTransaction:
 
     def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
         """Owners, their profiles, evidence and suspects for a message's identifiers."""
-        cache = self.cache
-        owned: dict[Identifier, StoredIdentifier] = {}
-        evidence: dict[Identifier, dict[Identifier, datetime]] = {}
-        suspects: set[Identifier] = set()
-        roots: dict[str, None] = {}
-        for identifier in identifiers:
-            key = (space, collection, identifier.type, identifier.value)
-            entry = self._identifier(key)
-            if entry is not None:
-                owner = entry.device_owner
-                if owner is not None:
-                    owner = self._profile(space, owner).parent_id or owner
-                    roots[owner] = None
-                owned[identifier] = StoredIdentifier(
-                    identifier,
-                    entry.profile_id,
-                    from_micros(entry.first_seen),
-                    from_micros(entry.last_seen),
-                    entry.retired,
-                    owner,
-                    None if entry.device_owner_at is None else from_micros(entry.device_owner_at),
-                )
-                roots[entry.profile_id] = None
-            if key in cache.suspects:
-                suspects.add(identifier)
-                continue  # a suspect stays suspect: its evidence is never needed again
-            partners = self._evidence(key)
-            if partners:
-                evidence[identifier] = {
-                    Identifier(other_type, other_value, collection): from_micros(last_seen)
-                    for (other_type, other_value), last_seen in partners.items()
-                }
-        profiles = {root: self._profile_state(space, root) for root in roots}
-        return GraphView(owned, profiles, evidence, frozenset(suspects))
+        return self._view(space, collection, identifiers)
 
     def _identifier(self, key: IdentifierKey) -> IdentifierEntry | None:
         cache = self.cache
@@ -776,25 +748,6 @@ class SQLiteTransaction:
         cache.profiles[(space, segment_id)] = entry
         return entry
 
-    def _profile_state(self, space: str, root: str) -> ProfileState:
-        entry = self._profile(space, root)
-        members = []
-        for key in entry.members:
-            member = self._identifier(key)
-            assert member is not None, key
-            members.append(
-                StoredIdentifier(
-                    Identifier(key[2], key[3], key[1]),
-                    root,
-                    from_micros(member.first_seen),
-                    from_micros(member.last_seen),
-                    member.retired,
-                )
-            )
-        return ProfileState(
-            root, entry.collection, from_micros(entry.created_at), entry.merge_count, tuple(members)
-        )
-
     def apply_resolution(
         self, space: str, resolution: Resolution, message_id: str, source: str | None = None
     ) -> None:
@@ -832,11 +785,7 @@ class SQLiteTransaction:
         for item in resolution.touched:
             key = (space, item.collection, item.type, item.value)
             entry = self._identifier(key)
-            if entry is not None:
-                if entry.last_seen >= now and entry.first_seen <= now:
-                    continue  # nothing would change: skip the write
-                entry.last_seen = max(entry.last_seen, now)
-                entry.first_seen = min(entry.first_seen, now)
+            if entry is not None and entry.seen_at(now):  # unchanged: no write
                 self._touches.append((key, now))
         if resolution.retired:
             db.executemany(
@@ -850,12 +799,7 @@ class SQLiteTransaction:
         for item in resolution.device_owned:
             key = (space, item.collection, item.type, item.value)
             entry = self._identifier(key)
-            if entry is not None:
-                if entry.device_owner_at is not None and entry.device_owner_at > now:
-                    continue  # a newer login on this device already owns it
-                if entry.device_owner == target and entry.device_owner_at == now:
-                    continue
-                entry.device_owner, entry.device_owner_at = target, now
+            if entry is not None and entry.owned_by(target, now):
                 self._owners.append((key, target, now))
         for lower, higher in resolution.evidence:
             key = (space, lower.collection, lower.type, lower.value)
@@ -863,11 +807,8 @@ class SQLiteTransaction:
             if partners is None:
                 partners = cache.evidence.setdefault(key, self._evidence(key))
             pair = (higher.type, higher.value)
-            last = partners.get(pair)
-            if last is not None and last >= now:
-                continue
-            partners[pair] = now
-            self._pairs.append((key, pair, now))
+            if seen_together(partners, pair, now):
+                self._pairs.append((key, pair, now))
         if resolution.suspects:
             db.executemany(
                 "INSERT OR IGNORE INTO suspects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
