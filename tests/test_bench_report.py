@@ -130,19 +130,28 @@ def test_the_report_shows_memory_by_store_size_and_each_postgres_worker_count(tm
             },
         ],
     }
-    run = {"mode": "direct", "messages": 10_000, "p95_ms": 271.0, "box_cpu_percent": 94.0, "verified": True}
+    run = {
+        "mode": "direct",
+        "messages": 10_000,
+        "p95_ms": 271.0,
+        "box_cpu_percent": 94.0,
+        "parse_only_ratio": 0.0007,
+        "verified": True,
+    }
     data["benchmarks"]["postgres"] = {
         "runs": [
             {**run, "workers": 1, "messages_per_s": 464.0},
             {**run, "workers": 4, "messages_per_s": 610.0, "verified": False},
         ],
         "messages_per_s": 610.0,
+        "source": "a later run",
     }
     text = write_report(data, tmp_path).read_text()
     assert "| 5,000,000 | 3,870.0 | 3,900.0 | 618 |" in text  # the furthest run's checkpoints, with RSS
     assert (tmp_path / "memory_vs_size.png").read_bytes().startswith(PNG)
-    assert "| direct | 1 | 10,000 | 464.0 | 271.00 | 94.0 | – | – | yes |" in text
-    assert "| direct | 4 | 10,000 | 610.0 | 271.00 | 94.0 | – | – | **no** |" in text
+    assert "| direct | 1 | 10,000 | 464.0 | 0.0007 | 271.00 | 94.0 | – | – | yes |" in text
+    assert "| direct | 4 | 10,000 | 610.0 | 0.0007 | 271.00 | 94.0 | – | – | **no** |" in text
+    assert "These rows come from a later run." in text
     assert "| PostgreSQL ≥ 20,000 messages/s | 610.0 | missed |" in text
 
 

@@ -195,6 +195,7 @@ def _postgres_table(postgres: dict[str, Any]) -> str:
             _number(run.get("workers")),
             _number(run.get("messages")),
             _number(run.get("messages_per_s")),
+            _number(run.get("parse_only_ratio"), 4),
             _number(run.get("p95_ms"), 2),
             _number(run.get("box_cpu_percent")),
             _number(run.get("postgres_cpu_percent")),
@@ -209,6 +210,7 @@ def _postgres_table(postgres: dict[str, Any]) -> str:
         "workers",
         "messages",
         "messages/s",
+        "÷ parse-only",
         "P95 ms",
         "box CPU %",
         "PostgreSQL CPU %",
@@ -497,6 +499,8 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
         "",
         _status(postgres) or _postgres_table(postgres or {}),
     ]
+    if (postgres or {}).get("source"):
+        lines += ["", f"These rows come from {postgres['source']}."]
     memory = _plot_memory(benchmarks, out, plt)
     if memory:
         lines += ["", "## Memory", "", f"![memory]({memory})"]
