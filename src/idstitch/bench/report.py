@@ -499,8 +499,9 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
         "",
         _status(postgres) or _postgres_table(postgres or {}),
     ]
-    if (postgres or {}).get("source"):
-        lines += ["", f"These rows come from {postgres['source']}."]
+    postgres_source = (postgres or {}).get("source")
+    if postgres_source:
+        lines += ["", f"These rows come from {postgres_source}."]
     memory = _plot_memory(benchmarks, out, plt)
     if memory:
         lines += ["", "## Memory", "", f"![memory]({memory})"]
