@@ -3,8 +3,9 @@
 Concurrency. Every writer locks what it is about to read and change, with transaction-scoped advisory
 locks on 64-bit hashes:
 
-- `claim_many` locks, in one sorted wait at the start of a transaction, the message ids of all its
-  messages, every identifier they carry and the root profiles those identifiers had a moment before;
+- `claim_many`, at the start of a transaction, waits for its first message's locks (its id, its
+  identifiers and the roots they had a moment before) in one sorted statement, then takes the next
+  messages' ids and identifiers while they are free, and tries the roots it then reads;
 - `claim` (per message) locks whatever that did not cover, and the root profile of every identifier
   it finds (and of a device's owner), reading again until the roots it holds are the roots the graph
   shows (a merge may have moved them).

@@ -292,53 +292,36 @@ class PostgresTransaction(GraphCacheReader):
         """Lock and read, at the start of a transaction, what the messages (space, message id,
         identifiers) about to be claimed need, in a few round trips for all of them.
 
-        The first message's locks are waited for. Then, in order, each next message's locks are
-        taken if they are all free, up to the first message that finds one busy: that message (and
-        what follows) is left to its own `claim`, which raises LockBusy, so the engine commits the
-        messages before it and starts a new transaction with it, which waits. A busy identifier thus
-        delays its own message, not the messages before it, and no lock is held for a message this
-        transaction will not resolve.
+        The first message's locks (its id, its identifiers and their roots) are waited for. Then, in
+        order, each next message's id and identifiers are locked if all are free, up to the first
+        message that finds one busy; the roots of the identifiers read are then tried. A message with
+        a busy lock is left to its own `claim`, which raises LockBusy, so the engine commits the
+        messages before it and starts a new transaction with it, which waits: a busy identifier
+        delays its own message, not the messages before it.
         """
         if self._locks or len(self._writes) or not claims:
             return  # only the first statement of a transaction may wait for locks without a cycle
         wanted: list[tuple[str, str, list[IdentifierKey]]] = []
-        by_space: dict[str, dict[IdentifierKey, None]] = {}
         for space, message_id, identifiers in claims:
             keys = list(
                 dict.fromkeys((space, item.collection, item.type, item.value) for item in identifiers)
             )
             wanted.append((space, message_id, keys))
-            by_space.setdefault(space, {}).update(dict.fromkeys(keys))
-        # The roots these identifiers have now, read without locks, are locked with them; a row whose
-        # root moved meanwhile is left to its message's own claim.
-        guesses = {
-            space: self._ask(_GUESS_SQL, _arrays(space, list(keys)))
-            for space, keys in by_space.items()
-            if keys
-        }
-        guessed: dict[IdentifierKey, _Owned] = {
-            (space, row[0], row[1], row[2]): row
-            for space, cursor in guesses.items()
-            for row in cursor.fetchall()
-        }
+        # The roots the first message's identifiers have now, read without locks, are waited for with
+        # them; the other messages' roots are tried once their rows are read. A row whose root is busy,
+        # or moved meanwhile, is left to its message's own claim.
+        first_space, _, first_keys = wanted[0]
+        guessed = self._ask(_GUESS_SQL, _arrays(first_space, first_keys)).fetchall() if first_keys else []
         plans = [
-            [
-                lock_key("m", space, message_id),
-                *(lock_key("i", *key) for key in keys),
-                *(lock_key("p", space, root) for root in _roots_of([guessed[key] for key in keys])),
-            ]
+            [lock_key("m", space, message_id), *(lock_key("i", *key) for key in keys)]
             for space, message_id, keys in wanted
         ]
-        first = sorted(set(plans[0]))
-        # Sorted, one after the other (unnest keeps the array's order): two transactions that wait
-        # this way cannot wait on each other in a cycle. The try-locks run after the wait.
-        self._ask(_WAIT_FOR_LOCKS_SQL, (_json(first),))
-        taken = self._ask(
-            _TRY_LOCKS_IN_ORDER_SQL,
-            {"plans": _json(plans), "count": len(plans)},
-        ).fetchone()
-        count = int(taken[0]) if taken and taken[0] is not None else 0
-        count = max(count, 1)  # the first message's locks were waited for
+        plans[0] += [lock_key("p", first_space, root) for root in _roots_of(guessed)]
+        # Sorted, one after the other (the array's order): two transactions that wait this way cannot
+        # wait on each other in a cycle. The try-locks run after the wait.
+        self._ask(_WAIT_FOR_LOCKS_SQL, (_json(sorted(set(plans[0]))),))
+        taken = self._ask(_TRY_LOCKS_IN_ORDER_SQL, {"plans": _json(plans), "count": len(plans)}).fetchone()
+        count = max(int(taken[0]) if taken and taken[0] is not None else 0, 1)  # the first one waited
         for plan in plans[:count]:
             self._locks.update(plan)
         claimed = wanted[:count]
@@ -351,25 +334,37 @@ class PostgresTransaction(GraphCacheReader):
         keys_by_space: dict[str, list[IdentifierKey]] = {}
         for space, _, keys in claimed:
             keys_by_space.setdefault(space, []).extend(keys)
-        keys_by_space = {space: list(dict.fromkeys(keys)) for space, keys in keys_by_space.items() if keys}
-        roots_by_space = {
-            space: _roots_of([guessed[key] for key in keys]) for space, keys in keys_by_space.items()
-        }
-        owned = {space: self._ask(_OWNED_SQL, _arrays(space, keys)) for space, keys in keys_by_space.items()}
-        roots = {
-            space: self._ask(_ROOTS_SQL, {"space": space, "roots": _json(names)})
-            for space, names in roots_by_space.items()
-            if names
+        owned = {
+            space: self._ask(_OWNED_SQL, _arrays(space, list(dict.fromkeys(keys))))
+            for space, keys in keys_by_space.items()
+            if keys
         }
         for space, cursor in stored.items():
             found = {row[0] for row in cursor.fetchall()}
             for message_space, message_id, _ in claimed:
                 if message_space == space:
                     self._stored[(space, message_id)] = message_id in found
-        for space, cursor in owned.items():
-            rows = cursor.fetchall()
+        rows_by_space = {space: cursor.fetchall() for space, cursor in owned.items()}
+        names_by_space = {space: _roots_of(rows) for space, rows in rows_by_space.items()}
+        trying = [
+            lock_key("p", space, name)
+            for space, names in names_by_space.items()
+            for name in names
+            if lock_key("p", space, name) not in self._locks
+        ]
+        tried = self._ask(_TRY_LOCKS_SQL, (_json(sorted(set(trying))),)) if trying else None
+        roots = {
+            space: self._ask(_ROOTS_SQL, {"space": space, "roots": _json(names)})
+            for space, names in names_by_space.items()
+            if names
+        }
+        if tried is not None:
+            self._locks.update(key for key, ok in tried.fetchall() if ok)
+        for space, rows in rows_by_space.items():
             held = {
-                row[0]: row for row in (roots[space].fetchall() if space in roots else ()) if row[4] is None
+                row[0]: row
+                for row in (roots[space].fetchall() if space in roots else ())
+                if row[4] is None and lock_key("p", space, row[0]) in self._locks
             }
             members = {
                 (segment_id, *member)
