@@ -1673,3 +1673,56 @@ def test_reads_in_a_transaction_see_its_own_writes_after_a_claim(store: Store) -
         assert after.identifiers[anon("a1")].profile_id == "use_a"
         assert set(after.profiles) == {"use_a"}
         assert {item.identifier for item in after.profiles["use_a"].identifiers} == {uid("u1"), anon("a1")}
+
+
+def test_a_failed_savepoint_forgets_what_was_read_after_its_undone_writes(store: Store) -> None:
+    """Reads inside a savepoint that follow its own writes (here after a decision about a profile the
+    transaction never read) describe writes the rollback undoes: they must not be answered again."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+    with store.transaction() as tx:
+        with pytest.raises(RuntimeError), tx.savepoint():
+            create(tx, "use_z", t(2), anon("z1"), message_id="m2")
+            tx.apply_resolution(SPACE, resolution("use_a", t(2), touched=(uid("u1"),)), "m2")
+            assert tx.load_view(SPACE, "users", [anon("z1")]).identifiers[anon("z1")].profile_id == "use_z"
+            raise RuntimeError("a bad message")
+        graph = tx.load_view(SPACE, "users", [anon("z1"), uid("u1")])
+        assert anon("z1") not in graph.identifiers
+        assert set(graph.profiles) == {"use_a"}
+    assert store.find_profile(SPACE, anon("z1")) is None
+
+
+def test_evidence_of_an_identifier_outlives_its_being_attached(store: Store) -> None:
+    """Evidence recorded while an identifier had no owner (dropped, or refused by the cap) is still
+    read after a later message attaches it, in the same transaction and after it."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        tx.apply_resolution(SPACE, resolution("use_a", t(2), evidence=((anon("a9"), uid("u1")),)), "m2")
+    with store.transaction() as tx:
+        tx.claim(SPACE, "m3", [uid("u1"), anon("a9")])
+        before = tx.load_view(SPACE, "users", [uid("u1"), anon("a9")])
+        assert before.evidence == {anon("a9"): {uid("u1"): t(2)}}
+        tx.apply_resolution(SPACE, resolution("use_a", t(3), added=(anon("a9"),), touched=(uid("u1"),)), "m3")
+        after = tx.load_view(SPACE, "users", [uid("u1"), anon("a9")])
+        assert after.evidence == {anon("a9"): {uid("u1"): t(2)}}
+    assert view(store, [anon("a9")]).evidence == {anon("a9"): {uid("u1"): t(2)}}
+
+
+def test_a_device_login_at_the_stored_time_repoints_a_merged_owner(store: Store) -> None:
+    """A login at the very time of the stored one wins (ties go to the later write), also when the
+    stored owner has since been merged into the profile that logs in."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_r", t(1), uid("u1"))
+        create(tx, "use_c", t(1), uid("u2"), anon("a1"))
+        tx.apply_resolution(SPACE, resolution("use_c", t(5), device_owned=(anon("a1"),)), "m5")
+    with store.transaction() as tx:
+        merge(tx, "use_r", t(6), ("use_c", uid("u2")), message_id="m6")
+    with store.transaction() as tx:
+        tx.claim(SPACE, "m7", [uid("u1"), anon("a1")])
+        tx.load_view(SPACE, "users", [uid("u1"), anon("a1")])
+        tx.apply_resolution(SPACE, resolution("use_r", t(5), device_owned=(anon("a1"),)), "m7")
+    rows = {(row[1], row[2]): row for row in store.dump(SPACE)["identifiers"]}
+    assert rows[("anonymous_id", "a1")][7] == "use_r"

@@ -144,3 +144,32 @@ def test_connections_that_died_in_the_pool_are_replaced_not_handed_out(postgres_
         assert engine.ingest([message], space="default").outcomes[0].status == "resolved"  # a write
     finally:
         store.close()
+
+
+def test_a_claim_after_a_rolled_back_savepoint_holds_its_locks_again(postgres_url: str) -> None:
+    """ROLLBACK TO SAVEPOINT releases the advisory locks taken since: what they guarded (a message id,
+    an identifier) must be locked again by the next claim, not taken as still held."""
+    from idstitch.core.identifiers import Identifier
+
+    store = open_store(postgres_url)
+    key = Identifier("anonymous_id", "k1")
+    locks = [lock_key("m", "s", "m9"), lock_key("i", "s", "users", "anonymous_id", "k1")]
+    try:
+        with store.transaction() as tx, psycopg.connect(postgres_url, autocommit=True) as other:
+            tx.claim("s", "m1", [Identifier("user_id", "u1")])
+            try:
+                with tx.savepoint():
+                    tx.set_traits("s", "use_x", {"a": 1}, datetime(2026, 1, 1, tzinfo=UTC))
+                    tx.claim("s", "m9", [key])  # sends the held trait, and so the savepoint, first
+                    raise RuntimeError("a bad message")
+            except RuntimeError:
+                pass
+            tx.claim("s", "m9", [key])
+            assert not tx.has_message("s", "m9")
+            tx.load_view("s", "users", [key])
+            free = other.execute(
+                "SELECT key FROM unnest(%s::bigint[]) AS key WHERE pg_try_advisory_xact_lock(key)", (locks,)
+            ).fetchall()
+            assert free == []
+    finally:
+        store.close()

@@ -3,13 +3,14 @@
 A worker that sent each message's reads and writes as statements of their own spent most of its CPU,
 and PostgreSQL most of its own, on statements: about fifteen per message. Here a transaction
 
-- claims all its messages at once (`claim_many`): one statement waits for every lock they need, in
-  sorted order (message ids, identifiers, and the root profiles the identifiers had a moment before),
-  then three statements read what the locks protect;
+- claims its messages at once (`claim_many`): one statement waits, in sorted order, for the first
+  message's locks (its id, its identifiers and the roots they had a moment before), one takes the next
+  messages' while they are free, then a few statements read what the locks protect and try its roots;
 - keeps what it read in a transaction-scoped `GraphCache`, which it updates as it writes: everything in
   it is locked, so no other writer can change it, and the resolver's reads need no SQL;
-- holds its writes back and sends them in bulk (one statement per table, `unnest` of arrays) when it
-  commits, when a merge needs the rows before it, or before reading what it did not claim.
+- holds its writes back and sends them in bulk (one statement per table, `jsonb_array_elements` of
+  one JSON parameter) when it commits, when a merge needs the rows before it, or before reading what
+  it did not claim.
 
 A message that fails inside its savepoint drops the writes it held back; the SQL savepoint is sent only
 if something was written while it was open. See `postgres.py` for the locking protocol.
@@ -228,13 +229,17 @@ class PostgresTransaction(GraphCacheReader):
                 self._cursor.execute("RELEASE message")
                 self._locks = mark.locks  # ROLLBACK TO SAVEPOINT released the locks taken since
                 self._writes.truncate(0)  # everything held was written after SAVEPOINT went out
+                # What was claimed since is no longer locked: the next claim locks and reads it again.
+                self._stored = {
+                    key: stored for key, stored in self._stored.items() if lock_key("m", *key) in self._locks
+                }
             else:
                 self._writes.truncate(mark.writes)
             for key in self._added[mark.events :]:
                 self._added_set.discard(key)
             del self._added[mark.events :]
-            if self.cache.writes != mark.graph_writes:
-                self._forget_graph()  # it holds writes now undone: read again, from the database
+            if mark.sent or self.cache.writes != mark.graph_writes:
+                self._forget_graph()  # it holds writes now undone, or rows no longer locked: read again
             raise
         self._savepoints.pop()
         if mark.sent:
@@ -258,7 +263,9 @@ class PostgresTransaction(GraphCacheReader):
         self._writes.truncate(0)
 
     def _forget_graph(self) -> None:
-        self.cache = GraphCache()
+        # The same cache, emptied: its count of writes goes on, so that a savepoint open since before
+        # still sees that the graph changed.
+        self.cache.invalidate()
         self._known.clear()
 
     # -- locks and reads -------------------------------------------------------------------------
@@ -543,10 +550,10 @@ class PostgresTransaction(GraphCacheReader):
             key = (space, item.collection, item.type, item.value)
             writes.identifier(key, target, now, source, message_id)
             if held and target_entry is not None:
+                # Its evidence and suspect mark (kept from before it had an owner) are as read: known
+                # only if it was claimed.
                 graph.identifiers[key] = IdentifierEntry(target, now, now)
-                graph.evidence.pop(key, None)
                 target_entry.members.add(key)
-                self._known.add(key)
         # A row this transaction does not hold is written anyway (the statements widen, never narrow).
         for item in resolution.touched:
             key = (space, item.collection, item.type, item.value)
@@ -564,7 +571,14 @@ class PostgresTransaction(GraphCacheReader):
         for item in resolution.device_owned:
             key = (space, item.collection, item.type, item.value)
             entry = graph.identifiers.get(key)
-            if entry is None or key not in self._known or entry.owned_by(target, now):
+            # The graph knows the owner's root, the row may name a merged child of it: a login at the
+            # stored time rewrites the row even when the root is the same.
+            if (
+                entry is None
+                or key not in self._known
+                or entry.owned_by(target, now)
+                or entry.device_owner_at == now
+            ):
                 writes.own(key, target, now)
         for lower, higher in resolution.evidence:
             key = (space, lower.collection, lower.type, lower.value)
