@@ -8,9 +8,9 @@ rollback that touched it, after another connection committed, or when it outgrow
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
 from idstitch.core.identifiers import Identifier
@@ -23,6 +23,9 @@ __all__ = [
     "IdentifierEntry",
     "IdentifierKey",
     "ProfileEntry",
+    "newest_pairs",
+    "refreshed_rows",
+    "seen_together",
 ]
 
 # Measured at 1M messages (453k identifiers): a 250k bound ingests as fast as 2M (4,061 vs 3,973
@@ -132,6 +135,32 @@ def seen_together(partners: dict[tuple[str, str], int], other: tuple[str, str], 
         return False
     partners[other] = at
     return True
+
+
+def refreshed_rows(
+    touches: Iterable[tuple[IdentifierKey, int]], owners: Iterable[tuple[IdentifierKey, str, int]]
+) -> dict[IdentifierKey, list[Any]]:
+    """Held-back refreshes reduced to the last word per identifier, as applying them one by one would
+    leave it: key -> [first seen, last seen, device owner, owned at] (None leaves a column alone)."""
+    rows: dict[IdentifierKey, list[Any]] = {}
+    for key, at in touches:
+        row = rows.setdefault(key, [at, at, None, None])
+        row[0], row[1] = min(row[0], at), max(row[1], at)
+    for key, owner, at in owners:
+        row = rows.setdefault(key, [None, None, None, None])
+        if row[3] is None or at >= row[3]:
+            row[2], row[3] = owner, at  # a tie goes to the later login, as row by row would
+    return rows
+
+
+def newest_pairs(
+    pairs: Iterable[tuple[IdentifierKey, tuple[str, str], int]],
+) -> dict[tuple[IdentifierKey, tuple[str, str]], int]:
+    """Held-back evidence reduced to the newest time per (identifier, other identifier)."""
+    newest: dict[tuple[IdentifierKey, tuple[str, str]], int] = {}
+    for key, other, at in pairs:
+        newest[(key, other)] = max(at, newest.get((key, other), at))
+    return newest
 
 
 class GraphCacheReader:

@@ -353,13 +353,13 @@ class PostgresTransaction(GraphCacheReader):
                     self._stored[(space, message_id)] = message_id in found
         rows_by_space = {space: cursor.fetchall() for space, cursor in owned.items()}
         names_by_space = {space: _roots_of(rows) for space, rows in rows_by_space.items()}
-        trying = [
-            lock_key("p", space, name)
+        root_locks = {
+            (space, name): lock_key("p", space, name)
             for space, names in names_by_space.items()
             for name in names
-            if lock_key("p", space, name) not in self._locks
-        ]
-        tried = self._ask(_TRY_LOCKS_SQL, (_json(sorted(set(trying))),)) if trying else None
+        }
+        trying = sorted(set(root_locks.values()) - self._locks)
+        tried = self._ask(_TRY_LOCKS_SQL, (_json(trying),)) if trying else None
         roots = {
             space: self._ask(_ROOTS_SQL, {"space": space, "roots": _json(names)})
             for space, names in names_by_space.items()
@@ -371,7 +371,7 @@ class PostgresTransaction(GraphCacheReader):
             held = {
                 row[0]: row
                 for row in (roots[space].fetchall() if space in roots else ())
-                if row[4] is None and lock_key("p", space, row[0]) in self._locks
+                if row[4] is None and root_locks[(space, row[0])] in self._locks
             }
             members = {
                 (segment_id, *member)
@@ -390,22 +390,27 @@ class PostgresTransaction(GraphCacheReader):
 
     def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
         """Lock the message id and its identifiers (and their roots) until commit; read what they are."""
-        message = (space, message_id)
-        keys = [(space, item.collection, item.type, item.value) for item in identifiers]
+        self._claim(
+            space, message_id, [(space, item.collection, item.type, item.value) for item in identifiers]
+        )
+
+    def _claim(self, space: str, message_id: str | None, keys: Sequence[IdentifierKey]) -> None:
+        """Lock and read what of a message id and identifiers this transaction does not hold yet."""
+        message = None if message_id is None or (space, message_id) in self._stored else (space, message_id)
         missing = list(dict.fromkeys(key for key in keys if key not in self._known))
-        if message in self._stored and not missing:
+        if message is None and not missing:
             return
         self.flush()  # what is read next must include this transaction's own writes
         locking = self._queue_lock(
-            ([lock_key("m", space, message_id)] if message not in self._stored else [])
+            ([lock_key("m", *message)] if message is not None else [])
             + [lock_key("i", *key) for key in missing]
         )
         # Separate statements from the lock: a statement reads the snapshot of its start, before the
         # lock was granted.
-        stored = self._ask(_STORED_SQL, message) if message not in self._stored else None
+        stored = self._ask(_STORED_SQL, message) if message is not None else None
         owned = self._ask(_OWNED_SQL, _arrays(space, missing)) if missing else None
         self._check_lock(locking)
-        if stored is not None:
+        if stored is not None and message is not None:
             row = stored.fetchone()
             self._stored[message] = bool(row and row[0])
         if owned is not None:
@@ -504,15 +509,8 @@ class PostgresTransaction(GraphCacheReader):
 
     def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
         """Owners, their profiles, evidence and suspects, from what this transaction locked and read."""
-        keys = [(space, collection, item.type, item.value) for item in identifiers]
-        missing = list(dict.fromkeys(key for key in keys if key not in self._known))
-        if missing:
-            # Not claimed (the engine claims first; direct callers may not): lock and read them now.
-            self.flush()
-            locking = self._queue_lock([lock_key("i", *key) for key in missing])
-            owned = self._ask(_OWNED_SQL, _arrays(space, missing))
-            self._check_lock(locking)
-            self._record(space, self._lock_roots(space, missing, owned.fetchall()))
+        # What was not claimed (the engine claims first; direct callers may not) is claimed now.
+        self._claim(space, None, [(space, collection, item.type, item.value) for item in identifiers])
         return self._view(space, collection, identifiers)
 
     def _identifier(self, key: IdentifierKey) -> IdentifierEntry | None:

@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 import psycopg
 
-from idstitch.storage.graph_cache import IdentifierKey
+from idstitch.storage.graph_cache import IdentifierKey, newest_pairs, refreshed_rows
 from idstitch.storage.rows import EVENT_INSERT_COLUMNS
 
 __all__ = ["HeldWrites"]
@@ -199,23 +199,12 @@ class HeldWrites:
         if kinds[_IDENTIFIER]:
             cursor.execute(_IDENTIFIERS_SQL, _rows(kinds[_IDENTIFIER]))
         if kinds[_TOUCH] or kinds[_OWN]:
-            # key -> [first seen, last seen, device owner, owned at]; None leaves the column alone
-            refreshed: dict[IdentifierKey, list[Any]] = {}
-            for key, at in kinds[_TOUCH]:
-                row = refreshed.setdefault(key, [at, at, None, None])
-                row[0] = at if row[0] is None else min(row[0], at)
-                row[1] = at if row[1] is None else max(row[1], at)
-            for key, owner, at in kinds[_OWN]:
-                row = refreshed.setdefault(key, [None, None, None, None])
-                if row[3] is None or at >= row[3]:
-                    row[2], row[3] = owner, at  # a tie goes to the later login, as row by row would
+            refreshed = refreshed_rows(kinds[_TOUCH], kinds[_OWN])
             cursor.execute(_REFRESH_SQL, _rows([(*key, *row) for key, row in refreshed.items()]))
         if kinds[_RETIRE]:
             cursor.execute(_RETIRE_SQL, _rows(list(dict.fromkeys(kinds[_RETIRE]))))
         if kinds[_EVIDENCE]:
-            pairs: dict[tuple[IdentifierKey, tuple[str, str]], int] = {}
-            for key, other, at in kinds[_EVIDENCE]:
-                pairs[(key, other)] = max(at, pairs.get((key, other), at))
+            pairs = newest_pairs(kinds[_EVIDENCE])
             cursor.execute(_EVIDENCE_SQL, _rows([(*key, *other, at) for (key, other), at in pairs.items()]))
         if kinds[_SUSPECT]:
             cursor.execute(_SUSPECTS_SQL, _rows(kinds[_SUSPECT]))

@@ -39,6 +39,8 @@ from idstitch.storage.graph_cache import (
     IdentifierEntry,
     IdentifierKey,
     ProfileEntry,
+    newest_pairs,
+    refreshed_rows,
     seen_together,
 )
 from idstitch.storage.migrations import read_migrations
@@ -954,15 +956,7 @@ class SQLiteTransaction(GraphCacheReader):
     def _flush_refreshes(self) -> None:
         """Write the held-back identifier and evidence refreshes, the last word per row."""
         if self._touches or self._owners:
-            # key -> [first seen, last seen, device owner, owned at]; None leaves the column alone
-            rows: dict[IdentifierKey, list[Any]] = {}
-            for key, at in self._touches:
-                row = rows.setdefault(key, [at, at, None, None])
-                row[0], row[1] = min(row[0], at), max(row[1], at)
-            for key, owner, at in self._owners:
-                row = rows.setdefault(key, [None, None, None, None])
-                if row[3] is None or at >= row[3]:
-                    row[2], row[3] = owner, at  # a tie goes to the later login, as row by row would
+            rows = refreshed_rows(self._touches, self._owners)
             self.db.executemany(
                 "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
                 "last_seen = max(last_seen, coalesce(?2, last_seen)), "
@@ -975,9 +969,7 @@ class SQLiteTransaction(GraphCacheReader):
             self._touches.clear()
             self._owners.clear()
         if self._pairs:
-            pairs: dict[tuple[IdentifierKey, tuple[str, str]], int] = {}
-            for key, pair, at in self._pairs:
-                pairs[(key, pair)] = max(at, pairs.get((key, pair), at))
+            pairs = newest_pairs(self._pairs)
             self.db.executemany(
                 "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                 "SET last_seen = max(last_seen, excluded.last_seen)",
