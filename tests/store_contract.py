@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
@@ -256,7 +257,7 @@ def _comparable(graph: GraphView) -> tuple[Any, ...]:
     return (
         dict(graph.identifiers),
         {
-            root: dataclasses.replace(state, identifiers=tuple(sorted(state.identifiers, key=repr)))
+            root: msgspec.structs.replace(state, identifiers=tuple(sorted(state.identifiers, key=repr)))
             for root, state in graph.profiles.items()
         },
         {key: dict(value) for key, value in graph.evidence.items()},

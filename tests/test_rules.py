@@ -10,7 +10,7 @@ import pytest
 from helpers import World, at, config_from_toml, open_space, open_world
 from idstitch.config import DEFAULT_RATE_LIMIT
 from idstitch.core.errors import ConfigError, RuleViolation
-from idstitch.core.rules import IdentityRules
+from idstitch.core.rules import IdentityRules, ValueList
 
 # DEFAULTS.md, row by row: priority, type, limit, window, merge.
 DEFAULT_ROWS = [
@@ -476,3 +476,31 @@ def test_persons_traits_on_a_group_call_do_not_feed_the_account(tmp_path: Path) 
         assert space.identifiers_of("group_id:acme") == {"group_id:acme"}
         assert space.identifiers_of("user_id:u1") == {"user_id:u1", "phone:+15550100"}
         assert space.roots("accounts") == [space.profile_of("group_id:acme")]
+
+
+@pytest.mark.parametrize(
+    ("regex", "combined"),
+    [
+        (["^null$", "^(test|demo)-", "0{8}"], True),
+        (["^null$", "(?i)^unknown$"], False),  # global flags: each pattern is searched alone
+        (["^(.)\\1+$", "^none$"], False),  # a numbered back-reference would shift in an alternation
+    ],
+)
+def test_value_list_patterns_match_alone_and_combined_alike(regex: list[str], combined: bool) -> None:
+    values = ValueList.build(["Anonymous"], regex, "blocked_values")
+    assert (values.any_pattern is not None) is combined
+    for value in [
+        "null",
+        "test-1",
+        "demo-x",
+        "000000001",
+        "UNKNOWN",
+        "unknown",
+        "aaaa",
+        "none",
+        "user-7",
+        "ab",
+    ]:
+        alone = value.lower() in values.exact or any(pattern.search(value) for pattern in values.patterns)
+        assert values.matches(value) is alone, value
+    assert values.matches("anonymous") and not values.matches("nul")

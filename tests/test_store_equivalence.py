@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from idstitch.config import Config
@@ -303,7 +304,7 @@ def _comparable_state(view: tuple[Any, ...]) -> tuple[Any, ...]:
     return (
         identifiers,
         {
-            root: (dataclasses.replace(state, identifiers=()), members)
+            root: (msgspec.structs.replace(state, identifiers=()), members)
             for root, (state, members) in profiles.items()
         },
         evidence,

@@ -6,13 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
+
 from idstitch.core.identifiers import Identifier
 
 __all__ = ["GraphView", "ProfileState", "StoredIdentifier"]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredIdentifier:
+# msgspec structs, not dataclasses: the store builds one per member of every profile a message touches,
+# and a frozen dataclass's __init__ costs several times as much.
+class StoredIdentifier(msgspec.Struct, frozen=True, gc=False):
     """An identifier as the store holds it; `profile_id` is always the root profile."""
 
     identifier: Identifier
@@ -25,8 +28,7 @@ class StoredIdentifier:
     device_owner_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileState:
+class ProfileState(msgspec.Struct, frozen=True, gc=False):
     """A root profile with every identifier it owns (its merged children's included)."""
 
     segment_id: str

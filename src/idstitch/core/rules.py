@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -86,17 +87,25 @@ class IdentifierRule:
         return f"{self.type} limit {self.limit} {self.window}"
 
 
+_REFERS_TO_GROUP: Final = re.compile(r"\\\d|\(\?P=|\(\?\(")
+
+
 @dataclass(frozen=True, slots=True)
 class ValueList:
     """Values matched exactly (case-insensitively) or by regular expression."""
 
     exact: frozenset[str] = frozenset()
     patterns: tuple[re.Pattern[str], ...] = ()
+    # The patterns as one alternation, searched once per value (every identifier of every message
+    # is checked against two lists); None when they do not combine (global flags in a pattern).
+    any_pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def matches(self, value: str) -> bool:
         """Whether the value is on the list."""
         if value.lower() in self.exact:
             return True
+        if self.any_pattern is not None:
+            return self.any_pattern.search(value) is not None
         return any(pattern.search(value) for pattern in self.patterns)
 
     def describe_match(self, value: str) -> str:
@@ -117,7 +126,13 @@ class ValueList:
                 compiled.append(re.compile(pattern))
             except re.error as error:
                 raise RuleViolation(f"{where}: invalid regex {pattern!r}: {error}") from None
-        return cls(frozenset(value.lower() for value in exact), tuple(compiled))
+        combined = None
+        if compiled and not any(_REFERS_TO_GROUP.search(pattern.pattern) for pattern in compiled):
+            # A pattern with global flags such as (?i) cannot sit inside an alternation, and one that
+            # refers to a group by number would see the numbers shift: those lists search each pattern.
+            with contextlib.suppress(re.error):
+                combined = re.compile("|".join(f"(?:{pattern.pattern})" for pattern in compiled))
+        return cls(frozenset(value.lower() for value in exact), tuple(compiled), combined)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -640,26 +641,31 @@ class SQLiteTransaction(GraphCacheReader):
         self._touches: list[tuple[Any, ...]] = []
         self._owners: list[tuple[Any, ...]] = []
         self._pairs: list[tuple[Any, ...]] = []
+        # Message ids claimed ahead: those already stored, and all that were looked up (one query).
+        self._stored_ids: set[tuple[str, str]] = set()
+        self._looked_up: set[tuple[str, str]] = set()
+        # Open savepoints, innermost last. SAVEPOINT goes to SQLite only before the first write while
+        # one is open: a message whose writes are all held back costs no statement for it.
+        self._savepoints: list[_Savepoint] = []
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit that rolls back alone."""
-        # One constant name: savepoints nest as a stack, and unique SQL strings would evict the
-        # statement cache that keeps the hot path fast.
-        self.db.execute("SAVEPOINT message")
-        writes = self.cache.writes
         held = (self._events, self._touches, self._owners, self._pairs)
-        marks = [len(rows) for rows in held]
+        mark = _Savepoint([len(rows) for rows in held], self.cache.writes)
+        self._savepoints.append(mark)
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK TO message")
-            self.db.execute("RELEASE message")
-            for row in self._events[marks[0] :]:
+            self._savepoints.pop()
+            if mark.sent:
+                self.db.execute("ROLLBACK TO message")
+                self.db.execute("RELEASE message")
+            for row in self._events[mark.held[0] :]:
                 self._event_ids.discard((row[0], row[1]))
-            for rows, mark in zip(held, marks, strict=True):
-                del rows[mark:]
-            if self.cache.writes != writes:
+            for rows, length in zip(held, mark.held, strict=True):
+                del rows[length:]
+            if self.cache.writes != mark.cache_writes:
                 # What this message wrote to the cache is gone from the database; the transaction goes
                 # on, so the suspects (always held in full) are read again now. The earlier messages'
                 # held-back refreshes go in first: from here on, misses read the database.
@@ -667,18 +673,44 @@ class SQLiteTransaction(GraphCacheReader):
                 self.cache.clear()
                 self.cache.suspects = _load_suspects(self.db)
             raise
-        self.db.execute("RELEASE message")
+        self._savepoints.pop()
+        if mark.sent:
+            self.db.execute("RELEASE message")
+
+    def _writer(self) -> sqlite3.Connection:
+        """The connection, once every open savepoint is in SQLite: call it before each write."""
+        for mark in self._savepoints:
+            if not mark.sent:
+                # One constant name: savepoints nest as a stack, and unique SQL strings would evict the
+                # statement cache that keeps the hot path fast.
+                self.db.execute("SAVEPOINT message")
+                mark.sent = True
+        return self.db
 
     def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
         """Nothing to lock: this store has one writer at a time."""
 
     def claim_many(self, claims: Sequence[tuple[str, str, Sequence[Identifier]]]) -> None:
-        """Nothing to lock: this store has one writer at a time."""
+        """Nothing to lock (one writer at a time): looks up which of the message ids are stored, at once."""
+        by_space: dict[str, list[str]] = {}
+        for space, message_id, _ in claims:
+            by_space.setdefault(space, []).append(message_id)
+        for space, message_ids in by_space.items():
+            rows = self.db.execute(
+                "SELECT message_id FROM events WHERE space = ? "
+                "AND message_id IN (SELECT value FROM json_each(?))",
+                (space, _json_encode(message_ids).decode()),
+            )
+            self._stored_ids.update((space, row[0]) for row in rows)
+            self._looked_up.update((space, message_id) for message_id in message_ids)
 
     def has_message(self, space: str, message_id: str) -> bool:
         """Whether the message id is stored in this space."""
-        if (space, message_id) in self._event_ids:
+        key = (space, message_id)
+        if key in self._event_ids or key in self._stored_ids:
             return True
+        if key in self._looked_up:
+            return False  # not stored when the transaction began, and this writer has not added it
         row = self.db.execute(
             "SELECT 1 FROM events WHERE space = ? AND message_id = ?", (space, message_id)
         ).fetchone()
@@ -754,7 +786,7 @@ class SQLiteTransaction(GraphCacheReader):
         self, space: str, resolution: Resolution, message_id: str, source: str | None = None
     ) -> None:
         """Write one collection's decision, to the database and the cache alike."""
-        db = self.db
+        db = self._writer()
         cache = self.cache
         cache.writes += 1
         target = resolution.profile_id
@@ -837,7 +869,7 @@ class SQLiteTransaction(GraphCacheReader):
     def _merge(
         self, space: str, collection: str, target: str, child: str, message_id: str, via: str, at: int
     ) -> None:
-        db = self.db
+        db = self._writer()
         child_entry = self._profile(space, child)
         target_entry = self._profile(space, target)
         for moved in (*child_entry.children, child):
@@ -899,7 +931,7 @@ class SQLiteTransaction(GraphCacheReader):
     ) -> None:
         """Record dropped identifiers."""
         micros = to_micros(at)
-        self.db.executemany(
+        self._writer().executemany(
             "INSERT INTO dropped (space, profile_id, message_id, identifier, rule, at) VALUES (?, ?, ?, ?, ?, ?)",
             [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
         )
@@ -914,7 +946,7 @@ class SQLiteTransaction(GraphCacheReader):
     ) -> None:
         """Set traits (with the source that sent them) unless a newer value is stored."""
         micros = to_micros(at)
-        self.db.executemany(
+        self._writer().executemany(
             "INSERT INTO traits (space, profile_id, key, value, set_at, source) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
             "source = excluded.source WHERE excluded.set_at >= traits.set_at",
@@ -933,7 +965,7 @@ class SQLiteTransaction(GraphCacheReader):
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
         """Link a user and an account."""
-        self.db.execute(
+        self._writer().execute(
             "INSERT OR IGNORE INTO links VALUES (?, ?, ?, ?)", (space, user_id, account_id, to_micros(at))
         )
 
@@ -946,18 +978,19 @@ class SQLiteTransaction(GraphCacheReader):
         """Write the rows held back so far (refreshes, events); the store calls this before COMMIT."""
         self._flush_refreshes()
         if self._events:
-            self.db.executemany(
+            self._writer().executemany(
                 f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._events,
             )
             self._events.clear()
+            self._stored_ids |= self._event_ids  # stored now: has_message must not read "looked up, absent"
             self._event_ids.clear()
 
     def _flush_refreshes(self) -> None:
         """Write the held-back identifier and evidence refreshes, the last word per row."""
         if self._touches or self._owners:
             rows = refreshed_rows(self._touches, self._owners)
-            self.db.executemany(
+            self._writer().executemany(
                 "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
                 "last_seen = max(last_seen, coalesce(?2, last_seen)), "
                 "device_owner = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?3 ELSE device_owner END, "
@@ -970,7 +1003,7 @@ class SQLiteTransaction(GraphCacheReader):
             self._owners.clear()
         if self._pairs:
             pairs = newest_pairs(self._pairs)
-            self.db.executemany(
+            self._writer().executemany(
                 "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                 "SET last_seen = max(last_seen, excluded.last_seen)",
                 [(*key, *pair, at) for (key, pair), at in pairs.items()],
@@ -985,7 +1018,14 @@ class SQLiteTransaction(GraphCacheReader):
         position = int(row[0])
         for identifier_type, collection in types:
             position += 1
-            self.db.execute(
+            self._writer().execute(
                 "INSERT OR IGNORE INTO learned_types VALUES (?, ?, ?, ?)",
                 (space, position, identifier_type, collection),
             )
+
+
+@dataclass(slots=True)
+class _Savepoint:
+    held: list[int]  # lengths of the held-back rows when it opened
+    cache_writes: int
+    sent: bool = False

@@ -16,6 +16,17 @@ def to_micros(value: datetime) -> int:
     return (value - _EPOCH) // _MICROSECOND
 
 
+# The same few times come back message after message (a returning visitor's last-seen): building a
+# datetime costs more than finding it. Bounded by emptying: a miss only costs the building.
+_DATETIMES: dict[int, datetime] = {}
+_DATETIMES_BOUND: Final = 1 << 16
+
+
 def from_micros(value: int) -> datetime:
     """The aware UTC datetime of a microsecond count."""
-    return _EPOCH + timedelta(microseconds=value)
+    found = _DATETIMES.get(value)
+    if found is None:
+        if len(_DATETIMES) >= _DATETIMES_BOUND:
+            _DATETIMES.clear()
+        found = _DATETIMES[value] = _EPOCH + timedelta(0, 0, value)
+    return found
