@@ -143,6 +143,8 @@ def decode_document(data: bytes) -> object:
             )
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise strict from None
+    else:
+        return document  # msgspec read it all: nothing in it is unrepresentable, no need to look
     batch = document.get("batch") if isinstance(document, dict) else None
     if not isinstance(document, dict) or not isinstance(batch, list):
         _refuse_unrepresentable(document)
