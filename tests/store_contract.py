@@ -1657,6 +1657,27 @@ def test_refreshes_of_earlier_messages_survive_a_later_failed_savepoint(store: S
     assert ("anonymous_id", "a9") not in rows
 
 
+def test_a_failed_outer_savepoint_keeps_the_refreshes_of_the_messages_before_it(store: Store) -> None:
+    """A refresh held back from an earlier message goes in when a nested savepoint fails; the outer
+    savepoint failing after that must not take it along: only what was written inside it is undone."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"))
+    with store.transaction() as tx:
+        with tx.savepoint():  # an earlier message, which only refreshes last-seen
+            tx.apply_resolution(SPACE, resolution("use_a", t(30), touched=(anon("a1"),)), "m30")
+        with pytest.raises(RuntimeError), tx.savepoint():
+            tx.set_traits(SPACE, "use_a", {"lost": 1}, t(31))
+            with pytest.raises(RuntimeError), tx.savepoint():
+                create(tx, "use_z", t(32), anon("z1"), message_id="m32")
+                raise RuntimeError("the inner part fails")
+            raise RuntimeError("then the outer one")
+        assert tx.load_view(SPACE, "users", [anon("a1")]).identifiers[anon("a1")].last_seen == t(30)
+    assert view(store, [anon("a1")]).identifiers[anon("a1")].last_seen == t(30)
+    assert store.traits(SPACE, "use_a") == {}
+    assert store.find_profile(SPACE, anon("z1")) is None
+
+
 def test_reads_in_a_transaction_see_its_own_writes_after_a_claim(store: Store) -> None:
     """A claim may read ahead; whatever it read must not outlive the transaction's next write."""
     with store.transaction() as tx:

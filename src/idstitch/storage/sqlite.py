@@ -629,47 +629,51 @@ class SQLiteTransaction(GraphCacheReader):
     def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
         self.db = db
         self.cache = cache
-        # Event rows wait here and go in with one executemany before COMMIT: one statement per
-        # transaction instead of one per message. Nothing reads events inside a transaction but
-        # has_message, which looks here first.
+        # Every write waits here, in order, and goes in at flush (before COMMIT, or before a read that
+        # the cache cannot answer once a rollback emptied it): a message costs no statement of its
+        # own, and rows of one kind go in together. Reads inside the transaction come from the cache,
+        # which is updated as the writes are held, and has_message, which looks at the held events.
+        self._writes: list[tuple[str, list[Sequence[Any]], bool]] = []  # (SQL, rows, a barrier?)
         self._events: list[tuple[Any, ...]] = []
         self._event_ids: set[tuple[str, str]] = set()
-        # Refreshes of stored rows wait too, and go in coalesced (one row per identifier or pair): a
-        # returning visitor refreshes the same rows message after message. Reads inside the transaction
-        # come from the cache, which already holds the new values; each refresh is a max / min /
-        # newest-wins, so applying only the last word per row at the end gives the same rows.
+        # Refreshes of stored rows go in coalesced (one row per identifier or pair): a returning
+        # visitor refreshes the same rows message after message. Each refresh is a max / min /
+        # newest-wins, so applying only the last word per row gives the same rows.
         self._touches: list[tuple[Any, ...]] = []
         self._owners: list[tuple[Any, ...]] = []
         self._pairs: list[tuple[Any, ...]] = []
+        # How much of each held list is in SQLite already (writes, touches, owners, pairs).
+        self._sent = [0, 0, 0, 0]
         # Message ids claimed ahead: those already stored, and all that were looked up (one query).
         self._stored_ids: set[tuple[str, str]] = set()
         self._looked_up: set[tuple[str, str]] = set()
-        # Open savepoints, innermost last. SAVEPOINT goes to SQLite only before the first write while
-        # one is open: a message whose writes are all held back costs no statement for it.
+        # Open savepoints, innermost last. SAVEPOINT goes to SQLite only when held writes go in while
+        # one is open, and then at its place among them: a failing one undoes exactly its own part.
         self._savepoints: list[_Savepoint] = []
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit that rolls back alone."""
-        held = (self._events, self._touches, self._owners, self._pairs)
-        mark = _Savepoint([len(rows) for rows in held], self.cache.writes)
+        mark = _Savepoint(self._lengths(), len(self._events), self.cache.writes)
         self._savepoints.append(mark)
         try:
             yield
         except BaseException:
             self._savepoints.pop()
             if mark.sent:
+                # One constant name: savepoints nest as a stack and ROLLBACK TO finds the newest.
                 self.db.execute("ROLLBACK TO message")
                 self.db.execute("RELEASE message")
-            for row in self._events[mark.held[0] :]:
+            for row in self._events[mark.events :]:
                 self._event_ids.discard((row[0], row[1]))
-            for rows, length in zip(held, mark.held, strict=True):
+            del self._events[mark.events :]
+            for rows, length in zip(self._held(), mark.held, strict=True):
                 del rows[length:]
+            self._sent = [min(sent, length) for sent, length in zip(self._sent, mark.held, strict=True)]
             if self.cache.writes != mark.cache_writes:
-                # What this message wrote to the cache is gone from the database; the transaction goes
-                # on, so the suspects (always held in full) are read again now. The earlier messages'
-                # held-back refreshes go in first: from here on, misses read the database.
-                self._flush_refreshes()
+                # What this message wrote to the cache is gone; the transaction goes on, so the cache
+                # starts again from the database, which first gets the earlier messages' held writes.
+                self._send_held()
                 self.cache.clear()
                 self.cache.suspects = _load_suspects(self.db)
             raise
@@ -677,15 +681,64 @@ class SQLiteTransaction(GraphCacheReader):
         if mark.sent:
             self.db.execute("RELEASE message")
 
-    def _writer(self) -> sqlite3.Connection:
-        """The connection, once every open savepoint is in SQLite: call it before each write."""
+    def _held(self) -> tuple[list[Any], ...]:
+        return (self._writes, self._touches, self._owners, self._pairs)
+
+    def _lengths(self) -> list[int]:
+        return [len(rows) for rows in self._held()]
+
+    def _hold(self, sql: str, rows: list[Sequence[Any]], *, barrier: bool = False) -> None:
+        """Hold a write; a barrier (it reads what earlier writes wrote) goes in after them, alone."""
+        self._writes.append((sql, rows, barrier))
+
+    def _send_held(self) -> None:
+        """Write everything held so far; an open savepoint not yet in SQLite goes in at its place."""
         for mark in self._savepoints:
             if not mark.sent:
-                # One constant name: savepoints nest as a stack, and unique SQL strings would evict the
-                # statement cache that keeps the hot path fast.
+                self._send_until(mark.held)
                 self.db.execute("SAVEPOINT message")
                 mark.sent = True
-        return self.db
+        self._send_until(self._lengths())
+
+    def _send_until(self, lengths: list[int]) -> None:
+        """Write the held rows up to these lengths (from where the last write stopped)."""
+        start = self._sent
+        if lengths[0] > start[0]:
+            # Between barriers (merges, retirements), rows of one statement go in together: the others
+            # insert into other tables, or upsert where the order among their own rows is kept.
+            grouped: dict[str, list[Sequence[Any]]] = {}
+            for sql, rows, barrier in self._writes[start[0] : lengths[0]]:
+                if barrier:
+                    self._execute_grouped(grouped)
+                    self.db.executemany(sql, rows)
+                else:
+                    grouped.setdefault(sql, []).extend(rows)
+            self._execute_grouped(grouped)
+        touches, owners = self._touches[start[1] : lengths[1]], self._owners[start[2] : lengths[2]]
+        if touches or owners:
+            refreshed = refreshed_rows(touches, owners)
+            self.db.executemany(
+                "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
+                "last_seen = max(last_seen, coalesce(?2, last_seen)), "
+                "device_owner = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?3 ELSE device_owner END, "
+                "device_owner_at = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?4 "
+                "ELSE device_owner_at END "
+                "WHERE space = ?5 AND collection = ?6 AND type = ?7 AND value = ?8",
+                [(*row, *key) for key, row in refreshed.items()],
+            )
+        pairs = self._pairs[start[3] : lengths[3]]
+        if pairs:
+            self.db.executemany(
+                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                "SET last_seen = max(last_seen, excluded.last_seen)",
+                [(*key, *pair, at) for (key, pair), at in newest_pairs(pairs).items()],
+            )
+        self._sent = list(lengths)
+
+    def _execute_grouped(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
+        for sql, rows in grouped.items():
+            self.db.executemany(sql, rows)
+        grouped.clear()
 
     def claim(self, space: str, message_id: str, identifiers: Sequence[Identifier]) -> None:
         """Nothing to lock: this store has one writer at a time."""
@@ -786,7 +839,6 @@ class SQLiteTransaction(GraphCacheReader):
         self, space: str, resolution: Resolution, message_id: str, source: str | None = None
     ) -> None:
         """Write one collection's decision, to the database and the cache alike."""
-        db = self._writer()
         cache = self.cache
         cache.writes += 1
         target = resolution.profile_id
@@ -794,16 +846,16 @@ class SQLiteTransaction(GraphCacheReader):
         now = to_micros(resolution.timestamp)
         if resolution.created:
             created_at = to_micros(resolution.created_at)
-            db.execute(
+            self._hold(
                 "INSERT INTO profiles (space, segment_id, collection, created_at, created_by) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (space, target, collection, created_at, message_id),
+                [(space, target, collection, created_at, message_id)],
             )
             cache.profiles[(space, target)] = ProfileEntry(collection, created_at)
         for step in resolution.merges:
             self._merge(space, collection, target, step.child_id, message_id, str(step.via), now)
         if resolution.added:
-            db.executemany(
+            self._hold(
                 "INSERT INTO identifiers (space, collection, type, value, profile_id, first_seen, last_seen, "
                 "source, first_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -822,12 +874,14 @@ class SQLiteTransaction(GraphCacheReader):
             if entry is not None and entry.seen_at(now):  # unchanged: no write
                 self._touches.append((key, now))
         if resolution.retired:
-            db.executemany(
+            self._hold(
                 "UPDATE identifiers SET retired = 1 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
                 [(space, item.collection, item.type, item.value) for item in resolution.retired],
+                barrier=True,
             )
             for item in resolution.retired:
-                entry = cache.identifiers.get((space, item.collection, item.type, item.value))
+                # Read into the cache if missing: the UPDATE is held, so the cache is what reads see.
+                entry = self._identifier((space, item.collection, item.type, item.value))
                 if entry is not None:
                     entry.retired = True
         for item in resolution.device_owned:
@@ -844,7 +898,7 @@ class SQLiteTransaction(GraphCacheReader):
             if seen_together(partners, pair, now):
                 self._pairs.append((key, pair, now))
         if resolution.suspects:
-            db.executemany(
+            self._hold(
                 "INSERT OR IGNORE INTO suspects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
@@ -869,7 +923,6 @@ class SQLiteTransaction(GraphCacheReader):
     def _merge(
         self, space: str, collection: str, target: str, child: str, message_id: str, via: str, at: int
     ) -> None:
-        db = self._writer()
         child_entry = self._profile(space, child)
         target_entry = self._profile(space, target)
         for moved in (*child_entry.children, child):
@@ -887,43 +940,50 @@ class SQLiteTransaction(GraphCacheReader):
         child_entry.children = []
         merge_count = child_entry.merge_count
         # Two statements, not one with OR: the OR makes SQLite scan every profile of the space.
-        db.execute(
+        self._hold(
             "UPDATE profiles SET parent_id = ?, merged_at = ? WHERE space = ? AND segment_id = ?",
-            (target, at, space, child),
+            [(target, at, space, child)],
+            barrier=True,
         )
-        db.execute(
+        self._hold(
             "UPDATE profiles INDEXED BY profiles_by_parent SET parent_id = ?, merged_at = ? "
             "WHERE space = ? AND parent_id = ?",
-            (target, at, space, child),
+            [(target, at, space, child)],
+            barrier=True,
         )
-        db.execute(
+        self._hold(
             "UPDATE profiles SET merge_count = merge_count + ? WHERE space = ? AND segment_id = ?",
-            (merge_count + 1, space, target),
+            [(merge_count + 1, space, target)],
+            barrier=True,
         )
-        db.execute(
+        self._hold(
             "UPDATE identifiers INDEXED BY identifiers_by_profile SET profile_id = ? "
             "WHERE space = ? AND profile_id = ?",
-            (target, space, child),
+            [(target, space, child)],
+            barrier=True,
         )
         # Per trait key the newest value (with its source) wins; the parent keeps its value on a tie.
-        db.execute(
+        self._hold(
             "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
             "SELECT space, ?, key, value, set_at, source FROM traits WHERE space = ? AND profile_id = ? "
             "AND true ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
             "source = excluded.source WHERE excluded.set_at > traits.set_at",
-            (target, space, child),
+            [(target, space, child)],
+            barrier=True,
         )
-        db.execute("DELETE FROM traits WHERE space = ? AND profile_id = ?", (space, child))
+        self._hold("DELETE FROM traits WHERE space = ? AND profile_id = ?", [(space, child)], barrier=True)
         own, other = ("account_id", "user_id") if collection == "accounts" else ("user_id", "account_id")
-        db.execute(
+        self._hold(
             f"INSERT OR IGNORE INTO links (space, {own}, {other}, at) "
             f"SELECT space, ?, {other}, at FROM links WHERE space = ? AND {own} = ?",
-            (target, space, child),
+            [(target, space, child)],
+            barrier=True,
         )
-        db.execute(f"DELETE FROM links WHERE space = ? AND {own} = ?", (space, child))
-        db.execute(
+        self._hold(f"DELETE FROM links WHERE space = ? AND {own} = ?", [(space, child)], barrier=True)
+        self._hold(
             "INSERT INTO merges (space, parent_id, child_id, message_id, via, at) VALUES (?, ?, ?, ?, ?, ?)",
-            (space, target, child, message_id, via, at),
+            [(space, target, child, message_id, via, at)],
+            barrier=True,
         )
 
     def record_dropped(
@@ -931,7 +991,7 @@ class SQLiteTransaction(GraphCacheReader):
     ) -> None:
         """Record dropped identifiers."""
         micros = to_micros(at)
-        self._writer().executemany(
+        self._hold(
             "INSERT INTO dropped (space, profile_id, message_id, identifier, rule, at) VALUES (?, ?, ?, ?, ?, ?)",
             [(space, profile_id, message_id, str(item.identifier), item.rule, micros) for item in dropped],
         )
@@ -946,7 +1006,7 @@ class SQLiteTransaction(GraphCacheReader):
     ) -> None:
         """Set traits (with the source that sent them) unless a newer value is stored."""
         micros = to_micros(at)
-        self._writer().executemany(
+        self._hold(
             "INSERT INTO traits (space, profile_id, key, value, set_at, source) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
             "source = excluded.source WHERE excluded.set_at >= traits.set_at",
@@ -965,8 +1025,8 @@ class SQLiteTransaction(GraphCacheReader):
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
         """Link a user and an account."""
-        self._writer().execute(
-            "INSERT OR IGNORE INTO links VALUES (?, ?, ?, ?)", (space, user_id, account_id, to_micros(at))
+        self._hold(
+            "INSERT OR IGNORE INTO links VALUES (?, ?, ?, ?)", [(space, user_id, account_id, to_micros(at))]
         )
 
     def add_event(self, space: str, event: EventRecord) -> None:
@@ -975,50 +1035,30 @@ class SQLiteTransaction(GraphCacheReader):
         self._event_ids.add((space, event.message_id))
 
     def flush(self) -> None:
-        """Write the rows held back so far (refreshes, events); the store calls this before COMMIT."""
-        self._flush_refreshes()
+        """Write everything held back (the store calls this before COMMIT)."""
+        self._send_held()
         if self._events:
-            self._writer().executemany(
+            self.db.executemany(
                 f"INSERT INTO events ({EVENT_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._events,
             )
             self._events.clear()
-            self._stored_ids |= self._event_ids  # stored now: has_message must not read "looked up, absent"
-            self._event_ids.clear()
-
-    def _flush_refreshes(self) -> None:
-        """Write the held-back identifier and evidence refreshes, the last word per row."""
-        if self._touches or self._owners:
-            rows = refreshed_rows(self._touches, self._owners)
-            self._writer().executemany(
-                "UPDATE identifiers SET first_seen = min(first_seen, coalesce(?1, first_seen)), "
-                "last_seen = max(last_seen, coalesce(?2, last_seen)), "
-                "device_owner = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?3 ELSE device_owner END, "
-                "device_owner_at = CASE WHEN ?4 >= coalesce(device_owner_at, ?4) THEN ?4 "
-                "ELSE device_owner_at END "
-                "WHERE space = ?5 AND collection = ?6 AND type = ?7 AND value = ?8",
-                [(*row, *key) for key, row in rows.items()],
-            )
-            self._touches.clear()
-            self._owners.clear()
-        if self._pairs:
-            pairs = newest_pairs(self._pairs)
-            self._writer().executemany(
-                "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                "SET last_seen = max(last_seen, excluded.last_seen)",
-                [(*key, *pair, at) for (key, pair), at in pairs.items()],
-            )
-            self._pairs.clear()
+        self._stored_ids |= self._event_ids  # stored now: has_message must not read "looked up, absent"
+        self._event_ids.clear()
+        for rows in self._held():
+            rows.clear()
+        self._sent = [0, 0, 0, 0]
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
         """Append custom types in first-seen order."""
+        self._send_held()  # rare: the position is read from the table, so what is held goes first
         row = self.db.execute(
             "SELECT coalesce(max(position), 0) FROM learned_types WHERE space = ?", (space,)
         ).fetchone()
         position = int(row[0])
         for identifier_type, collection in types:
             position += 1
-            self._writer().execute(
+            self.db.execute(
                 "INSERT OR IGNORE INTO learned_types VALUES (?, ?, ?, ?)",
                 (space, position, identifier_type, collection),
             )
@@ -1026,6 +1066,7 @@ class SQLiteTransaction(GraphCacheReader):
 
 @dataclass(slots=True)
 class _Savepoint:
-    held: list[int]  # lengths of the held-back rows when it opened
+    held: list[int]  # lengths of the held writes and refreshes when it opened
+    events: int
     cache_writes: int
     sent: bool = False
