@@ -12,6 +12,7 @@ Where an adapter-specific exception is expected (uniqueness), any Exception is a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
@@ -30,6 +32,7 @@ from idstitch.storage.base import (
     EventRecord,
     EventResolution,
     IdentifierRecord,
+    IntegrityError,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -1676,6 +1679,45 @@ def test_a_failed_outer_savepoint_keeps_the_refreshes_of_the_messages_before_it(
     assert view(store, [anon("a1")]).identifiers[anon("a1")].last_seen == t(30)
     assert store.traits(SPACE, "use_a") == {}
     assert store.find_profile(SPACE, anon("z1")) is None
+
+
+@pytest.mark.parametrize("duplicate", ["an owned identifier", "an existing profile id", "a stored message"])
+def test_a_write_that_breaks_a_uniqueness_rule_never_lands(store: Store, duplicate: str) -> None:
+    """The engine never writes a second profile, owner or message under one key; a direct caller might.
+    SQLite and memory refuse it inside its savepoint (IntegrityError), which rolls back alone while the
+    rest of the transaction lands. PostgreSQL sends its writes at COMMIT, so there the whole transaction
+    is refused. Either way no second row lands, and nothing stored before is lost or changed."""
+    store.ensure_space(SPACE)
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), message_id="m1")
+        tx.add_event(SPACE, event("m1", t(1), "use_a"))
+
+    def write_again(tx: StoreTransaction) -> None:
+        if duplicate == "an owned identifier":
+            create(tx, "use_b", t(2), uid("u1"), message_id="m2")
+        elif duplicate == "an existing profile id":
+            create(tx, "use_a", t(2), anon("a2"), message_id="m2")
+        else:
+            tx.add_event(SPACE, event("m1", t(2), "use_a"))
+
+    refused_at_commit = store.url.startswith("postgresql")
+    with contextlib.ExitStack() as refusal:
+        if refused_at_commit:
+            refusal.enter_context(pytest.raises(psycopg.errors.UniqueViolation))
+        with store.transaction() as tx:
+            with contextlib.suppress(IntegrityError), tx.savepoint():
+                write_again(tx)
+            if not refused_at_commit:
+                graph = tx.load_view(SPACE, "users", [uid("u1"), anon("a2")])
+                assert (
+                    graph.identifiers[uid("u1")].profile_id == "use_a" and anon("a2") not in graph.identifiers
+                )
+                assert {item.identifier for item in graph.profiles["use_a"].identifiers} == {uid("u1")}
+            create(tx, "use_c", t(3), anon("c1"), message_id="m3")  # the next message of the batch
+    assert store.find_profile(SPACE, anon("c1")) == (None if refused_at_commit else "use_c")
+    assert view(store, [uid("u1")]).identifiers[uid("u1")].profile_id == "use_a"
+    assert store.find_profile(SPACE, anon("a2")) is None and store.profile(SPACE, "use_b") is None
+    assert list(store.iter_event_ids(SPACE)) == ["m1"]
 
 
 def test_reads_in_a_transaction_see_its_own_writes_after_a_claim(store: Store) -> None:

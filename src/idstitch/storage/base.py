@@ -21,6 +21,7 @@ __all__ = [
     "EventRecord",
     "EventResolution",
     "IdentifierRecord",
+    "IntegrityError",
     "LockBusy",
     "MergeRecord",
     "ProfileActivity",
@@ -34,6 +35,11 @@ __all__ = [
     "TokenRecord",
     "TraitRecord",
 ]
+
+
+class IntegrityError(Exception):
+    """A write that would break a uniqueness rule of the schema (profile, identifier, message id, write
+    key): the engine never makes one; a store refuses it where it is made when it can tell there."""
 
 
 class StoreConflict(Exception):

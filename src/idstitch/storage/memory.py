@@ -39,6 +39,7 @@ from idstitch.storage.base import (
     EventRecord,
     EventResolution,
     IdentifierRecord,
+    IntegrityError,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -54,10 +55,6 @@ __all__ = ["IntegrityError", "MemoryStore", "MemoryTransaction"]
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
-
-
-class IntegrityError(Exception):
-    """A uniqueness constraint the SQLite schema enforces (profile, identifier, message id, write key)."""
 
 
 # -- the undo log -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from idstitch.storage.base import (
     EventRecord,
     EventResolution,
     IdentifierRecord,
+    IntegrityError,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -839,6 +840,7 @@ class SQLiteTransaction(GraphCacheReader):
         self, space: str, resolution: Resolution, message_id: str, source: str | None = None
     ) -> None:
         """Write one collection's decision, to the database and the cache alike."""
+        self._refuse_duplicates(space, resolution)
         cache = self.cache
         cache.writes += 1
         target = resolution.profile_id
@@ -919,6 +921,27 @@ class SQLiteTransaction(GraphCacheReader):
                 cache.suspects.add((space, item.collection, item.type, item.value))
         if resolution.dropped:
             self.record_dropped(space, resolution.dropped, message_id, resolution.timestamp, target)
+
+    def _refuse_duplicates(self, space: str, resolution: Resolution) -> None:
+        """IntegrityError for a profile or identifier that exists: here, inside the caller's savepoint,
+        not at COMMIT with every other message of the transaction (the writes are held until then)."""
+        target = resolution.profile_id
+        if resolution.created and (
+            (space, target) in self.cache.profiles
+            or (
+                not self.cache.complete
+                and self.db.execute(
+                    "SELECT 1 FROM profiles WHERE space = ? AND segment_id = ?", (space, target)
+                ).fetchone()
+            )
+        ):
+            raise IntegrityError(f"profile {target} already exists")
+        seen: set[IdentifierKey] = set()
+        for item in resolution.added:
+            key = (space, item.collection, item.type, item.value)
+            if key in seen or self._identifier(key) is not None:
+                raise IntegrityError(f"identifier {item} ({item.collection}) already exists")
+            seen.add(key)
 
     def _merge(
         self, space: str, collection: str, target: str, child: str, message_id: str, via: str, at: int
@@ -1031,6 +1054,8 @@ class SQLiteTransaction(GraphCacheReader):
 
     def add_event(self, space: str, event: EventRecord) -> None:
         """Store a message (written with the transaction's other events before it commits)."""
+        if self.has_message(space, event.message_id):
+            raise IntegrityError(f"message {event.message_id!r} is already stored in space {space!r}")
         self._events.append(event_row(space, event))
         self._event_ids.add((space, event.message_id))
 
