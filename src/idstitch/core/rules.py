@@ -97,7 +97,7 @@ class ValueList:
     exact: frozenset[str] = frozenset()
     patterns: tuple[re.Pattern[str], ...] = ()
     # The patterns as one alternation, searched once per value (every identifier of every message
-    # is checked against two lists); None when they do not combine (global flags in a pattern).
+    # is checked against two lists); None when they do not combine (global flags, group references).
     any_pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def matches(self, value: str) -> bool:

@@ -768,6 +768,7 @@ class SQLiteTransaction(GraphCacheReader):
         row = self.db.execute(
             "SELECT 1 FROM events WHERE space = ? AND message_id = ?", (space, message_id)
         ).fetchone()
+        (self._looked_up if row is None else self._stored_ids).add(key)  # add_event asks again
         return row is not None
 
     def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
