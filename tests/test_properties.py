@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -562,5 +563,7 @@ def test_the_generated_streams_reach(situation: str) -> None:
         st.tuples(any_stream, configs),
         lambda case: situation in situations(*case),
         settings=settings(max_examples=1000, phases=[Phase.generate], database=None, deadline=None),
+        # Seeded: the rarest situations (a retired user_id) were missed by about one run in twenty.
+        random=random.Random(situation),
     )
     assert situation in situations(*found)
