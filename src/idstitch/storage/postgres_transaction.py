@@ -458,7 +458,7 @@ class PostgresTransaction(GraphCacheReader):
                 collections or (), types or (), values or (), *(column or () for column in times), strict=True
             ):
                 key = (space, member_collection, kind, value)
-                entry.members.add(key)
+                entry.members[key] = None
                 if graph.identifiers.get(key) is None:
                     graph.identifiers[key] = IdentifierEntry(segment_id, first, last, retired)
             graph.profiles[(space, segment_id)] = entry
@@ -551,7 +551,7 @@ class PostgresTransaction(GraphCacheReader):
                 # Its evidence and suspect mark (kept from before it had an owner) are as read: known
                 # only if it was claimed.
                 graph.identifiers[key] = IdentifierEntry(target, now, now)
-                target_entry.members.add(key)
+                target_entry.members[key] = None
         # A row this transaction does not hold is written anyway (the statements widen, never narrow).
         for item in resolution.touched:
             key = (space, item.collection, item.type, item.value)
@@ -607,8 +607,8 @@ class PostgresTransaction(GraphCacheReader):
             member = graph.identifiers.get(key)
             if member is not None:
                 member.profile_id = target
-        target_entry.members |= child_entry.members
-        child_entry.members = set()
+        target_entry.members.update(child_entry.members)
+        child_entry.members = {}
 
     def record_dropped(
         self, space: str, dropped: Sequence[Dropped], message_id: str, at: datetime, profile_id: str | None

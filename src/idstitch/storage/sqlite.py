@@ -264,16 +264,19 @@ class SQLiteStore:
             "SELECT space, segment_id, collection, created_at, merge_count, parent_id FROM profiles"
         ):
             cache.profiles[(row[0], row[1])] = ProfileEntry(row[2], row[3], row[4], row[5])
+        children: dict[tuple[str, str], list[str]] = {}
         for (space, segment_id), entry in cache.profiles.items():
             if entry.parent_id is not None:
-                cache.profiles[(space, entry.parent_id)].children.append(segment_id)
+                children.setdefault((space, entry.parent_id), []).append(segment_id)
+        for parent, ids in children.items():
+            cache.profiles[parent].children = tuple(ids)
         for row in db.execute(
             "SELECT space, collection, type, value, profile_id, first_seen, last_seen, retired, device_owner, "
             "device_owner_at FROM identifiers"
         ):
             key = (row[0], row[1], row[2], row[3])
             cache.identifiers[key] = IdentifierEntry(row[4], row[5], row[6], bool(row[7]), row[8], row[9])
-            cache.profiles[(row[0], row[4])].members.add(key)
+            cache.profiles[(row[0], row[4])].members[key] = None
         for row in db.execute(
             "SELECT space, collection, type, value, other_type, other_value, last_seen FROM evidence"
         ):
@@ -823,17 +826,17 @@ class SQLiteTransaction(GraphCacheReader):
                 (space, segment_id),
             ):
                 key = (space, row[0], kind, value)
-                entry.members.add(key)
+                entry.members[key] = None
                 if cache.identifiers.get(key) is None:
                     cache.identifiers[key] = IdentifierEntry(
                         segment_id, first_seen, last_seen, bool(retired), owner, owner_at
                     )
-            entry.children = [
+            entry.children = tuple(
                 child[0]
                 for child in db.execute(
                     "SELECT segment_id FROM profiles WHERE space = ? AND parent_id = ?", (space, segment_id)
                 )
-            ]
+            )
         cache.profiles[(space, segment_id)] = entry
         return entry
 
@@ -870,7 +873,7 @@ class SQLiteTransaction(GraphCacheReader):
             for item in resolution.added:
                 key = (space, item.collection, item.type, item.value)
                 cache.identifiers[key] = IdentifierEntry(target, now, now)
-                members.add(key)
+                members[key] = None
         for item in resolution.touched:
             key = (space, item.collection, item.type, item.value)
             entry = self._identifier(key)
@@ -953,15 +956,15 @@ class SQLiteTransaction(GraphCacheReader):
             moved_entry = self.cache.profiles.get((space, moved))
             if moved_entry is not None:
                 moved_entry.parent_id = target
-        target_entry.children += [*child_entry.children, child]
+        target_entry.children += (*child_entry.children, child)
         target_entry.merge_count += child_entry.merge_count + 1
         for key in child_entry.members:
             member = self._identifier(key)
             if member is not None:
                 member.profile_id = target
-        target_entry.members |= child_entry.members
-        child_entry.members = set()
-        child_entry.children = []
+        target_entry.members.update(child_entry.members)
+        child_entry.members = {}
+        child_entry.children = ()
         merge_count = child_entry.merge_count
         # Two statements, not one with OR: the OR makes SQLite scan every profile of the space.
         self._hold(
