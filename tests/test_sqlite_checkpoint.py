@@ -32,7 +32,7 @@ def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(
     path = tmp_path / "db.sqlite"
     writer = connect(path)
     writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
-    checkpointer = Checkpointer(str(path), lambda: connect(path), every_commits=2, hard_limit_bytes=1 << 40)
+    checkpointer = Checkpointer(str(path), lambda: connect(path), every_frames=512, hard_limit_bytes=1 << 40)
     try:
         for _ in range(24):
             commit_megabyte(writer, checkpointer)
@@ -46,9 +46,34 @@ def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(
     finally:
         checkpointer.close()
         writer.close()
+        checkpointer.release_index()
     reopened = sqlite3.connect(path)
     assert reopened.execute("SELECT count(*) FROM blobs").fetchone() == (24 * 1024,)
     reopened.close()
+
+
+def test_a_pass_waits_for_enough_frames_not_for_a_count_of_commits(tmp_path: Path) -> None:
+    """Many small commits do not start a pass (each ends in an fsync); enough frames do, in one commit."""
+    path = tmp_path / "db.sqlite"
+    writer = connect(path)
+    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
+    checkpointer = Checkpointer(str(path), lambda: connect(path), every_frames=1000, hard_limit_bytes=1 << 40)
+    try:
+        for _ in range(100):
+            writer.execute("INSERT INTO blobs (data) VALUES (?)", (os.urandom(100),))
+            checkpointer.after_commit(writer)
+        assert not checkpointer.busy and checkpointer.checkpoints == 0
+        assert 100 <= checkpointer._uncopied_frames() < 1000  # read from the WAL index: one frame a commit
+        for _ in range(4):
+            commit_megabyte(writer, checkpointer)
+        deadline = time.monotonic() + 30
+        while checkpointer.checkpoints == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        checkpointer.close()
+        writer.close()
+        checkpointer.release_index()
 
 
 def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path) -> None:
@@ -56,7 +81,7 @@ def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path)
     writer = connect(path)
     writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
     checkpointer = Checkpointer(
-        str(path), lambda: connect(path), every_commits=10**9, hard_limit_bytes=3 << 20
+        str(path), lambda: connect(path), every_frames=10**9, hard_limit_bytes=3 << 20
     )
     try:
         sizes = []
@@ -69,6 +94,7 @@ def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path)
     finally:
         checkpointer.close()
         writer.close()
+        checkpointer.release_index()
 
 
 class _Cursor:
@@ -97,7 +123,7 @@ class _ScriptedConnection:
 
 def _run_one_round(connection: _ScriptedConnection, **options: int) -> Checkpointer:
     checkpointer = Checkpointer(
-        "/nonexistent/db.sqlite", lambda: connection, every_commits=1, hard_limit_bytes=1 << 40, **options
+        "/nonexistent/db.sqlite", lambda: connection, every_frames=0, hard_limit_bytes=1 << 40, **options
     )
     writer = _ScriptedConnection([(0, 10, 10)])  # the writer's catch-up after the round
     checkpointer.after_commit(writer)  # type: ignore[arg-type]

@@ -174,6 +174,8 @@ class SQLiteStore:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._writer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.release_index()  # after the last connection (see release_index)
 
     def _migrate(self) -> None:
         with self._write_lock:

@@ -4,6 +4,13 @@ SQLite's automatic checkpoint runs inside the COMMIT that crosses the threshold:
 pages back into the database file. Here a second connection does the copying (PASSIVE: it never blocks
 the writer, and sqlite3 releases the GIL while it works, so it uses the machine's other core).
 
+A pass starts once the WAL holds `every_frames` frames not yet copied, whatever the size of the commits
+that wrote them. Each pass ends in an fsync of the database file (and the writer's catch-up, below, in
+another): started every 32 commits, small commits (a 5 ms latency budget: ~6 messages each) paid those
+fsyncs every ~200 messages. `bench sqlite -n 50000`, the same minutes: 1,108 msg/s with a P99 of 30.5 ms
+every 32 commits, 1,325 msg/s with a P99 of 7.0 ms every 16,384 frames (~64 MB of WAL); at 100
+messages a commit, 2,237 against 2,700 msg/s.
+
 A WAL file only rewinds when a write transaction starts with every frame copied, which a busy writer
 never sees: its next commit always lands while the thread copies. So the thread passes again over what
 was committed during its pass, until little is left (each pass is shorter than the one before), and only
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable
 
@@ -32,18 +40,22 @@ class Checkpointer:
         path: str,
         connect: Callable[[], sqlite3.Connection],
         *,
-        every_commits: int = 32,
+        every_frames: int = 16384,
         hard_limit_bytes: int = 512 * 1024 * 1024,
         catch_up_frames: int = 256,
         max_passes: int = 8,
     ) -> None:
         self.wal_path = path + "-wal"
-        self.every_commits = every_commits
+        self.shm_path = path + "-shm"
+        # Opened once and closed only after every connection: closing any descriptor of a file drops all
+        # of this process's POSIX locks on it, SQLite's shared-memory locks included (another process
+        # would then rebuild the -shm file under this one's mapping: SIGBUS).
+        self._index: int | None = None
+        self.every_frames = every_frames
         self.hard_limit_bytes = hard_limit_bytes
         self.catch_up_frames = catch_up_frames
         self.max_passes = max_passes
         self.checkpoints = 0
-        self._commits = 0
         self._busy = False
         self._pass_done = False
         self._connection = connect()
@@ -59,7 +71,6 @@ class Checkpointer:
 
     def after_commit(self, writer: sqlite3.Connection) -> None:
         """Called by the writer after each commit: finish a background pass, or start one, or block."""
-        self._commits += 1
         if self._pass_done:
             self._pass_done = False
             writer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # only what was committed during the pass
@@ -68,8 +79,7 @@ class Checkpointer:
             # TRUNCATE, not RESTART: the file's size is how the next commits tell that it was done.
             writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return
-        if not self._busy and self._commits >= self.every_commits:
-            self._commits = 0
+        if not self._busy and self._uncopied_frames() >= self.every_frames:
             self._busy = True
             self._wake.set()
 
@@ -79,6 +89,12 @@ class Checkpointer:
         self._wake.set()
         self._thread.join()
         self._connection.close()
+
+    def release_index(self) -> None:
+        """Close the -shm file; only once every SQLite connection of this process to it is closed."""
+        if self._index is not None:
+            os.close(self._index)
+            self._index = None
 
     def _run(self) -> None:
         while True:
@@ -97,6 +113,21 @@ class Checkpointer:
                 pass  # busy or interrupted: the next pass catches up
             finally:
                 self._busy = False
+
+    def _uncopied_frames(self) -> int:
+        """Frames in the WAL not yet copied into the database, from the WAL-index header in the -shm file
+        (https://sqlite.org/walformat.html: mxFrame at byte 16, nBackfill at byte 96, native order)."""
+        try:
+            if self._index is None:
+                self._index = os.open(self.shm_path, os.O_RDONLY)
+            header = os.pread(self._index, 100, 0)
+        except OSError:
+            return 0
+        if len(header) < 100:
+            return 0
+        last_frame: int = struct.unpack_from("=I", header, 16)[0]
+        copied: int = struct.unpack_from("=I", header, 96)[0]
+        return max(0, last_frame - copied)
 
     def _wal_size(self) -> int:
         try:
