@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from idstitch.storage.sqlite_checkpoint import Checkpointer
@@ -24,16 +26,27 @@ def commit_megabyte(writer: sqlite3.Connection, checkpointer: Checkpointer) -> N
     checkpointer.after_commit(writer)
 
 
+@contextmanager
+def writer_and_checkpointer(path: Path, **options: int) -> Iterator[tuple[sqlite3.Connection, Checkpointer]]:
+    """A writer with a table of blobs and its checkpointer, closed in the store's order."""
+    writer = connect(path)
+    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
+    checkpointer = Checkpointer(str(path), lambda: connect(path), **options)
+    try:
+        yield writer, checkpointer
+    finally:
+        checkpointer.close()
+        writer.close()
+        checkpointer.release_index()  # after the last connection, as SQLiteStore.close does
+
+
 def wal_size(path: Path) -> int:
     return Path(f"{path}-wal").stat().st_size
 
 
 def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
-    writer = connect(path)
-    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
-    checkpointer = Checkpointer(str(path), lambda: connect(path), every_frames=512, hard_limit_bytes=1 << 40)
-    try:
+    with writer_and_checkpointer(path, every_frames=512, hard_limit_bytes=1 << 40) as (writer, checkpointer):
         for _ in range(24):
             commit_megabyte(writer, checkpointer)
             deadline = time.monotonic() + 30
@@ -43,10 +56,6 @@ def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(
         # Without checkpoints the WAL would hold all 24 MB; with them it keeps being rewound.
         assert wal_size(path) < 8 << 20
         assert path.stat().st_size > 16 << 20  # the pages reached the database file
-    finally:
-        checkpointer.close()
-        writer.close()
-        checkpointer.release_index()
     reopened = sqlite3.connect(path)
     assert reopened.execute("SELECT count(*) FROM blobs").fetchone() == (24 * 1024,)
     reopened.close()
@@ -55,10 +64,7 @@ def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(
 def test_a_pass_waits_for_enough_frames_not_for_a_count_of_commits(tmp_path: Path) -> None:
     """Many small commits do not start a pass (each ends in an fsync); enough frames do, in one commit."""
     path = tmp_path / "db.sqlite"
-    writer = connect(path)
-    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
-    checkpointer = Checkpointer(str(path), lambda: connect(path), every_frames=1000, hard_limit_bytes=1 << 40)
-    try:
+    with writer_and_checkpointer(path, every_frames=1000, hard_limit_bytes=1 << 40) as (writer, checkpointer):
         for _ in range(100):
             writer.execute("INSERT INTO blobs (data) VALUES (?)", (os.urandom(100),))
             checkpointer.after_commit(writer)
@@ -70,20 +76,14 @@ def test_a_pass_waits_for_enough_frames_not_for_a_count_of_commits(tmp_path: Pat
         while checkpointer.checkpoints == 0:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-    finally:
-        checkpointer.close()
-        writer.close()
-        checkpointer.release_index()
 
 
 def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
-    writer = connect(path)
-    writer.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)")
-    checkpointer = Checkpointer(
-        str(path), lambda: connect(path), every_frames=10**9, hard_limit_bytes=3 << 20
-    )
-    try:
+    with writer_and_checkpointer(path, every_frames=10**9, hard_limit_bytes=3 << 20) as (
+        writer,
+        checkpointer,
+    ):
         sizes = []
         for _ in range(12):
             commit_megabyte(writer, checkpointer)
@@ -91,10 +91,6 @@ def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path)
         assert checkpointer.checkpoints == 0  # the thread was never woken: the writer did it
         assert max(sizes) < 5 << 20 and 0 in sizes
         assert writer.execute("SELECT count(*) FROM blobs").fetchone() == (12 * 1024,)
-    finally:
-        checkpointer.close()
-        writer.close()
-        checkpointer.release_index()
 
 
 class _Cursor:
