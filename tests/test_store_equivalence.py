@@ -312,30 +312,38 @@ def _comparable_state(view: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+def _planned(model: _Model, fate: random.Random, fail_rate: float) -> tuple[str, Op, bool]:
+    """The model's next operation, and whether its savepoint fails (then the model forgets it)."""
+    saved = model.save()
+    name, op = model.operation()
+    fail = fate.random() < fail_rate
+    if fail:
+        model.restore(saved)
+    return name, op, fail
+
+
+def _in_savepoint(tx: StoreTransaction, op: Op, fail: bool) -> None:
+    """One operation in a savepoint of its own, which fails after it when planned."""
+    with contextlib.suppress(_Boom), tx.savepoint():
+        op(tx)
+        if fail:
+            raise _Boom
+
+
 def _nested_savepoints(transactions: list[StoreTransaction], model: _Model, fate: random.Random) -> str:
     """Two operations, each in its own savepoint, inside an outer one; any of the three may fail."""
     saved_outer = model.save()
-    steps = []
-    for _ in range(2):
-        saved = model.save()
-        name, op = model.operation()
-        fail = fate.random() < 0.3
-        if fail:
-            model.restore(saved)
-        steps.append((op, fail))
+    steps = [_planned(model, fate, 0.3) for _ in range(2)]
     outer_fails = fate.random() < 0.3
     if outer_fails:
         model.restore(saved_outer)
     for tx in transactions:
         with contextlib.suppress(_Boom), tx.savepoint():
-            for op, fail in steps:
-                with contextlib.suppress(_Boom), tx.savepoint():
-                    op(tx)
-                    if fail:
-                        raise _Boom
+            for _, op, fail in steps:
+                _in_savepoint(tx, op, fail)
             if outer_fails:
                 raise _Boom
-    return f"nested, the last {name}"
+    return f"nested, the last {steps[-1][0]}"
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -354,16 +362,9 @@ def test_random_writes_give_the_same_reads(seed: int, postgres_url: str) -> None
                         if fate.random() < 0.25:
                             name = _nested_savepoints(transactions, model, fate)
                         else:
-                            saved = model.save()
-                            name, op = model.operation()
-                            fail = fate.random() < 0.15
+                            name, op, fail = _planned(model, fate, 0.15)
                             for tx in transactions:
-                                with contextlib.suppress(_Boom), tx.savepoint():
-                                    op(tx)
-                                    if fail:
-                                        raise _Boom
-                            if fail:
-                                model.restore(saved)
+                                _in_savepoint(tx, op, fail)
                         state = model.random.getstate()
                         views = []
                         for tx in transactions:
