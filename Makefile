@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install install-test run test
 
@@ -13,10 +14,13 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
-# npm ci: the real @segment/analytics-node that tests/test_tracking_clients.py drives, exactly as locked.
+# npm ci: the real @segment/analytics-node, analytics.js and playwright-core that tests/test_tracking_clients.py
+# drives, exactly as locked; Debian's chromium for analytics.js in a real browser (apt, never a downloaded one).
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 run: install
 	$(BIN)/idstitch ingest examples/walkthrough.ndjson

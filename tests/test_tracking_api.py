@@ -62,6 +62,16 @@ NO_IDENTIFIER = (
     "context.externalIds or another configured identifier"
 )
 SINGLE_CALLS = ("identify", "track", "page", "screen", "group", "alias")
+# analytics.js (analytics-next) names each call by its type's first letter, and a batch b.
+SHORT_CALLS = {
+    "a": "alias",
+    "b": "batch",
+    "g": "group",
+    "i": "identify",
+    "p": "page",
+    "s": "screen",
+    "t": "track",
+}
 
 
 def problem(code: str, message: str) -> dict[str, Any]:
@@ -178,6 +188,21 @@ async def test_batch_and_import_store_every_message(api: Api, path: str) -> None
     assert await api.post(path, {"batch": batch}) == (200, OK)
     assert api.event_ids() == ["m1", "m2"]
     assert api.world.space(SPACE).traits_of("user_id:u2") == {"plan": "pro"}
+
+
+@pytest.mark.parametrize(("short", "call"), sorted(SHORT_CALLS.items()))
+async def test_analytics_js_short_paths_answer_as_the_long_ones(api: Api, short: str, call: str) -> None:
+    # analytics.js in the browser posts to /v1/t, /v1/p, ... and batches to /v1/b.
+    if call == "batch":
+        assert await api.post(f"/v1/{short}", {"batch": [track(1), track(2)]}) == (200, OK)
+        assert api.event_ids() == ["m1", "m2"]
+        return
+    body = {"userId": "u1", "anonymousId": "a1", "messageId": f"{short}-1"}
+    body |= {"track": {"event": "Signed Up"}, "group": {"groupId": "g1"}, "alias": {"previousId": "a0"}}.get(
+        call, {}
+    )
+    assert await api.post(f"/v1/{short}", body) == (200, OK)
+    assert api.payload("u1", f"{short}-1")["type"] == call
 
 
 async def test_an_empty_batch_is_a_success_that_stores_nothing(api: Api) -> None:
@@ -632,6 +657,38 @@ async def test_cors_preflight_and_headers_let_a_browser_on_another_origin_send(a
     assert plain.headers["access-control-allow-origin"] == "*"
 
 
+async def test_a_sources_settings_point_segments_libraries_back_at_idstitch(api: Api) -> None:
+    # analytics.js reads {cdnURL}/v1/projects/{writeKey}/settings before it sends anything, and the
+    # mobile libraries read the same path under their cdnHost: served here, only the host changes.
+    response = await api.client.get(
+        "/v1/projects/wk_test/settings",
+        headers={"Host": "events.shop.example:8443", "Origin": "https://shop.example"},
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://shop.example"
+    settings = response.json()
+    assert settings["integrations"] == {
+        "Segment.io": {
+            "apiKey": "wk_test",
+            "apiHost": "events.shop.example:8443/v1",
+            "protocol": "http",  # the scheme the request came by
+            "addBundledMetadata": False,
+            "unbundledIntegrations": [],
+        }
+    }
+    # nothing that would make analytics.js load more code: no tracking plan, routing rules or videos
+    assert settings["plan"] == {} and settings["middlewareSettings"] == {} and settings["remotePlugins"] == []
+    assert "legacyVideoPluginsEnabled" not in settings
+    over_tls = await api.client.get("https://events.shop.example/v1/projects/wk_test/settings")
+    assert over_tls.json()["integrations"]["Segment.io"]["protocol"] == "https"
+    unknown = await api.client.get("/v1/projects/wk_nope/settings")
+    assert (unknown.status_code, unknown.json()) == (404, problem("not_found", "unknown write key"))
+    assert "www-authenticate" not in unknown.headers  # a challenge could make a browser prompt its user
+    posted = await api.client.post("/v1/projects/wk_test/settings", json={})
+    assert (posted.status_code, posted.headers["allow"]) == (405, "GET, HEAD")
+    assert (await api.client.get("/v1/projects/wk_test/other")).status_code == 404
+
+
 async def test_unknown_routes_and_methods(api: Api) -> None:
     response = await api.client.get("/v1/track")
     assert (response.status_code, response.json()) == (
@@ -641,6 +698,8 @@ async def test_unknown_routes_and_methods(api: Api) -> None:
     assert response.headers["allow"] == "POST, OPTIONS"
     response = await api.client.post("/v1/identity", json={})
     assert (response.status_code, response.json()) == (404, problem("not_found", "no route /v1/identity"))
+    response = await api.client.post("/v1/x", json={})  # one letter, but no call's
+    assert (response.status_code, response.json()) == (404, problem("not_found", "no route /v1/x"))
     assert await api.post("/v1/track/", track(1)) == (200, OK)  # a trailing slash is tolerated
 
 

@@ -3,8 +3,9 @@ unchanged when pointed at idstitch, and what they deliver resolves as SPEC E1, E
 
 Every test starts `python -m idstitch serve` as a subprocess on a free local port over a fresh SQLite file,
 drives it with an unmodified client library (segment-analytics-python, @segment/analytics-node run by the
-machine's node, rudder-sdk-python) or with plain urllib, stops the server (SIGTERM must exit 0), and then
-reads the graph through the Store protocol, as tests/helpers.py does.
+machine's node, rudder-sdk-python, analytics.js in Debian's Chromium on a page of another origin) or with
+plain urllib, stops the server (SIGTERM must exit 0), and then reads the graph through the Store protocol,
+as tests/helpers.py does.
 
 The crash test kills the server with SIGKILL mid-stream and restarts it on the same store: a 200 must mean
 durable (SPEC §6), and retries must never double a message.
@@ -18,6 +19,7 @@ import gzip
 import http.client
 import json
 import math
+import os
 import shutil
 import subprocess
 import threading
@@ -467,6 +469,203 @@ def test_segment_python_reports_the_servers_reason_for_a_wrong_write_key(server:
     client.shutdown()
     assert len(errors) == 1 and isinstance(errors[0], APIError)
     assert (errors[0].status, errors[0].code, errors[0].message) == (401, "unauthorized", "unknown write key")
+
+
+# -- analytics.js in a real browser --------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by `make install-test`; never a downloaded one
+BrowserCall = list[Any]  # ["identify", "u1", {"email": ...}]: a method of `analytics` and its arguments
+
+
+@dataclass(frozen=True)
+class Device:
+    """One browser (its own cookies and localStorage) and the calls a site makes in it, in order."""
+
+    anonymous_id: str
+    calls: list[BrowserCall]
+
+
+@dataclass(frozen=True)
+class BrowserScenario:
+    name: str
+    devices: list[Device]
+    check: Callable[[Graph], None]
+
+
+def check_e1_in_a_browser(graph: Graph) -> None:
+    """E1 as a site sends it: the identify that tells the page who it is comes on top of E1's three events."""
+    root = graph.root("phone:123-456-7890")
+    assert graph.root("user_id:use_123") == root
+    assert graph.root("anonymous_id:anon_123") == root
+    assert graph.identifiers(root) == {"anonymous_id:anon_123", "user_id:use_123", "phone:123-456-7890"}
+    names = sorted((event.type, event.name or "") for event in graph.events(root))
+    assert names == [
+        ("identify", ""),
+        ("page", "Pricing"),
+        ("track", "Subscription Upgraded"),
+        ("track", "User Signup"),
+    ]
+    assert graph.roots() == [root]
+
+
+def check_e3_in_a_browser(graph: Graph) -> None:
+    """E3 as two browsers send it: each logs in (identify) and then tracks; one profile holds both devices."""
+    root = graph.root("user_id:u1")
+    assert graph.root("anonymous_id:i1") == root
+    assert graph.root("anonymous_id:d7") == root
+    assert graph.identifiers(root) == {"anonymous_id:i1", "anonymous_id:d7", "user_id:u1"}
+    tracks = sorted(event.name or "" for event in graph.events(root) if event.type == "track")
+    assert tracks == ["Added to Cart", "Order Completed"]
+    assert graph.event_count(root) == 4
+    assert graph.roots() == [root]
+
+
+def check_all_calls_in_a_browser(graph: Graph) -> None:
+    """identify, track, page, screen, group and alias from one browser: one person, one account linked."""
+    root = graph.root("user_id:u9")
+    assert graph.identifiers(root) == {
+        "user_id:u9",
+        "anonymous_id:a9",
+        "email:pat@x.io",
+        "anonymous_id:a9old",
+    }
+    assert sorted(event.type for event in graph.events(root)) == [
+        "alias",
+        "group",
+        "identify",
+        "page",
+        "screen",
+        "track",
+    ]
+    assert graph.traits(root)["email"] == "pat@x.io"
+    account = graph.root("group_id:g9")
+    assert graph.traits(account) == {"name": "Globex"}
+    assert graph.links(root) == {account}
+
+
+BROWSER_SCENARIOS = [
+    BrowserScenario(
+        "E1",
+        [
+            Device(
+                "anon_123",
+                [
+                    ["page", "Pricing"],
+                    ["identify", "use_123"],
+                    ["track", "User Signup"],
+                    # the phone arrives only as a custom external id, through the call's options
+                    ["track", "Subscription Upgraded", {}, {"context": {"externalIds": [PHONE]}}],
+                ],
+            )
+        ],
+        check_e1_in_a_browser,
+    ),
+    BrowserScenario(
+        "E2",
+        [
+            Device(
+                "a1",
+                [
+                    ["page", "Home"],
+                    ["page", "Pricing"],
+                    ["page", "Signup"],
+                    ["identify", "u1", {"email": "j@x.io"}],
+                ],
+            )
+        ],
+        check_e2,
+    ),
+    BrowserScenario(
+        "E3",
+        [
+            Device("i1", [["identify", "u1"], ["track", "Added to Cart"]]),
+            Device("d7", [["identify", "u1"], ["track", "Order Completed"]]),
+        ],
+        check_e3_in_a_browser,
+    ),
+    BrowserScenario(
+        "E8",
+        [
+            Device("b1", [["identify", "u1"], ["group", "acme", {"name": "Acme", "plan": "enterprise"}]]),
+            Device("b2", [["identify", "u2"], ["group", "acme"]]),
+        ],
+        check_e8,
+    ),
+    BrowserScenario(
+        "all-calls",
+        [
+            Device(
+                "a9",
+                [
+                    ["identify", "u9", {"email": "pat@x.io", "name": "Pat"}],
+                    ["track", "Clicked", {"button": "buy"}],
+                    ["page", "Docs", "Home", {"path": "/"}],
+                    ["screen", "Settings"],
+                    ["group", "g9", {"name": "Globex"}],
+                    ["alias", "u9", "a9old"],
+                ],
+            )
+        ],
+        check_all_calls_in_a_browser,
+    ),
+]
+
+# analytics.js posts each call to the first letter of its type (standard), or gathers them into /v1/b.
+BROWSER_PATHS = {"standard": {"/v1/i", "/v1/t", "/v1/p", "/v1/s", "/v1/g", "/v1/a"}, "batching": {"/v1/b"}}
+
+
+def send_analytics_js(server: Server, scenario: BrowserScenario, strategy: str) -> dict[str, Any]:
+    """The real analytics.js in Chromium, on a page of another origin, through tests/clients/node/browser.mjs."""
+    node = shutil.which("node")
+    assert node is not None, "node is not on PATH"
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: `make install-test` installs Debian's chromium"
+    assert (NODE_CLIENT / "node_modules" / "@segment" / "analytics-next").is_dir(), (
+        "tests/clients/node is not installed: run `make install-test` (npm ci --prefix tests/clients/node)"
+    )
+    scenario_path = server.directory / "browser.json"
+    devices = [{"anonymousId": device.anonymous_id, "calls": device.calls} for device in scenario.devices]
+    scenario_path.write_text(json.dumps({"strategy": strategy, "devices": devices}))
+    done = subprocess.run(
+        [node, str(NODE_CLIENT / "browser.mjs"), server.base_url, WRITE_KEY, str(scenario_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "IDSTITCH_CHROMIUM": str(CHROMIUM)},
+    )
+    assert done.returncode == 0, f"analytics.js failed ({done.returncode}):\n{done.stderr}\n{server.log()}"
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
+
+
+@pytest.mark.parametrize("strategy", list(BROWSER_PATHS))
+@pytest.mark.parametrize("scenario", BROWSER_SCENARIOS, ids=[scenario.name for scenario in BROWSER_SCENARIOS])
+def test_analytics_js_in_a_browser_resolves_spec_example(
+    scenario: BrowserScenario, strategy: str, server: Server
+) -> None:
+    calls = sum(len(device.calls) for device in scenario.devices)
+    summary = send_analytics_js(server, scenario, strategy)
+    assert summary["events"] == calls
+    assert {request["path"] for request in summary["requests"]} <= BROWSER_PATHS[strategy]
+    server.stop()
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    # Each browser read its settings from idstitch: the host is the only thing the site changed.
+    settings = [line["status"] for line in logged if line.get("path") == f"/v1/projects/{WRITE_KEY}/settings"]
+    assert settings == [200] * len(scenario.devices)
+    # The library sends Authorization, so every path was preflighted, and idstitch's answer let it through.
+    preflights = [line for line in logged if line.get("method") == "OPTIONS"]
+    assert {line["path"] for line in preflights} == {request["path"] for request in summary["requests"]}
+    assert {line["status"] for line in preflights} == {204}
+    with graph_of(server.store_url) as graph:
+        stats = graph.stats()
+        assert (stats.events, stats.unresolved, stats.merges) == (calls, 0, 0)
+        assert set(graph.event_id_counts().values()) == {1}
+        scenario.check(graph)
+        for root in graph.roots():
+            for event in graph.events(root):
+                payload = json.loads(event.payload)
+                assert payload["messageId"].startswith("ajs-next-"), payload  # the library's own ids
+                assert payload["context"]["library"]["name"] == "analytics.js", payload
+                assert payload["context"]["page"]["url"].startswith("http://localhost:"), payload
 
 
 # -- many messages through each library's batching -----------------------------------------------------

@@ -38,9 +38,18 @@ from idstitch.http.bodies import BodyLimit, read_body
 from idstitch.http.logs import request_logger
 from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
+from idstitch.http.source_settings import SETTINGS_ROUTE, settings_document, settings_write_key
 from idstitch.queue.envelope import RequestTooLarge
 
-__all__ = ["BATCH_CALLS", "MESSAGE_LIMIT", "REQUEST_LIMIT", "SINGLE_CALLS", "IngestWriter", "TrackingAPI"]
+__all__ = [
+    "BATCH_CALLS",
+    "MESSAGE_LIMIT",
+    "REQUEST_LIMIT",
+    "SHORT_CALLS",
+    "SINGLE_CALLS",
+    "IngestWriter",
+    "TrackingAPI",
+]
 
 Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
@@ -49,6 +58,17 @@ Send = Callable[[ASGIMessage], Awaitable[None]]
 
 SINGLE_CALLS = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 BATCH_CALLS = frozenset({"batch", "import"})  # /v1/import is Segment's older name of /v1/batch
+# analytics.js (analytics-next, in the browser) posts each call to the first letter of its type, and a
+# batch to /b: /v1/t, /v1/p, /v1/b, ... answer as the long names do.
+SHORT_CALLS = {
+    "i": "identify",
+    "t": "track",
+    "p": "page",
+    "s": "screen",
+    "g": "group",
+    "a": "alias",
+    "b": "batch",
+}
 MESSAGE_LIMIT = BodyLimit(MAX_MESSAGE_BYTES, 400, "message_too_large", "message", "message")
 REQUEST_LIMIT = BodyLimit(MAX_BATCH_BYTES, 413, "request_too_large", "request", "request body")
 
@@ -154,7 +174,13 @@ class TrackingAPI:
         method: str = scope["method"]
         path: str = scope["path"]
         call = _call_of(path)
-        route = f"/v1/{call}" if call else (path if path in ("/healthz", "/metrics") else "other")
+        settings_key = None if call else settings_write_key(path)
+        if call:
+            route = f"/v1/{call}"
+        elif settings_key is not None:
+            route = SETTINGS_ROUTE
+        else:
+            route = path if path in ("/healthz", "/metrics") else "other"
         request = _Request(method, path, route, time.perf_counter())
         headers = _header_map(scope["headers"])
         status = 200
@@ -176,6 +202,15 @@ class TrackingAPI:
                     ]
                 else:
                     raise _not_allowed(method, path, "POST, OPTIONS")
+            elif settings_key is not None:
+                if method not in ("GET", "HEAD"):
+                    raise _not_allowed(method, path, "GET, HEAD")
+                source = await self.write_keys.resolve(settings_key)
+                if source is None:
+                    # Not 401: a challenge could make a browser ask its user for a password.
+                    raise HTTPProblem(404, "not_found", "unknown write key")
+                request.source = source
+                body = settings_document(settings_key, host=_host_of(scope, headers), scheme=scope["scheme"])
             elif route == "/healthz":
                 if method not in ("GET", "HEAD"):
                     raise _not_allowed(method, path, "GET, HEAD")
@@ -394,11 +429,21 @@ class TrackingAPI:
 
 
 def _call_of(path: str) -> str | None:
-    """The call a /v1/ path names (`batch`, `track`, ...), None for any other path."""
+    """The call a /v1/ path names (`batch`, `track`, ...; `b`, `t`, ... too), None for any other path."""
     if not path.startswith("/v1/"):
         return None
     call = path[4:].rstrip("/")
+    call = SHORT_CALLS.get(call, call)
     return call if call in SINGLE_CALLS or call in BATCH_CALLS else None
+
+
+def _host_of(scope: Scope, headers: dict[str, str]) -> str:
+    """The host (and port) the client reached this server by: its Host header, else the socket's address."""
+    host = headers.get("host")
+    if host:
+        return host
+    server = scope.get("server")
+    return f"{server[0]}:{server[1]}" if server else "localhost"
 
 
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
