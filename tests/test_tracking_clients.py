@@ -514,10 +514,42 @@ def check_e3_in_a_browser(graph: Graph) -> None:
     check_e3(graph, logins=2)
 
 
+def check_e6_in_a_browser(graph: Graph) -> None:
+    """E6 on a library computer whose site sends its own device id: Alice and Bob stay apart, lib1 is suspect."""
+    alice, bob = graph.root("user_id:alice"), graph.root("user_id:bob")
+    assert alice != bob
+    assert graph.identifiers(alice) == {"user_id:alice", "anonymous_id:lib1"}
+    assert graph.identifiers(bob) == {"user_id:bob"}
+    assert [suspect.identifier for suspect in graph.store.suspects(graph.space)] == ["anonymous_id:lib1"]
+    # Bob's browsing, still sent with the device's id, lands on Bob.
+    assert sorted((event.type, event.name or "") for event in graph.events(alice)) == [
+        ("identify", ""),
+        ("page", "Catalog"),
+    ]
+    assert sorted((event.type, event.name or "") for event in graph.events(bob)) == [
+        ("identify", ""),
+        ("page", "Loans"),
+    ]
+    assert sorted(graph.roots()) == sorted([alice, bob])
+
+
+def check_a_new_user_gets_a_new_anonymous_id(graph: Graph) -> None:
+    """analytics.js itself gives the browser a new anonymousId when another user logs in: no E6 then."""
+    alice, bob = graph.root("user_id:alice"), graph.root("user_id:bob")
+    assert alice != bob
+    assert graph.identifiers(alice) == {"user_id:alice", "anonymous_id:lib1"}
+    (bobs_device,) = graph.identifiers(bob) - {"user_id:bob"}
+    assert bobs_device.startswith("anonymous_id:") and bobs_device != "anonymous_id:lib1"
+    assert graph.store.suspects(graph.space) == []
+    assert sorted(graph.roots()) == sorted([alice, bob])
+
+
 def check_all_calls_in_a_browser(graph: Graph) -> None:
     """identify, track, page, screen, group and alias from one browser, each once under analytics.js's own id."""
     check_all_calls(graph, message_ids=False)
 
+
+LIB1 = {"anonymousId": "lib1"}  # a call's options: the anonymous id it is sent with
 
 BROWSER_SCENARIOS = [
     BrowserScenario(
@@ -558,6 +590,31 @@ BROWSER_SCENARIOS = [
             Device("d7", [["identify", "u1"], ["track", "Order Completed"]]),
         ],
         check_e3_in_a_browser,
+    ),
+    BrowserScenario(
+        "E6",
+        # The site keeps its own device id (a server-set cookie, say) and passes it with every call.
+        [
+            Device(
+                "lib1",
+                [
+                    ["identify", "alice", {}, LIB1],
+                    ["page", "Catalog", {}, LIB1],
+                    ["identify", "bob", {}, LIB1],
+                    ["page", "Loans", {}, LIB1],
+                ],
+            )
+        ],
+        check_e6_in_a_browser,
+    ),
+    BrowserScenario(
+        "new-user-new-device-id",
+        [
+            Device(
+                "lib1", [["identify", "alice"], ["page", "Catalog"], ["identify", "bob"], ["page", "Loans"]]
+            )
+        ],
+        check_a_new_user_gets_a_new_anonymous_id,
     ),
     BrowserScenario(
         "E8",
