@@ -74,6 +74,24 @@ def _targets(benchmarks: dict[str, Any]) -> str:
     return _table(["target", "measured", ""], rows)
 
 
+def _machine_speed(benchmarks: dict[str, Any]) -> str:
+    """How fast the machine was during the run: msgspec's parse-only rate, which every benchmark measures."""
+    rates = sorted(
+        float(result["parse_only_messages_per_s"])
+        for name, result in benchmarks.items()
+        if isinstance(result, dict)
+        and not result.get("source")  # a row read from an earlier run speaks for another hour
+        and result.get("parse_only_messages_per_s")
+    )
+    if not rates:
+        return ""
+    spread = _number(rates[0], 0) if len(rates) == 1 else f"{_number(rates[0], 0)} to {_number(rates[-1], 0)}"
+    return (
+        f" As a gauge of the machine's speed in this run, msgspec alone parsed {spread} messages/s "
+        "(measured by each benchmark); runs on one machine compare by that."
+    )
+
+
 def _messages_per_commit(result: dict[str, Any]) -> str:
     """The run's group commit: its mean, and the latency budget that sized it (older runs: fixed)."""
     budget = result.get("latency_budget_ms")
@@ -444,7 +462,7 @@ def write_report(results: dict[str, Any], out: Path, *, plotting: Callable[[], A
         "",
         f"Generated {results.get('generated_at', '?')} by `idstitch bench all` then `idstitch report`, on "
         f"{machine.get('cpus', '?')} CPUs ({machine.get('processor', '?')}, Python {machine.get('python', '?')}). "
-        "The machine is shared: compare figures within one run.",
+        "The machine is shared: compare figures within one run." + _machine_speed(benchmarks),
         "",
         "## Targets",
         "",
