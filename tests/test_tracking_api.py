@@ -633,6 +633,7 @@ async def test_cors_preflight_and_headers_let_a_browser_on_another_origin_send(a
         "access-control-allow-methods": "POST, OPTIONS",
         "access-control-allow-headers": "content-type, authorization",
         "access-control-max-age": "86400",
+        "access-control-expose-headers": "Retry-After, X-RateLimit-Reset",
     }
     # Whatever a client library adds is allowed (RudderStack sends an AnonymousId header).
     extra = await api.client.options(
@@ -738,6 +739,9 @@ async def test_a_full_writer_backlog_is_429_with_retry_after_and_nothing_accepte
                 if name in ("over the bound", "at the bound"):
                     assert response.headers["retry-after"] == "1"
                     assert response.headers["x-ratelimit-reset"] == "1"  # as Segment sends it
+                    # readable by a page on another origin, where analytics.js looks for Retry-After
+                    exposed = response.headers["access-control-expose-headers"]
+                    assert exposed == "Retry-After, X-RateLimit-Reset"
 
             async with anyio.create_task_group() as group:
                 group.start_soon(post, "first", "/v1/batch", {"batch": [track(1), track(2)]})

@@ -80,6 +80,7 @@ _PREFLIGHT = [
     (b"access-control-max-age", b"86400"),
 ]
 _PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Encoding"
+_EXPOSED_HEADERS = b"Retry-After, X-RateLimit-Reset"
 _LOGGED_REJECTIONS = 10  # per request log line: enough to diagnose, bounded for a 2,500-message batch
 
 
@@ -253,6 +254,8 @@ class TrackingAPI:
             (b"content-length", str(len(body)).encode()),
             # Any origin may send, as analytics.js does from the customer's site; no cookies are used.
             (b"access-control-allow-origin", origin.encode("latin-1") if origin else b"*"),
+            # A page reads only safelisted headers unless told: analytics.js honours Retry-After on a 429.
+            (b"access-control-expose-headers", _EXPOSED_HEADERS),
             (b"vary", b"Origin"),
             *request.headers,
         ]
