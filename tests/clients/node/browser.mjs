@@ -135,15 +135,16 @@ try {
       calls: device.calls,
       expected: device.calls.length,
     })
+    let sent = 0
     for (const delivery of deliveries) {
       requests.push(delivery)
       if (delivery.status !== 200) {
         failures.push(`device ${index}: ${delivery.path}: ${delivery.error ?? `HTTP ${delivery.status}`}`)
       } else {
-        events += delivery.events
+        sent += delivery.events
       }
     }
-    const sent = deliveries.reduce((sum, item) => sum + (item.status === 200 ? item.events : 0), 0)
+    events += sent
     if (sent !== device.calls.length) {
       failures.push(`device ${index}: ${sent} of ${device.calls.length} calls delivered`)
     }
