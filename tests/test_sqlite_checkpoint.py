@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +48,7 @@ def test_background_passes_keep_the_wal_small_and_the_data_reaches_the_database(
     with writer_and_checkpointer(path, every_frames=512, hard_limit_bytes=1 << 40) as (writer, checkpointer):
         for _ in range(24):
             commit_megabyte(writer, checkpointer)
-            deadline = time.monotonic() + 30
-            while checkpointer.busy and time.monotonic() < deadline:
-                time.sleep(0.005)  # a slow writer: each pass finishes before the next commit
+            assert checkpointer.wait_idle(30)  # a slow writer: each pass finishes before the next commit
         assert checkpointer.checkpoints >= 5
         # Without checkpoints the WAL would hold all 24 MB; with them it keeps being rewound.
         assert wal_size(path) < 8 << 20
@@ -72,10 +69,8 @@ def test_a_pass_waits_for_enough_frames_not_for_a_count_of_commits(tmp_path: Pat
         assert 100 <= checkpointer._uncopied_frames() < 1000  # read from the WAL index: one frame a commit
         for _ in range(4):
             commit_megabyte(writer, checkpointer)
-        deadline = time.monotonic() + 30
-        while checkpointer.checkpoints == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        assert checkpointer.wait_idle(30)  # enough frames started a pass in one of those commits
+        assert checkpointer.checkpoints >= 1
 
 
 def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path) -> None:
@@ -123,10 +118,8 @@ def _run_one_round(connection: _ScriptedConnection, **options: int) -> Checkpoin
     )
     writer = _ScriptedConnection([(0, 10, 10)])  # the writer's catch-up after the round
     checkpointer.after_commit(writer)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 30
-    while checkpointer.busy or not checkpointer._pass_done:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    assert checkpointer.wait_idle(30)  # the round is over, and it told the writer to catch up
+    assert checkpointer._pass_done
     checkpointer.after_commit(writer)  # type: ignore[arg-type]
     assert writer.calls == 1
     checkpointer.close()

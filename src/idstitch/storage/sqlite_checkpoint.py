@@ -56,7 +56,8 @@ class Checkpointer:
         self.catch_up_frames = catch_up_frames
         self.max_passes = max_passes
         self.checkpoints = 0
-        self._busy = False
+        self._idle = threading.Event()  # set while no background pass runs
+        self._idle.set()
         self._pass_done = False
         self._connection = connect()
         self._wake = threading.Event()
@@ -67,7 +68,11 @@ class Checkpointer:
     @property
     def busy(self) -> bool:
         """Whether a background pass is running."""
-        return self._busy
+        return not self._idle.is_set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no background pass runs; whether that happened within `timeout` seconds."""
+        return self._idle.wait(timeout)
 
     def after_commit(self, writer: sqlite3.Connection) -> None:
         """Called by the writer after each commit: finish a background pass, or start one, or block."""
@@ -79,8 +84,8 @@ class Checkpointer:
             # TRUNCATE, not RESTART: the file's size is how the next commits tell that it was done.
             writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return
-        if not self._busy and self._uncopied_frames() >= self.every_frames:
-            self._busy = True
+        if self._idle.is_set() and self._uncopied_frames() >= self.every_frames:
+            self._idle.clear()
             self._wake.set()
 
     def close(self) -> None:
@@ -112,7 +117,7 @@ class Checkpointer:
             except sqlite3.Error:
                 pass  # busy or interrupted: the next pass catches up
             finally:
-                self._busy = False
+                self._idle.set()
 
     def _uncopied_frames(self) -> int:
         """Frames in the WAL not yet copied into the database, from the WAL-index header in the -shm file
