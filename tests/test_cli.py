@@ -185,6 +185,31 @@ def test_unknown_id_exits_1_with_one_line_on_stderr(cli: CLI) -> None:
     assert done.returncode == 2 and "type:value" in done.stderr
 
 
+def test_profile_text_shows_brackets_and_colons_as_sent(cli: CLI) -> None:
+    # Rich would read "[test]" as markup (and raise on "[/docs]"), and ":smile:" as an emoji code.
+    cli.ok(
+        "ingest",
+        str(
+            cli.write(
+                "odd.ndjson",
+                msg(
+                    1,
+                    "identify",
+                    userId="urn:smile:1",
+                    anonymousId="[bold]anon[/bold]",
+                    traits={"x": "[x] done"},
+                ),
+                msg(2, "track", userId="urn:smile:1", event="Viewed [/docs] page", messageId="[b]m2"),
+            )
+        ),
+    )
+    shown = cli.ok("profile", "user_id:urn:smile:1").stdout
+    for text in ("urn:smile:1", "[bold]anon[/bold]", '"[x] done"', "Viewed [/docs] page", "[b]m2"):
+        assert text in shown, (text, shown)
+    done = cli.run("profile", "a:b:smile:x")
+    assert done.returncode == 1 and "a:b:smile:x" in done.stderr
+
+
 def test_shared_device_junk_ids_explain_and_stats(cli: CLI) -> None:
     cli.ok(
         "ingest",
@@ -361,7 +386,7 @@ def test_config_file_spaces_sources_and_account_types(cli: CLI) -> None:
     for args, needle in (
         (["--space", "nope"], "unknown space"),
         (["--space", "app_a", "--source", "nope"], "unknown source"),
-        ([], "unknown space 'default'"),
+        ([], "2 spaces are configured (app_a, app_b): name one with --space"),
     ):
         done = cli.run("ingest", str(path), *args, env=env)
         assert done.returncode == 2 and needle in done.stderr and done.stderr.count("\n") == 1

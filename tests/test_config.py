@@ -41,6 +41,9 @@ def test_source_merge_false_reaches_both_the_source_and_its_policy() -> None:
         ('[spaces.app_a.sources.crm]\nwrite_key = ""\n', "spaces.app_a.sources.crm.write_key: must be"),
         ('[spaces.app_a]\nsources = "crm"\n', "spaces.app_a.sources: must be a table"),
         ("spaces = 1\n", "needs at least one [spaces.NAME] table"),
+        ('[spaces.""]\n', "spaces.'': a space name is letters, digits"),
+        ('[spaces."a/b"]\n', "spaces.'a/b': a space name is letters, digits"),
+        ('[spaces." s"]\n', "spaces.' s': a space name is letters, digits"),
     ],
 )
 def test_config_errors_name_the_key(toml: str, complaint: str) -> None:

@@ -460,11 +460,26 @@ def test_external_id_base64_decoded(text: str, encode: Callable[[bytes], str]) -
     assert message.external_ids == (ExternalId(id=text, type="phone", collection="users", encoding="base64"),)
 
 
-@pytest.mark.parametrize("encoded", ["not base64!", "abcde", base64.b64encode(b"\xff\xfe\xfd").decode()])
-def test_external_id_invalid_base64(encoded: str) -> None:
+@pytest.mark.parametrize(
+    ("encoded", "reason"),
+    [
+        ("not base64!", "not valid base64"),
+        ("abcde", "not valid base64"),
+        (base64.b64encode(b"\xff\xfe\xfd").decode(), "base64 of bytes that are not UTF-8 text"),
+    ],
+)
+def test_external_id_invalid_base64(encoded: str, reason: str) -> None:
     assert parse_error(with_external_ids(ext(), ext(id=encoded, encoding="base64"))) == (
         "context.externalIds[1].id",
-        "not valid base64",
+        reason,
+    )
+
+
+def test_external_id_type_with_a_colon_is_refused() -> None:
+    # It would be stored, yet `profile a:b:x` reads type "a": nobody could ever look it up.
+    assert parse_error(with_external_ids(ext(type="a:b"))) == (
+        "context.externalIds[0].type",
+        "must not contain ':'",
     )
 
 
@@ -655,6 +670,32 @@ def test_a_sent_at_before_the_call_dates_it_on_arrival_not_in_the_future(sent_at
     assert message.timestamp == RECEIVED
     assert message.payload["sentAt"] == sent_at
     assert message.payload["originalTimestamp"] == "2026-03-01T10:55:00.000Z"
+
+
+def test_a_live_clients_timestamp_is_its_clock_and_is_corrected_by_sent_at() -> None:
+    # Segment's libraries send timestamp + sentAt (never originalTimestamp); this browser is a day ahead.
+    ahead = track(timestamp="2026-03-02T11:59:58.000Z", sentAt="2026-03-02T12:00:00.000Z")
+    message = parse(ahead, delivery="request-1")
+    assert message.timestamp == RECEIVED - timedelta(seconds=2)
+    assert message.payload["timestamp"] == "2026-03-01T11:59:58.000Z"
+    assert message.payload["originalTimestamp"] == "2026-03-02T11:59:58.000Z"  # the client's own time
+    # A historical import from a server library: sentAt is now, so the old time is kept (less the skew).
+    old = parse(track(timestamp="2020-01-01T00:00:00.000Z", sentAt="2026-03-01T11:59:59.000Z"), delivery="r")
+    assert old.timestamp == datetime(2020, 1, 1, 0, 0, 1, tzinfo=UTC)
+    # A file is a replay: its receivedAt is the ingest's, so its explicit timestamp is kept as written.
+    assert parse(ahead).timestamp == datetime(2026, 3, 2, 11, 59, 58, tzinfo=UTC)
+    assert "originalTimestamp" not in parse(ahead).payload
+
+
+def test_a_live_timestamp_in_the_future_is_dated_on_arrival() -> None:
+    for fields in ({"timestamp": "2999-01-01T00:00:00Z"}, {"originalTimestamp": "2999-01-01T00:00:00Z"}):
+        message = parse(track(**fields), delivery="request-1")
+        assert message.timestamp == RECEIVED
+        assert message.payload["timestamp"] == "2026-03-01T12:00:00.000Z"
+        assert message.payload["originalTimestamp"] == "2999-01-01T00:00:00Z"
+    # A bad sentAt cannot correct the live timestamp, and does not reject the message either.
+    kept = parse(track(timestamp="2026-03-01T11:00:00Z", sentAt="garbage"), delivery="request-1")
+    assert kept.timestamp == datetime(2026, 3, 1, 11, 0, tzinfo=UTC)
 
 
 def test_original_timestamp_alone() -> None:
@@ -1178,6 +1219,48 @@ def test_decode_document_repairs_what_javascript_sends_and_rejects_only_unholdab
         with pytest.raises(InvalidEvent):
             decode_document(broken)
     assert decode_document(b'{"batch": [' + good + b"]}") == decode_json(b'{"batch": [' + good + b"]}")
+
+
+def test_a_number_no_float_holds_rejects_its_message_instead_of_becoming_null() -> None:
+    # msgspec reads 1e400 as infinity, which JSON can only write as null: the trait would be wiped.
+    good = b'{"type": "track", "event": "E", "userId": "u1"}'
+    huge = b'{"type": "identify", "userId": "u2", "messageId": "m-inf", "traits": {"x": 1e400}}'
+    long = b'{"type": "track", "event": "E", "userId": "u3", "properties": {"r": ' + b"9" * 400 + b".5}}"
+    document = decode_document(b'{"batch": [' + good + b", " + huge + b", " + long + b"]}")
+    assert isinstance(document, dict)
+    first, *bad = document["batch"]
+    assert first == {"type": "track", "event": "E", "userId": "u1"}
+    reason = "invalid JSON: a number beyond 1.798e+308 is out of range"
+    assert [(str(item), item.message_id) for item in bad if isinstance(item, InvalidEvent)] == [
+        (reason, "m-inf"),
+        (reason, None),
+    ]
+    for alone in (huge, long, b'{"type": "track", "event": "E", "userId": "u1", "p": -2E+999}'):
+        for decode in (decode_document, lambda data: decode_message(data, received_at=RECEIVED)):
+            with pytest.raises(InvalidEvent, match="out of range"):
+                decode(alone)
+    # The lenient reader (a cut emoji elsewhere in the body) refuses it the same way.
+    with pytest.raises(InvalidEvent, match="out of range"):
+        decode_document(b'{"type": "track", "event": "E\\ud83d", "userId": "u1", "n": 1e400}')
+    # Large but finite numbers, and strings that merely look like exponents, are untouched.
+    fine = b'{"type": "track", "event": "e100 E999", "userId": "u1", "n": 1.5e308, "m": 1e-400}'
+    assert decode_document(fine) == {
+        "type": "track",
+        "event": "e100 E999",
+        "userId": "u1",
+        "n": 1.5e308,
+        "m": 0.0,
+    }
+
+
+def test_bytes_that_are_not_utf8_become_u_fffd_in_their_element_and_the_batch_lands() -> None:
+    body = b'{"batch": [{"type": "track", "event": "E", "userId": "ok"}, {"userId": "caf\xe9", "k": "\xff"}]}'
+    document = decode_document(body)
+    assert isinstance(document, dict)
+    assert document["batch"] == [
+        {"type": "track", "event": "E", "userId": "ok"},
+        {"userId": "caf\ufffd", "k": "\ufffd"},
+    ]
 
 
 def test_json_nested_past_the_decoders_depth_is_an_invalid_event_not_a_crash() -> None:

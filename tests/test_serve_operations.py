@@ -102,5 +102,30 @@ def test_the_backlog_bound_and_retry_after_are_the_operators_to_set(tmp_path: Pa
         server.kill()
 
 
+def test_public_url_is_what_the_settings_send_clients_to(tmp_path: Path) -> None:
+    server = Server(tmp_path / "serve", args=("--public-url", "https://events.shop.example"))
+    server.start()
+    try:
+        url = f"{server.base_url}/v1/projects/{WRITE_KEY}/settings"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            segment_io = json.loads(response.read())["integrations"]["Segment.io"]
+        assert (segment_io["apiHost"], segment_io["protocol"]) == ("events.shop.example/v1", "https")
+        server.stop()
+    finally:
+        server.kill()
+    refused = subprocess.run(
+        [sys.executable, "-m", "idstitch", "serve", "--public-url", "events.shop.example", "--port", "0"],
+        cwd=tmp_path,
+        env={key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "error: public URL 'events.shop.example': expected http(s)://host[:port][/path]"
+    )
+
+
 def basic_auth(write_key: str) -> str:
     return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()

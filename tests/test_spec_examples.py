@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+import idstitch.engine as engine_module
 from helpers import Space, at, ident, open_space, open_world
-from idstitch.core.identifiers import Identifier
+from idstitch.core.identifiers import DAMAGED_REASON, Identifier
 
 ZEROS = "00000000-0000-0000-0000-000000000000"
 
@@ -705,6 +706,72 @@ def test_configured_blocked_values_add_to_the_defaults(tmp_path: Path, value: st
         assert space.identifiers_of("user_id:u2") == {"user_id:u2", "anonymous_id:my-test-user"}
 
 
+def test_an_identifier_with_a_lost_character_never_matches(space: Space) -> None:
+    # "Jos\ufffd" may have been José or Josè (Latin-1 bytes, a string cut mid-emoji, a NUL): matching on
+    # it would fuse both. It is dropped and named; the message still lands on what else it carries.
+    first = space.send("identify", userId="u1", anonymousId="jos\ufffd", traits={"email": "a\ufffd@x.io"})
+    assert first.status == "resolved"
+    assert space.identifiers_of("user_id:u1") == {"user_id:u1"}
+    assert {(str(d.identifier), d.rule) for d in first.dropped} == {
+        ("anonymous_id:jos\ufffd", DAMAGED_REASON),
+        ("email:a\ufffd@x.io", DAMAGED_REASON),
+    }
+    space.send("identify", userId="u2", anonymousId="jos\ufffd")
+    assert space.profile_of("user_id:u1") != space.profile_of("user_id:u2")
+    alone = space.send("track", event="E", userId="\ufffd", messageId="damaged-only")
+    assert alone.status == "unresolved"
+    alias = space.send("alias", userId="u3", previousId="\ufffdx")
+    assert [(str(d.identifier), d.rule) for d in alias.dropped] == [("anonymous_id:\ufffdx", DAMAGED_REASON)]
+    assert space.identifiers_of("user_id:u3") == {"user_id:u3"}
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["0001-01-01T00:00:00Z", "0001-01-03T00:00:00Z", "9999-12-31T23:59:59.999Z", "9999-12-25T00:00:00Z"],
+)
+def test_windows_at_the_ends_of_time_still_count_limits(space: Space, stamp: str) -> None:
+    # Go's zero time (year 1) is a timestamp real clients send; a week before it, or after 9999, is not a
+    # date: each window reaching past the ends holds everything up to them instead of failing the batch.
+    messages = [
+        space.message("identify", userId="u1", anonymousId=f"a{number}", timestamp=stamp)
+        for number in range(7)
+    ]
+    messages += [
+        space.message("identify", anonymousId="shared", traits={"email": f"p{number}@x.io"}, timestamp=stamp)
+        for number in range(7)
+    ]
+    result = space.ingest(messages)
+    assert [outcome.status for outcome in result.outcomes] == ["resolved"] * 14
+    assert len(space.identifiers_of("user_id:u1")) == 6  # user_id + the weekly limit of 5 anonymous_ids
+    assert [d.rule for d in result.outcomes[5].dropped] == ["anonymous_id limit 5 weekly"]
+    assert space.store.stats(space.name).suspect == 1  # "shared" was seen with more emails than allowed
+
+
+def test_a_fault_in_the_core_refuses_only_its_message(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were it to fail the transaction, every message grouped with it would fail on each retry too.
+    real = engine_module.resolve_message
+
+    def faulty(message: Any, *args: Any, **kwargs: Any) -> Any:
+        if message.message_id == "poison":
+            raise OverflowError("date value out of range")
+        return real(message, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "resolve_message", faulty)
+    result = space.ingest(
+        [
+            space.message("identify", userId="u1", anonymousId="a1"),
+            space.message("identify", userId="u1", anonymousId="a2", messageId="poison"),
+            space.message("track", event="E", anonymousId="a1", messageId="after"),
+        ]
+    )
+    assert [outcome.status for outcome in result.outcomes] == ["resolved", "rejected", "resolved"]
+    assert (
+        result.outcomes[1].error == "internal error while resolving: OverflowError: date value out of range"
+    )
+    assert space.identifiers_of("user_id:u1") == {"user_id:u1", "anonymous_id:a1"}
+    assert "poison" not in space.event_ids_of("user_id:u1") and "after" in space.event_ids_of("user_id:u1")
+
+
 def test_all_blocked_message_is_unresolved(space: Space) -> None:
     outcome = space.send("page", anonymousId="null", userId="undefined", messageId="junk-1")
     assert outcome.status == "unresolved"
@@ -770,6 +837,22 @@ def test_default_push_tokens_do_not_merge(space: Space) -> None:
     assert outcome.merged == () and outcome.profile_id == p1  # anonymous_id (6) over ios.push_token (11)
     assert sorted(space.roots()) == sorted([str(p1), str(p2)])
     assert space.profile_of("ios.push_token:t1") == p2
+
+
+def test_a_merge_false_identifier_seen_elsewhere_does_not_stop_others_fusing(space: Space) -> None:
+    # The push token (merge: false by default) is on an anonymous profile; user_id and email still fuse
+    # their two profiles, and the token's profile stays apart.
+    p1 = space.send("identify", userId="u1", at=at(minutes=1)).profile_id
+    p2 = space.send("identify", traits={"email": "e@x.io"}, at=at(minutes=2)).profile_id
+    device = {"device": {"type": "android", "token": "tok1"}}
+    p3 = space.send("track", event="E", anonymousId="a9", context=device, at=at(minutes=3)).profile_id
+    outcome = space.send(
+        "identify", userId="u1", traits={"email": "e@x.io"}, context=device, at=at(minutes=4)
+    )
+    assert outcome.profile_id == p1 and outcome.merged == (p2,)
+    assert sorted(space.roots()) == sorted([str(p1), str(p3)])
+    assert space.identifiers_of(str(p1)) == {"user_id:u1", "email:e@x.io"}
+    assert space.identifiers_of(str(p3)) == {"anonymous_id:a9", "android.push_token:tok1"}
 
 
 CRM_NO_MERGE = """

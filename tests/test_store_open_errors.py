@@ -14,6 +14,7 @@ import pytest
 
 from idstitch.core.errors import ConfigError
 from idstitch.storage.sqlite import SQLiteStore
+from idstitch.storage.urls import open_store
 
 MESSAGE = '{"type": "identify", "userId": "u1", "messageId": "m1", "timestamp": "2026-01-01T00:00:00Z"}\n'
 
@@ -94,3 +95,18 @@ def test_an_existing_store_that_cannot_be_written_says_so_before_writing_anythin
 def test_a_directory_given_as_the_store_is_called_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"{tmp_path} is a directory"):
         SQLiteStore(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [("sqlite:///", "names no file"), ("sqlite:///./x.db?mode=ro", "query parameters are not supported")],
+)
+def test_a_sqlite_url_without_a_file_or_with_parameters_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, needle: str
+) -> None:
+    # Before: the first opened a private temporary database (ingest said "accepted", then all was gone),
+    # the second created a file literally named "x.db?mode=ro".
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=needle):
+        open_store(url)
+    assert list(tmp_path.iterdir()) == []

@@ -31,9 +31,11 @@ from typer.testing import CliRunner
 from helpers import RECEIVED, World, open_world
 from idstitch.cli import app as cli_app
 from idstitch.config import Config
+from idstitch.core.errors import ConfigError
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.auth import basic_user
+from idstitch.http.source_settings import parse_public_url
 from idstitch.http.tracking import TrackingAPI
 from idstitch.queue.envelope import RequestTooLarge
 from idstitch.storage.base import Store
@@ -614,6 +616,32 @@ async def test_clock_skew_is_corrected_from_sent_at_and_original_timestamp(api: 
     assert {api.payload(user, f"m{user[1]}")["receivedAt"] for user in stamps} == {"2027-06-01T00:00:00.000Z"}
 
 
+async def test_a_client_clock_ahead_is_corrected_and_a_future_time_cannot_outrank_later_traits(
+    api: Api,
+) -> None:
+    # The server's clock says 2027-06-01T00:00:00Z; this browser's is a day ahead, as Segment's libraries
+    # send it: timestamp per call, sentAt per batch, no originalTimestamp.
+    ahead = {"type": "identify", "userId": "u1", "traits": {"plan": "free"}, "messageId": "m1"}
+    body = {
+        "batch": [{**ahead, "timestamp": "2027-06-01T23:59:59.000Z"}],
+        "sentAt": "2027-06-02T00:00:00.000Z",
+    }
+    assert await api.post("/v1/batch", body) == (200, OK)
+    payload = api.payload("u1", "m1")
+    assert payload["timestamp"] == "2027-05-31T23:59:59.000Z"
+    assert payload["originalTimestamp"] == "2027-06-01T23:59:59.000Z"
+    # Far in the future and no sentAt: dated on arrival, so a later call's trait still wins.
+    future = {**ahead, "messageId": "m2", "traits": {"plan": "team"}, "timestamp": "2999-01-01T00:00:00Z"}
+    assert await api.post("/v1/identify", future) == (200, OK)
+    assert api.payload("u1", "m2")["timestamp"] == "2027-06-01T00:00:00.000Z"
+    assert api.payload("u1", "m2")["originalTimestamp"] == "2999-01-01T00:00:00Z"
+    assert await api.post("/v1/identify", {**ahead, "messageId": "m3", "traits": {"plan": "pro"}}) == (
+        200,
+        OK,
+    )
+    assert api.world.space(SPACE).traits_of("user_id:u1")["plan"] == "pro"
+
+
 # -- CORS, routing ---------------------------------------------------------------------------------
 
 
@@ -688,6 +716,23 @@ async def test_a_sources_settings_point_segments_libraries_back_at_idstitch(api:
     posted = await api.client.post("/v1/projects/wk_test/settings", json={})
     assert (posted.status_code, posted.headers["allow"]) == (405, "GET, HEAD")
     assert (await api.client.get("/v1/projects/wk_test/other")).status_code == 404
+
+
+async def test_behind_a_proxy_the_settings_name_the_public_url_not_the_host_header(api: Api) -> None:
+    # nginx sends its upstream's address as Host by default: analytics.js would post to it and lose all.
+    api.app.public_address = parse_public_url("https://events.shop.example/collect/")
+    response = await api.client.get("/v1/projects/wk_test/settings", headers={"Host": "127.0.0.1:8000"})
+    segment_io = response.json()["integrations"]["Segment.io"]
+    assert (segment_io["apiHost"], segment_io["protocol"]) == ("events.shop.example/collect/v1", "https")
+    for bad in (
+        "events.shop.example",
+        "ftp://x.example",
+        "https://",
+        "https://x.example/?a=1",
+        "https://u@x.example",
+    ):
+        with pytest.raises(ConfigError, match="public URL"):
+            parse_public_url(bad)
 
 
 async def test_unknown_routes_and_methods(api: Api) -> None:

@@ -42,6 +42,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperArgument, TyperCommand
 
 from idstitch.config import DEFAULT_STORE_URL, Config, load_config
@@ -70,8 +71,11 @@ app = typer.Typer(
 )
 
 # Piped output is not cut to 80 columns: tables of ids and times need the room.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
-stderr = Console(stderr=True, highlight=False)
+# No markup or emoji codes: what these print holds users' data, and "[test] Clicked" or "urn:smile:1"
+# must show as sent (markup would eat the one and raise on "[/docs]", emoji would turn the other into 😄).
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+stdout = Console(highlight=False, markup=False, emoji=False, width=_WIDTH)
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 JsonPerSpaceOption = Annotated[
@@ -153,7 +157,7 @@ def _plural(count: int, singular: str, plural: str | None = None) -> str:
 
 def _error(text: str, code: int = 2) -> NoReturn:
     """One line on stderr, then exit."""
-    stderr.print(f"error: {text}", markup=False, soft_wrap=True)
+    stderr.print(f"error: {text}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -187,9 +191,17 @@ def _store(url: str, *, must_exist: bool = False) -> Iterator[Store]:
         store.close()
 
 
+def _space_named(config: Config, space: str | None) -> str:
+    """The space asked for, else the default one; with several configured and none a default, a usage error."""
+    if space is None and len(config.spaces) > 1 and config.default_space not in config.spaces:
+        names = ", ".join(sorted(config.spaces))
+        raise UsageError(f"{len(config.spaces)} spaces are configured ({names}): name one with --space")
+    return space or config.default_space
+
+
 def _space_for_reading(config: Config, store: Store, space: str | None, *, absent_code: int = 2) -> str:
     """The space a read-only command looks at; it must be in the store (reading creates nothing)."""
-    name = space or config.default_space
+    name = _space_named(config, space)
     held = store.spaces()
     if name in held:
         return name
@@ -203,7 +215,7 @@ def _space_for_reading(config: Config, store: Store, space: str | None, *, absen
 
 def _ingest_target(config: Config, space: str | None, source: str | None) -> tuple[str, str | None]:
     """The space and source an ingest writes to, checked against the config before the store is opened."""
-    name = space or config.default_space
+    name = _space_named(config, space)
     sources = config.space(name).sources  # unknown space: a ConfigError naming the configured ones
     if source is not None:
         if source not in sources:
@@ -308,7 +320,7 @@ def ingest(
             started = time.monotonic()
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
             progress = Progress(
-                TextColumn("[progress.description]{task.description}"),
+                TextColumn("{task.description}", style="progress.description", markup=False),  # a file name
                 BarColumn(),
                 TaskProgressColumn(),
                 DownloadColumn(),
@@ -331,7 +343,7 @@ def ingest(
                             tally.count(outcome)
                             if outcome.status == "rejected":
                                 where = batch.items[outcome.index][0]
-                                stderr.print(f"{where}: {outcome.error}", markup=False, soft_wrap=True)
+                                stderr.print(f"{where}: {outcome.error}", soft_wrap=True)
                         progress.update(
                             task, completed=batch.bytes_read, total=batch.bytes_total, messages=tally.messages
                         )
@@ -340,7 +352,6 @@ def ingest(
                     f"interrupted: {_plural(tally.batches, 'batch', 'batches')} "
                     f"({_plural(tally.messages, 'message')}) committed and kept; "
                     "run the same command again to resume (stored messages are skipped)",
-                    markup=False,
                     soft_wrap=True,
                 )
                 raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
@@ -366,12 +377,11 @@ def _print_created_write_keys(engine: Engine) -> None:
     for record in engine.created_write_keys:
         stderr.print(
             f"created space {record.space} with source {record.name}, write key {record.write_key}",
-            markup=False,
             soft_wrap=True,
         )
     for token in engine.created_tokens:
         kind = "Profile API read token" if token.kind == "read" else "Profile API admin token"
-        stderr.print(f"created {kind} {token.token} for space {token.space}", markup=False, soft_wrap=True)
+        stderr.print(f"created {kind} {token.token} for space {token.space}", soft_wrap=True)
 
 
 def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
@@ -457,15 +467,27 @@ def serve(
             help="The Retry-After (and X-RateLimit-Reset) of a 429 or a 503 while shutting down.",
         ),
     ] = 1,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            "--public-url",
+            envvar="IDSTITCH_PUBLIC_URL",
+            metavar="URL",
+            help="The URL clients reach this server by, behind a reverse proxy (https://events.example.com): "
+            "the settings document sends analytics.js there. Default: each request's Host and scheme.",
+        ),
+    ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
     """Serve the Tracking API (POST /v1/batch, ...) and the Profile API (GET /v1/spaces/...) until SIGTERM."""
     from idstitch.engine import Engine
     from idstitch.http.server import run_server  # uvicorn loads only for this command
+    from idstitch.http.source_settings import parse_public_url
 
     with _user_errors():
         settings = load_config(config)
+        public_address = None if public_url is None else parse_public_url(public_url)
         mode = ""
         if queue is not None:
             from idstitch.queue.jetstream import parse_queue_url
@@ -486,6 +508,7 @@ def serve(
                 profile_port=profile_port,
                 profile_workers=profile_workers,
                 queue=queue,
+                public_address=public_address,
             )
 
 
@@ -651,9 +674,9 @@ def profile(
 
 def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
     root = document["segment_id"]
-    stdout.print(f"[bold]{root}[/bold] ({document['collection']}, space {space})")
+    stdout.print(Text.assemble((root, "bold"), f" ({document['collection']}, space {space})"))
     if document["merged_segment_ids"]:
-        stdout.print("merged profiles: " + ", ".join(document["merged_segment_ids"]), markup=False)
+        stdout.print("merged profiles: " + ", ".join(document["merged_segment_ids"]))
     flags = {(item.type, item.value): item for item in store.identifiers(space, root)}
     table = Table(title="identifiers", title_justify="left")
     for column in ("type", "value", "first seen (UTC)", "last seen (UTC)", "flags"):
@@ -991,7 +1014,6 @@ def _render_accuracy(result: Comparison, truth: Path) -> None:
     stdout.print(
         f"accuracy of space {result.space} against {truth}: "
         f"{_plural(ours.messages, 'message')} of {_plural(ours.people, 'person', 'people')}",
-        markup=False,
         soft_wrap=True,
     )
     table = Table(title="idstitch vs naive baseline (merge on any shared identifier)", title_justify="left")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class Config:
             raise ConfigError(f"{path}: {error}") from None
 
 
+_SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
     check_keys(data, ("spaces",), "")
     spaces_table = data.get("spaces")
@@ -119,6 +123,12 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
     tokens: dict[str, str] = {}
     for name, table in spaces_table.items():
         where = f"spaces.{name}"
+        if not _SPACE_NAME.fullmatch(name):
+            # The name is the space's id in Profile API URLs (/v1/spaces/NAME/...) and on the command line.
+            raise ConfigError(
+                f"spaces.{name!r}: a space name is letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit"
+            )
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: must be a table")
         # The rules check the sources' tables (types, merge, unknown keys) before write keys are read.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import secrets
 import time
@@ -32,6 +33,7 @@ from idstitch.storage.base import (
 __all__ = ["Engine", "IngestBatch", "IngestResult", "MessageOutcome", "OutcomeCounts", "event_record"]
 
 _EMPTY_VIEW = GraphView()
+_logger = logging.getLogger(__name__)
 # A message's identifiers as extracted ahead: space, the rules used, the extraction, the keys to claim.
 _Extracted = tuple[str, IdentityRules, Extraction, list[Identifier]]
 _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom types may be
@@ -383,17 +385,30 @@ class Engine:
         policy = rules.source(source)
         require_identifier(extraction)
         user_keys, account_keys = view_keys(extraction)
-        decision = resolve_message(
-            message,
-            extraction,
-            space=space,
-            rules=rules,
-            users_view=transaction.load_view(space, "users", user_keys) if user_keys else _EMPTY_VIEW,
-            accounts_view=transaction.load_view(space, "accounts", account_keys)
-            if account_keys
-            else _EMPTY_VIEW,
-            source=policy,
+        users_view = transaction.load_view(space, "users", user_keys) if user_keys else _EMPTY_VIEW
+        accounts_view = (
+            transaction.load_view(space, "accounts", account_keys) if account_keys else _EMPTY_VIEW
         )
+        try:
+            decision = resolve_message(
+                message,
+                extraction,
+                space=space,
+                rules=rules,
+                users_view=users_view,
+                accounts_view=accounts_view,
+                source=policy,
+            )
+        except IdstitchError:
+            raise
+        except Exception as error:
+            # The core is pure, so a bug in it has written nothing yet. Failing the transaction instead
+            # would fail every message grouped with this one, again on each retry: a client would resend
+            # its batch forever. This message alone is refused, with the reason, and the fault logged.
+            _logger.exception("resolving message %r in space %r failed", message.message_id, space)
+            raise InvalidEvent(
+                "", f"internal error while resolving: {type(error).__name__}: {error}"
+            ) from error
         if decision.new_types:
             transaction.learn_types(space, decision.new_types)
             self._rules[space] = rules.with_learned(decision.new_types)

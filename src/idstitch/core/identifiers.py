@@ -13,6 +13,8 @@ from idstitch.core.messages import Message
 from idstitch.core.rules import IdentityRules, SourcePolicy
 
 __all__ = [
+    "DAMAGED_CHARACTER",
+    "DAMAGED_REASON",
     "NO_IDENTIFIER",
     "Dropped",
     "Extraction",
@@ -144,6 +146,12 @@ def _device_platform(context: Mapping[str, Any]) -> str | None:
     return None
 
 
+# U+FFFD stands where a character was lost (invalid UTF-8, a string cut mid-emoji, a NUL): "Jos\ufffd"
+# could have been José or Josè, so an identifier holding one would fuse whoever it stood for.
+DAMAGED_CHARACTER = "\ufffd"
+DAMAGED_REASON = "damaged: holds U+FFFD, a character lost in encoding"
+
+
 def extract_identifiers(
     message: Message, rules: IdentityRules, source: SourcePolicy | None = None
 ) -> Extraction:
@@ -213,7 +221,9 @@ def extract_identifiers(
         if normalised in seen:
             continue
         seen.add(normalised)
-        if rules.blocked.matches(value):
+        if DAMAGED_CHARACTER in value:
+            dropped.append(Dropped(normalised, DAMAGED_REASON))
+        elif rules.blocked.matches(value):
             dropped.append(Dropped(normalised, f"blocked {rules.blocked.describe_match(value)}"))
         elif not policy.allows(normalised.type):
             dropped.append(Dropped(normalised, f"source {policy.name} may not contribute {normalised.type}"))
@@ -226,7 +236,9 @@ def extract_identifiers(
     if message.type == "alias" and rules.alias_enabled:
         previous = _as_value(message.previous_id)
         if previous is not None and previous != message.user_id:
-            if rules.blocked.matches(previous):
+            if DAMAGED_CHARACTER in previous:
+                dropped.append(Dropped(Identifier("anonymous_id", previous), DAMAGED_REASON))
+            elif rules.blocked.matches(previous):
                 dropped.append(
                     Dropped(
                         Identifier("anonymous_id", previous),

@@ -13,6 +13,8 @@ import binascii
 import contextlib
 import json
 import math
+import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -136,15 +138,20 @@ def decode_document(data: bytes) -> object:
         try:
             document = _repaired(
                 json.loads(
-                    data.removeprefix(_BOM),
+                    # Bytes that are not UTF-8 (a Latin-1 name from a server library) become U+FFFD, as
+                    # a browser would show them; an identifier holding one is then never matched on.
+                    data.removeprefix(_BOM).decode("utf-8", "replace"),
                     parse_int=_lenient_int,
+                    parse_float=_lenient_float,
                     parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
                 )
             )
-        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             raise strict from None
     else:
-        return document  # msgspec read it all: nothing in it is unrepresentable, no need to look
+        if not _MAY_OVERFLOW.search(data):
+            return document  # msgspec read it all and no number can be infinite: no need to look
+        document = _infinities_marked(document)
     batch = document.get("batch") if isinstance(document, dict) else None
     if not isinstance(document, dict) or not isinstance(batch, list):
         _refuse_unrepresentable(document)
@@ -186,6 +193,31 @@ def _repaired(value: object) -> object:
     return value
 
 
+# A JSON number a float cannot hold: an exponent of three digits or more, or 309+ digits in a row.
+# msgspec reads it as infinity, which would be stored as null; only a document this matches is walked.
+_MAY_OVERFLOW = re.compile(rb"[0-9][eE][+]?[0-9]{3}|[0-9.]{309}")
+
+
+def _out_of_range(value: float) -> _Unrepresentable:
+    return _Unrepresentable(f"a number beyond {sys.float_info.max:.4g} is out of range")
+
+
+def _lenient_float(text: str) -> object:
+    value = float(text)
+    return value if math.isfinite(value) else _out_of_range(value)
+
+
+def _infinities_marked(value: object) -> object:
+    """The decoded document with every infinite float replaced by an _Unrepresentable."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _out_of_range(value)
+    if isinstance(value, dict):
+        return {key: _infinities_marked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_infinities_marked(item) for item in value]
+    return value
+
+
 def _lenient_int(text: str) -> object:
     try:
         return int(text)
@@ -223,7 +255,10 @@ def decode_message(data: bytes, *, received_at: datetime, default_type: str | No
     size = len(data)
     if size > MAX_MESSAGE_BYTES:
         raise InvalidEvent("", _size_reason(size))
-    return parse_message(decode_json(data), received_at=received_at, default_type=default_type)
+    document = decode_json(data)
+    if _MAY_OVERFLOW.search(data):
+        _refuse_unrepresentable(_infinities_marked(document))
+    return parse_message(document, received_at=received_at, default_type=default_type)
 
 
 def parse_message(
@@ -468,8 +503,21 @@ def _parse(
             raise sent_or_error
     else:
         sent = sent_or_error
+    explicit = None
     if timestamp_value is not None and timestamp_value != "":
-        timestamp = parse_timestamp(timestamp_value, "timestamp")
+        explicit = parse_timestamp(timestamp_value, "timestamp")
+    live = delivery is not None
+    if live and explicit is not None and original is None:
+        # Segment's pipeline (SEGMENT_API B.6): a live client's `timestamp` is its own clock, so it
+        # becomes originalTimestamp and is corrected by sentAt. Segment's libraries never send
+        # originalTimestamp themselves: without this a browser a day ahead would date its calls
+        # tomorrow, and their traits would outrank every later one. Files keep explicit times (replays).
+        original, original_value, explicit = explicit, timestamp_value, None
+        live_original = True
+    else:
+        live_original = False
+    if explicit is not None:
+        timestamp = explicit
         if _is_canonical(timestamp_value):
             timestamp_text = timestamp_value
     elif sent is not None and original is not None:
@@ -485,6 +533,9 @@ def _parse(
         timestamp = original
     else:
         timestamp = received
+    if live and timestamp > received:
+        # A call cannot happen after it reached us; a future time would outrank every later trait.
+        timestamp, timestamp_text = received, None
     timestamp = _truncate_ms(timestamp)
 
     message_id = _message_id(get("messageId"))
@@ -498,6 +549,8 @@ def _parse(
         payload["integrations"] = integrations
     if batch_sent_applied:
         payload["sentAt"] = sent_value
+    if live_original:
+        payload["originalTimestamp"] = original_value
     if message_id is None:
         # Without any client-side time, content alone would merge two genuinely separate sends.
         timeless = sent is None and original is None and timestamp_value in _ABSENT
@@ -657,6 +710,9 @@ def _external_ids(value: object) -> tuple[ExternalId, ...]:
         assert id_text is not None  # empty values were rejected above
         if not isinstance(id_type, str):
             raise InvalidEvent(_external_id_path(index, "type"), f"must be a string, got {_kind(id_type)}")
+        if ":" in id_type:
+            # Identifiers are looked up as `type:value`: this type could never be found again.
+            raise InvalidEvent(_external_id_path(index, "type"), "must not contain ':'")
         collection = collection.lower() if isinstance(collection, str) else None
         if collection not in _COLLECTIONS:
             raise InvalidEvent(_external_id_path(index, "collection"), "must be one of users, accounts")
@@ -682,9 +738,13 @@ def _decode_base64(value: str, field: str) -> str:
         raise InvalidEvent(field, "not valid base64")
     text += "=" * (-len(text) % 4)
     try:
-        decoded = base64.b64decode(text, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
         raise InvalidEvent(field, "not valid base64") from None
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent(field, "base64 of bytes that are not UTF-8 text") from None
     if not decoded:
         raise InvalidEvent(field, "required")
     return decoded

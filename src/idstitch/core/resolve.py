@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
 from idstitch.core.identifiers import Dropped, Extraction, Identifier
@@ -270,13 +270,22 @@ def _attempt(
                 mergeable.setdefault(stored.profile_id, identifier)
         found = {stored.profile_id for _, stored in matching}
         if len(found) > 1 and not found <= mergeable.keys():
-            # A refused merge (merge: false type or source policy): no profile fuses; the message goes
-            # to the profile of its most trusted match (ties: oldest), as SPEC §3 says.
+            # A refused merge (merge: false type or source policy): the message goes to the profile of
+            # its most trusted match (ties: oldest), as SPEC §3 says. The refusal is per profile: those
+            # that mergeable identifiers found still fuse when that match is one of them (a push token
+            # seen elsewhere must not stop a user_id and an email joining); the others stay apart.
             best = min(
                 matching,
                 key=lambda pair: (rules.rank(pair[0].type), view.profiles[pair[1].profile_id].age_key),
             )
             target = best[1].profile_id
+            if target in mergeable:
+                target = min(mergeable, key=lambda profile_id: view.profiles[profile_id].age_key)
+                children = [
+                    MergeStep(profile_id, via)
+                    for profile_id, via in mergeable.items()
+                    if profile_id != target
+                ]
         elif found:
             target = min(found, key=lambda profile_id: view.profiles[profile_id].age_key)
             children = [
@@ -368,6 +377,25 @@ def _violation(
     return None
 
 
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _window_start(end: datetime, window: timedelta) -> datetime | None:
+    """When a window ending at `end` starts (exclusive); None when it reaches back before year 1."""
+    try:
+        return end - window
+    except OverflowError:  # Go's zero time (0001-01-01) is a timestamp real clients send
+        return None
+
+
+def _window_end(start: datetime, window: timedelta) -> datetime:
+    """When a window starting at `start` ends; the latest time for one reaching past year 9999."""
+    try:
+        return start + window
+    except OverflowError:
+        return _LATEST
+
+
 def _breaks_limit(
     before: Mapping[str, datetime], after: Mapping[str, datetime], limit: int, window: timedelta | None
 ) -> bool:
@@ -384,14 +412,18 @@ def _breaks_limit(
     after_times = sorted(after.values())
     before_times = sorted(before.values())
     for end in after_times:
-        start = end - window
-        count_after = bisect_right(after_times, end) - bisect_right(after_times, start)
+        start = _window_start(end, window)
+        count_after = _count_within(after_times, start, end)
         if count_after <= limit:
             continue
-        count_before = bisect_right(before_times, end) - bisect_right(before_times, start)
-        if count_after > count_before:
+        if count_after > _count_within(before_times, start, end):
             return True
     return False
+
+
+def _count_within(sorted_times: Sequence[datetime], start: datetime | None, end: datetime) -> int:
+    """How many times fall in (start, end]; a start of None is before them all."""
+    return bisect_right(sorted_times, end) - (0 if start is None else bisect_right(sorted_times, start))
 
 
 def _evidence(
@@ -451,10 +483,14 @@ def _crowded_window(
         return None
     if window is None:
         return tuple(sorted(last_seen))
+    latest_end = _window_end(timestamp, window)
     for end in sorted(last_seen.values()):
-        if not timestamp <= end < timestamp + window:
+        if not timestamp <= end < latest_end:
             continue
-        inside = [value for value, last in last_seen.items() if end - window < last <= end]
+        start = _window_start(end, window)
+        inside = [
+            value for value, last in last_seen.items() if (start is None or start < last) and last <= end
+        ]
         if len(inside) > limit:
             return tuple(sorted(inside))
     return None

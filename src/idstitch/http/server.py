@@ -32,6 +32,7 @@ from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
 from idstitch.http.profiles import ProfileAPI
 from idstitch.http.rate_limits import RateLimiter, SharedBuckets
+from idstitch.http.source_settings import PublicAddress
 from idstitch.http.tracking import IngestWriter, TrackingAPI
 from idstitch.storage.urls import open_store
 
@@ -73,6 +74,7 @@ def run_server(
     profile_port: int | None = None,
     profile_workers: int = 0,
     queue: str | None = None,
+    public_address: PublicAddress | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; `announce` gets each URL once the server accepts connections.
 
@@ -120,7 +122,7 @@ def run_server(
         for item in sockets:
             item.close()
         raise
-    tracking = TrackingAPI(writer, retry_after=retry_after)
+    tracking = TrackingAPI(writer, retry_after=retry_after, public_address=public_address)
     if workers is not None:
         tracking.metrics.include_processes(workers.metrics_dir)
     # One registry: /metrics shows both APIs' request latencies beside the ingest counters.

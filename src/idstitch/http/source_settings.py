@@ -10,11 +10,13 @@ load no further code.
 
 from __future__ import annotations
 
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-__all__ = ["SETTINGS_ROUTE", "settings_document", "settings_write_key"]
+from idstitch.core.errors import ConfigError
+
+__all__ = ["SETTINGS_ROUTE", "PublicAddress", "parse_public_url", "settings_document", "settings_write_key"]
 
 SETTINGS_ROUTE = "/v1/projects/{writeKey}/settings"  # the route's name in logs and metrics
 _PREFIX = "/v1/projects/"
@@ -28,6 +30,23 @@ def settings_write_key(path: str) -> str | None:
         return None
     key = unquote(path[len(_PREFIX) : -len(_SUFFIX)])
     return key if key and "/" not in key else None
+
+
+class PublicAddress(msgspec.Struct, frozen=True):
+    """Where clients reach this server, when that is not what requests say (behind a reverse proxy)."""
+
+    host: str  # host[:port] and any path prefix, without a trailing slash
+    scheme: str
+
+
+def parse_public_url(url: str) -> PublicAddress:
+    """`https://events.example.com[/prefix]` as a PublicAddress, or a ConfigError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"public URL {url!r}: expected http(s)://host[:port][/path]")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"public URL {url!r}: only a scheme, a host, a port and a path are allowed")
+    return PublicAddress(host=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme)
 
 
 def settings_document(write_key: str, *, host: str, scheme: str) -> bytes:

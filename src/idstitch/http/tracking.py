@@ -38,7 +38,7 @@ from idstitch.http.bodies import BodyLimit, read_body
 from idstitch.http.logs import request_logger
 from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
-from idstitch.http.source_settings import SETTINGS_ROUTE, settings_document, settings_write_key
+from idstitch.http.source_settings import SETTINGS_ROUTE, PublicAddress, settings_document, settings_write_key
 from idstitch.queue.envelope import RequestTooLarge
 
 __all__ = [
@@ -150,8 +150,12 @@ class TrackingAPI:
         delivery_tokens: Callable[[], str] = _delivery_token,
         max_in_flight: int = 512,
         retry_after: int = 1,
+        public_address: PublicAddress | None = None,
     ) -> None:
         self.writer = writer
+        # Behind a reverse proxy the Host header may name the proxy's upstream (nginx's default): the
+        # settings document would then send browsers to an address only the proxy can reach.
+        self.public_address = public_address
         self.write_keys = write_keys or WriteKeys(writer.engine)
         self.metrics = metrics or Metrics(writer)
         self.clock = clock
@@ -211,7 +215,12 @@ class TrackingAPI:
                     # Not 401: a challenge could make a browser ask its user for a password.
                     raise HTTPProblem(404, "not_found", "unknown write key")
                 request.source = source
-                body = settings_document(settings_key, host=_host_of(scope, headers), scheme=scope["scheme"])
+                public = self.public_address
+                body = (
+                    settings_document(settings_key, host=_host_of(scope, headers), scheme=scope["scheme"])
+                    if public is None
+                    else settings_document(settings_key, host=public.host, scheme=public.scheme)
+                )
             elif route == "/healthz":
                 if method not in ("GET", "HEAD"):
                     raise _not_allowed(method, path, "GET, HEAD")

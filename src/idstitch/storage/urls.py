@@ -21,7 +21,15 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
             raise ConfigError(
                 f"store URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
             )
-        return SQLiteStore(rest[3:], url, read_only=read_only)
+        path = rest[3:]
+        if not path:
+            # sqlite3 would open a private temporary database: everything written would vanish unseen.
+            raise ConfigError(
+                f"store URL {url!r} names no file: use sqlite:///path.db (or sqlite:// in memory)"
+            )
+        if "?" in path:
+            raise ConfigError(f"store URL {url!r}: query parameters are not supported in SQLite URLs")
+        return SQLiteStore(path, url, read_only=read_only)
     if url in ("memory://", "memory:"):
         from idstitch.storage.memory import MemoryStore
 
