@@ -41,9 +41,11 @@ def test_source_merge_false_reaches_both_the_source_and_its_policy() -> None:
         ('[spaces.app_a.sources.crm]\nwrite_key = ""\n', "spaces.app_a.sources.crm.write_key: must be"),
         ('[spaces.app_a]\nsources = "crm"\n', "spaces.app_a.sources: must be a table"),
         ("spaces = 1\n", "needs at least one [spaces.NAME] table"),
-        ('[spaces.""]\n', "spaces.'': a space name is letters, digits"),
-        ('[spaces."a/b"]\n', "spaces.'a/b': a space name is letters, digits"),
-        ('[spaces." s"]\n', "spaces.' s': a space name is letters, digits"),
+        ('[spaces.""]\n', "spaces.'': a space name is up to 64 letters"),
+        ('[spaces."a/b"]\n', "spaces.'a/b': a space name is up to 64 letters"),
+        ('[spaces." s"]\n', "spaces.' s': a space name is up to 64 letters"),
+        (f"[spaces.{'s' * 65}]\n", "a space name is up to 64 letters"),
+        (f"[spaces.s.identifiers.{'t' * 65}]\n", "an identifier type is at most 64 characters"),
     ],
 )
 def test_config_errors_name_the_key(toml: str, complaint: str) -> None:

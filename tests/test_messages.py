@@ -475,6 +475,14 @@ def test_external_id_invalid_base64(encoded: str, reason: str) -> None:
     )
 
 
+def test_external_id_type_longer_than_64_characters_is_refused() -> None:
+    assert parse(with_external_ids(ext(type="t" * 64))).external_ids[0].type == "t" * 64
+    assert parse_error(with_external_ids(ext(type="t" * 65))) == (
+        "context.externalIds[0].type",
+        "longer than 64 characters",
+    )
+
+
 def test_external_id_type_with_a_colon_is_refused() -> None:
     # It would be stored, yet `profile a:b:x` reads type "a": nobody could ever look it up.
     assert parse_error(with_external_ids(ext(type="a:b"))) == (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -35,6 +36,55 @@ def test_an_unreachable_server_or_a_refused_login_is_one_clear_line_and_exit_2()
         )
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
+
+
+def test_a_malformed_url_never_echoes_its_password() -> None:
+    # libpq quotes a URL it cannot parse in its error, password included.
+    with pytest.raises(ConfigError) as refused:
+        open_store("postgresql://postgres:S3CRETPW@[::1:5432/a")
+    assert "S3CRETPW" not in str(refused.value) and "…" in str(refused.value)
+
+
+def test_a_bad_connect_timeout_in_the_url_is_refused_at_once() -> None:
+    # Before: the check connected with its own timeout, then every pooled connection failed for 30 s.
+    with pytest.raises(ConfigError, match="connect_timeout"):
+        open_store("postgresql://root@127.0.0.1:5432/test?connect_timeout=abc")
+
+
+def test_reading_commands_need_only_select_rights_and_say_what_a_missing_right_is(postgres_url: str) -> None:
+    """stats, profile and keys open the store read-only (no migration, no CREATE); a write refused is one line."""
+    store = open_store(postgres_url)
+    try:
+        engine = Engine(store, Config.default())
+        message = decode_message(b'{"type": "identify", "userId": "u1"}', received_at=datetime.now(UTC))
+        engine.ingest([message], space="default")
+    finally:
+        store.close()
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    role = f"reader_{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+    reader_url = postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+    assert role in reader_url
+    try:
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "idstitch", *args, "--store", reader_url]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        for args in (["stats", "--json"], ["profile", "user_id:u1", "--json"], ["keys", "--json"]):
+            done = run(*args)
+            assert done.returncode == 0, (args, done.stderr)
+        assert json.loads(run("stats", "--json").stdout)[0]["profiles"] == 1
+        refused = run("ingest", "-")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "permission denied" in refused.stderr, refused.stderr
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
 
 
 def _open_and_close(url: str) -> None:

@@ -120,6 +120,54 @@ def test_engine_on_every_store_builds_the_same_graph(
         assert results[url] == sqlite, url
 
 
+def test_the_largest_values_a_message_may_carry_land_alike_in_every_store(postgres_url: str) -> None:
+    """Identifiers at 1,000 bytes (4-byte characters), paired in evidence; 64-character types; 1,000-byte
+    trait keys: all fit PostgreSQL's index rows. Past the limits, an identifier is dropped (before: an
+    8,000-character userId failed every writer's batch after two minutes of retries) and a key refused."""
+    wide = "\U0001f600" * 250  # 1,000 bytes in UTF-8
+    custom = "t" * 64
+    raws: list[dict[str, Any]] = [
+        {"type": "identify", "userId": "u-" + wide[:-1], "anonymousId": "a-" + wide[:-1], "messageId": "m1"},
+        {
+            "type": "identify",
+            "anonymousId": "a-" + wide[:-1],
+            "traits": {"email": wide[:-1] + "@x", "k" * 1000: 1},
+            "context": {
+                "externalIds": [{"id": wide, "type": custom, "collection": "users", "encoding": "none"}]
+            },
+            "messageId": "m2",
+        },
+        {"type": "identify", "userId": "x" * 8000, "anonymousId": "a3", "messageId": "m3"},
+        {"type": "group", "userId": "u3", "groupId": "g" * 1001, "messageId": "m4"},
+        {"type": "track", "event": "E", "userId": "y" * 1001, "messageId": "m5"},
+        {"type": "identify", "userId": "u6", "traits": {"k" * 1001: 1}, "messageId": "m6"},
+    ]
+    messages: list[Message | InvalidEvent] = []
+    for raw in raws:
+        try:
+            messages.append(parse_message(raw, received_at=RECEIVED))
+        except InvalidEvent as error:
+            messages.append(error)
+    assert str(messages[5]) == "traits: a key of 1,001 bytes is over the 1,000-byte limit"
+    results: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for url in ("sqlite://", "memory://", postgres_url):
+        store = open_store(url)
+        try:
+            outcomes = Engine(store, Config.default()).ingest(messages, space=SPACE).outcomes
+            results[url] = ([outcome.status for outcome in outcomes], store.dump(SPACE))
+            too_long = [(str(drop.identifier)[:9], drop.rule) for drop in outcomes[2].dropped]
+            assert too_long == [("user_id:x", "too long: 8,000 bytes, over the 1,000 an identifier may have")]
+        finally:
+            store.close()
+    statuses, dump = results["sqlite://"]
+    assert statuses == ["resolved", "resolved", "resolved", "resolved", "unresolved", "rejected"]
+    stored = {row[2] for row in dump["identifiers"]}
+    assert {"u-" + wide[:-1], wide[:-1] + "@x", wide, "a3"} <= stored
+    assert not any(len(value) > 1000 for value in stored)
+    assert results["memory://"] == results["sqlite://"]
+    assert results[postgres_url] == results["sqlite://"]
+
+
 def test_a_sqlite_graph_cache_far_smaller_than_the_graph_stays_bounded_and_changes_nothing(
     tmp_path: Path,
 ) -> None:

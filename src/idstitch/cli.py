@@ -176,6 +176,11 @@ def _user_errors() -> Iterator[None]:
         _error(f"store: {error}")
     except OSError as error:
         _error(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+    except Exception as error:
+        # psycopg's errors (a role without rights, say), without importing psycopg for SQLite users.
+        if not type(error).__module__.startswith("psycopg"):
+            raise
+        _error(f"store: {type(error).__name__}: {' '.join(str(error).split())}")
 
 
 @contextmanager
@@ -184,7 +189,8 @@ def _store(url: str, *, must_exist: bool = False) -> Iterator[Store]:
         path = url.removeprefix("sqlite:///")
         if path not in ("", ":memory:") and not Path(path).exists():
             raise UsageError(f"store {url} does not exist yet (run `idstitch ingest FILE` first)")
-    store = open_store(url)
+    # Reading commands open the store read-only: they never migrate a schema or need write rights.
+    store = open_store(url, read_only=must_exist)
     try:
         yield store
     finally:

@@ -110,7 +110,7 @@ class Config:
             raise ConfigError(f"{path}: {error}") from None
 
 
-_SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
@@ -126,7 +126,7 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
         if not _SPACE_NAME.fullmatch(name):
             # The name is the space's id in Profile API URLs (/v1/spaces/NAME/...) and on the command line.
             raise ConfigError(
-                f"spaces.{name!r}: a space name is letters, digits, '_', '-' and '.', "
+                f"spaces.{name!r}: a space name is up to 64 letters, digits, '_', '-' and '.', "
                 "starting with a letter or digit"
             )
         if not isinstance(table, Mapping):

@@ -15,6 +15,7 @@ from idstitch.core.rules import IdentityRules, SourcePolicy
 __all__ = [
     "DAMAGED_CHARACTER",
     "DAMAGED_REASON",
+    "MAX_IDENTIFIER_BYTES",
     "NO_IDENTIFIER",
     "Dropped",
     "Extraction",
@@ -152,6 +153,24 @@ DAMAGED_CHARACTER = "\ufffd"
 DAMAGED_REASON = "damaged: holds U+FFFD, a character lost in encoding"
 
 
+# Longer values are no one's id (a serialised object, a token pasted whole), and an index row must fit a
+# third of a PostgreSQL page: evidence keys hold two values, so 2 × 1,000 bytes plus types stay under it.
+MAX_IDENTIFIER_BYTES = 1000
+
+
+def _too_long(value: str) -> bool:
+    # Four bytes per character at most: only a value past a quarter of the limit needs encoding.
+    return len(value) * 4 > MAX_IDENTIFIER_BYTES and _utf8_size(value) > MAX_IDENTIFIER_BYTES
+
+
+def _utf8_size(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def _too_long_reason(value: str) -> str:
+    return f"too long: {_utf8_size(value):,} bytes, over the {MAX_IDENTIFIER_BYTES:,} an identifier may have"
+
+
 def extract_identifiers(
     message: Message, rules: IdentityRules, source: SourcePolicy | None = None
 ) -> Extraction:
@@ -223,6 +242,8 @@ def extract_identifiers(
         seen.add(normalised)
         if DAMAGED_CHARACTER in value:
             dropped.append(Dropped(normalised, DAMAGED_REASON))
+        elif _too_long(value):
+            dropped.append(Dropped(normalised, _too_long_reason(value)))
         elif rules.blocked.matches(value):
             dropped.append(Dropped(normalised, f"blocked {rules.blocked.describe_match(value)}"))
         elif not policy.allows(normalised.type):
@@ -238,6 +259,8 @@ def extract_identifiers(
         if previous is not None and previous != message.user_id:
             if DAMAGED_CHARACTER in previous:
                 dropped.append(Dropped(Identifier("anonymous_id", previous), DAMAGED_REASON))
+            elif _too_long(previous):
+                dropped.append(Dropped(Identifier("anonymous_id", previous), _too_long_reason(previous)))
             elif rules.blocked.matches(previous):
                 dropped.append(
                     Dropped(

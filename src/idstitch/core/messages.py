@@ -31,6 +31,8 @@ __all__ = [
     "MAX_BATCH_MESSAGES",
     "MAX_MESSAGE_BYTES",
     "MAX_MESSAGE_ID_LENGTH",
+    "MAX_TRAIT_KEY_BYTES",
+    "MAX_TYPE_LENGTH",
     "MESSAGE_TYPES",
     "ExternalId",
     "Message",
@@ -49,6 +51,9 @@ MAX_MESSAGE_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID_LENGTH = 100
+# Types and trait keys are parts of index keys (a PostgreSQL index row must fit a third of a page).
+MAX_TYPE_LENGTH = 64
+MAX_TRAIT_KEY_BYTES = 1000
 
 _TYPE_CHOICES = ", ".join(sorted(MESSAGE_TYPES))
 _COLLECTIONS = frozenset({"users", "accounts"})
@@ -455,6 +460,8 @@ def _parse(
             raise InvalidEvent("groupId", "required for group")
 
     traits = _object(get("traits"), "traits")
+    if traits:
+        _check_trait_keys(traits, "traits")
     properties = _object(get("properties"), "properties")
     own_context = _object(get("context"), "context")
     own_integrations = _object(get("integrations"), "integrations")
@@ -470,6 +477,8 @@ def _parse(
                 context = {key: value for key, value in context.items() if key != "traits"}
         elif not isinstance(context_traits, dict):
             raise InvalidEvent("context.traits", f"must be an object, got {_kind(context_traits)}")
+        else:
+            _check_trait_keys(context_traits, "context.traits")
         raw_external_ids = context.get("externalIds")
         if raw_external_ids is not None:
             external_ids = _external_ids(raw_external_ids)
@@ -713,6 +722,8 @@ def _external_ids(value: object) -> tuple[ExternalId, ...]:
         if ":" in id_type:
             # Identifiers are looked up as `type:value`: this type could never be found again.
             raise InvalidEvent(_external_id_path(index, "type"), "must not contain ':'")
+        if len(id_type) > MAX_TYPE_LENGTH:
+            raise InvalidEvent(_external_id_path(index, "type"), f"longer than {MAX_TYPE_LENGTH} characters")
         collection = collection.lower() if isinstance(collection, str) else None
         if collection not in _COLLECTIONS:
             raise InvalidEvent(_external_id_path(index, "collection"), "must be one of users, accounts")
@@ -723,6 +734,17 @@ def _external_ids(value: object) -> tuple[ExternalId, ...]:
             id_text = _decode_base64(id_text, _external_id_path(index, "id"))
         result.append(ExternalId(id=id_text, type=id_type.lower(), collection=collection, encoding=encoding))
     return tuple(result)
+
+
+def _check_trait_keys(traits: dict[str, Any], field: str) -> None:
+    for key in traits:
+        # Four bytes per character at most: only a key past a quarter of the limit needs encoding.
+        if len(key) * 4 > MAX_TRAIT_KEY_BYTES:
+            size = len(key.encode("utf-8", "surrogatepass"))
+            if size > MAX_TRAIT_KEY_BYTES:
+                raise InvalidEvent(
+                    field, f"a key of {size:,} bytes is over the {MAX_TRAIT_KEY_BYTES:,}-byte limit"
+                )
 
 
 def _external_id_path(index: int, key: str | None = None) -> str:

@@ -18,6 +18,7 @@ from idstitch.core.defaults import (
     DEFAULT_MAX_MERGES,
 )
 from idstitch.core.errors import RuleViolation
+from idstitch.core.messages import MAX_TYPE_LENGTH
 
 __all__ = [
     "COLLECTIONS",
@@ -324,6 +325,8 @@ class IdentityRules:
             if ":" in identifier_type:
                 # Identifiers are written `type:value`; a colon in the type could never be found again.
                 raise RuleViolation(f"{here}: an identifier type cannot contain ':'")
+            if len(identifier_type) > MAX_TYPE_LENGTH:
+                raise RuleViolation(f"{here}: an identifier type is at most {MAX_TYPE_LENGTH} characters")
             if identifier_type in named:
                 raise RuleViolation(
                     f"{here}: names the same type as {where}.identifiers.{named[identifier_type]} "

@@ -27,6 +27,7 @@ table leads with `space`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -102,9 +103,14 @@ class PostgresStore:
         try:
             # One plain connection first: an unreachable server or a refused login fails at once, with
             # libpq's own words, instead of after the pool's retries.
-            psycopg.connect(url, connect_timeout=10).close()
+            # The URL's own connect_timeout is the pool's too: overriding it here would let a bad one
+            # pass this check and fail every pooled connection after it.
+            if "connect_timeout" in url:
+                psycopg.connect(url).close()
+            else:
+                psycopg.connect(url, connect_timeout=10).close()
         except psycopg.Error as error:
-            reason = " ".join(str(error).split())
+            reason = _without_password(" ".join(str(error).split()), url)
             raise ConfigError(f"store {_safe(url)}: cannot connect to PostgreSQL: {reason}") from error
         self._pool = ConnectionPool(
             url,
@@ -177,6 +183,10 @@ class PostgresStore:
                 yield transaction
                 transaction.flush()
         except _RETRYABLE as error:
+            if isinstance(error, psycopg.errors.ProgramLimitExceeded):
+                # An OperationalError, but no retry can make a row fit (an index row over a third of a
+                # page): retried, it held every writer for two minutes and then failed all the same.
+                raise
             raise StoreConflict(f"{type(error).__name__}: {error}".strip()) from error
         self._grown(transaction.events)
 
@@ -531,6 +541,15 @@ class PostgresStore:
         for row in dump["identifiers"]:
             row[6] = int(row[6])  # retired: a boolean here, 0/1 in SQLite
         return dump
+
+
+_PASSWORD_IN_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:([^/@]+)@")
+
+
+def _without_password(text: str, url: str) -> str:
+    """`text` with the URL's password replaced: libpq quotes a URL it cannot parse, password and all."""
+    found = _PASSWORD_IN_URL.match(url)
+    return text.replace(found.group(1), "…") if found else text
 
 
 def _safe(url: str) -> str:
