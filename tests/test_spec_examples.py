@@ -374,6 +374,61 @@ def test_e11_alias_migrates_a_user_id(space: Space) -> None:
     assert space.roots() == [profile]
 
 
+NORMALISED_IDS = """
+[spaces.s.identifiers.user_id]
+normalise = "trim_lower"
+[spaces.s.identifiers.anonymous_id]
+normalise = "trim"
+"""
+
+
+def test_e11_previous_id_is_normalised_as_its_type_is(tmp_path: Path) -> None:
+    with open_space(tmp_path, NORMALISED_IDS) as space:
+        profile = space.send("identify", userId="U1", at=at(minutes=1)).profile_id
+        alias = space.send("alias", previousId=" U1 ", userId="u9", at=at(minutes=2))
+        assert alias.profile_id == profile and not alias.created
+        assert space.retired_of(str(profile)) == {"user_id:u1"}
+        # Only whitespace, which normalisation takes away: absent, as "" is; an alias to itself, nothing.
+        blank = space.send("alias", previousId="   ", userId="u9", at=at(minutes=3))
+        itself = space.send("alias", previousId="U9", userId="u9", at=at(minutes=4))
+        assert blank.profile_id == itself.profile_id == profile
+        assert space.identifiers_of(str(profile)) == {"user_id:u1", "user_id:u9"}
+
+
+def test_e11_previous_id_obeys_the_sources_identifier_types(tmp_path: Path) -> None:
+    toml = """
+[spaces.s.sources.feed]
+write_key = "wk_feed"
+identifier_types = ["email", "user_id"]
+"""
+    world = open_world(tmp_path, toml)
+    try:
+        feed = world.space_for_write_key("wk_feed")
+        alias = feed.send("alias", previousId="a1", userId="u5", at=at(minutes=1))
+        assert [(str(d.identifier), d.rule) for d in alias.dropped] == [
+            ("anonymous_id:a1", "source feed may not contribute anonymous_id")
+        ]
+        assert feed.identifiers_of("user_id:u5") == {"user_id:u5"}
+        # A known user_id it may name: the migration goes ahead.
+        feed.send("identify", userId="u6", at=at(minutes=2))
+        migrated = feed.send("alias", previousId="u6", userId="u7", at=at(minutes=3))
+        assert migrated.dropped == () and feed.retired_of("user_id:u7") == {"user_id:u6"}
+    finally:
+        world.close()
+
+
+def test_a_number_is_one_identifier_wherever_it_is_sent(tmp_path: Path) -> None:
+    toml = """
+[spaces.s.identifiers.phone]
+trait_keys = ["phone"]
+"""
+    with open_space(tmp_path, toml) as space:
+        first = space.send("identify", userId="u1", traits={"phone": 1e-7}, at=at(minutes=1))
+        second = space.send("identify", context={"externalIds": [ext(1e-7, "phone")]}, at=at(minutes=2))
+        assert second.profile_id == first.profile_id
+        assert space.identifiers_of("user_id:u1") == {"user_id:u1", "phone:0.0000001"}
+
+
 def test_e11_retired_user_id_no_longer_counts_toward_the_limit(space: Space) -> None:
     profile = space.send("identify", userId="old_id", at=at(minutes=1)).profile_id
     space.send("alias", previousId="old_id", userId="new_id", at=at(minutes=2))

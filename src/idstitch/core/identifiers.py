@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from idstitch.core.errors import InvalidEvent
-from idstitch.core.messages import Message
+from idstitch.core.messages import Message, decimal_string
 from idstitch.core.rules import IdentityRules, SourcePolicy
 
 __all__ = [
@@ -52,13 +52,14 @@ class Extraction:
     users: tuple[Identifier, ...]
     accounts: tuple[Identifier, ...]
     dropped: tuple[Dropped, ...]
-    # alias: the previousId, whose type depends on the graph (user_id if known, else anonymous_id)
-    alias_previous: str | None = None
+    # alias: what the previousId may be, each normalised as its type is, user_id first (the graph
+    # decides: a known user_id, else an anonymous_id); only the types the source may contribute
+    alias_previous: tuple[Identifier, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         """Whether nothing usable is left (the message is unresolved)."""
-        return not self.users and not self.accounts and self.alias_previous is None
+        return not self.users and not self.accounts and not self.alias_previous
 
 
 NO_IDENTIFIER = (
@@ -99,10 +100,12 @@ def _as_value(raw: object) -> str | None:
         return None
     if isinstance(raw, str):
         return raw or None
-    if isinstance(raw, int):
-        return str(raw)
-    if isinstance(raw, float):
-        return str(int(raw)) if raw.is_integer() else repr(raw)
+    if isinstance(raw, int | float):
+        # The same string as a userId of that number gets: one number, one identifier, wherever sent.
+        try:
+            return decimal_string(raw)
+        except ValueError:
+            return None  # no identifier can be infinite or of thousands of digits
     return None
 
 
@@ -169,6 +172,36 @@ def _utf8_size(value: str) -> int:
 
 def _too_long_reason(value: str) -> str:
     return f"too long: {_utf8_size(value):,} bytes, over the {MAX_IDENTIFIER_BYTES:,} an identifier may have"
+
+
+def _alias_previous(
+    message: Message, rules: IdentityRules, policy: SourcePolicy, dropped: list[Dropped]
+) -> tuple[Identifier, ...]:
+    """The identifiers an alias's previousId may be (appending to `dropped` what cannot be one)."""
+    raw = _as_value(message.previous_id)
+    if raw is None:
+        return ()
+    as_user = Identifier("user_id", normalise_value(raw, rules.rule("user_id").normalise))
+    as_anonymous = Identifier("anonymous_id", normalise_value(raw, rules.rule("anonymous_id").normalise))
+    user_id = _as_value(message.user_id)
+    if user_id is not None and normalise_value(user_id, rules.rule("user_id").normalise) == as_user.value:
+        return ()  # an alias of an id to itself says nothing
+    candidates = [item for item in (as_user, as_anonymous) if item.value]
+    if not candidates:
+        return ()  # only whitespace, which normalisation took away: absent, as "" is
+    shown = candidates[-1]
+    if DAMAGED_CHARACTER in raw:
+        dropped.append(Dropped(shown, DAMAGED_REASON))
+    elif _too_long(raw):
+        dropped.append(Dropped(shown, _too_long_reason(raw)))
+    elif rules.blocked.matches(shown.value):
+        dropped.append(Dropped(shown, f"blocked {rules.blocked.describe_match(shown.value)}"))
+    else:
+        allowed = tuple(item for item in candidates if policy.allows(item.type))
+        if not allowed:
+            dropped.append(Dropped(shown, f"source {policy.name} may not contribute {shown.type}"))
+        return allowed
+    return ()
 
 
 def extract_identifiers(
@@ -253,21 +286,7 @@ def extract_identifiers(
         else:
             users.append(normalised)
 
-    alias_previous: str | None = None
+    alias_previous: tuple[Identifier, ...] = ()
     if message.type == "alias" and rules.alias_enabled:
-        previous = _as_value(message.previous_id)
-        if previous is not None and previous != message.user_id:
-            if DAMAGED_CHARACTER in previous:
-                dropped.append(Dropped(Identifier("anonymous_id", previous), DAMAGED_REASON))
-            elif _too_long(previous):
-                dropped.append(Dropped(Identifier("anonymous_id", previous), _too_long_reason(previous)))
-            elif rules.blocked.matches(previous):
-                dropped.append(
-                    Dropped(
-                        Identifier("anonymous_id", previous),
-                        f"blocked {rules.blocked.describe_match(previous)}",
-                    )
-                )
-            else:
-                alias_previous = previous
+        alias_previous = _alias_previous(message, rules, policy, dropped)
     return Extraction(tuple(users), tuple(accounts), tuple(dropped), alias_previous)

@@ -37,6 +37,7 @@ __all__ = [
     "ExternalId",
     "Message",
     "SourceOccurrences",
+    "decimal_string",
     "decode_document",
     "decode_json",
     "decode_message",
@@ -630,17 +631,27 @@ def _id_string(value: object, field: str) -> str | None:
         return None
     if isinstance(value, bool):
         raise InvalidEvent(field, "must be a string or number, got boolean")
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         try:
-            return str(value)
-        except ValueError:  # beyond Python's int-to-str digit limit
-            raise InvalidEvent(field, "number too large") from None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidEvent(field, "must be a finite number")
-        # Decimal notation, never an exponent: 1e-07 is the identifier "0.0000001".
-        return str(int(value)) if value.is_integer() else format(Decimal(repr(value)), "f")
+            return decimal_string(value)
+        except ValueError as error:
+            raise InvalidEvent(field, str(error)) from None
     raise InvalidEvent(field, f"must be a string or number, got {_kind(value)}")
+
+
+def decimal_string(number: int | float) -> str:
+    """A number as an identifier: its decimal string, never an exponent (1e-07 is "0.0000001").
+
+    Raises ValueError for a number no identifier can be (infinite, NaN, past the int digit limit).
+    """
+    if isinstance(number, int):
+        try:
+            return str(number)
+        except ValueError:  # beyond Python's int-to-str digit limit
+            raise ValueError("number too large") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return str(int(number)) if number.is_integer() else format(Decimal(repr(number)), "f")
 
 
 def _message_id(value: object) -> str | None:

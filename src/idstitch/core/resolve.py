@@ -77,13 +77,7 @@ class MessageResolution:
 
 def view_keys(extraction: Extraction) -> tuple[list[Identifier], list[Identifier]]:
     """The identifiers whose graph neighbourhood must be loaded for a message (users, accounts)."""
-    users = list(extraction.users)
-    if extraction.alias_previous is not None:
-        users += [
-            Identifier("user_id", extraction.alias_previous),
-            Identifier("anonymous_id", extraction.alias_previous),
-        ]
-    return users, list(extraction.accounts)
+    return [*extraction.users, *extraction.alias_previous], list(extraction.accounts)
 
 
 def resolve_message(
@@ -99,15 +93,25 @@ def resolve_message(
     """Resolve both collections of one message against views the store loaded for `view_keys`."""
     users = list(extraction.users)
     retire: list[Identifier] = []
-    if extraction.alias_previous is not None:
+    dropped = extraction.dropped
+    if extraction.alias_previous:
         # E11: previousId is whichever identifier it already is (user_id first), else an anonymous_id.
-        as_user = Identifier("user_id", extraction.alias_previous)
-        as_anonymous = Identifier("anonymous_id", extraction.alias_previous)
-        previous = as_user if as_user in users_view.identifiers else as_anonymous
-        if previous == as_user and any(item.type == "user_id" for item in users):
-            retire.append(as_user)
-        if previous not in users:
-            users.append(previous)
+        known = [
+            item
+            for item in extraction.alias_previous
+            if item.type == "user_id" and item in users_view.identifiers
+        ]
+        unknown = [item for item in extraction.alias_previous if item.type == "anonymous_id"]
+        previous = known[0] if known else unknown[0] if unknown else None
+        if previous is None:
+            # Not a known user_id, and this source may not add anonymous_ids: it cannot be attached.
+            as_anonymous = Identifier("anonymous_id", extraction.alias_previous[0].value)
+            dropped += (Dropped(as_anonymous, f"source {source.name} may not contribute anonymous_id"),)
+        else:
+            if previous.type == "user_id" and any(item.type == "user_id" for item in users):
+                retire.append(previous)
+            if previous not in users:
+                users.append(previous)
     new_types = tuple(
         dict.fromkeys(
             (identifier.type, identifier.collection)
@@ -146,7 +150,7 @@ def resolve_message(
         if extraction.accounts
         else None
     )
-    return MessageResolution(user_resolution, account_resolution, extraction.dropped, new_types)
+    return MessageResolution(user_resolution, account_resolution, dropped, new_types)
 
 
 @dataclass(slots=True)
