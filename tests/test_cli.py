@@ -596,7 +596,7 @@ def test_worker_summary_counts_of_one_are_singular(capsys: pytest.CaptureFixture
     counts = dict.fromkeys(
         ("accepted", "duplicates", "unresolved", "rejected", "profiles_created", "merges", "commits"), 0
     )
-    summary = {**counts, "retried": 0, "terminated": 0, "seconds": 1.0, "messages_per_second": 1}
+    summary = {**counts, "retried": 0, "parked": 0, "seconds": 1.0, "messages_per_second": 1}
     _print_worker_summary({**summary, "queue_messages": 1, "messages": 1}, as_json=False)
     assert "1 queue message, 1 message (" in capsys.readouterr().out
     _print_worker_summary({**summary, "queue_messages": 2, "messages": 3}, as_json=False)

@@ -7,7 +7,9 @@ with JetStream the tests fail with a message saying so: never a skip.
 - in process: the publisher answers like the direct writer (same rejections, same HTTP answers), the
   worker turns what was published into exactly the graph a direct ingest gives, a group that fails is
   nak'ed and comes back, one that committed but was not acked is delivered again and doubles nothing,
-  and an undecodable JetStream message is terminated, not retried;
+  an undecodable JetStream message, a request that cannot land (unknown space) or one that keeps
+  failing is parked in the dead-letter stream, bytes intact, and can be replayed, and
+  a stream deleted under a running publisher and worker is recreated by them;
 - with real processes: `idstitch serve --queue` and `idstitch worker` on one SQLite file, a batch
   POSTed over HTTP, then a worker killed with SIGKILL mid-stream and another one finishing the job:
   every message stored exactly once.
@@ -40,8 +42,9 @@ from typing import Any
 import httpx
 import nats
 import nats.js.errors
+import psycopg
 import pytest
-from nats.js.api import DiscardPolicy
+from nats.js.api import DiscardPolicy, RawStreamMsg, RetentionPolicy, StorageType
 
 from conftest import NATS_URL, RUN
 from helpers import RECEIVED, config_from_toml
@@ -54,6 +57,7 @@ from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.tracking import TrackingAPI
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_url
+from idstitch.queue.parked import ParkedRequest, parked_requests, replay_parked
 from idstitch.queue.publisher import JetStreamPublisher, publish_messages
 from idstitch.queue.worker import WorkerSummary, run_worker
 from idstitch.storage.base import Store
@@ -75,6 +79,52 @@ SPACE = "app"
 
 
 # -- the NATS server and a stream per test ---------------------------------------------------------
+
+
+@pytest.fixture
+def queue_url(queue_url: str) -> Iterator[str]:
+    """conftest's queue URL; the dead-letter stream a worker may have created is deleted afterwards too."""
+    yield queue_url
+    delete_stream(queue_url, parse_queue_url(queue_url).dead_stream)
+
+
+def delete_stream(url: str, stream: str | None = None) -> None:
+    """Delete a stream (the queue's own by default), as an operator or a NATS restart without storage does."""
+    queue = parse_queue_url(url)
+
+    async def delete() -> None:
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        try:
+            await client.jetstream().delete_stream(stream or queue.stream)
+        except nats.js.errors.NotFoundError:
+            pass  # never created
+        finally:
+            await client.close()
+
+    asyncio.run(delete())
+
+
+def stream_contents(url: str, stream: str) -> list[RawStreamMsg]:
+    """Every message a stream holds, oldest first: subject, headers and bytes as stored."""
+    queue = parse_queue_url(url)
+
+    async def read() -> list[RawStreamMsg]:
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        found: list[RawStreamMsg] = []
+        try:
+            js = client.jetstream()
+            sequence = 1
+            while True:
+                try:
+                    raw = await js.get_msg(stream, sequence, subject=">", next=True)
+                except nats.js.errors.NotFoundError:
+                    return found
+                found.append(raw)
+                sequence = (raw.seq or sequence) + 1
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
 
 
 @dataclass(frozen=True)
@@ -281,6 +331,46 @@ def captured(logger: str = "idstitch.queue") -> Iterator[list[logging.LogRecord]
         yield records
     finally:
         target.removeHandler(handler)
+        target.setLevel(previous)
+
+
+class Watch(logging.Handler):
+    """Keeps a logger's records; a test waits on it for a line instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.changed:
+            self.records.append(record)
+            self.changed.notify_all()
+
+    def named(self, message: str) -> list[logging.LogRecord]:
+        """The records with that message."""
+        with self.changed:
+            return [record for record in self.records if record.getMessage() == message]
+
+    def wait_for(self, message: str, count: int = 1, seconds: float = 60.0) -> None:
+        """Until `count` records with that message have come; fail after `seconds`."""
+        with self.changed:
+            arrived = self.changed.wait_for(lambda: len(self.named(message)) >= count, seconds)
+        assert arrived, f"no {count} log lines {message!r} within {seconds:g} s"
+
+
+@contextmanager
+def watched(logger: str = "idstitch.queue") -> Iterator[Watch]:
+    """A Watch on a logger meanwhile."""
+    watch = Watch()
+    target = logging.getLogger(logger)
+    previous = target.level
+    target.addHandler(watch)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield watch
+    finally:
+        target.removeHandler(watch)
         target.setLevel(previous)
 
 
@@ -738,27 +828,25 @@ def test_a_failed_group_comes_back_later_and_every_message_lands_once(
     assert queue_state(queue_url).stream_messages == 0
 
 
-def test_an_undecodable_message_is_terminated_once_and_the_others_land(
-    tmp_path: Path, queue_url: str
-) -> None:
+def test_an_undecodable_message_is_parked_once_and_the_others_land(tmp_path: Path, queue_url: str) -> None:
     publish_messages(queue_url, SPACE, "web", people(1, prefix="first"), received_at=RECEIVED)
     publish_raw(queue_url, SPACE, b"\x00 not json", b'{"v": 7, "space": "app"}')
     publish_messages(queue_url, SPACE, "web", people(2), received_at=RECEIVED)
     with engine_at(tmp_path / "queued.db") as engine, captured() as logs:
         summary = drain(engine, queue_url)
-        assert (summary.terminated, summary.queue_messages, summary.accepted, summary.retried) == (
-            2,
-            2,
-            15,
-            0,
-        )
+        assert (summary.parked, summary.queue_messages, summary.accepted, summary.retried) == (2, 2, 15, 0)
         assert len(set(engine.store.iter_event_ids(SPACE))) == 15
-    terminated = [record for record in logs if record.getMessage() == "undecodable queue message terminated"]
-    assert [record.reason for record in terminated] == [
+    parked_lines = [record for record in logs if record.getMessage() == "queue message parked"]
+    reasons = [
         "not a queued request: JSON is malformed: invalid character (byte 0)",
         "not a queued request: Object missing required field `source`",
     ]
-    # Terminated, not nak'ed: nothing is delivered again, and the work queue is empty.
+    assert [record.reason for record in parked_lines] == reasons
+    # Parked, bytes unchanged (a newer worker may read them), never delivered again here.
+    assert [(item.reason, item.data) for item in parked_requests(queue_url)] == [
+        (reasons[0], b"\x00 not json"),
+        (reasons[1], b'{"v": 7, "space": "app"}'),
+    ]
     assert queue_state(queue_url) == QueueState(0, 0, 0, 0)
 
 
@@ -780,6 +868,247 @@ def test_a_worker_stops_when_asked_after_acking_what_it_fetched(tmp_path: Path, 
         assert len(set(engine.store.iter_event_ids(SPACE))) == 10
     state = queue_state(queue_url)
     assert (state.stream_messages, state.ack_pending) == (2, 0)  # the rest waits, nothing is in flight
+
+
+def test_a_request_for_an_unknown_space_is_parked_at_once_intact_and_can_be_replayed(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+    publish_messages(queue_url, SPACE, "web", people(1, prefix="before"), received_at=RECEIVED)
+    publish_messages(queue_url, "nowhere", "web", people(1, prefix="lost"), received_at=RECEIVED)
+    publish_messages(queue_url, SPACE, "web", people(2, prefix="after"), received_at=RECEIVED)
+    original = stream_contents(queue_url, queue.stream)[1]
+    assert (original.seq, original.subject) == (2, queue.subject_for("nowhere"))
+    with engine_at(tmp_path / "queued.db") as engine, captured() as logs:
+        # All three in one fetch and one group: the unknown space fails the group, the others land alone.
+        summary = drain(engine, queue_url, batch=10)
+        assert (summary.parked, summary.retried) == (1, 0)
+        assert (summary.queue_messages, summary.accepted) == (2, 15)
+        assert not [event for event in engine.store.iter_event_ids(SPACE) if event.startswith("lost")]
+    reason = "ConfigError: unknown space 'nowhere' (configured: app, other)"
+    errors = [record for record in logs if record.levelno >= logging.ERROR]
+    assert [record.getMessage() for record in errors] == ["queue message parked"]  # one line, no retries
+    assert (errors[0].reason, errors[0].stream_sequence, errors[0].deliveries) == (reason, 2, 1)
+    assert (errors[0].dead_stream, errors[0].dead_sequence) == (queue.dead_stream, 1)
+    assert queue_state(queue_url) == QueueState(0, 0, 0, 0)  # terminated: nothing comes back
+
+    # In the dead-letter stream: the very bytes that were queued, with why and whence in headers.
+    (dead,) = stream_contents(queue_url, queue.dead_stream)
+    assert dead.data == original.data and dead.subject == f"{queue.subject}_dead.nowhere"
+    assert {key: value for key, value in (dead.headers or {}).items() if key.startswith("Idstitch-")} == {
+        "Idstitch-Parked-Reason": reason,
+        "Idstitch-Original-Stream": queue.stream,
+        "Idstitch-Original-Subject": queue.subject_for("nowhere"),
+        "Idstitch-Original-Sequence": "2",
+        "Idstitch-Deliveries": "1",
+    }
+    (parked,) = parked_requests(queue_url)
+    assert parked == ParkedRequest(1, dead.time, reason, queue.subject_for("nowhere"), 2, 1, original.data)
+
+    # The operator adds the space and replays: the request lands as if it had never been parked.
+    assert replay_parked(queue_url) == [1]
+    assert parked_requests(queue_url) == []
+    (again,) = stream_contents(queue_url, queue.stream)
+    assert (again.subject, again.data) == (original.subject, original.data)
+    config = config_from_toml(CONFIG + '[spaces.nowhere.sources.web]\nwrite_key = "wk_nowhere"\n')
+    with engine_at(tmp_path / "queued.db", config) as engine:
+        summary = drain(engine, queue_url)
+        assert (summary.queue_messages, summary.accepted, summary.parked) == (1, 5, 0)
+        assert sorted(engine.store.iter_event_ids("nowhere")) == [f"lost-0-{step}" for step in range(5)]
+    dead_info = stream_info(queue_url, queue.dead_stream)
+    assert (dead_info.config.storage, dead_info.config.retention) == (
+        StorageType.FILE,
+        RetentionPolicy.LIMITS,
+    )
+
+
+class FailsOnPoison(Engine):
+    """Fails every group holding a message of the "poison" person, as a request hitting a bug would."""
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        for batch in batches:
+            if any(
+                isinstance(item, Message) and item.message_id.startswith("poison") for item in batch.items
+            ):
+                raise RuntimeError("a bug on this request")
+        return super().ingest_group(batches)
+
+
+def test_a_request_that_fails_on_every_delivery_is_parked_after_the_bound(
+    tmp_path: Path, queue_url: str
+) -> None:
+    publish_messages(queue_url, SPACE, "web", people(1, prefix="poison"), received_at=RECEIVED)
+    publish_messages(queue_url, SPACE, "web", people(2, prefix="fine"), received_at=RECEIVED)
+    with engine_at(tmp_path / "queued.db", engine_class=FailsOnPoison) as engine, captured() as logs:
+        # The default bound (10 deliveries), with short delays; --drain returns once it is parked.
+        summary = drain(engine, queue_url, retry_delay=0.01, max_retry_delay=0.05)
+        assert (summary.retried, summary.parked, summary.queue_messages, summary.accepted) == (9, 1, 1, 10)
+    failures = [record for record in logs if record.getMessage().startswith("ingest failed")]
+    assert [record.deliveries for record in failures] == list(range(1, 10))
+    (parked_line,) = [record for record in logs if record.getMessage() == "queue message parked"]
+    reason = "failed on each of 10 deliveries, last: RuntimeError: a bug on this request"
+    assert (parked_line.reason, parked_line.deliveries) == (reason, 10)
+    (parked,) = parked_requests(queue_url)
+    assert (parked.reason, parked.deliveries, parked.original_sequence) == (reason, 10, 1)
+    assert [raw["messageId"] for raw in json.loads(parked.data)["messages"]] == [
+        f"poison-0-{step}" for step in range(5)
+    ]
+    assert queue_state(queue_url) == QueueState(0, 0, 0, 0)
+
+
+class StoreDownAWhile(Engine):
+    """The database is unreachable for the first 14 groups, past the parking bound, then back."""
+
+    failures = 14
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        if self.failures:
+            self.failures -= 1
+            raise psycopg.OperationalError("connection refused")
+        return super().ingest_group(batches)
+
+
+def test_a_store_outage_longer_than_the_bound_parks_nothing(tmp_path: Path, queue_url: str) -> None:
+    # Parking after 10 deliveries is for requests that fail on their own; an outage fails them all,
+    # and parking them would leave every request of those minutes to be replayed by hand.
+    publish_messages(queue_url, SPACE, "web", people(1, prefix="waits"), received_at=RECEIVED)
+    with engine_at(tmp_path / "queued.db", engine_class=StoreDownAWhile) as engine:
+        summary = drain(engine, queue_url, retry_delay=0.01, max_retry_delay=0.05)
+    assert (summary.retried, summary.parked, summary.queue_messages, summary.accepted) == (14, 0, 1, 5)
+    assert parked_requests(queue_url) == []
+
+
+def test_a_publisher_recreates_a_deleted_stream_and_publishes_instead_of_refusing(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+    requests = [
+        [parse_message(raw, received_at=RECEIVED) for raw in people(1, prefix=f"r{number}")]
+        for number in range(4)
+    ]
+    with engine_at(tmp_path / "queued.db") as engine:
+        with JetStreamPublisher(engine, queue_url) as publisher, captured() as logs:
+            publisher.ingest(requests[0], space=SPACE, source="web")
+            delete_stream(queue_url)  # the waiting request goes with it
+            # Three requests at once find no stream: one of them recreates it, all are published.
+            futures = [publisher.submit(request, space=SPACE, source="web") for request in requests[1:]]
+            for future in futures:
+                assert [outcome.status for outcome in future.result().outcomes] == ["queued"] * 5
+        (warning,) = [record for record in logs if record.levelno >= logging.WARNING]
+        assert warning.getMessage() == "JetStream stream was missing; recreated it"
+        assert (warning.stream, warning.error) == (
+            queue.stream,
+            "NoStreamResponseError: nats: no response from stream",
+        )
+        # Recreated as at start-up.
+        config = stream_info(queue_url, queue.stream).config
+        assert (config.subjects, config.retention, config.storage, config.discard) == (
+            [queue.filter_subject],
+            RetentionPolicy.WORK_QUEUE,
+            StorageType.FILE,
+            DiscardPolicy.NEW,
+        )
+        summary = drain(engine, queue_url)
+        assert (summary.queue_messages, summary.accepted) == (3, 15)
+
+
+def test_a_running_worker_recreates_its_deleted_consumer_and_stream_and_goes_on(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+
+    class Landing(Engine):
+        """Counts the messages it committed, for the test to wait on."""
+
+        landed = 0
+        changed = threading.Condition()
+
+        def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+            results = super().ingest_group(batches)
+            with Landing.changed:
+                Landing.landed += sum(len(batch.items) for batch in batches)
+                Landing.changed.notify_all()
+            return results
+
+    def landed(count: int) -> None:
+        with Landing.changed:
+            assert Landing.changed.wait_for(lambda: Landing.landed >= count, 60), f"{count} never landed"
+
+    def publish(prefix: str) -> None:
+        publish_messages(queue_url, SPACE, "web", people(1, prefix=prefix), received_at=RECEIVED)
+
+    recreated = "JetStream consumer was missing; recreated it and its stream if needed"
+    stop = threading.Event()
+    started = threading.Event()
+    outcome: list[object] = []
+    with engine_at(tmp_path / "queued.db", engine_class=Landing) as engine, watched() as logs:
+
+        def work() -> None:
+            try:
+                outcome.append(
+                    run_worker(
+                        engine,
+                        queue_url,
+                        stop=stop,
+                        fetch_timeout=0.3,
+                        consumer_check=0.3,
+                        on_start=lambda _: started.set(),
+                    )
+                )
+            except BaseException as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        try:
+            assert started.wait(30)
+            publish("first")
+            landed(5)
+            # Deleted, and recreated by someone else (a publisher starting up): the consumer is gone.
+            delete_stream(queue_url)
+            publish("second")
+            landed(10)
+            logs.wait_for(recreated)
+            # Deleted, and recreated by nobody: the worker recreates the stream itself.
+            delete_stream(queue_url)
+            logs.wait_for(recreated, count=2)
+            assert queue_state(queue_url) == QueueState(0, 0, 0, 0)  # there again, with the consumer
+            publish_raw(
+                queue_url,
+                SPACE,
+                *envelope.encode(
+                    SPACE,
+                    "web",
+                    RECEIVED,
+                    [parse_message(raw, received_at=RECEIVED) for raw in people(1, prefix="third")],
+                    max_bytes=1 << 20,
+                ),
+            )
+            landed(15)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
+        (summary,) = outcome
+        assert isinstance(summary, WorkerSummary), f"{type(summary).__name__}: {summary}"
+        assert (summary.queue_messages, summary.accepted, summary.parked) == (3, 15, 0)
+        assert len(logs.named(recreated)) == 2
+        assert [record.stream for record in logs.named(recreated)] == [queue.stream] * 2
+        assert len(set(engine.store.iter_event_ids(SPACE))) == 15
+
+
+def stream_info(url: str, stream: str) -> Any:
+    """A stream's StreamInfo now."""
+    queue = parse_queue_url(url)
+
+    async def read() -> Any:
+        client = await nats.connect(list(queue.servers), allow_reconnect=False, connect_timeout=3)
+        try:
+            return await client.jetstream().stream_info(stream)
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
 
 
 # -- real processes --------------------------------------------------------------------------------
@@ -936,7 +1265,7 @@ def test_serve_queue_and_a_worker_process_resolve_what_was_posted(tmp_path: Path
                 "unresolved",
                 "rejected",
                 "merges",
-                "terminated",
+                "parked",
             )
         } == {
             "queue_messages": 2,
@@ -946,7 +1275,7 @@ def test_serve_queue_and_a_worker_process_resolve_what_was_posted(tmp_path: Path
             "unresolved": 1,
             "rejected": 0,
             "merges": 1,
-            "terminated": 0,
+            "parked": 0,
         }
         server.stop()
     finally:
@@ -992,10 +1321,35 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_its_successor_doubles_noth
     # acknowledged came back to it as duplicates.
     assert summary["accepted"] == len(expected) - stored_by_first
     assert summary["duplicates"] == summary["messages"] - summary["accepted"]
-    assert summary["messages"] % 50 == 0 and summary["rejected"] == summary["terminated"] == 0
+    assert summary["messages"] % 50 == 0 and summary["rejected"] == summary["parked"] == 0
     store = open_store(store_url)
     try:
         stats = store.stats("default")
         assert (stats.profiles, stats.events, stats.merges) == (600, 3000, 0)
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_worker_drain_exits_when_only_a_parked_request_is_left(tmp_path: Path, queue_url: str) -> None:
+    store_url = f"sqlite:///{tmp_path / 'idstitch.db'}"
+    publish_messages(queue_url, "default", "default", people(1, prefix="kept"))
+    publish_messages(queue_url, "elsewhere", "default", people(1, prefix="lost"))  # a space it does not know
+    worker = Worker(tmp_path / "worker", queue_url, store_url, "--drain")
+    done = subprocess.run(
+        worker.command, cwd=worker.directory, env=worker.env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert {key: summary[key] for key in ("queue_messages", "accepted", "retried", "parked")} == {
+        "queue_messages": 1,
+        "accepted": 5,
+        "retried": 0,
+        "parked": 1,
+    }
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    (parked,) = [line for line in lines if line["msg"] == "queue message parked"]
+    assert parked["level"] == "error"
+    assert parked["reason"] == "ConfigError: unknown space 'elsewhere' (configured: default)"
+    assert [request.reason for request in parked_requests(queue_url)] == [parked["reason"]]
+    assert sorted(event_ids(store_url)) == [f"kept-0-{step}" for step in range(5)]

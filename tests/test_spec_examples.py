@@ -429,6 +429,20 @@ trait_keys = ["phone"]
         assert space.identifiers_of("user_id:u1") == {"user_id:u1", "phone:0.0000001"}
 
 
+def test_e11_aliasing_back_makes_the_retired_id_current_again(space: Space) -> None:
+    profile = space.send("identify", userId="u1", anonymousId="a1", at=at(minutes=1)).profile_id
+    space.send("alias", previousId="u1", userId="u2", at=at(minutes=2))
+    assert space.retired_of(str(profile)) == {"user_id:u1"}
+    back = space.send("alias", previousId="u2", userId="u1", at=at(minutes=3))
+    assert back.profile_id == profile and back.dropped == ()
+    assert space.retired_of(str(profile)) == {"user_id:u2"}
+    # u1 counts again: another user on the same device is someone else (user_id limit 1), as before
+    # the aliases; with both ids retired, u7 would have joined this profile.
+    other = space.send("identify", userId="u7", anonymousId="a1", at=at(minutes=4))
+    assert other.profile_id != profile
+    assert space.identifiers_of(str(profile)) == {"user_id:u1", "user_id:u2", "anonymous_id:a1"}
+
+
 def test_e11_retired_user_id_no_longer_counts_toward_the_limit(space: Space) -> None:
     profile = space.send("identify", userId="old_id", at=at(minutes=1)).profile_id
     space.send("alias", previousId="old_id", userId="new_id", at=at(minutes=2))

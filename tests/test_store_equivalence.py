@@ -120,6 +120,45 @@ def test_engine_on_every_store_builds_the_same_graph(
         assert results[url] == sqlite, url
 
 
+@pytest.mark.parametrize("per_transaction", [1, 4])
+def test_aliases_back_and_forth_retire_and_revive_alike_in_every_store(
+    postgres_url: str, per_transaction: int
+) -> None:
+    """In separate transactions and in one (PostgreSQL sends each identifier's last word only)."""
+    raws = [
+        {"type": "identify", "userId": "u1", "anonymousId": "a1"},
+        {"type": "alias", "userId": "u2", "previousId": "u1"},
+        {"type": "alias", "userId": "u1", "previousId": "u2"},
+        {"type": "identify", "userId": "u7", "anonymousId": "a1"},
+    ]
+    messages: list[Message | InvalidEvent] = [
+        parse_message(
+            {**raw, "messageId": f"m{number}", "timestamp": f"2026-01-0{number + 1}T00:00:00Z"},
+            received_at=RECEIVED,
+        )
+        for number, raw in enumerate(raws)
+    ]
+    dumps = {}
+    for url in ("sqlite://", "memory://", postgres_url):
+        store = open_store(url)
+        try:
+            engine = Engine(store, Config.default())
+            for start in range(0, len(messages), per_transaction):
+                engine.ingest(messages[start : start + per_transaction], space=SPACE)
+            dumps[url] = store.dump(SPACE)
+        finally:
+            store.close()
+    retired = {(row[1], row[2]): row[6] for row in dumps["sqlite://"]["identifiers"]}
+    assert retired == {
+        ("anonymous_id", "a1"): 0,
+        ("user_id", "u1"): 0,
+        ("user_id", "u2"): 1,
+        ("user_id", "u7"): 0,
+    }
+    assert dumps["memory://"] == dumps["sqlite://"]
+    assert dumps[postgres_url] == dumps["sqlite://"]
+
+
 def test_the_largest_values_a_message_may_carry_land_alike_in_every_store(postgres_url: str) -> None:
     """Identifiers at 1,000 bytes (4-byte characters), paired in evidence; 64-character types; 1,000-byte
     trait keys: all fit PostgreSQL's index rows. Past the limits, an identifier is dropped (before: an

@@ -579,7 +579,7 @@ def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
         ("merges", "merges"),
         ("commits", "commits"),
         ("retried", "retried"),
-        ("terminated", "terminated"),
+        ("parked", "parked"),
     ]
     queued = _plural(summary["queue_messages"], "queue message")
     lines = [

@@ -58,6 +58,7 @@ class Resolution:
     suspects: tuple[SuspectMark, ...]
     evidence: tuple[tuple[Identifier, Identifier], ...]
     device_owned: tuple[Identifier, ...]
+    revived: tuple[Identifier, ...] = ()  # retired identifiers an alias made current again
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ def resolve_message(
     """Resolve both collections of one message against views the store loaded for `view_keys`."""
     users = list(extraction.users)
     retire: list[Identifier] = []
+    revive: list[Identifier] = []
     dropped = extraction.dropped
     if extraction.alias_previous:
         # E11: previousId is whichever identifier it already is (user_id first), else an anonymous_id.
@@ -108,8 +110,13 @@ def resolve_message(
             as_anonymous = Identifier("anonymous_id", extraction.alias_previous[0].value)
             dropped += (Dropped(as_anonymous, f"source {source.name} may not contribute anonymous_id"),)
         else:
-            if previous.type == "user_id" and any(item.type == "user_id" for item in users):
+            current = [item for item in users if item.type == "user_id"]
+            if previous.type == "user_id" and current:
                 retire.append(previous)
+                # Aliasing back to an id an earlier alias retired: that id is the current one again.
+                stored = users_view.identifiers.get(current[0])
+                if stored is not None and stored.retired:
+                    revive.append(current[0])
             if previous not in users:
                 users.append(previous)
     new_types = tuple(
@@ -132,6 +139,7 @@ def resolve_message(
             view=users_view,
             source=source,
             retire=retire,
+            revive=revive,
         )
         if users
         else None
@@ -173,11 +181,13 @@ def resolve_collection(
     view: GraphView,
     source: SourcePolicy,
     retire: Iterable[Identifier] = (),
+    revive: Iterable[Identifier] = (),
 ) -> Resolution:
     """Flat matching of one collection's identifiers; drops the least trusted and retries on a violation."""
     if not identifiers:
         raise ValueError("resolve_collection needs at least one identifier")
     retired = tuple(retire)
+    revived = tuple(revive)
     suspect = {
         identifier
         for identifier in identifiers
@@ -186,7 +196,7 @@ def resolve_collection(
     active = list(identifiers)
     dropped: list[Dropped] = []
     while True:
-        attempt = _attempt(active, suspect, rules, view, source, timestamp, retired)
+        attempt = _attempt(active, suspect, rules, view, source, timestamp, retired, revived)
         if attempt.violation is None or len(active) == 1:
             break
         # Least trusted first; among equals, the later type in the rules' order, then the later one sent.
@@ -243,6 +253,7 @@ def resolve_collection(
         touched=tuple(touched),
         dropped=tuple(dropped),
         retired=tuple(item for item in retired if item in kept),
+        revived=tuple(item for item in revived if item in kept),
         suspects=tuple(suspects),
         evidence=tuple(evidence),
         device_owned=device_owned,
@@ -257,6 +268,7 @@ def _attempt(
     source: SourcePolicy,
     timestamp: datetime,
     retired: Sequence[Identifier],
+    revived: Sequence[Identifier],
 ) -> _Attempt:
     owned = [
         (identifier, view.identifiers[identifier]) for identifier in active if identifier in view.identifiers
@@ -303,7 +315,7 @@ def _attempt(
     touched = [
         identifier for identifier, stored in owned if stored.profile_id in family and target is not None
     ]
-    violation = _violation(target, children, added, touched, rules, view, timestamp, retired)
+    violation = _violation(target, children, added, touched, rules, view, timestamp, retired, revived)
     return _Attempt(target, children, added, touched, violation)
 
 
@@ -330,6 +342,7 @@ def _violation(
     view: GraphView,
     timestamp: datetime,
     retired: Sequence[Identifier],
+    revived: Sequence[Identifier],
 ) -> str | None:
     target_state: ProfileState | None = view.profiles.get(target) if target is not None else None
     if children:
@@ -361,7 +374,7 @@ def _violation(
                 values[stored.identifier.value] = stored.last_seen
     for identifier in (*touched, *added):
         stored_identifier = view.identifiers.get(identifier)
-        if stored_identifier is not None and stored_identifier.retired:
+        if stored_identifier is not None and stored_identifier.retired and identifier not in revived:
             continue  # E11: a retired identifier still resolves but no longer counts
         values = after.setdefault(identifier.type, {})
         previous = values.get(identifier.value)

@@ -7,6 +7,12 @@ With work-queue retention an acknowledgement deletes the message, so the stream 
 backlog, and its size is the lag. `discard=new`: a stream that hits a limit an operator set refuses
 new publishes (the Tracking API answers 429, clients retry) instead of silently dropping old messages
 that were acknowledged to a client but not yet resolved.
+
+A stream that disappears (deleted, or lost in a NATS restart without persistent storage) is created
+again, as at start-up: by a publisher whose publish finds no stream, by a worker that finds its
+consumer gone. Requests a worker cannot resolve are *parked*: copied, bytes unchanged, to a dead-letter
+stream of their own (`<stream>_DEAD`, subjects `<subject>_dead.<space>`, limits retention: kept until
+an operator replays or deletes them; see `idstitch.queue.parked`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -44,6 +51,11 @@ __all__ = [
     "DEFAULT_CONSUMER",
     "DEFAULT_STREAM",
     "DEFAULT_SUBJECT",
+    "PARKED_DELIVERIES",
+    "PARKED_REASON",
+    "PARKED_SEQUENCE",
+    "PARKED_STREAM",
+    "PARKED_SUBJECT",
     "JetStream",
     "QueueConfig",
     "QueueUnavailable",
@@ -56,6 +68,14 @@ DEFAULT_CONSUMER: Final = "idstitch-workers"
 DEFAULT_ACK_WAIT: Final = 60.0  # seconds; workers also report progress while a long group commits
 DEFAULT_MAX_ACK_PENDING: Final = 10_000  # delivered, unacknowledged messages over all workers together
 DUPLICATE_WINDOW: Final = 120.0  # seconds in which a re-sent publish (same Nats-Msg-Id) is stored once
+
+# The headers of a parked request: why it was parked, and where it came from.
+PARKED_REASON: Final = "Idstitch-Parked-Reason"
+PARKED_STREAM: Final = "Idstitch-Original-Stream"
+PARKED_SUBJECT: Final = "Idstitch-Original-Subject"
+PARKED_SEQUENCE: Final = "Idstitch-Original-Sequence"
+PARKED_DELIVERIES: Final = "Idstitch-Deliveries"
+_MAX_REASON = 500  # characters of the reason header: the log line has it whole
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")  # stream and consumer names: no dots, wildcards or blanks
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -88,6 +108,23 @@ class QueueConfig:
     def subject_for(self, space: str) -> str:
         """The subject a space's requests are published to."""
         return f"{self.subject}.{_subject_token(space)}"
+
+    @property
+    def dead_stream(self) -> str:
+        """The dead-letter stream, where workers park the requests they cannot resolve."""
+        return f"{self.stream}_DEAD"
+
+    @property
+    def dead_filter_subject(self) -> str:
+        """Every subject of the dead-letter stream.
+
+        Beside the stream's subjects, not under them: two streams may not share a subject.
+        """
+        return f"{self.subject}_dead.>"
+
+    def dead_subject_for(self, subject: str) -> str:
+        """The dead-letter subject of a request published to `subject`: the same space token."""
+        return f"{self.subject}_dead{subject.removeprefix(self.subject)}"
 
     @property
     def shown_servers(self) -> str:
@@ -153,6 +190,10 @@ class JetStream:
         self.js: JetStreamContext = client.jetstream()
         self.last_error: Exception | None = None
         self.stream_max_msg_size: int | None = None  # the stream's own limit, when an operator set one
+        self.stream_storage = StorageType.FILE  # the stream's, for the dead-letter stream
+        self.stream_replicas: int | None = None
+        self._recovering = asyncio.Lock()
+        self._recoveries = 0  # streams recreated: concurrent publishes that found none recreate it once
         self._quiet = True  # until connected, failures end in one error, not a log line per attempt
 
     @classmethod
@@ -220,11 +261,6 @@ class JetStream:
 
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or check that an existing one of that name holds our subjects."""
-        info = await self._ensure_stream()
-        self.stream_max_msg_size = info.config.max_msg_size
-        return info
-
-    async def _ensure_stream(self) -> StreamInfo:
         queue = self.queue
         config = StreamConfig(
             name=queue.stream,
@@ -235,24 +271,92 @@ class JetStream:
             discard=DiscardPolicy.NEW,
             duplicate_window=DUPLICATE_WINDOW,
         )
+        info = await self._ensure(queue.stream, config, queue.filter_subject)
+        self.stream_max_msg_size = info.config.max_msg_size
+        self.stream_storage = info.config.storage or StorageType.FILE
+        self.stream_replicas = info.config.num_replicas
+        return info
+
+    async def recover_stream(self, seen: int, cause: Exception) -> None:
+        """Create the stream again after a publish found none; `seen`: the recreations counted before it.
+
+        Publishes under way when the stream vanished all fail alike: the first recreates it, the others
+        find the count moved on and publish again at once.
+        """
+        async with self._recovering:
+            if self._recoveries != seen:
+                return
+            await self.ensure_stream()
+            self._recoveries += 1
+        _log.warning(
+            "JetStream stream was missing; recreated it",
+            extra={"stream": self.queue.stream, "error": f"{type(cause).__name__}: {cause}"},
+        )
+
+    async def ensure_dead_stream(self) -> StreamInfo:
+        """Create the dead-letter stream (on the stream's storage and replicas), or check an existing one.
+
+        Limits retention and no limits: a parked request stays until an operator replays or deletes it.
+        """
+        queue = self.queue
+        config = StreamConfig(
+            name=queue.dead_stream,
+            description=f"idstitch queue mode: requests parked by workers of stream {queue.stream}",
+            subjects=[queue.dead_filter_subject],
+            retention=RetentionPolicy.LIMITS,
+            storage=self.stream_storage,
+            num_replicas=self.stream_replicas,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=DUPLICATE_WINDOW,
+        )
+        return await self._ensure(queue.dead_stream, config, queue.dead_filter_subject)
+
+    async def _ensure(self, name: str, config: StreamConfig, subject: str) -> StreamInfo:
         try:
             return await self.js.add_stream(config)
         except nats.js.errors.APIError as error:
             try:
-                info = await self.js.stream_info(queue.stream)
+                info = await self.js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 # Not ours and not there: our subjects overlap another stream's, most likely.
                 raise ConfigError(
-                    f"cannot create JetStream stream {queue.stream}: {error.description or error}"
+                    f"cannot create JetStream stream {name}: {error.description or error}"
                 ) from None
         # An existing stream an operator tuned (limits, replicas) is used as it is, if our subjects land there.
         subjects = info.config.subjects or []
-        if queue.filter_subject not in subjects and ">" not in subjects:
+        if subject not in subjects and ">" not in subjects:
             raise ConfigError(
-                f"JetStream stream {queue.stream} exists with subjects {', '.join(subjects) or 'none'}, "
-                f"not {queue.filter_subject}: choose another stream or subject in the queue URL"
+                f"JetStream stream {name} exists with subjects {', '.join(subjects) or 'none'}, "
+                f"not {subject}: choose another stream or subject in the queue URL"
             )
         return info
+
+    async def park(self, msg: Msg, reason: str) -> PubAck:
+        """Copy a delivered queue message, bytes unchanged, to the dead-letter stream; headers say why and whence.
+
+        Its `Nats-Msg-Id` names the original (stream, sequence, time): parking it again, after a `term`
+        that was lost, stores it once.
+        """
+        queue = self.queue
+        metadata = msg.metadata
+        sequence = metadata.sequence.stream
+        headers = {
+            "Nats-Msg-Id": f"{metadata.stream}:{sequence}:{metadata.timestamp.isoformat()}",
+            PARKED_REASON: _header_value(reason)[:_MAX_REASON],
+            PARKED_STREAM: metadata.stream,
+            PARKED_SUBJECT: msg.subject,
+            PARKED_SEQUENCE: str(sequence),
+            PARKED_DELIVERIES: str(metadata.num_delivered),
+        }
+        # Created when first needed, and again if it was deleted since: parking is rare, one API call cheap.
+        await self.ensure_dead_stream()
+        return await self.js.publish(
+            queue.dead_subject_for(msg.subject),
+            msg.data,
+            timeout=5.0,
+            stream=queue.dead_stream,
+            headers=headers,
+        )
 
     async def ensure_consumer(self) -> ConsumerInfo:
         """Create the workers' durable pull consumer, or bring its settings up to date (all workers share it)."""
@@ -263,7 +367,9 @@ class JetStream:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=queue.ack_wait,
-            max_deliver=-1,  # a failed ingest is retried (with a delay) until it lands; garbage is terminated
+            # Unbounded here: the worker counts deliveries itself and parks a request that keeps failing.
+            # With a bound, JetStream would stop delivering it and leave it in the stream, unseen.
+            max_deliver=-1,
             filter_subject=queue.filter_subject,
             max_ack_pending=DEFAULT_MAX_ACK_PENDING,
         )
@@ -284,8 +390,10 @@ class JetStream:
         deadline = time.monotonic() + timeout
         attempt = 0
         sent = False
+        recreated = False
         while True:
             remaining = deadline - time.monotonic()
+            seen = self._recoveries
             try:
                 if not self.client.is_connected:
                     # A publish now would wait in the client's reconnect buffer and go out when NATS is
@@ -299,13 +407,29 @@ class JetStream:
                     stream=self.queue.stream,
                     headers={"Nats-Msg-Id": message_id},
                 )
+            except nats.js.errors.NoStreamResponseError as error:
+                # No stream takes the subject: it was deleted, or lost in a NATS restart without
+                # persistent storage. Waiting would not bring it back: recreate it, publish again at once.
+                last: Exception = error
+                if not recreated:
+                    recreated = True
+                    try:
+                        await self.recover_stream(seen, error)
+                    except ConfigError as failure:
+                        raise QueueUnavailable(
+                            f"JetStream stream {self.queue.stream} is missing and cannot be recreated: {failure}"
+                        ) from None
+                    except (nats.errors.Error, OSError) as failure:  # JetStream not ready yet, say
+                        last = failure
+                    else:
+                        continue
             except nats.js.errors.ServiceUnavailableError as error:
                 if error.err_code is not None:
                     # A full stream answers 503 with a reason (10077: maximum messages / bytes exceeded).
                     raise QueueUnavailable(
                         f"JetStream stream {self.queue.stream} refused the message: {error.description or error}"
                     ) from None
-                last: Exception = error  # JetStream itself is briefly unavailable
+                last = error  # JetStream itself is briefly unavailable
             except nats.js.errors.APIError as error:
                 # The stream refused it (the subject is not ours, say): retrying now would not help.
                 raise QueueUnavailable(
@@ -341,6 +465,11 @@ class JetStream:
             _log.warning(
                 "NATS connection closed uncleanly", extra={"error": f"{type(error).__name__}: {error}"}
             )
+
+
+def _header_value(text: str) -> str:
+    """Text as one header value: one line, ASCII (other characters \\u-escaped; NATS clients differ on them)."""
+    return " ".join(text.split()).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _subject_token(space: str) -> str:

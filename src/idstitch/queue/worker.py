@@ -9,9 +9,16 @@ Delivery is at least once: a worker that dies between its commit and its acks ha
 delivered again (after the consumer's ack_wait) to another worker, which finds their `messageId`s
 stored and counts them as duplicates. Each message therefore has exactly one effect on the store.
 A group that fails is written again one request at a time, so one bad request does not hold back the
-others; a request that still fails is nak'ed with a growing delay and comes back later. A JetStream
-message that is not a queued request at all is terminated, with its reason logged: retrying it could
-never succeed.
+others; a request that still fails is nak'ed with a growing delay and comes back later. A request
+that cannot succeed however often it comes back (its space is unknown to this worker's config, say),
+or that has failed on `max_deliveries` deliveries for a reason other than the store being unavailable
+(an outage is waited out, however long), is *parked*: copied to the dead-letter stream with its
+reason, and only then terminated, so that nothing is lost and nothing is retried forever. So is a
+JetStream message that is not a queued request at all (or one only a newer worker reads).
+
+A consumer whose stream was deleted (or lost in a NATS restart without persistent storage) answers a
+fetch as an empty queue does, with nothing; so an idle worker asks for its consumer now and then, and
+recreates stream and consumer when they are gone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -28,17 +36,40 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
+import psycopg
+import psycopg.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from idstitch.core.errors import ConfigError, IdstitchError, InvalidEvent
 from idstitch.engine import Engine, IngestBatch, IngestResult, OutcomeCounts
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
+from idstitch.storage.base import StoreConflict
 
 __all__ = ["QueueWorker", "WorkerSummary", "run_worker"]
 
 _log = logging.getLogger("idstitch.queue")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Failures that every delivery would repeat: the worker's config lacks the request's space, the request
+# as a whole is invalid. Retrying only delays the request until an operator replays it.
+_HOPELESS = (ConfigError, InvalidEvent)
+
+
+def _store_unavailable(error: Exception) -> bool:
+    """Whether the store could not be reached or kept losing to other writers: worth waiting out, however
+    long it lasts (a PostgreSQL outage), never a reason to park; a row too big to index is no outage."""
+    if isinstance(error, psycopg.errors.ProgramLimitExceeded):
+        return False
+    return isinstance(
+        error,
+        StoreConflict
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | sqlite3.OperationalError
+        | OSError,
+    )
 
 
 @dataclass(slots=True)
@@ -48,7 +79,7 @@ class WorkerSummary(OutcomeCounts):
     queue_messages: int = 0  # JetStream messages committed and acknowledged
     commits: int = 0
     retried: int = 0  # JetStream messages nak'ed after a failed ingest, to come back later
-    terminated: int = 0  # JetStream messages that could not be decoded, never to come back
+    parked: int = 0  # JetStream messages copied to the dead-letter stream, then terminated
     seconds: float = 0.0
 
     def add(self, result: IngestResult) -> None:
@@ -64,7 +95,7 @@ class WorkerSummary(OutcomeCounts):
             **self.counts(),
             "commits": self.commits,
             "retried": self.retried,
-            "terminated": self.terminated,
+            "parked": self.parked,
             "seconds": round(self.seconds, 3),
             "messages_per_second": rate,
         }
@@ -83,11 +114,15 @@ class QueueWorker:
         fetch_timeout: float = 1.0,
         retry_delay: float = 1.0,
         max_retry_delay: float = 60.0,
+        max_deliveries: int = 10,
+        consumer_check: float = 5.0,
         drain: bool = False,
         stop: threading.Event | None = None,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
         self.engine = engine
         self.queue = parse_queue_url(queue) if isinstance(queue, str) else queue
         self.batch = batch
@@ -96,6 +131,10 @@ class QueueWorker:
         self.fetch_timeout = fetch_timeout
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        self.max_deliveries = max_deliveries
+        # Seconds between two looks at the consumer while the queue is idle (with `drain`, at each).
+        self.consumer_check = consumer_check
+        self._next_check = 0.0
         self.drain = drain
         self.stop = stop or threading.Event()
         self.summary = WorkerSummary()
@@ -140,39 +179,82 @@ class QueueWorker:
             try:
                 fetched = await subscription.fetch(self.batch, timeout=self.fetch_timeout)
             except TimeoutError:  # nats' own TimeoutError is one too: nothing came
-                if self.drain and await _drained(subscription):
+                if await self._idle(jetstream, subscription):
                     return
                 continue
             except (nats.errors.Error, OSError) as error:
                 # Disconnected, say: the client reconnects by itself; try again shortly.
                 _log.warning("fetch failed; retrying", extra={"error": f"{type(error).__name__}: {error}"})
+                self._next_check = 0.0  # and see at the next idle fetch whether the consumer is still there
                 await asyncio.sleep(min(self.fetch_timeout, 1.0))
                 continue
             # A stop requested meanwhile still lets this group finish: it is committed and acked.
             await self._handle(jetstream, fetched)
 
+    async def _idle(self, jetstream: JetStream, subscription: JetStreamContext.PullSubscription) -> bool:
+        """After a fetch that brought nothing: whether to stop (`drain`, and nothing is left).
+
+        Also where a lost consumer is noticed: a fetch from one that no longer exists only times out.
+        """
+        now = time.monotonic()
+        if not self.drain and now < self._next_check:
+            return False
+        self._next_check = now + self.consumer_check
+        try:
+            info = await subscription.consumer_info()
+        except nats.js.errors.NotFoundError as error:  # the consumer, or its whole stream
+            await self._recover(jetstream, error)
+            return False
+        except (nats.errors.Error, OSError):
+            return False  # disconnected, say: not drained as far as anyone can tell
+        # Parked messages count in neither figure: only what may still be delivered does.
+        return self.drain and not info.num_pending and not info.num_ack_pending
+
+    async def _recover(self, jetstream: JetStream, cause: Exception) -> None:
+        """Create the stream (if it is gone) and the consumer again; the subscription fetches from it by name."""
+        queue = self.queue
+        try:
+            await jetstream.ensure_stream()
+            await jetstream.ensure_consumer()
+        except (IdstitchError, nats.errors.Error, OSError) as error:
+            _log.error(
+                "JetStream consumer is missing and could not be recreated; trying again",
+                extra={
+                    "stream": queue.stream,
+                    "consumer": queue.consumer,
+                    "error": f"{type(error).__name__}: {error}",
+                },
+            )
+            return
+        _log.warning(
+            "JetStream consumer was missing; recreated it and its stream if needed",
+            extra={
+                "stream": queue.stream,
+                "consumer": queue.consumer,
+                "error": f"{type(cause).__name__}: {cause}",
+            },
+        )
+
     async def _handle(self, jetstream: JetStream, fetched: list[Msg]) -> None:
         decoded: list[tuple[Msg, IngestBatch]] = []
         for msg in fetched:
+            # No parking by delivery count alone here: a store outage naks every request again and
+            # again, and all of them would be parked once it ended.
             try:
                 decoded.append((msg, envelope.decode(msg.data)))
             except envelope.UndecodableMessage as error:
-                _log.error(
-                    "undecodable queue message terminated",
-                    extra={**_where(msg), "reason": str(error)},
-                )
-                await _settle(msg.term())
-                self.summary.terminated += 1
-        if not decoded:
-            return
-        async with _in_background(self._report_progress([msg for msg, _ in decoded])):
-            for group in _groups(decoded, self.max_group_messages):
-                await self._ingest(group)
-        # The acks are in the client's buffer: send them now rather than at the next flush.
+                # Parked, not dropped: a request from a newer server (a rolling upgrade) is readable
+                # by a newer worker, and can be replayed to one.
+                await self._park(jetstream, msg, str(error), _deliveries(msg))
+        if decoded:
+            async with _in_background(self._report_progress([msg for msg, _ in decoded])):
+                for group in _groups(decoded, self.max_group_messages):
+                    await self._ingest(jetstream, group)
+        # The acks (and terms) are in the client's buffer: send them now rather than at the next flush.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
             await jetstream.client.flush(timeout=5)
 
-    async def _ingest(self, group: list[tuple[Msg, IngestBatch]]) -> None:
+    async def _ingest(self, jetstream: JetStream, group: list[tuple[Msg, IngestBatch]]) -> None:
         loop = asyncio.get_running_loop()
         batches = [batch for _, batch in group]
         try:
@@ -181,17 +263,9 @@ class QueueWorker:
             if len(group) > 1:
                 # One request's failure must not fail the others: write each alone.
                 for item in group:
-                    await self._ingest([item])
+                    await self._ingest(jetstream, [item])
                 return
-            msg = group[0][0]
-            delay = self._delay(msg)
-            _log.error(
-                "ingest failed; the queue message will be delivered again",
-                extra={**_where(msg), "retry_in_s": delay, "error": f"{type(error).__name__}: {error}"},
-                exc_info=True,
-            )
-            await _settle(msg.nak(delay=delay))
-            self.summary.retried += 1
+            await self._failed(jetstream, group[0][0], error)
             return
         self.summary.commits += 1
         for (msg, batch), result in zip(group, results, strict=True):
@@ -212,6 +286,54 @@ class QueueWorker:
             await _settle(msg.ack())
         self.summary.queue_messages += len(group)
 
+    async def _failed(self, jetstream: JetStream, msg: Msg, error: Exception) -> None:
+        """A request that failed alone: parked if retrying cannot help or has not, else nak'ed to come back."""
+        failure = f"{type(error).__name__}: {error}"
+        deliveries = _deliveries(msg)
+        if isinstance(error, _HOPELESS):
+            await self._park(jetstream, msg, failure, deliveries)
+            return
+        if deliveries >= self.max_deliveries and not _store_unavailable(error):
+            await self._park(
+                jetstream, msg, f"failed on each of {deliveries} deliveries, last: {failure}", deliveries
+            )
+            return
+        delay = self._delay(deliveries)
+        _log.error(
+            "ingest failed; the queue message will be delivered again",
+            extra={**_where(msg), "retry_in_s": delay, "error": failure},
+            exc_info=True,
+        )
+        await _settle(msg.nak(delay=delay))
+        self.summary.retried += 1
+
+    async def _park(self, jetstream: JetStream, msg: Msg, reason: str, deliveries: int) -> None:
+        """Copy the message to the dead-letter stream, then terminate it; if the copy fails, nak it instead."""
+        try:
+            ack = await jetstream.park(msg, reason)
+        except (IdstitchError, nats.errors.Error, OSError, ValueError) as error:
+            # Not copied, so not terminated: it stays in the queue and is parked on a later delivery.
+            delay = self._delay(deliveries)
+            _log.error(
+                "could not park a queue message; it will be delivered again",
+                extra={
+                    **_where(msg),
+                    "reason": reason,
+                    "retry_in_s": delay,
+                    "error": f"{type(error).__name__}: {error}",
+                },
+            )
+            await _settle(msg.nak(delay=delay))
+            self.summary.retried += 1
+            return
+        _log.error(
+            "queue message parked",
+            extra={**_where(msg), "reason": reason, "dead_stream": ack.stream, "dead_sequence": ack.seq},
+        )
+        # Only now: until the copy was acknowledged, the original was the only one.
+        await _settle(msg.term())
+        self.summary.parked += 1
+
     async def _report_progress(self, messages: list[Msg]) -> None:
         """Tell JetStream, well within ack_wait, that messages still waiting for their commit are being worked on."""
         while True:
@@ -220,12 +342,8 @@ class QueueWorker:
                 if not msg.is_acked:
                     await _settle(msg.in_progress())
 
-    def _delay(self, msg: Msg) -> float:
+    def _delay(self, deliveries: int) -> float:
         """Seconds before a failed message comes back: doubling with each delivery, up to a bound."""
-        try:
-            deliveries = msg.metadata.num_delivered or 1
-        except (nats.errors.Error, ValueError, IndexError):
-            deliveries = 1
         return float(min(self.retry_delay * 2 ** min(deliveries - 1, 16), self.max_retry_delay))
 
 
@@ -238,6 +356,8 @@ def run_worker(
     fetch_timeout: float = 1.0,
     retry_delay: float = 1.0,
     max_retry_delay: float = 60.0,
+    max_deliveries: int = 10,
+    consumer_check: float = 5.0,
     drain: bool = False,
     stop: threading.Event | None = None,
     on_start: Callable[[str], None] | None = None,
@@ -256,6 +376,8 @@ def run_worker(
         fetch_timeout=fetch_timeout,
         retry_delay=retry_delay,
         max_retry_delay=max_retry_delay,
+        max_deliveries=max_deliveries,
+        consumer_check=consumer_check,
         drain=drain,
         stop=stop,
     )
@@ -291,13 +413,12 @@ async def _in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]
             await task
 
 
-async def _drained(subscription: JetStreamContext.PullSubscription) -> bool:
-    """Whether nothing is left: no message waiting, none delivered and unacknowledged (or due again)."""
+def _deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered this message, this time included."""
     try:
-        info = await subscription.consumer_info()
-    except (nats.errors.Error, OSError):
-        return False
-    return not info.num_pending and not info.num_ack_pending
+        return msg.metadata.num_delivered or 1
+    except (nats.errors.Error, ValueError, IndexError):
+        return 1
 
 
 async def _settle(action: Awaitable[None]) -> None:

@@ -767,6 +767,10 @@ class MemoryTransaction:
             found = table.get(item)
             if found is not None and not found.retired:
                 self._set_attr(found, "retired", True)
+        for item in resolution.revived:
+            found = table.get(item)
+            if found is not None and found.retired:
+                self._set_attr(found, "retired", False)
         for item in resolution.device_owned:
             found = table.get(item)
             if found is not None and (found.device_owner_at is None or found.device_owner_at <= now):

@@ -558,14 +558,15 @@ class PostgresTransaction(GraphCacheReader):
             entry = graph.identifiers.get(key)
             if entry is None or entry.seen_at(now):
                 writes.touch(key, now)
-        for item in resolution.retired:
-            key = (space, item.collection, item.type, item.value)
-            entry = graph.identifiers.get(key)
-            if entry is not None:
-                if entry.retired:
-                    continue
-                entry.retired = True
-            writes.retire(key)
+        for retired, items in ((True, resolution.retired), (False, resolution.revived)):
+            for item in items:
+                key = (space, item.collection, item.type, item.value)
+                entry = graph.identifiers.get(key)
+                if entry is not None:
+                    if entry.retired == retired:
+                        continue
+                    entry.retired = retired
+                writes.set_retired(key, retired)
         for item in resolution.device_owned:
             key = (space, item.collection, item.type, item.value)
             entry = graph.identifiers.get(key)

@@ -54,8 +54,8 @@ _REFRESH_SQL = (
     f"(r->>7)::bigint AS owner_at FROM {_ROWS}) AS u WHERE {_SAME_KEY}"
 )
 _RETIRE_SQL = (
-    f"UPDATE identifiers AS i SET retired = true FROM (SELECT {_KEYS} FROM {_ROWS}) AS u "
-    f"WHERE {_SAME_KEY} AND NOT i.retired"
+    f"UPDATE identifiers AS i SET retired = u.retired FROM (SELECT {_KEYS}, (r->>4)::boolean AS retired "
+    f"FROM {_ROWS}) AS u WHERE {_SAME_KEY} AND i.retired <> u.retired"
 )
 _EVIDENCE_SQL = (
     "INSERT INTO evidence (space, collection, type, value, other_type, other_value, last_seen) "
@@ -141,9 +141,9 @@ class HeldWrites:
         """A device identifier used by `owner` at `at`."""
         self._rows.append((_OWN, (key, owner, at)))
 
-    def retire(self, key: IdentifierKey) -> None:
-        """An identifier an alias retired."""
-        self._rows.append((_RETIRE, key))
+    def set_retired(self, key: IdentifierKey, retired: bool) -> None:
+        """An identifier an alias retired, or made current again."""
+        self._rows.append((_RETIRE, (key, retired)))
 
     def evidence(self, key: IdentifierKey, other: tuple[str, str], at: int) -> None:
         """An identifier seen with a more trusted one (type, value) at `at`."""
@@ -202,7 +202,9 @@ class HeldWrites:
             refreshed = refreshed_rows(kinds[_TOUCH], kinds[_OWN])
             cursor.execute(_REFRESH_SQL, _rows([(*key, *row) for key, row in refreshed.items()]))
         if kinds[_RETIRE]:
-            cursor.execute(_RETIRE_SQL, _rows(list(dict.fromkeys(kinds[_RETIRE]))))
+            # One row per identifier, its last word: an alias back and forth in one transaction.
+            last = dict(kinds[_RETIRE])
+            cursor.execute(_RETIRE_SQL, _rows([(*key, retired) for key, retired in last.items()]))
         if kinds[_EVIDENCE]:
             pairs = newest_pairs(kinds[_EVIDENCE])
             cursor.execute(_EVIDENCE_SQL, _rows([(*key, *other, at) for (key, other), at in pairs.items()]))

@@ -892,6 +892,16 @@ class SQLiteTransaction(GraphCacheReader):
                 entry = self._identifier((space, item.collection, item.type, item.value))
                 if entry is not None:
                     entry.retired = True
+        if resolution.revived:
+            self._hold(
+                "UPDATE identifiers SET retired = 0 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                [(space, item.collection, item.type, item.value) for item in resolution.revived],
+                barrier=True,
+            )
+            for item in resolution.revived:
+                entry = self._identifier((space, item.collection, item.type, item.value))
+                if entry is not None:
+                    entry.retired = False
         for item in resolution.device_owned:
             key = (space, item.collection, item.type, item.value)
             entry = self._identifier(key)
