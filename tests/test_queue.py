@@ -313,27 +313,6 @@ def drain(engine: Engine, url: str, **options: Any) -> WorkerSummary:
     return run_worker(engine, url, drain=True, fetch_timeout=0.5, **options)
 
 
-@contextmanager
-def captured(logger: str = "idstitch.queue") -> Iterator[list[logging.LogRecord]]:
-    """The records a logger emits meanwhile (whatever handlers other tests configured)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(logging.DEBUG)
-    target = logging.getLogger(logger)
-    previous = target.level
-    target.addHandler(handler)
-    target.setLevel(logging.DEBUG)
-    try:
-        yield records
-    finally:
-        target.removeHandler(handler)
-        target.setLevel(previous)
-
-
 class Watch(logging.Handler):
     """Keeps a logger's records; a test waits on it for a line instead of sleeping."""
 
@@ -372,6 +351,13 @@ def watched(logger: str = "idstitch.queue") -> Iterator[Watch]:
     finally:
         target.removeHandler(watch)
         target.setLevel(previous)
+
+
+@contextmanager
+def captured(logger: str = "idstitch.queue") -> Iterator[list[logging.LogRecord]]:
+    """The records a logger emits meanwhile (whatever handlers other tests configured)."""
+    with watched(logger) as watch:
+        yield watch.records
 
 
 # -- the queue URL and the message format -------------------------------------------------------------

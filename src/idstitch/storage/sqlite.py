@@ -881,27 +881,19 @@ class SQLiteTransaction(GraphCacheReader):
             entry = self._identifier(key)
             if entry is not None and entry.seen_at(now):  # unchanged: no write
                 self._touches.append((key, now))
-        if resolution.retired:
+        for retired, items in ((True, resolution.retired), (False, resolution.revived)):
+            if not items:
+                continue
             self._hold(
-                "UPDATE identifiers SET retired = 1 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
-                [(space, item.collection, item.type, item.value) for item in resolution.retired],
+                "UPDATE identifiers SET retired = ? WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                [(int(retired), space, item.collection, item.type, item.value) for item in items],
                 barrier=True,
             )
-            for item in resolution.retired:
+            for item in items:
                 # Read into the cache if missing: the UPDATE is held, so the cache is what reads see.
                 entry = self._identifier((space, item.collection, item.type, item.value))
                 if entry is not None:
-                    entry.retired = True
-        if resolution.revived:
-            self._hold(
-                "UPDATE identifiers SET retired = 0 WHERE space = ? AND collection = ? AND type = ? AND value = ?",
-                [(space, item.collection, item.type, item.value) for item in resolution.revived],
-                barrier=True,
-            )
-            for item in resolution.revived:
-                entry = self._identifier((space, item.collection, item.type, item.value))
-                if entry is not None:
-                    entry.retired = False
+                    entry.retired = retired
         for item in resolution.device_owned:
             key = (space, item.collection, item.type, item.value)
             entry = self._identifier(key)
