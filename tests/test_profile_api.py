@@ -213,7 +213,7 @@ async def test_external_ids_full_body_and_include(api: Api) -> None:
         ],
         "cursor": {"url": f"{USERS}/user_id:u1/external_ids", "has_more": False, "next": "", "limit": 10},
     }
-    _, only = await api.get(f"{USERS}/user_id:u1/external_ids", include="user_id,email", verbose="true")
+    _, only = await api.get(f"{USERS}/user_id:u1/external_ids", include="USER_ID,Email", verbose="true")
     assert [(item["type"], item["id"]) for item in only["data"]] == [("email", "j@x.io"), ("user_id", "u1")]
     assert only["data"][1]["last_seen"] == "2026-01-05T09:10:00.000Z"
     assert only["data"][1]["suspect"] is False and only["data"][1]["retired"] is False
@@ -573,6 +573,9 @@ def test_profile_worker_processes_share_one_budget_per_token() -> None:
         (f"{USERS}/u1/traits", {}, 400, "validation_error"),
         (f"{USERS}/user_id:/traits", {}, 400, "validation_error"),
         (f"{USERS}/:u1/traits", {}, 400, "validation_error"),
+        (f"{USERS}/user_id:%ZZ/traits", {}, 400, "validation_error"),  # a broken escape is no profile id
+        (f"{USERS}/user_id:%C3/traits", {}, 400, "validation_error"),  # half a UTF-8 character
+        ("/v1/spaces/%FF/collections/users/profiles/user_id:u1/traits", {}, 400, "validation_error"),
         ("/v1/spaces/app/collections/people/profiles/user_id:u1/traits", {}, 400, "validation_error"),
         (f"{USERS}/user_id:u1/traits", {"limit": "0"}, 400, "validation_error"),
         (f"{USERS}/user_id:u1/traits", {"limit": "201"}, 400, "validation_error"),

@@ -16,6 +16,7 @@ import base64
 import binascii
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -290,7 +291,8 @@ class ProfileAPI:
         query = _Query(call)
         limit = query.limit("external_ids")
         verbose = query.boolean("verbose")
-        include = query.names("include")
+        # Types are lower-case, as in a path's `type:value`, which takes any case too.
+        include = {name.lower() for name in query.names("include")}
         after = query.cursor_key("next")
         query.done()
         items = [
@@ -524,12 +526,27 @@ def _route_of(call: _Call) -> str:
     return f"/v1/spaces/{{space}}/collections/{call.collection}/profiles/{{id}}/{call.resource}"
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _path_part(text: str, name: str) -> str:
+    """One segment of the path, percent-decoded; a broken escape or non-UTF-8 bytes are a 400, not a 404."""
+    try:
+        if _BAD_ESCAPE.search(text):
+            raise ValueError
+        return unquote(text, errors="strict")
+    except ValueError:  # UnicodeDecodeError is one
+        raise _problem(
+            400, "validation_error", f"The parameter `{name}` is not percent-encoded UTF-8: {text!r}"
+        ) from None
+
+
 def _parse_call(path: str, query_string: bytes) -> _Call:
     parts = path.split("/")
     # ["", "v1", "spaces", space, ...]
     if len(parts) < 5 or parts[1] != "v1" or parts[2] not in ("spaces", "namespaces"):
         raise _problem(404, "not_found", f"no route {path}")
-    space = unquote(parts[3])
+    space = _path_part(parts[3], "space")
     rest = parts[4:]
     query = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     if not space:
@@ -538,14 +555,14 @@ def _parse_call(path: str, query_string: bytes) -> _Call:
     if tail in SPACE_RESOURCES:
         return _Call(space, tail, path, query)
     if len(rest) == 5 and rest[0] == "collections" and rest[2] == "profiles":
-        collection = unquote(rest[1])
+        collection = _path_part(rest[1], "collection")
         if collection not in COLLECTIONS:
             raise _problem(
                 400,
                 "validation_error",
                 f"The parameter `collection` must be users or accounts, got {collection!r}",
             )
-        profile_id = unquote(rest[3])
+        profile_id = _path_part(rest[3], "id")
         if not profile_id:
             raise _problem(400, "validation_error", "The parameter `id` is empty: expected type:value")
         resource = rest[4]
