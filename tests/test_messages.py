@@ -1271,6 +1271,30 @@ def test_bytes_that_are_not_utf8_become_u_fffd_in_their_element_and_the_batch_la
     ]
 
 
+def test_in_a_batch_only_the_element_nested_past_the_decoders_depth_is_refused() -> None:
+    good = b'{"type": "track", "event": "E [x], {y}", "userId": "u1"}'  # brackets inside strings
+    deep = b'{"type": "track", "event": "E", "userId": "u2", "p": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    body = (
+        b'{"sentAt": "2026-01-01T00:00:00Z", "batch": ['
+        + good
+        + b", "
+        + deep
+        + b", "
+        + good
+        + b'], "x": [1]}'
+    )
+    document = decode_document(body)
+    assert isinstance(document, dict)
+    assert (document["sentAt"], document["x"]) == ("2026-01-01T00:00:00Z", [1])
+    first, refused, last = document["batch"]
+    assert first == last == {"type": "track", "event": "E [x], {y}", "userId": "u1"}
+    assert isinstance(refused, InvalidEvent) and "nested deeper" in str(refused)
+    # No batch to split, or an envelope that is itself too deep: the whole body, as before.
+    for whole in (deep, b'{"context": ' + b"[" * 1000 + b"]" * 1000 + b', "batch": [' + good + b"]}"):
+        with pytest.raises(InvalidEvent, match="nested deeper"):
+            decode_document(whole)
+
+
 def test_json_nested_past_the_decoders_depth_is_an_invalid_event_not_a_crash() -> None:
     deep = b'{"type": "track", "event": "E", "userId": "u1", "p": ' + b"[" * 1000 + b"]" * 1000 + b"}"
     for decode in (decode_json, decode_document):

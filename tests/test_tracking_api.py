@@ -373,6 +373,11 @@ async def test_a_string_cut_mid_emoji_is_kept_and_an_unholdable_element_is_rejec
     deep = '{"userId": "u7", "event": "E", "p": ' + "[" * 1000 + "]" * 1000 + "}"
     status, answer = await api.post("/v1/track", content=deep.encode())
     assert status == 400 and "nested deeper" in answer["message"]
+    # In a batch, that element alone: the others land.
+    batch = '{"batch": [' + json.dumps(track(8)) + "," + deep + "]}"
+    status, answer = await api.post("/v1/batch", content=batch.encode())
+    assert status == 200 and [item["index"] for item in answer["rejected"]] == [1], answer
+    assert "nested deeper" in answer["rejected"][0]["error"] and "m8" in api.event_ids()
 
 
 async def test_a_rejected_message_is_named_by_the_id_it_was_sent_with_and_logged_with_its_reason(

@@ -152,8 +152,14 @@ def decode_document(data: bytes) -> object:
                     parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
                 )
             )
-        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        except ValueError:  # JSONDecodeError is a ValueError
             raise strict from None
+        except RecursionError:
+            # Nested past the decoder's depth: in a batch, that element alone is refused.
+            salvaged = _batch_without_deep_elements(data)
+            if salvaged is None:
+                raise strict from None
+            return salvaged
     else:
         if not _MAY_OVERFLOW.search(data):
             return document  # msgspec read it all and no number can be infinite: no need to look
@@ -176,6 +182,73 @@ def decode_document(data: bytes) -> object:
         )
     envelope["batch"] = elements
     return envelope
+
+
+def _batch_without_deep_elements(data: bytes) -> dict[str, object] | None:
+    """A batch envelope whose elements are decoded one by one (one nested too deep becomes an
+    InvalidEvent); None when `data` is no batch envelope, or its envelope itself cannot be read."""
+    text = data.removeprefix(_BOM).decode("utf-8", "replace")
+    split = _split_batch(text)
+    if split is None or not split[1]:
+        return None  # no batch, or an empty one: the depth is the envelope's own
+    envelope_text, pieces = split
+    try:
+        envelope = decode_document(envelope_text.encode())
+    except InvalidEvent:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    elements: list[object] = []
+    for piece in pieces:
+        try:
+            elements.append(decode_document(piece.encode()))
+        except InvalidEvent as error:
+            elements.append(InvalidEvent("", str(error)))
+    envelope["batch"] = elements
+    return envelope
+
+
+def _split_batch(text: str) -> tuple[str, list[str]] | None:
+    """The envelope's text with an empty `batch`, and each element's text; None without a top-level batch.
+
+    A scan for brackets outside strings, not a parse: each piece is decoded on its own afterwards.
+    """
+    depth = 0
+    index = 0
+    length = len(text)
+    last_string = ""  # at depth 1, the key a value follows
+    opened = closed = -1
+    start = -1
+    pieces: list[str] = []
+    while index < length:
+        char = text[index]
+        if char == '"':
+            end = index + 1
+            while end < length and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if end >= length:
+                return None
+            if depth == 1:
+                last_string = text[index + 1 : end]
+            index = end + 1
+            continue
+        if char in "[{":
+            depth += 1
+            if char == "[" and depth == 2 and opened < 0 and last_string == "batch":
+                opened, start = index, index + 1
+        elif char in "]}":
+            if char == "]" and depth == 2 and opened >= 0 and closed < 0:
+                if text[start:index].strip():
+                    pieces.append(text[start:index])
+                closed = index
+            depth -= 1
+        elif char == "," and depth == 2 and opened >= 0 and closed < 0:
+            pieces.append(text[start:index])
+            start = index + 1
+        index += 1
+    if closed < 0:
+        return None
+    return text[:opened] + "[]" + text[closed + 1 :], pieces
 
 
 def _refuse_unrepresentable(value: object) -> None:
