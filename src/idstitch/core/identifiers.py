@@ -190,18 +190,25 @@ def _alias_previous(
     if not candidates:
         return ()  # only whitespace, which normalisation took away: absent, as "" is
     shown = candidates[-1]
-    if DAMAGED_CHARACTER in raw:
-        dropped.append(Dropped(shown, DAMAGED_REASON))
-    elif _too_long(raw):
-        dropped.append(Dropped(shown, _too_long_reason(raw)))
-    elif rules.blocked.matches(shown.value):
-        dropped.append(Dropped(shown, f"blocked {rules.blocked.describe_match(shown.value)}"))
-    else:
-        allowed = tuple(item for item in candidates if policy.allows(item.type))
-        if not allowed:
-            dropped.append(Dropped(shown, f"source {policy.name} may not contribute {shown.type}"))
-        return allowed
-    return ()
+    reason = _refusal(shown.value, rules)
+    if reason is not None:
+        dropped.append(Dropped(shown, reason))
+        return ()
+    allowed = tuple(item for item in candidates if policy.allows(item.type))
+    if not allowed:
+        dropped.append(Dropped(shown, f"source {policy.name} may not contribute {shown.type}"))
+    return allowed
+
+
+def _refusal(value: str, rules: IdentityRules) -> str | None:
+    """Why a value can be no identifier of any type (damaged, too long, blocked); None when it can."""
+    if DAMAGED_CHARACTER in value:
+        return DAMAGED_REASON
+    if _too_long(value):
+        return _too_long_reason(value)
+    if rules.blocked.matches(value):
+        return f"blocked {rules.blocked.describe_match(value)}"
+    return None
 
 
 def extract_identifiers(
@@ -273,12 +280,9 @@ def extract_identifiers(
         if normalised in seen:
             continue
         seen.add(normalised)
-        if DAMAGED_CHARACTER in value:
-            dropped.append(Dropped(normalised, DAMAGED_REASON))
-        elif _too_long(value):
-            dropped.append(Dropped(normalised, _too_long_reason(value)))
-        elif rules.blocked.matches(value):
-            dropped.append(Dropped(normalised, f"blocked {rules.blocked.describe_match(value)}"))
+        reason = _refusal(value, rules)
+        if reason is not None:
+            dropped.append(Dropped(normalised, reason))
         elif not policy.allows(normalised.type):
             dropped.append(Dropped(normalised, f"source {policy.name} may not contribute {normalised.type}"))
         elif normalised.collection == "accounts":
