@@ -443,6 +443,20 @@ def test_e11_aliasing_back_makes_the_retired_id_current_again(space: Space) -> N
     assert space.identifiers_of(str(profile)) == {"user_id:u1", "user_id:u2", "anonymous_id:a1"}
 
 
+def test_e11_aliasing_back_never_leaves_two_current_user_ids(space: Space) -> None:
+    # Found by hypothesis: u1 was retired for u4, then named as u2's new id. Making u1 current again
+    # would leave u1 and u4 both current on one profile, over the user_id limit of 1.
+    space.send("alias", previousId="u1", userId="u2", at=at(minutes=1))  # u1 unknown: an anonymous_id
+    profile = space.send("identify", userId="u1", at=at(minutes=2)).profile_id
+    space.send("alias", previousId="u1", userId="u4", at=at(minutes=3))
+    assert space.retired_of(str(profile)) == {"user_id:u1"}
+    back = space.send("alias", previousId="u2", userId="u1", at=at(minutes=4))
+    root = space.profile_of("user_id:u1")
+    current = {item for item in space.identifiers_of(str(root)) if item.startswith("user_id:")}
+    current -= space.retired_of(str(root))
+    assert len(current) == 1, (current, back.dropped)
+
+
 def test_e11_retired_user_id_no_longer_counts_toward_the_limit(space: Space) -> None:
     profile = space.send("identify", userId="old_id", at=at(minutes=1)).profile_id
     space.send("alias", previousId="old_id", userId="new_id", at=at(minutes=2))

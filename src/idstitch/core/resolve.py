@@ -208,8 +208,10 @@ def resolve_collection(
     if attempt.violation is not None:
         # One identifier left and still over a limit: it is already on the profile (a lone identifier
         # cannot merge or be new and break one), so the message lands there, but refreshing its last-seen
-        # would put one window over the limit (a late message), so that refresh is left out.
+        # would put one window over the limit (a late message), so that refresh is left out; so is
+        # making a retired one current again (another alias made a different id current meanwhile).
         touched = []
+        revived = ()
     created = attempt.target is None
     profile_id = attempt.target or new_segment_id(space, message_id, collection)
     created_at = timestamp if created else view.profiles[profile_id].created_at
