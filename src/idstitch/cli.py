@@ -184,13 +184,14 @@ def _user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def _store(url: str, *, must_exist: bool = False) -> Iterator[Store]:
-    if must_exist and url.startswith("sqlite:///"):
+def _store(url: str, *, read_only: bool = False) -> Iterator[Store]:
+    """The store, opened for a command; a reading command's must exist, and it never migrates a schema
+    or needs write rights."""
+    if read_only and url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path not in ("", ":memory:") and not Path(path).exists():
             raise UsageError(f"store {url} does not exist yet (run `idstitch ingest FILE` first)")
-    # Reading commands open the store read-only: they never migrate a schema or need write rights.
-    store = open_store(url, read_only=must_exist)
+    store = open_store(url, read_only=read_only)
     try:
         yield store
     finally:
@@ -641,7 +642,7 @@ def _found_profile(
     """The open store, the space and the root profile an ID names; exit 1 with a message when unknown."""
     _check_collection(collection)
     settings = load_config(config)
-    with _store(store_url, must_exist=True) as opened:
+    with _store(store_url, read_only=True) as opened:
         space_name = _space_for_reading(settings, opened, space, absent_code=1)
         try:
             root = find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)
@@ -801,7 +802,7 @@ def stats(
     """Counts per space: profiles, accounts, identifiers, merges, events, unresolved, suspect, dropped."""
     with _user_errors():
         settings = load_config(config)
-        with _store(store, must_exist=True) as opened:
+        with _store(store, read_only=True) as opened:
             names = [_space_for_reading(settings, opened, space)] if space else opened.spaces()
             counts = [opened.stats(name).as_dict() for name in names]
             if as_json:
@@ -842,7 +843,7 @@ def keys(
         settings = load_config(config)
         if space is not None:
             settings.space(space)  # unknown space: a ConfigError naming the configured ones
-        with _store(store, must_exist=True) as opened:
+        with _store(store, read_only=True) as opened:
             # A read-only engine accepts exactly the tokens `serve` accepts; it creates nothing.
             engine = Engine(opened, settings, read_only=True)
             names = [space] if space is not None else sorted(settings.spaces)
@@ -984,7 +985,7 @@ def accuracy(
         if not truth.is_file():
             raise UsageError(f"{truth}: no such file")
         settings = load_config(config)
-        with _store(store, must_exist=True) as opened:
+        with _store(store, read_only=True) as opened:
             space_name = _space_for_reading(settings, opened, space)
             try:
                 known = read_truth(truth)

@@ -158,12 +158,13 @@ def decode_document(data: bytes) -> object:
             # NUL is valid JSON but no PostgreSQL text column can hold it: U+FFFD, as for a cut character.
             document = _repaired(document)
     except InvalidEvent as strict:
+        # Bytes that are not UTF-8 (a Latin-1 name from a server library) become U+FFFD, as a browser
+        # would show them; an identifier holding one is then never matched on.
+        text = data.removeprefix(_BOM).decode("utf-8", "replace")
         try:
             document = _repaired(
                 json.loads(
-                    # Bytes that are not UTF-8 (a Latin-1 name from a server library) become U+FFFD, as
-                    # a browser would show them; an identifier holding one is then never matched on.
-                    data.removeprefix(_BOM).decode("utf-8", "replace"),
+                    text,
                     parse_int=_lenient_int,
                     parse_float=_lenient_float,
                     parse_constant=lambda name: _Unrepresentable(f"{name} is not a JSON number"),
@@ -173,7 +174,7 @@ def decode_document(data: bytes) -> object:
             raise strict from None
         except RecursionError:
             # Nested past the decoder's depth: in a batch, that element alone is refused.
-            salvaged = _batch_without_deep_elements(data)
+            salvaged = _batch_without_deep_elements(text)
             if salvaged is None:
                 raise strict from None
             return salvaged
@@ -199,10 +200,9 @@ def decode_document(data: bytes) -> object:
     return envelope
 
 
-def _batch_without_deep_elements(data: bytes) -> dict[str, object] | None:
+def _batch_without_deep_elements(text: str) -> dict[str, object] | None:
     """A batch envelope whose elements are decoded one by one (one nested too deep becomes an
-    InvalidEvent); None when `data` is no batch envelope, or its envelope itself cannot be read."""
-    text = data.removeprefix(_BOM).decode("utf-8", "replace")
+    InvalidEvent); None when `text` is no batch envelope, or its envelope itself cannot be read."""
     split = _split_batch(text)
     if split is None or not split[1]:
         return None  # no batch, or an empty one: the depth is the envelope's own
@@ -288,8 +288,10 @@ def _repaired(value: object) -> object:
 
 
 def _lenient_float(text: str) -> object:
-    value = float(text)
-    return value if math.isfinite(value) else _Unrepresentable(_OUT_OF_RANGE)
+    try:
+        return _finite_float(text)
+    except _OutOfRange as error:
+        return _Unrepresentable(str(error))
 
 
 def _lenient_int(text: str) -> object:
