@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config_from_toml
-from idstitch.config import load_config
+from helpers import World, config_from_toml
+from idstitch import config
+from idstitch.config import Config, load_config
+from idstitch.core import rules
 from idstitch.core.errors import ConfigError
+from idstitch.engine import Engine
+from idstitch.storage.base import TokenRecord
+from idstitch.storage.urls import open_store
 
 CRM = '[spaces.app_a.sources.crm]\nwrite_key = "wk_crm"\n'
 
@@ -92,3 +97,102 @@ def test_cli_exits_2_on_a_mistyped_setting(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "spaces.s.identifiers.phone.trait_keys: must be a list of strings, got a string" in done.stderr
+
+
+# -- the file itself --------------------------------------------------------------------------------
+
+
+def test_a_config_that_is_not_utf8_is_one_error_naming_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "idstitch.toml"
+    file.write_bytes(CRM.replace("wk_crm", "wk_cr\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(file)
+    assert str(info.value) == f"{file}: not UTF-8 text (byte 0xe9 on line 2)"
+
+
+def test_a_byte_order_mark_is_not_a_toml_error(tmp_path: Path) -> None:
+    # Windows editors start UTF-8 files with one; tomllib would call line 1 an invalid statement.
+    file = tmp_path / "idstitch.toml"
+    file.write_bytes(b"\xef\xbb\xbf" + CRM.encode())
+    assert load_config(file).space("app_a").sources["crm"].write_key == "wk_crm"
+
+
+# -- config changes on an existing store ----------------------------------------------------------
+
+
+def _write_keys(tmp_path: Path, toml: str) -> dict[str, str]:
+    """Open the store under a config as `ingest` or `serve` would; the write keys that authenticate."""
+    world = World(open_store(f"sqlite:///{tmp_path}/idstitch.db"), config_from_toml(toml))
+    try:
+        keys = {}
+        for source in world.store.sources():
+            found = world.engine.source_for_write_key(source.write_key)
+            if found is not None:
+                keys[source.write_key] = f"{found.space}.{found.name}"
+        return keys
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize(
+    "after, expected",
+    [
+        # a source renamed, keeping the key its clients send
+        ('[spaces.a.sources.site]\nwrite_key = "wk1"\n', {"wk1": "a.site"}),
+        # a source moved to another space
+        ('[spaces.b.sources.web]\nwrite_key = "wk1"\n', {"wk1": "b.web"}),
+        # two sources swapping keys
+        (
+            '[spaces.a.sources.web]\nwrite_key = "wk2"\n[spaces.a.sources.app]\nwrite_key = "wk1"\n',
+            {"wk1": "a.app", "wk2": "a.web"},
+        ),
+    ],
+)
+def test_a_write_key_can_move_to_another_source(tmp_path: Path, after: str, expected: dict[str, str]) -> None:
+    before = '[spaces.a.sources.web]\nwrite_key = "wk1"\n[spaces.a.sources.app]\nwrite_key = "wk2"\n'
+    assert _write_keys(tmp_path, before) == {"wk1": "a.web", "wk2": "a.app"}
+    assert _write_keys(tmp_path, after) == expected
+
+
+def test_token_variables_replace_the_generated_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("IDSTITCH_WRITE_KEY", "IDSTITCH_PROFILE_TOKEN", "IDSTITCH_ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    url = f"sqlite:///{tmp_path}/idstitch.db"
+    first = Engine(open_store(url), Config.default())
+    generated = {record.kind: record.token for record in first.created_tokens}
+    first.store.close()
+    assert set(generated) == {"read", "admin"}
+    # The generated read token leaked: the operator sets their own instead of it.
+    monkeypatch.setenv("IDSTITCH_PROFILE_TOKEN", "pt_mine")
+    second = Engine(open_store(url), Config.default())
+    try:
+        assert second.token("pt_mine") == TokenRecord("default", "pt_mine", "read")
+        assert second.token(generated["read"]) is None
+        assert second.token(generated["admin"]) is not None  # the admin one was not replaced
+        assert not second.created_tokens
+    finally:
+        second.store.close()
+
+
+def test_the_readme_names_every_config_key() -> None:
+    # "Every key is checked" is only useful when every key can be found without reading the source.
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    keys = {*config._SPACE_KEYS, *config._SOURCE_KEYS, *rules._SPACE_KEYS, *rules._IDENTIFIER_KEYS}
+    keys |= {*rules._SOURCE_KEYS, *rules._BLOCKED_KEYS, *rules._NON_UNIQUE_KEYS}
+    # Tables are named by their header: `[spaces.NAME.blocked]`.
+    missing = sorted(key for key in keys if f"`{key}`" not in section and f"NAME.{key}" not in section)
+    assert not missing, f"README's Configuration section does not name: {', '.join(missing)}"
+
+
+def test_a_new_sqlite_store_holding_the_secrets_is_private(tmp_path: Path) -> None:
+    # The first run keeps the generated write key and tokens in the store (README: "These are secrets").
+    engine = Engine(open_store(f"sqlite:///{tmp_path}/idstitch.db"), Config.default())
+    try:
+        assert engine.created_write_keys
+        for file in tmp_path.glob("idstitch.db*"):
+            assert file.stat().st_mode & 0o777 == 0o600, file
+    finally:
+        engine.store.close()

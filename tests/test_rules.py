@@ -270,6 +270,14 @@ def test_bad_rules_name_the_field(table: dict[str, Any], field: str) -> None:
         ({"identifiers": {"Phone": {"limit": 1}, "phone": {"limit": 2}}}, "identifiers.phone", "same type"),
         ({"identifiers": {"": {"limit": 1}}}, "identifiers.", "empty"),
         ({"identifiers": {"a:b": {"limit": 1}}}, "identifiers.a:b", "':'"),
+        # A misspelt type in a source's policy would drop that identifier from every message it sends.
+        ({"sources": {"crm": {"identifier_types": ["emial"]}}}, "sources.crm.identifier_types", "'emial'"),
+        ({"sources": {"crm": {"identifier_types": ["phone"]}}}, "sources.crm.identifier_types", "phone]"),
+        # Built-in types are read into a fixed collection: the setting would only mislead lookups.
+        ({"identifiers": {"email": {"collection": "accounts"}}}, "identifiers.email.collection", "users"),
+        ({"identifiers": {"group_id": {"collection": "users"}}}, "identifiers.group_id.collection", "only"),
+        ({"blocked": {"regex": ["^ok$", "(x"]}}, "blocked.regex", "'(x'"),
+        ({"non_unique": {"regex": ["[a-"]}}, "non_unique.regex", "invalid regex"),
     ],
 )
 def test_bad_setting_types_name_the_key(table: dict[str, Any], field: str, complaint: str) -> None:
@@ -277,6 +285,27 @@ def test_bad_setting_types_name_the_key(table: dict[str, Any], field: str, compl
         IdentityRules.from_config(table, "spaces.app_a")
     assert f"spaces.app_a.{field}" in str(info.value)
     assert complaint in str(info.value)
+
+
+def test_source_identifier_types_name_configured_or_declared_types() -> None:
+    rules = IdentityRules.from_config(
+        {
+            "identifiers": {"Phone": {"trait_keys": ["phone"]}, "email": {"collection": "users"}},
+            "sources": {"crm": {"identifier_types": ["Email", "phone", "group_id", "ios.id"]}},
+        }
+    )
+    assert rules.source("crm").identifier_types == {"email", "phone", "group_id", "ios.id"}
+
+
+def test_unknown_source_identifier_type_error_is_one_line_with_the_fix() -> None:
+    with pytest.raises(RuleViolation) as info:
+        IdentityRules.from_config(
+            {"sources": {"crm": {"identifier_types": ["email", "loyalty.card"]}}}, "spaces.a"
+        )
+    message = str(info.value)
+    assert message.startswith("spaces.a.sources.crm.identifier_types: unknown identifier type 'loyalty.card'")
+    assert "known: user_id, email," in message
+    assert "[spaces.a.identifiers.'loyalty.card'] table" in message and "\n" not in message
 
 
 def test_trait_keys_error_reads_as_the_audit_asked() -> None:
@@ -504,3 +533,10 @@ def test_value_list_patterns_match_alone_and_combined_alike(regex: list[str], co
         alone = value.lower() in values.exact or any(pattern.search(value) for pattern in values.patterns)
         assert values.matches(value) is alone, value
     assert values.matches("anonymous") and not values.matches("nul")
+
+
+def test_rules_document_shows_every_space_setting() -> None:
+    # GET …/rules is "the rules in effect": settings that change what is read or learned belong in it.
+    table = {"custom_limit": 2, "custom_window": "daily", "email_from_track_properties": True, "alias": False}
+    document = IdentityRules.from_config(table).as_dict()
+    assert {key: document[key] for key in table} == table

@@ -190,9 +190,15 @@ def load_config(path: str | Path | None = None) -> Config:
         return Config.default()
     file = Path(chosen)
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        # utf-8-sig: an editor's byte order mark is not TOML, but neither is it the user's mistake.
+        data = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {file} does not exist") from None
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{file}: not UTF-8 text (byte 0x{error.object[error.start]:02x} on line {line})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{file}: invalid TOML: {error}") from None
     return Config.from_mapping(data, file)

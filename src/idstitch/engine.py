@@ -171,10 +171,17 @@ class Engine:
                     self._tokens[token] = TokenRecord(space.name, token, kind)
         if self.config.implicit:
             for stored in self.store.tokens():
-                if stored.space in self.config.spaces:
-                    self._tokens.setdefault(stored.token, stored)
+                holder = self.config.spaces.get(stored.space)
+                if holder is None:
+                    continue
+                # IDSTITCH_PROFILE_TOKEN / IDSTITCH_ADMIN_TOKEN stand *instead of* the generated token of
+                # their kind, as the write key's variable does: setting one to replace a leaked token works.
+                if holder.profile_tokens if stored.kind == "read" else holder.admin_tokens:
+                    continue
+                self._tokens.setdefault(stored.token, stored)
 
     def _bootstrap(self) -> None:
+        self._release_moved_write_keys()
         existing = {(source.space, source.name): source for source in self.store.sources()}
         for space in self.config.spaces.values():
             self.store.ensure_space(space.name)
@@ -183,6 +190,23 @@ class Engine:
         self._load_tokens()
         if self.config.implicit:
             self._ensure_generated_tokens()
+
+    def _release_moved_write_keys(self) -> None:
+        # A config may give a stored source's write key to another source: the source was renamed, moved
+        # to another space, or two sources swapped keys. A write key belongs to one source in the store,
+        # so the old holder lets go of it first (it gets a fresh key no client knows; it can no longer
+        # write anyway unless it is configured, and then it gets its configured key below).
+        wanted = {
+            source.write_key: (space.name, source.name)
+            for space in self.config.spaces.values()
+            for source in space.sources.values()
+            if source.write_key is not None
+        }
+        for stored in self.store.sources():
+            claimant = wanted.get(stored.write_key)
+            if claimant is not None and claimant != (stored.space, stored.name):
+                released = "wk_released_" + secrets.token_urlsafe(18)
+                self.store.upsert_source(SourceRecord(stored.space, stored.name, released))
 
     def _ensure_generated_tokens(self) -> None:
         # First run without a config: a read and an admin token, made once and kept in the store like

@@ -126,7 +126,7 @@ class ValueList:
             try:
                 compiled.append(re.compile(pattern))
             except re.error as error:
-                raise RuleViolation(f"{where}: invalid regex {pattern!r}: {error}") from None
+                raise RuleViolation(f"{where}.regex: invalid regex {pattern!r}: {error}") from None
         combined = None
         if compiled and not any(_REFERS_TO_GROUP.search(pattern.pattern) for pattern in compiled):
             # A pattern with global flags such as (?i) cannot sit inside an alternation, and one that
@@ -283,10 +283,13 @@ class IdentityRules:
                 }
                 for name, policy in self.sources.items()
             },
+            "custom_limit": self.custom_limit,
+            "custom_window": self.custom_window,
             "max_merges": self.max_merges,
             "max_identifiers": self.max_identifiers,
             "alias": self.alias_enabled,
             "detect_non_unique": self.detect_non_unique,
+            "email_from_track_properties": self.email_from_track_properties,
         }
 
     @classmethod
@@ -336,6 +339,13 @@ class IdentityRules:
             check_keys(row, _IDENTIFIER_KEYS, here)
             base: dict[str, Any] = {}
             existing = configured.get(identifier_type)
+            if existing is not None and row.get("collection", existing.collection) != existing.collection:
+                # Built-in types are read from fixed places into a fixed collection (SPEC §2): another
+                # collection here would change nothing but where the CLI and the Profile API look.
+                raise RuleViolation(
+                    f"{here}.collection: {identifier_type} is always in {existing.collection}; "
+                    "only a custom type's collection can be set"
+                )
             if existing is not None:
                 base = {
                     "priority": existing.priority,
@@ -368,12 +378,19 @@ class IdentityRules:
                 raise RuleViolation(f"{here}: must be a table")
             check_keys(source, (*_SOURCE_KEYS, *source_keys), here)
             types = source.get("identifier_types")
+            allowed = None
+            if types is not None:
+                allowed = frozenset(t.lower() for t in _strings(types, f"{here}.identifier_types"))
+                for unknown in sorted(allowed - configured.keys()):
+                    # A misspelt type would silently drop that identifier from every message of the source.
+                    bare = re.fullmatch(r"[A-Za-z0-9_-]+", unknown) is not None
+                    table = f"[{where}.identifiers.{unknown if bare else repr(unknown)}]"
+                    raise RuleViolation(
+                        f"{here}.identifier_types: unknown identifier type {unknown!r} "
+                        f"(known: {', '.join(configured)}; a custom type needs its {table} table)"
+                    )
             sources[str(source_name)] = SourcePolicy(
-                name=str(source_name),
-                merge=_flag(source, "merge", True, here),
-                identifier_types=None
-                if types is None
-                else frozenset(t.lower() for t in _strings(types, f"{here}.identifier_types")),
+                name=str(source_name), merge=_flag(source, "merge", True, here), identifier_types=allowed
             )
         custom_window = _choice(
             space.get("custom_window", DEFAULT_CUSTOM_RULE["window"]), WINDOWS, f"{where}.custom_window"

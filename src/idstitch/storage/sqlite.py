@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -108,6 +110,16 @@ def _open_failure(url: str, path: str, error: sqlite3.OperationalError) -> str:
     return text
 
 
+def _create_private(path: str) -> None:
+    """Create a new store file readable by its owner only: it keeps write keys, tokens and profiles.
+
+    SQLite gives its -wal and -shm files the permissions of the database file, so they follow. Any
+    other failure (a directory without write rights) is left for SQLite to report, as it always has.
+    """
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SQLiteStore:
     """A store in one SQLite file (`sqlite:///path.db`) or in memory (`sqlite://`)."""
 
@@ -136,6 +148,8 @@ class SQLiteStore:
             )
         if read_only and not Path(self.path).is_file():
             raise ConfigError(f"store {self.url} does not exist")
+        if not self._memory and not read_only:
+            _create_private(self.path)
         self._write_lock = threading.Lock()
         self._cache = GraphCache(cache_size)
         self._data_version: int | None = None
