@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -491,6 +492,34 @@ def test_ingest_of_a_directory_says_it_is_a_directory(cli: CLI) -> None:
     done = cli.run("ingest", ".")
     assert done.returncode == 2 and "error: .: is a directory" in done.stderr
     assert "no such file" not in done.stderr
+
+
+def test_ingest_of_a_file_that_cannot_be_read_fails_before_writing_anything(cli: CLI) -> None:
+    # A socket exists but cannot be opened, even by root (as a file without read permission cannot
+    # by anyone else): refused up front like a missing file, not after the store was created and
+    # the good files before it were half read.
+    good = cli.write("good.ndjson", msg(1, anonymousId="a1"))
+    sock_path = cli.directory / "events.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    try:
+        done = cli.run("ingest", str(good), str(sock_path))
+    finally:
+        server.close()
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr == f"error: {sock_path}: cannot be read (No such device or address)\n"
+    assert not Path(cli.url.removeprefix("sqlite:///")).exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_ingest_of_a_file_without_read_permission_fails_before_writing_anything(cli: CLI) -> None:
+    good = cli.write("good.ndjson", msg(1, anonymousId="a1"))
+    locked = cli.write("locked.ndjson", msg(2, anonymousId="a2"))
+    locked.chmod(0)
+    done = cli.run("ingest", str(good), str(locked))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr == f"error: {locked}: cannot be read (Permission denied)\n"
+    assert not Path(cli.url.removeprefix("sqlite:///")).exists()
 
 
 def test_not_found_with_a_forced_collection_names_the_collection(cli: CLI) -> None:

@@ -175,6 +175,28 @@ def test_ndjson_whose_first_lines_are_broken_is_still_read_line_by_line(tmp_path
     assert [item for _, item in summary(items(path))][2:] == ["m3"]
 
 
+def test_blank_lines_before_a_broken_first_line_leave_the_file_ndjson(tmp_path: Path) -> None:
+    # The first line was cut after a comma (a crash mid-write); blank lines above it hid the good
+    # line below it from the format check, and the whole file became one "document" error.
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b"\n\n" + b'{"type": "track", "anonymousId": "a1",\n' + ndjson(message(2), message(3)))
+    found = summary(items(path))
+    assert found[0][0] == f"{path}:3" and found[0][1].startswith("! invalid JSON")
+    assert found[1:] == [(f"{path}:4", "m2"), (f"{path}:5", "m3")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_file_is_one_error_naming_its_encoding(tmp_path: Path, encoding: str) -> None:
+    # Windows PowerShell writes UTF-16 by default; read as UTF-8, each of its lines used to be
+    # rejected alone as "invalid character (byte 0)", which says nothing of the cause.
+    path = tmp_path / "export.ndjson"
+    path.write_bytes(ndjson(message(1), message(2)).decode().encode(encoding))
+    found = summary(items(path))
+    assert len(found) == 1 and found[0][0] == f"{path}:1"
+    expected = "UTF-32" if encoding == "utf-32" else "UTF-16"
+    assert found[0][1].startswith(f"! the file is {expected}, not UTF-8"), found
+
+
 def test_a_single_pretty_printed_message(tmp_path: Path) -> None:
     path = tmp_path / "one.json"
     path.write_text("\n" + json.dumps(message(1), indent=2))

@@ -12,6 +12,7 @@ does `worker` (the group it was resolving is committed and acknowledged first).
 
 from __future__ import annotations
 
+import errno
 import gc
 import gzip
 import importlib
@@ -311,10 +312,8 @@ def ingest(
 
     with _user_errors():
         for name in files:
-            if name != "-" and Path(name).is_dir():
-                raise UsageError(f"{name}: is a directory (name the files in it)")
-            if name != "-" and not Path(name).exists():  # a pipe (<(…), a FIFO) is read like a file
-                raise UsageError(f"{name}: no such file")
+            if name != "-":
+                _check_input_file(name)
         settings = load_config(config)
         # Before the store is opened: opening creates the file and the engine bootstraps the spaces,
         # and a usage error must leave nothing behind.
@@ -366,6 +365,28 @@ def ingest(
                 signal.signal(signal.SIGTERM, previous)
             seconds = time.monotonic() - started
             _print_summary(tally.summary(seconds), len(files), as_json)
+
+
+def _check_input_file(name: str) -> None:
+    """Refuse an input that cannot be read before anything is written (exit 2), not halfway through.
+
+    A regular file is opened (and closed) to prove it; a pipe (`<(…)`, a FIFO) is not, as opening
+    and closing it would let its writer go on without a reader and die of SIGPIPE.
+    """
+    path = Path(name)
+    if path.is_dir():
+        raise UsageError(f"{name}: is a directory (name the files in it)")
+    if not path.exists():
+        raise UsageError(f"{name}: no such file")
+    try:
+        if path.is_file():
+            os.close(os.open(name, os.O_RDONLY))
+        elif path.is_socket():
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        elif not os.access(name, os.R_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as error:
+        raise UsageError(f"{name}: cannot be read ({error.strerror or error})") from None
 
 
 def _freeze_startup_objects() -> None:

@@ -210,7 +210,20 @@ class InputFile:
             )
 
     def _items(self) -> Iterator[Item]:
-        head, stream = _first_content(self._stream)
+        start, stream = _look_ahead(self._stream, lambda data: len(data) >= 2)
+        encoding = _wide_encoding(start)
+        if encoding is not None:
+            # Read as UTF-8, every line would be rejected as "invalid character (byte 0)".
+            yield (
+                f"{self.name}:1",
+                InvalidEvent(
+                    "",
+                    f"the file is {encoding}, not UTF-8 (as JSON must be): convert it, e.g. "
+                    f"iconv -f {encoding} -t UTF-8; nothing of this file was read",
+                ),
+            )
+            return
+        head, stream = _first_content(stream)
         if head == b"[":
             yield from _array_items(stream, self.name, self._parsing)
             return
@@ -237,6 +250,21 @@ class _Parsing:
     def batch(self, value: object) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
         """One batch envelope of this input."""
         return parse_batch(value, received_at=self.received_at, occurrences=self.occurrences)
+
+
+def _wide_encoding(start: bytes) -> str | None:
+    """UTF-16 or UTF-32 told by a byte order mark or by the NUL beside the first ASCII character; else None.
+
+    UTF-8 JSON cannot start with a NUL, nor hold one as its second byte (the first is `{`, `[`,
+    whitespace or the BOM's first byte, none of which a NUL may follow).
+    """
+    if start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    if len(start) >= 2 and (start[0] == 0) != (start[1] == 0):
+        return "UTF-16"
+    return None
 
 
 def _look_ahead(stream: Any, enough: Callable[[bytes], bool]) -> tuple[bytes, IO[bytes]]:
@@ -284,9 +312,9 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
     stream to go on reading: the first or second non-blank line is a JSON value on its own, or the
     start of the file does not form one document within MAX_DOCUMENT_BYTES.
     """
-    # Three lines decide it (or a whole buffer without them): wait for them on a pipe.
-    head, stream = _look_ahead(stream, lambda data: data.count(b"\n") >= 3 or len(data) >= _BUFFER)
-    lines = [line for line in head.split(b"\n", 3)[:3] if line.strip()]
+    # Three non-blank lines decide it (or a whole buffer without them): wait for them on a pipe.
+    head, stream = _look_ahead(stream, lambda data: len(_first_lines(data)) >= 3 or len(data) >= _BUFFER)
+    lines = _first_lines(head)
     if b"\n" not in head.rstrip():
         return None, stream  # one (long) line: NDJSON, whatever it holds
     if any(_stands_alone(line) for line in lines[:2]):
@@ -307,6 +335,11 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
         if isinstance(document, dict):
             return (start_line, document), stream
     return None, io.BufferedReader(_Concat(data, stream), buffer_size=_BUFFER)
+
+
+def _first_lines(data: bytes) -> list[bytes]:
+    """The first three lines of `data` that are not blank (blank lines before a broken one must not hide the next)."""
+    return [line for line in data.split(b"\n") if line.strip()][:3]
 
 
 def _opens_a_document(first_line: bytes) -> bool:
