@@ -207,6 +207,28 @@ async def test_analytics_js_short_paths_answer_as_the_long_ones(api: Api, short:
     assert api.payload("u1", f"{short}-1")["type"] == call
 
 
+async def test_rudderstack_beacon_batches_authenticate_by_the_query_string(api: Api) -> None:
+    # RudderStack's JavaScript SDK with useBeacon: navigator.sendBeacon sets no header, so the write key
+    # is in the query string and the body is text/plain, without writeKey.
+    beacon = {"batch": [track(1), track(2)], "sentAt": "2026-01-05T09:00:01.000Z"}
+    headers = {"Content-Type": "text/plain;charset=UTF-8"}
+    assert await api.post("/beacon/v1/batch?writeKey=wk_other", beacon, key=None, headers=headers) == (
+        200,
+        OK,
+    )
+    assert api.event_ids("other") == ["m1", "m2"]
+    assert await api.post("/beacon/v1/batch?writeKey=wk_wrong", {"batch": [track(3)]}, key=None) == (
+        401,
+        problem("unauthorized", "unknown write key"),
+    )
+    status, _ = await api.post("/beacon/v1/batch", {"batch": [track(3)]}, key=None)
+    assert status == 401
+    # Only the beacon path reads the query string: elsewhere a key must come as Basic auth or in the body.
+    status, _ = await api.post("/v1/batch?writeKey=wk_test", {"batch": [track(3)]}, key=None)
+    assert status == 401
+    assert api.event_ids() == []
+
+
 async def test_an_empty_batch_is_a_success_that_stores_nothing(api: Api) -> None:
     assert await api.post("/v1/batch", {"batch": []}) == (200, OK)
     assert api.event_ids() == []

@@ -3,7 +3,8 @@ unchanged when pointed at idstitch, and what they deliver resolves as SPEC E1, E
 
 Every test starts `python -m idstitch serve` as a subprocess on a free local port over a fresh SQLite file,
 drives it with an unmodified client library (segment-analytics-python, @segment/analytics-node run by the
-machine's node, rudder-sdk-python, analytics.js in Debian's Chromium on a page of another origin) or with
+machine's node, rudder-sdk-python, @rudderstack/rudder-sdk-node, the legacy analytics-node v6, analytics.js
+in Debian's Chromium on a page of another origin) or with
 plain urllib, stops the server (SIGTERM must exit 0), and then reads the graph through the Store protocol,
 as tests/helpers.py does.
 
@@ -230,11 +231,48 @@ def send_analytics_node(
     return Delivery(summary["requests"], summary["throttled"])
 
 
+def _send_axios_node(library: str, server: Server, calls: list[Call], batch_size: int) -> Delivery:
+    """An axios-based Node library (RudderStack's, Segment's legacy v6) through tests/clients/node/send-axios.mjs."""
+    node = shutil.which("node")
+    assert node is not None, "node is not on PATH"
+    assert (NODE_CLIENT / "node_modules" / library).is_dir(), (
+        "tests/clients/node is not installed: run `make install-test` (npm ci --prefix tests/clients/node)"
+    )
+    calls_path = server.directory / "calls.json"
+    calls_path.write_text(json.dumps(calls))
+    command = [node, str(NODE_CLIENT / "send-axios.mjs"), library, server.base_url, WRITE_KEY]
+    done = subprocess.run(
+        [*command, str(calls_path), str(batch_size)], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, f"{library} failed ({done.returncode}):\n{done.stderr}\n{server.log()}"
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["calls"] == len(calls)
+    return Delivery(summary["requests"], summary["throttled"])
+
+
+def send_rudder_node(
+    server: Server, calls: list[Call], monkeypatch: pytest.MonkeyPatch, batch_size: int
+) -> Delivery:
+    """@rudderstack/rudder-sdk-node: gzip on, originalTimestamp and sentAt on each message, traits copied to
+    context.traits, Basic auth to dataPlaneUrl + /v1/batch."""
+    return _send_axios_node("@rudderstack/rudder-sdk-node", server, calls, batch_size)
+
+
+def send_legacy_analytics_node(
+    server: Server, calls: list[Call], monkeypatch: pytest.MonkeyPatch, batch_size: int
+) -> Delivery:
+    """analytics-node v6, Segment's Node library before @segment/analytics-node, still widely installed:
+    a batch-level `timestamp` beside `sentAt`, `_metadata` on each message, numeric ids made strings."""
+    return _send_axios_node("analytics-node", server, calls, batch_size)
+
+
 Sender = Callable[[Server, list[Call], pytest.MonkeyPatch, int], Delivery]
 CLIENTS: dict[str, Sender] = {
     "segment-python": send_segment_python,
     "analytics-node": send_analytics_node,
     "rudder-python": send_rudder_python,
+    "rudder-node": send_rudder_node,
+    "analytics-node-v6": send_legacy_analytics_node,
 }
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -43,6 +44,7 @@ from idstitch.queue.envelope import RequestTooLarge
 
 __all__ = [
     "BATCH_CALLS",
+    "BEACON_PATH",
     "MESSAGE_LIMIT",
     "REQUEST_LIMIT",
     "SHORT_CALLS",
@@ -69,6 +71,10 @@ SHORT_CALLS = {
     "a": "alias",
     "b": "batch",
 }
+# RudderStack's JavaScript SDK with `useBeacon` sends its batches by navigator.sendBeacon, which can set
+# no header: to this path, with the write key in the query string (`?writeKey=…`), as RudderStack's
+# data plane takes them.
+BEACON_PATH = "/beacon/v1/batch"
 MESSAGE_LIMIT = BodyLimit(MAX_MESSAGE_BYTES, 400, "message_too_large", "message", "message")
 REQUEST_LIMIT = BodyLimit(MAX_BATCH_BYTES, 413, "request_too_large", "request", "request body")
 
@@ -138,7 +144,8 @@ def _delivery_token() -> str:
 
 
 class TrackingAPI:
-    """ASGI app: `POST /v1/{identify,track,page,screen,group,alias,batch,import}`, `/healthz`, `/metrics`."""
+    """ASGI app: `POST /v1/{identify,track,page,screen,group,alias,batch,import}` (and RudderStack's
+    `/beacon/v1/batch`), `/healthz`, `/metrics`."""
 
     def __init__(
         self,
@@ -178,9 +185,12 @@ class TrackingAPI:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path: str = scope["path"]
-        call = _call_of(path)
+        beacon = path.rstrip("/") == BEACON_PATH
+        call = "batch" if beacon else _call_of(path)
         settings_key = None if call else settings_write_key(path)
-        if call:
+        if beacon:
+            route = BEACON_PATH
+        elif call:
             route = f"/v1/{call}"
         elif settings_key is not None:
             route = SETTINGS_ROUTE
@@ -195,7 +205,8 @@ class TrackingAPI:
         try:
             if call is not None:
                 if method == "POST":
-                    body = await self._ingest(call, headers, receive, request)
+                    query_key = _query_write_key(scope) if beacon else None
+                    body = await self._ingest(call, headers, receive, request, query_key)
                 elif method == "OPTIONS":
                     status, body, content_type = 204, b"", b""
                     # Whatever headers the client library adds (RudderStack's AnonymousId, say):
@@ -272,7 +283,14 @@ class TrackingAPI:
         await send({"type": "http.response.body", "body": body})
         self._finish(request, status, error)
 
-    async def _ingest(self, call: str, headers: dict[str, str], receive: Receive, request: _Request) -> bytes:
+    async def _ingest(
+        self,
+        call: str,
+        headers: dict[str, str],
+        receive: Receive,
+        request: _Request,
+        query_key: str | None = None,
+    ) -> bytes:
         writer = self.writer
         # Refuse before reading the body when the work could not be taken anyway.
         if self._in_flight >= self.max_in_flight:
@@ -284,7 +302,7 @@ class TrackingAPI:
             )
         self._in_flight += 1
         try:
-            return await self._ingest_counted(call, headers, receive, request)
+            return await self._ingest_counted(call, headers, receive, request, query_key)
         except HTTPProblem as problem:
             # A refused body is refused messages: one on a single-message call, each of a batch whose
             # entries were read (too many of them). A body that is not JSON holds an unknown number.
@@ -298,10 +316,16 @@ class TrackingAPI:
             self._in_flight -= 1
 
     async def _ingest_counted(
-        self, call: str, headers: dict[str, str], receive: Receive, request: _Request
+        self,
+        call: str,
+        headers: dict[str, str],
+        receive: Receive,
+        request: _Request,
+        query_key: str | None,
     ) -> bytes:
         received_at = self.clock()
-        header_key = basic_user(headers.get("authorization"))
+        # A beacon carries its key in the query string: it can send no Authorization header.
+        header_key = basic_user(headers.get("authorization")) or query_key
         if header_key is not None:
             request.source = await self._source(header_key)  # a wrong key is refused before the body
         batch = call in BATCH_CALLS
@@ -447,6 +471,15 @@ def _call_of(path: str) -> str | None:
     call = path[4:].rstrip("/")
     call = SHORT_CALLS.get(call, call)
     return call if call in SINGLE_CALLS or call in BATCH_CALLS else None
+
+
+def _query_write_key(scope: Scope) -> str | None:
+    """The `writeKey` of the query string (a beacon's), None when there is none or it is empty."""
+    query: bytes = scope.get("query_string", b"")
+    for name, value in parse_qsl(query.decode("latin-1")):
+        if name == "writeKey" and value:
+            return value
+    return None
 
 
 def _host_of(scope: Scope, headers: dict[str, str]) -> str:
