@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from idstitch.core.errors import ConfigError
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter, WriterBusy, WriterClosed
-from idstitch.storage.base import Store
+from idstitch.storage.base import Store, StoreConflict
 from idstitch.storage.urls import open_store
 
 SPACE = "default"
@@ -210,3 +211,35 @@ def test_a_cancelled_caller_is_not_written_and_the_writer_keeps_going(store: Sto
         assert last.result(timeout=30).count("resolved") == 10
     assert cancelled.cancelled() and writer.pending_messages == 0
     assert store.stats(SPACE).events == 20
+
+
+def test_a_store_locked_by_another_process_fails_the_group_at_once_not_batch_by_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process keeps a SQLite store's write lock (an `idstitch ingest --batch-size 100000`):
+    the engine waits and retries up to its bound, then every caller of the group gets the conflict.
+    Before: a 500-worthy OperationalError, and then each batch of the group waited alone, one after
+    the other (N callers: N more waits while the writer thread was stuck)."""
+    monkeypatch.setattr("idstitch.engine._CONFLICT_RETRY_SECONDS", 0.3)
+    path = tmp_path / "locked.db"
+    store = open_store(f"sqlite:///{path}")
+    engine = GatedEngine(store, Config.default())
+    store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        with GroupCommitWriter(engine) as writer:
+            first = writer.submit([message(1)], space=SPACE)
+            assert engine.entered.wait(timeout=30)
+            other.execute("BEGIN IMMEDIATE")  # the other process takes the lock
+            rest = [writer.submit([message(number)], space=SPACE) for number in (10, 11, 12)]
+            engine.gate.set()
+            for future in (first, *rest):
+                with pytest.raises(StoreConflict, match="is locked: another process"):
+                    future.result(timeout=30)
+            assert writer.pending_messages == 0
+            other.execute("COMMIT")
+            assert writer.ingest([message(10)], space=SPACE).count("resolved") == 1
+        assert engine.group_sizes == [1, 3, 1]  # the locked group was not tried again batch by batch
+    finally:
+        other.close()
+        store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,33 @@ def test_past_the_hard_limit_the_writer_truncates_the_wal_itself(tmp_path: Path)
         assert checkpointer.checkpoints == 0  # the thread was never woken: the writer did it
         assert max(sizes) < 5 << 20 and 0 in sizes
         assert writer.execute("SELECT count(*) FROM blobs").fetchone() == (12 * 1024,)
+
+
+def test_a_long_reader_past_the_hard_limit_does_not_stall_each_commit_for_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another process reads one snapshot for minutes (a backup, a `sqlite3` shell) while the WAL is past
+    its hard limit. Before: every commit waited the writer's whole busy timeout (30 s in the store) for
+    that reader in its TRUNCATE checkpoint, and the WAL grew anyway."""
+    path = tmp_path / "db.sqlite"
+    with writer_and_checkpointer(path, every_frames=10**9, hard_limit_bytes=2 << 20) as (
+        writer,
+        checkpointer,
+    ):
+        writer.execute("PRAGMA busy_timeout = 5000")
+        reader = connect(path)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM blobs").fetchone() == (0,)  # holds this snapshot
+        started = time.monotonic()
+        for _ in range(6):
+            commit_megabyte(writer, checkpointer)
+        assert time.monotonic() - started < 4  # was 5 s a commit past the limit
+        assert wal_size(path) > 5 << 20  # pinned by the reader: nothing to do but wait for it
+        assert writer.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+        reader.execute("COMMIT")
+        reader.close()
+        commit_megabyte(writer, checkpointer)
+        assert wal_size(path) == 0  # the reader gone, the next commit truncates
 
 
 class _Cursor:

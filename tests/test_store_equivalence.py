@@ -471,3 +471,66 @@ def test_random_writes_give_the_same_reads(seed: int, postgres_url: str) -> None
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_second_process_on_one_sqlite_file_learning_custom_types_is_seen_by_the_first(
+    tmp_path: Path,
+) -> None:
+    """`idstitch serve` and `idstitch ingest` on one file: types learned by one keep their order in the
+    other, so a message decides as it would in a single process (custom types rank in first-seen order).
+
+    Before: the serving engine kept its own list, [loyalty, phone], where the store said [phone, loyalty];
+    the last message then kept phone:X and dropped loyalty:Y in one process, the reverse in the other.
+    """
+
+    def external(kind: str, *values: str) -> list[dict[str, str]]:
+        return [{"id": value, "type": kind, "collection": "users", "encoding": "none"} for value in values]
+
+    stream = [
+        ("serve", {"messageId": "warm", "anonymousId": "w"}),
+        (
+            "ingest",
+            {
+                "messageId": "q",
+                "anonymousId": "aq",
+                "context": {"externalIds": external("phone", "q1", "q2", "x")},
+            },
+        ),
+        (
+            "serve",
+            {
+                "messageId": "p",
+                "anonymousId": "ap",
+                "context": {"externalIds": external("loyalty", "y") + external("phone", "p1", "p2", "p3")},
+            },
+        ),
+        # Merging p's and q's profiles would hold 6 phones (limit 5): the lowest-priority type is dropped.
+        (
+            "serve",
+            {
+                "messageId": "last",
+                "context": {"externalIds": external("phone", "x") + external("loyalty", "y")},
+            },
+        ),
+    ]
+
+    def parsed(fields: dict[str, Any]) -> Message | InvalidEvent:
+        return parse_message(
+            {"type": "identify", "timestamp": "2026-01-05T09:00:00Z", **fields}, received_at=RECEIVED
+        )
+
+    shared = tmp_path / "shared.db"
+    served, ingested = SQLiteStore(shared), SQLiteStore(shared)
+    alone = SQLiteStore(tmp_path / "alone.db")
+    try:
+        engines = {"serve": Engine(served, Config.default()), "ingest": Engine(ingested, Config.default())}
+        single = Engine(alone, Config.default())
+        for who, fields in stream:
+            two = engines[who].ingest([parsed(fields)], space=SPACE).outcomes
+            one = single.ingest([parsed(fields)], space=SPACE).outcomes
+            assert two == one, fields["messageId"]
+        assert engines["serve"].rules(SPACE).learned_types == (("phone", "users"), ("loyalty", "users"))
+        assert served.dump(SPACE) == alone.dump(SPACE)
+    finally:
+        for store in (served, ingested, alone):
+            store.close()

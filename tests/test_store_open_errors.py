@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,49 @@ def test_a_sqlite_url_without_a_file_or_with_parameters_is_refused(
     with pytest.raises(ConfigError, match=needle):
         open_store(url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> None:
+    """`idstitch serve` and `idstitch ingest` started together on a new file: each applies or skips each
+    migration under the write lock. Before: the losers failed with `table spaces already exists`."""
+    opener = (
+        f"from idstitch.storage.sqlite import SQLiteStore; SQLiteStore({str(tmp_path / 'new.db')!r}).close()"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", opener], stderr=subprocess.PIPE, text=True) for _ in range(4)
+    ]
+    failures = [
+        error for process in processes if (error := process.communicate(timeout=60)[1]) and process.returncode
+    ]
+    assert failures == []
+    store = SQLiteStore(tmp_path / "new.db", read_only=True)
+    try:
+        assert store.schema_version() == 2
+    finally:
+        store.close()
+
+
+def test_a_store_a_newer_idstitch_migrated_is_refused_for_writing_and_reading(tmp_path: Path) -> None:
+    """Before: the writer opened it and wrote as if nothing had changed; a reader told the user to open it
+    for writing "to migrate it", which an older build cannot do."""
+    path = tmp_path / "newer.db"
+    SQLiteStore(path).close()
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO schema_migrations VALUES (99, 'future', datetime('now'))")
+    for read_only in (False, True):
+        with pytest.raises(
+            ConfigError, match=r"schema version 99, newer than this build's 2: .* upgrade idstitch"
+        ):
+            SQLiteStore(path, read_only=read_only)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM spaces").fetchone() == (0,)
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_named(tmp_path: Path) -> None:
+    """Before: `error: store: file is not a database`, which could be any file of the command line."""
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes, not a database\n" * 100)
+    for read_only in (False, True):
+        with pytest.raises(ConfigError, match=f"^store sqlite:///{path}: file is not a database$"):
+            SQLiteStore(path, read_only=read_only)
+    assert path.read_text().startswith("these are my notes")

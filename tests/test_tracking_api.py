@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -905,6 +906,32 @@ async def test_a_store_failure_is_500_so_clients_retry_and_is_logged_with_its_re
     )
     assert record.exc_info is not None
     api.engine.fail = False
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)  # the retry lands
+    assert api.event_ids() == ["m1"]
+
+
+async def test_a_store_another_process_keeps_locked_is_503_with_retry_after_then_lands(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`idstitch ingest --batch-size 100000` into serve's SQLite file holds the write lock past the busy
+    timeout and the engine's retries. Before: 500 internal_error, logged with a traceback."""
+    monkeypatch.setattr("idstitch.engine._CONFLICT_RETRY_SECONDS", 0.2)
+    api.world.store._writer.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
+    other = sqlite3.connect(tmp_path / "idstitch.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        response = await api.client.post(
+            "/v1/batch",
+            content=json.dumps({"batch": [track(1)]}).encode(),
+            headers={"Authorization": basic("wk_test")},
+        )
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["code"] == "store_busy"
+        assert "is locked: another process" in response.json()["message"]
+        other.execute("COMMIT")
+    finally:
+        other.close()
     assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)  # the retry lands
     assert api.event_ids() == ["m1"]
 

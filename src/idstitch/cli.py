@@ -52,7 +52,7 @@ from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
-from idstitch.storage.base import IdentifierRecord, Store
+from idstitch.storage.base import IdentifierRecord, Store, StoreConflict
 from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
@@ -173,6 +173,9 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(0) from None
     except IdstitchError as error:
         _error(str(error))
+    except StoreConflict as error:
+        # Another process kept the store busy past the engine's retries; what committed before stays.
+        _error(f"{error}; what was committed before is kept: run the same command again to resume", 1)
     except sqlite3.DatabaseError as error:
         _error(f"store: {error}")
     except OSError as error:

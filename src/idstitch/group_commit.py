@@ -18,6 +18,7 @@ from types import TracebackType
 from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.messages import Message
 from idstitch.engine import Engine, IngestBatch, IngestResult
+from idstitch.storage.base import StoreConflict
 
 __all__ = ["GroupCommitWriter", "WriterBusy", "WriterClosed", "admit"]
 
@@ -170,8 +171,11 @@ class GroupCommitWriter:
         try:
             results = self.engine.ingest_group([request.batch for request in group])
         except BaseException as error:
-            if len(group) == 1:
-                self._finish(group[0], error=error)
+            if len(group) == 1 or isinstance(error, StoreConflict):
+                # A conflict the engine gave up on is the store's (its write lock held elsewhere), not one
+                # caller's: every batch alone would wait out the same bound again, one after the other.
+                for request in group:
+                    self._finish(request, error=error)
                 return
             # One caller's failure must not fail the others: write each batch alone.
             for request in group:

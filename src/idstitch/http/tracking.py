@@ -41,6 +41,7 @@ from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
 from idstitch.http.source_settings import SETTINGS_ROUTE, PublicAddress, settings_document, settings_write_key
 from idstitch.queue.envelope import RequestTooLarge
+from idstitch.storage.base import StoreConflict
 
 __all__ = [
     "BATCH_CALLS",
@@ -424,6 +425,16 @@ class TrackingAPI:
             # Queue mode: one message is over what the stream may hold (an operator's max_msg_size under
             # 32 KB). A 500 would have the client retry it for ever; a 400 is not retried.
             raise HTTPProblem(400, "message_too_large", str(too_large)) from None
+        except StoreConflict as conflict:
+            # The engine ran it again until its bound (another process holds a SQLite store's write lock,
+            # say): the client retries later (messageId de-duplication stores nothing twice). A busy
+            # store, not a fault of the server's.
+            raise HTTPProblem(
+                503,
+                "store_busy",
+                f"{conflict}; retry later",
+                {"Retry-After": str(self.retry_after)},
+            ) from None
         self.metrics.count_outcomes(source.space, result.outcomes)
         return result
 

@@ -32,6 +32,7 @@ from idstitch.storage.base import (
     ProfileRecord,
     SourceRecord,
     SpaceStats,
+    StoreConflict,
     SuspectRecord,
     TokenRecord,
     TraitRecord,
@@ -74,8 +75,13 @@ _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
 
 
+_BUSY_TIMEOUT_SECONDS = 30  # how long a connection waits for another process's write lock
+
+
 def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
-    connection = sqlite3.connect(target, uri=uri, isolation_level=None, check_same_thread=False, timeout=30)
+    connection = sqlite3.connect(
+        target, uri=uri, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_SECONDS
+    )
     connection.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before ingest reports success; batches amortise the fsync.
     connection.execute("PRAGMA synchronous=FULL")
@@ -96,7 +102,7 @@ def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
 DEFAULT_PAGE_CACHE_MB = 256
 
 
-def _open_failure(url: str, path: str, error: sqlite3.OperationalError) -> str:
+def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> str:
     """Why a store could not be opened, naming the file (SQLite's own message names nothing)."""
     text = f"store {url}: {error}"
     if Path(path).is_dir():
@@ -163,7 +169,7 @@ class SQLiteStore:
                 self._check_schema()  # a reader never migrates: the writing process does that
             else:
                 self._migrate()
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:  # unable to open, or not a SQLite database at all
             raise ConfigError(_open_failure(self.url, self.path, error)) from error
         if not self._memory and not read_only:
             self._writer.execute("PRAGMA wal_autocheckpoint=0")
@@ -198,12 +204,20 @@ class SQLiteStore:
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
             )
+            migrations = read_migrations("sqlite")
+            newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+            self._refuse_newer_schema(int(newest or 0), migrations[-1][0])
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, name, script in read_migrations("sqlite"):
+            for version, name, script in migrations:
                 if version in applied:
                     continue
                 db.execute("BEGIN IMMEDIATE")
                 try:
+                    # Read again under the write lock: processes opening a new store together (`serve`
+                    # and an `ingest`) each find a migration applied by whoever took the lock first.
+                    if db.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone():
+                        db.execute("COMMIT")
+                        continue
                     for statement in script.split(";\n"):
                         if statement.strip():
                             db.execute(statement)
@@ -215,12 +229,22 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
 
+    def _refuse_newer_schema(self, version: int, latest: int) -> None:
+        """A ConfigError for a store a newer idstitch migrated: this build would write what that one
+        does not expect (and no older build can migrate it back)."""
+        if version > latest:
+            raise ConfigError(
+                f"store {self.url} is at schema version {version}, newer than this build's {latest}: "
+                "it was written by a newer idstitch; upgrade idstitch to open it"
+            )
+
     def _check_schema(self) -> None:
         latest = read_migrations("sqlite")[-1][0]
         try:
             version = self.schema_version()
         except sqlite3.OperationalError:
             version = 0
+        self._refuse_newer_schema(version, latest)
         if version != latest:
             raise ConfigError(
                 f"store {self.url} is at schema version {version}, this build reads {latest}: "
@@ -243,13 +267,21 @@ class SQLiteStore:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # busy, whatever the extended code
+                    # Another process (an `idstitch ingest` beside `serve`) kept the write lock for the
+                    # whole busy timeout: a conflict, which the engine runs again for a while.
+                    raise StoreConflict(
+                        f"store {self.url} is locked: another process kept its write lock past the "
+                        f"{_BUSY_TIMEOUT_SECONDS} s wait"
+                    ) from error
                 if "readonly" not in str(error):
                     raise
                 raise ConfigError(_open_failure(self.url, self.path, error)) from error
             cache = self._cache
             try:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
-                if version != self._data_version:
+                others_committed = version != self._data_version
+                if others_committed:
                     cache.invalidate()  # another connection committed: what we hold may be stale
                     self._data_version = version
                 if cache.over_bound():
@@ -257,7 +289,7 @@ class SQLiteStore:
                 if not cache.loaded:
                     self._load_cache(db, cache)
                 writes = cache.writes
-                transaction = SQLiteTransaction(db, cache)
+                transaction = SQLiteTransaction(db, cache, others_committed=others_committed)
                 yield transaction
                 transaction.flush()
             except BaseException:
@@ -646,9 +678,12 @@ class SQLiteStore:
 class SQLiteTransaction(GraphCacheReader):
     """The write side of one open transaction."""
 
-    def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
+    def __init__(self, db: sqlite3.Connection, cache: GraphCache, *, others_committed: bool = False) -> None:
         self.db = db
         self.cache = cache
+        # Another process (an `idstitch ingest` beside `serve`) committed since this store's last
+        # transaction: the engine reads the learned custom types again.
+        self.others_committed = others_committed
         # Every write waits here, in order, and goes in at flush (before COMMIT, or before a read that
         # the cache cannot answer once a rollback emptied it): a message costs no statement of its
         # own, and rows of one kind go in together. Reads inside the transaction come from the cache,

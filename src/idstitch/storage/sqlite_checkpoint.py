@@ -17,8 +17,9 @@ was committed during its pass, until little is left (each pass is shorter than t
 then does the writer copy the few frames committed since (cheap), so that its next transaction rewinds
 the WAL. A single pass left the writer copying all the frames of a long pass: at 300k messages, 54 ms
 of the writer's time per catch-up. Should
-the WAL outgrow `hard_limit_bytes` anyway (readers pinning old frames), the writer runs a blocking
-TRUNCATE checkpoint, so the file stays bounded.
+the WAL outgrow `hard_limit_bytes` anyway (readers pinning old frames), the writer runs a TRUNCATE
+checkpoint after each commit, so the file shrinks as soon as no reader holds an old snapshot (it does
+not wait for readers: a long reader would otherwise stall every commit for the busy timeout).
 """
 
 from __future__ import annotations
@@ -81,8 +82,19 @@ class Checkpointer:
             writer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # only what was committed during the pass
             return
         if self._wal_size() >= self.hard_limit_bytes:
-            # TRUNCATE, not RESTART: the file's size is how the next commits tell that it was done.
-            writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # TRUNCATE, not RESTART: the file's size is how the next commits tell that it was done. It
+            # waits for every reader to leave the WAL, and a reader of another process (a backup, a
+            # `sqlite3` shell) may keep its snapshot for minutes: without the busy timeout it copies what
+            # it can and gives up at once, and the next commit tries again, instead of each commit
+            # stalling for the whole timeout while the WAL grows anyway.
+            (timeout,) = writer.execute("PRAGMA busy_timeout").fetchone()
+            writer.execute("PRAGMA busy_timeout = 0")
+            try:
+                writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.OperationalError:
+                pass  # busy: the next commit tries again
+            finally:
+                writer.execute(f"PRAGMA busy_timeout = {int(timeout)}")
             return
         if self._idle.is_set() and self._uncopied_frames() >= self.every_frames:
             self._idle.clear()
