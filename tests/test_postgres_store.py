@@ -223,3 +223,16 @@ def test_a_claim_after_a_rolled_back_savepoint_holds_its_locks_again(postgres_ur
             assert free == []
     finally:
         store.close()
+
+
+def test_a_store_a_newer_idstitch_migrated_is_refused_for_writing_and_reading(postgres_url: str) -> None:
+    """As on SQLite: before, the writer wrote on as if nothing had changed, and a reader said to open the
+    store for writing "to migrate it", which an older build cannot do."""
+    PostgresStore(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("INSERT INTO schema_migrations VALUES (99, 'future', now())")
+    for read_only in (False, True):
+        with pytest.raises(ConfigError, match=r"schema version 99, newer than this build's \d+: .* upgrade"):
+            PostgresStore(postgres_url, read_only=read_only)
+    with psycopg.connect(postgres_url) as db:
+        assert db.execute("SELECT count(*) FROM spaces").fetchone() == (0,)

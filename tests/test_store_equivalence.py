@@ -473,11 +473,13 @@ def test_random_writes_give_the_same_reads(seed: int, postgres_url: str) -> None
             store.close()
 
 
-def test_a_second_process_on_one_sqlite_file_learning_custom_types_is_seen_by_the_first(
-    tmp_path: Path,
+@pytest.mark.parametrize("shared_store", ["sqlite", "postgres"])
+def test_a_second_writer_learning_custom_types_is_seen_by_the_first(
+    shared_store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """`idstitch serve` and `idstitch ingest` on one file: types learned by one keep their order in the
-    other, so a message decides as it would in a single process (custom types rank in first-seen order).
+    """`idstitch serve` and `idstitch ingest` on one SQLite file, or two workers on one PostgreSQL: types
+    learned by one keep their order in the other, so a message decides as it would in a single process
+    (custom types rank in first-seen order).
 
     Before: the serving engine kept its own list, [loyalty, phone], where the store said [phone, loyalty];
     the last message then kept phone:X and dropped loyalty:Y in one process, the reverse in the other.
@@ -519,8 +521,12 @@ def test_a_second_process_on_one_sqlite_file_learning_custom_types_is_seen_by_th
             {"type": "identify", "timestamp": "2026-01-05T09:00:00Z", **fields}, received_at=RECEIVED
         )
 
-    shared = tmp_path / "shared.db"
-    served, ingested = SQLiteStore(shared), SQLiteStore(shared)
+    shared = (
+        f"sqlite:///{tmp_path / 'shared.db'}"
+        if shared_store == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    served, ingested = open_store(shared), open_store(shared)
     alone = SQLiteStore(tmp_path / "alone.db")
     try:
         engines = {"serve": Engine(served, Config.default()), "ingest": Engine(ingested, Config.default())}

@@ -362,6 +362,15 @@ class Engine:
             extracted.append((batch.space, rules, extraction, [*user_keys, *account_keys]))
         return extracted
 
+    def _rules_read_again(self, space: str, held: IdentityRules) -> IdentityRules:
+        # A type new to this process may have been learned by another (a PostgreSQL worker, a second
+        # writer on the SQLite file): its place in the store's first-seen order is its priority, so that
+        # order is read before deciding. Types learned here but not yet committed keep their place after it.
+        self._rules.pop(space, None)
+        rules = self.rules(space).with_learned(held.learned_types)
+        self._rules[space] = rules
+        return rules
+
     def _forget_rules(self, batches: Sequence[IngestBatch]) -> None:
         # Types learned in a transaction that rolled back are not in the store: learn them again.
         for batch in batches:
@@ -410,6 +419,8 @@ class Engine:
         extraction: Extraction,
     ) -> MessageOutcome:
         rules = self.rules(space)
+        if any(not rules.knows(identifier.type) for identifier in (*extraction.users, *extraction.accounts)):
+            rules = self._rules_read_again(space, rules)
         policy = rules.source(source)
         require_identifier(extraction)
         user_keys, account_keys = view_keys(extraction)

@@ -55,7 +55,7 @@ from idstitch.storage.base import (
     TokenRecord,
     TraitRecord,
 )
-from idstitch.storage.migrations import read_migrations
+from idstitch.storage.migrations import read_migrations, refuse_newer_schema
 from idstitch.storage.postgres_transaction import PostgresTransaction, lock_key
 from idstitch.storage.rows import (
     BLOCKED_VALUES_SQL,
@@ -149,7 +149,9 @@ class PostgresStore:
                 "(version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
             )
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, name, script in read_migrations("postgres"):
+            migrations = read_migrations("postgres")
+            refuse_newer_schema(_safe(self.url), max(applied, default=0), migrations[-1][0])
+            for version, name, script in migrations:
                 if version not in applied:
                     db.execute(script.encode())  # several statements: no parameters, simple protocol
                     db.execute("INSERT INTO schema_migrations VALUES (%s, %s, now())", (version, name))
@@ -160,6 +162,7 @@ class PostgresStore:
             version = self.schema_version()
         except psycopg.errors.UndefinedTable:
             version = 0
+        refuse_newer_schema(_safe(self.url), version, latest)
         if version != latest:
             raise ConfigError(
                 f"store {_safe(self.url)} is at schema version {version}, this build reads {latest}: "

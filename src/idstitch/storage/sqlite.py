@@ -48,7 +48,7 @@ from idstitch.storage.graph_cache import (
     refreshed_rows,
     seen_together,
 )
-from idstitch.storage.migrations import read_migrations
+from idstitch.storage.migrations import read_migrations, refuse_newer_schema
 from idstitch.storage.rows import (
     BLOCKED_VALUES_SQL,
     DUMP_QUERIES,
@@ -206,7 +206,7 @@ class SQLiteStore:
             )
             migrations = read_migrations("sqlite")
             newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-            self._refuse_newer_schema(int(newest or 0), migrations[-1][0])
+            refuse_newer_schema(self.url, int(newest or 0), migrations[-1][0])
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
             for version, name, script in migrations:
                 if version in applied:
@@ -229,22 +229,13 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                     raise
 
-    def _refuse_newer_schema(self, version: int, latest: int) -> None:
-        """A ConfigError for a store a newer idstitch migrated: this build would write what that one
-        does not expect (and no older build can migrate it back)."""
-        if version > latest:
-            raise ConfigError(
-                f"store {self.url} is at schema version {version}, newer than this build's {latest}: "
-                "it was written by a newer idstitch; upgrade idstitch to open it"
-            )
-
     def _check_schema(self) -> None:
         latest = read_migrations("sqlite")[-1][0]
         try:
             version = self.schema_version()
         except sqlite3.OperationalError:
             version = 0
-        self._refuse_newer_schema(version, latest)
+        refuse_newer_schema(self.url, version, latest)
         if version != latest:
             raise ConfigError(
                 f"store {self.url} is at schema version {version}, this build reads {latest}: "

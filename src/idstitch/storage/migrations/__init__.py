@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from importlib import resources
 
-__all__ = ["read_migrations"]
+from idstitch.core.errors import ConfigError
+
+__all__ = ["read_migrations", "refuse_newer_schema"]
 
 
 def read_migrations(adapter: str) -> list[tuple[int, str, str]]:
@@ -15,3 +17,13 @@ def read_migrations(adapter: str) -> list[tuple[int, str, str]]:
             number, _, name = entry.name.removesuffix(".sql").partition("_")
             found.append((int(number), name, entry.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+def refuse_newer_schema(store: str, version: int, latest: int) -> None:
+    """Raise ConfigError for a store a newer idstitch migrated: this build would write what that one does
+    not expect, and no older build can migrate it back."""
+    if version > latest:
+        raise ConfigError(
+            f"store {store} is at schema version {version}, newer than this build's {latest}: "
+            "it was written by a newer idstitch; upgrade idstitch to open it"
+        )
