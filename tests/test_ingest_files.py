@@ -203,6 +203,40 @@ def test_a_single_pretty_printed_message(tmp_path: Path) -> None:
     assert summary(items(path)) == [(f"{path}:2", "m1")]
 
 
+def test_pretty_printed_documents_one_after_another_are_each_read(tmp_path: Path) -> None:
+    # What `jq . a.json b.json > all.json` writes; it used to be one "trailing characters" error, and
+    # nothing of the file landed.
+    path = tmp_path / "all.json"
+    envelope = {"batch": [message(3), message(4)], "context": {"ip": "10.0.0.1"}}
+    path.write_text(
+        "\n".join(json.dumps(value, indent=2) for value in (message(1), message(2)))
+        + "\n\n"
+        + json.dumps(envelope, indent=2)
+        + "\n"
+    )
+    found = items(path)
+    lines = len(json.dumps(message(1), indent=2).splitlines())
+    assert summary(found) == [
+        (f"{path}:1", "m1"),
+        (f"{path}:{lines + 1}", "m2"),
+        (f"{path}:{2 * lines + 2}[0]", "m3"),  # after a blank line
+        (f"{path}:{2 * lines + 2}[1]", "m4"),
+    ]
+    assert isinstance(found[2][1], Message) and found[2][1].context["ip"] == "10.0.0.1"
+
+
+def test_what_cannot_be_read_after_good_documents_is_one_error_and_they_land(tmp_path: Path) -> None:
+    path = tmp_path / "all.json"
+    first = json.dumps(message(1), indent=2)
+    path.write_text(first + "\n" + json.dumps(message(2), indent=2) + '\n{\n  "type": \n')
+    found = summary(items(path))
+    lines = len(first.splitlines())
+    assert found[:2] == [(f"{path}:1", "m1"), (f"{path}:{lines + 1}", "m2")]
+    assert found[2][0] == f"{path}:{2 * lines + 1}"
+    assert found[2][1].startswith("! invalid JSON") and found[2][1].endswith("nothing from here on was read")
+    assert len(found) == 3
+
+
 def test_an_envelope_over_the_http_batch_limit_is_read_in_slices(tmp_path: Path) -> None:
     path = tmp_path / "huge.ndjson"
     path.write_bytes(ndjson({"batch": [message(n) for n in range(2600)]}))

@@ -10,7 +10,8 @@ Formats, detected from the content and not the file name:
 * NDJSON: one message per line; a line may also be a whole batch envelope
   ``{"batch": [...], "context": ..., "integrations": ..., "sentAt": ...}`` (Segment's archives).
 * A JSON array of messages (possibly pretty-printed), read element by element.
-* One batch envelope or one message as the whole (pretty-printed) file.
+* One batch envelope or one message as the whole (pretty-printed) file, or several of them one after
+  another (what ``jq . *.json`` writes).
 * Any of these gzip-compressed (recognised by its magic bytes), and ``-`` for standard input.
 
 Memory stays bounded: NDJSON is read line by line, arrays element by element, and an element or a
@@ -228,9 +229,10 @@ class InputFile:
             yield from _array_items(stream, self.name, self._parsing)
             return
         if head == b"{":
-            document, stream = _whole_document(stream)
-            if document is not None:
-                yield from _document_items(document, self.name, self._parsing)
+            documents, stream = _whole_document(stream)
+            if documents is not None:
+                for document in documents:
+                    yield from _document_items(document, self.name, self._parsing)
                 return
         yield from _ndjson_items(stream, self.name, self._parsing)
 
@@ -305,12 +307,13 @@ def _stands_alone(line: bytes) -> bool:
     return True
 
 
-def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[bytes]]:
-    """A single JSON object spread over several lines (a pretty-printed envelope or message), if any.
+def _whole_document(stream: IO[bytes]) -> tuple[list[tuple[int, object]] | None, IO[bytes]]:
+    """JSON objects spread over several lines (pretty-printed envelopes or messages, one after another
+    as `jq . *.json` writes them), if the file holds such.
 
-    Returns the document (with the line it starts on) or None, meaning "read it as NDJSON", and the
-    stream to go on reading: the first or second non-blank line is a JSON value on its own, or the
-    start of the file does not form one document within MAX_DOCUMENT_BYTES.
+    Returns the documents (each with the line it starts on) or None, meaning "read it as NDJSON", and
+    the stream to go on reading: the first or second non-blank line is a JSON value on its own, or the
+    start of the file does not form documents within MAX_DOCUMENT_BYTES.
     """
     # Three non-blank lines decide it (or a whole buffer without them): wait for them on a pipe.
     head, stream = _look_ahead(stream, lambda data: len(_first_lines(data)) >= 3 or len(data) >= _BUFFER)
@@ -327,14 +330,53 @@ def _whole_document(stream: IO[bytes]) -> tuple[tuple[int, object] | None, IO[by
         try:
             document = decode_document(data)
         except InvalidEvent as error:
+            documents = _one_after_another(data)
+            if documents is not None:
+                return documents, stream
             if _opens_a_document(lines[0]):
                 # A document opened over several lines and broken further on is one error: read line by
                 # line, an element here and there would land without its envelope's context.
-                return (start_line, _where_broken(error, data)), stream
+                return [(start_line, _where_broken(error, data))], stream
             document = None
         if isinstance(document, dict):
-            return (start_line, document), stream
+            return [(start_line, document)], stream
     return None, io.BufferedReader(_Concat(data, stream), buffer_size=_BUFFER)
+
+
+def _one_after_another(data: bytes) -> list[tuple[int, object]] | None:
+    """Several JSON objects written one after another, each with the line it starts on; None unless the
+    first of two or more decodes (else the caller's single-document error stands). What cannot be
+    read after a good object ends the list as one InvalidEvent: the objects before it still land."""
+    documents: list[tuple[int, object]] = []
+    view = memoryview(data)
+    position = len(data) - len(data.lstrip(_WHITESPACE + _BOM))
+    line = data[:position].count(b"\n") + 1
+    while position < len(data):
+        piece = data[position:]
+        try:
+            msgspec.json.decode(view[position:])
+        except msgspec.DecodeError as error:
+            # msgspec names the byte after the first value's end: the next value starts there.
+            found = re.fullmatch(r"JSON is malformed: trailing characters \(byte (\d+)\)", str(error))
+            if found is not None:
+                piece = data[position : position + int(found.group(1)) - 1]
+        try:
+            if not piece.startswith(b"{"):
+                raise InvalidEvent("", "invalid JSON: another object was expected here")
+            document: object = decode_document(piece)
+        except InvalidEvent as error:
+            if not documents:
+                return None
+            documents.append(
+                (line, InvalidEvent(error.field, f"{error.reason}; nothing from here on was read"))
+            )
+            return documents
+        documents.append((line, document))
+        end = position + len(piece)
+        following = len(data) - len(data[end:].lstrip(_WHITESPACE))
+        line += data[position:following].count(b"\n")
+        position = following
+    return documents if len(documents) > 1 else None
 
 
 def _first_lines(data: bytes) -> list[bytes]:
