@@ -79,7 +79,7 @@ def msg(n: int, kind: str = "page", **fields: Any) -> dict[str, Any]:
     return {**base, **fields}
 
 
-IDENTIFIER_KEYS = {"type", "value", "first_seen", "last_seen"}
+IDENTIFIER_KEYS = {"type", "value", "first_seen", "last_seen", "suspect", "retired"}
 PROFILE_KEYS = {
     "segment_id",
     "collection",
@@ -121,8 +121,17 @@ def test_anonymous_to_known_profile_json_has_the_exact_shape(cli: CLI) -> None:
         "value": "a1",
         "first_seen": at(1),
         "last_seen": at(4),
+        "suspect": False,
+        "retired": False,
     }
-    assert by_type["user_id"] == {"type": "user_id", "value": "u1", "first_seen": at(4), "last_seen": at(4)}
+    assert by_type["user_id"] == {
+        "type": "user_id",
+        "value": "u1",
+        "first_seen": at(4),
+        "last_seen": at(4),
+        "suspect": False,
+        "retired": False,
+    }
     assert by_type["email"]["value"] == "j@x.io"
 
     # Every identifier and the segment id find the same profile; email lookups are normalised.
@@ -209,6 +218,51 @@ def test_profile_text_shows_brackets_and_colons_as_sent(cli: CLI) -> None:
         assert text in shown, (text, shown)
     done = cli.run("profile", "a:b:smile:x")
     assert done.returncode == 1 and "a:b:smile:x" in done.stderr
+
+
+def test_profile_text_shows_the_most_recent_events_by_timestamp(cli: CLI) -> None:
+    # The newest event arrives first, then ten older ones: "the 10 most recent" must still show it, in
+    # the order the Profile API's `events` gives (newest timestamp first), not in ingest order.
+    newest = {**msg(1, "track", userId="u1", event="Newest"), "timestamp": "2026-04-01T00:00:00.000Z"}
+    older = [msg(n, "track", userId="u1", event=f"Old {n}") for n in range(2, 12)]
+    cli.ok("ingest", str(cli.write("late.ndjson", newest, *older)))
+    shown = cli.ok("profile", "user_id:u1").stdout
+    assert "events: 11 (10 most recent)" in shown
+    rows = [line for line in shown.splitlines() if "│ track" in line]
+    assert len(rows) == 10
+    assert "Newest" in rows[0] and "2026-04-01 00:00:00" in rows[0]
+    assert "Old 11" in rows[1] and "Old 3" in rows[-1]
+    assert "Old 2 " not in shown
+
+
+def test_profile_json_carries_the_suspect_and_retired_flags_the_text_shows(cli: CLI) -> None:
+    cli.ok(
+        "ingest",
+        str(
+            cli.write(
+                "flags.ndjson",
+                msg(1, "identify", userId="alice", anonymousId="lib1"),
+                msg(2, "identify", userId="bob", anonymousId="lib1"),
+                msg(3, "identify", userId="old_id", anonymousId="a3"),
+                msg(4, "alias", previousId="old_id", userId="new_id"),
+            )
+        ),
+    )
+    flags = {
+        (item["type"], item["value"]): (item["suspect"], item["retired"])
+        for key in ("user_id:alice", "user_id:new_id")
+        for item in cli.json("profile", key)["identifiers"]
+    }
+    assert flags == {
+        ("user_id", "alice"): (False, False),
+        ("anonymous_id", "lib1"): (True, False),
+        ("user_id", "old_id"): (False, True),
+        ("user_id", "new_id"): (False, False),
+        ("anonymous_id", "a3"): (False, False),
+    }
+    text = cli.ok("profile", "user_id:new_id").stdout
+    assert re.search(r"│ user_id +│ old_id +│.*│ retired │", text), text
+    assert re.search(r"│ anonymous_id +│ lib1 +│.*│ suspect │", cli.ok("profile", "user_id:alice").stdout)
 
 
 def test_shared_device_junk_ids_explain_and_stats(cli: CLI) -> None:
@@ -508,17 +562,6 @@ def test_ingest_of_a_file_that_cannot_be_read_fails_before_writing_anything(cli:
         server.close()
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stderr == f"error: {sock_path}: cannot be read (No such device or address)\n"
-    assert not Path(cli.url.removeprefix("sqlite:///")).exists()
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_ingest_of_a_file_without_read_permission_fails_before_writing_anything(cli: CLI) -> None:
-    good = cli.write("good.ndjson", msg(1, anonymousId="a1"))
-    locked = cli.write("locked.ndjson", msg(2, anonymousId="a2"))
-    locked.chmod(0)
-    done = cli.run("ingest", str(good), str(locked))
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert done.stderr == f"error: {locked}: cannot be read (Permission denied)\n"
     assert not Path(cli.url.removeprefix("sqlite:///")).exists()
 
 

@@ -41,3 +41,24 @@ def test_a_profile_without_an_alias_has_no_retired_identifiers(tmp_path: Path) -
         assert profile is not None
         document = explain_document(space.store, space.name, profile)
     assert document is not None and document["retired"] == []
+
+
+def test_explain_says_a_pre_declared_suspect_was_declared_not_seen_with_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = '[spaces.default.non_unique]\nexact = ["kiosk"]\n'
+    with open_space(tmp_path, toml) as space:
+        profile = space.send("identify", userId="u1", anonymousId="kiosk", at=at(minutes=1)).profile_id
+        assert profile is not None
+        document = explain_document(space.store, space.name, profile)
+    assert document is not None
+    assert [(s["identifier"], s["evidence_type"], s["evidence_values"]) for s in document["suspects"]] == [
+        ("anonymous_id:kiosk", "declared", [])
+    ]
+    _render_explain(document)
+    text = capsys.readouterr().out
+    assert (
+        "  anonymous_id:kiosk (on this profile): declared non-unique by the space's rules; "
+        "marked at 2026-01-05T09:01:00.000Z by message m1"
+    ) in text
+    assert "seen with 0" not in text

@@ -295,6 +295,32 @@ async def test_events_sort_start_end_include_exclude(api: Api) -> None:
     assert body["data"][0]["properties"] == {"total": 9}
 
 
+async def test_event_external_ids_are_only_the_identifiers_the_profile_holds(api: Api) -> None:
+    """SPEC E6: the later anonymous page on the library computer lands on Bob, but `lib1` stays Alice's
+    (suspect): Bob's events must not list it as one of his identifiers."""
+    api.web.send("identify", userId="alice", anonymousId="lib1", at=at(minutes=1))
+    api.web.send("identify", userId="bob", anonymousId="lib1", at=at(minutes=2))
+    api.web.send("page", anonymousId="lib1", name="Later", at=at(minutes=3))
+    status, bob = await api.get(f"{USERS}/user_id:bob/events")
+    assert status == 200
+    assert [(item["message_id"], item["external_ids"]) for item in bob["data"]] == [
+        ("m3", []),
+        ("m2", [{"collection": "users", "type": "user_id", "id": "bob", "encoding": "none"}]),
+    ]
+    _, alice = await api.get(f"{USERS}/user_id:alice/events")
+    assert [(item["message_id"], [i["id"] for i in item["external_ids"]]) for item in alice["data"]] == [
+        ("m1", ["alice", "lib1"])
+    ]
+    # Nor an id a refused merge left on another profile (push tokens never merge, DEFAULTS.md).
+    device = {"device": {"type": "android", "token": "tok1"}}
+    api.web.send("identify", userId="carol", at=at(minutes=4))
+    api.web.send("track", anonymousId="x1", event="Opened", context=device, at=at(minutes=5))
+    api.web.send("track", userId="carol", event="Opened", context=device, at=at(minutes=6))
+    assert api.root("user_id:carol") != api.root("android.push_token:tok1")
+    _, carol = await api.get(f"{USERS}/user_id:carol/events")
+    assert [i["id"] for i in carol["data"][0]["external_ids"]] == ["carol"]
+
+
 async def test_event_pages_are_stable_while_new_events_arrive(api: Api) -> None:
     for minute in range(25):
         api.web.send("track", userId="u1", event="Viewed", at=at(minutes=minute))

@@ -52,7 +52,7 @@ from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
-from idstitch.storage.base import IdentifierRecord, Store, StoreConflict
+from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict
 from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
@@ -623,12 +623,15 @@ def _check_collection(collection: str | None) -> None:
         raise UsageError(f"--collection must be users or accounts, got {collection!r}")
 
 
-def _identifier_json(record: IdentifierRecord) -> dict[str, str]:
+def _identifier_json(record: IdentifierRecord) -> dict[str, str | bool]:
     return {
         "type": record.type,
         "value": record.value,
         "first_seen": _time(record.first_seen),
         "last_seen": _time(record.last_seen),
+        # The flags the text output shows: --json carries the same facts.
+        "suspect": record.suspect,
+        "retired": record.retired,
     }
 
 
@@ -708,17 +711,11 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
     stdout.print(Text.assemble((root, "bold"), f" ({document['collection']}, space {space})"))
     if document["merged_segment_ids"]:
         stdout.print("merged profiles: " + ", ".join(document["merged_segment_ids"]))
-    flags = {(item.type, item.value): item for item in store.identifiers(space, root)}
     table = Table(title="identifiers", title_justify="left")
     for column in ("type", "value", "first seen (UTC)", "last seen (UTC)", "flags"):
         table.add_column(column, overflow="fold")
     for item in document["identifiers"]:
-        record = flags.get((item["type"], item["value"]))
-        notes = (
-            []
-            if record is None
-            else [n for n, on in (("suspect", record.suspect), ("retired", record.retired)) if on]
-        )
+        notes = [flag for flag in ("suspect", "retired") if item[flag]]
         table.add_row(
             item["type"],
             item["value"],
@@ -734,7 +731,9 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
         for key, value in document["traits"].items():
             traits.add_row(key, json.dumps(value, ensure_ascii=False))
         stdout.print(traits)
-    events = store.events(space, root, limit=10)
+    # The most recent by timestamp, as the Profile API's `events` lists them: a late-arriving old event
+    # must not push the newest ones out of the ten.
+    events = store.event_page(space, root, EventQuery(limit=10, descending=True))
     shown = f"{len(events)} most recent" if len(events) < document["event_count"] else "all"
     table = Table(title=f"events: {document['event_count']:,} ({shown})", title_justify="left")
     for column in ("timestamp (UTC)", "type", "name", "message id"):
@@ -800,10 +799,14 @@ def _render_explain(document: dict[str, Any]) -> None:
     lines.append(f"suspect identifiers: {len(suspects)}")
     for item in suspects:
         where = "on this profile" if item["on_profile"] else "dropped from this profile's messages"
-        values = ", ".join(item["evidence_values"])
+        if item["evidence_type"] == "declared":
+            # Pre-declared non-unique by the space's rules (SPEC §5): no values were seen with it.
+            evidence = "declared non-unique by the space's rules"
+        else:
+            values = ", ".join(item["evidence_values"])
+            evidence = f"seen with {len(item['evidence_values'])} {item['evidence_type']} values ({values})"
         lines.append(
-            f"  {item['identifier']} ({where}): seen with {len(item['evidence_values'])} "
-            f"{item['evidence_type']} values ({values}); marked at {item['at']} by message {item['message_id']}"
+            f"  {item['identifier']} ({where}): {evidence}; marked at {item['at']} by message {item['message_id']}"
         )
     print("\n".join(lines))
 

@@ -331,8 +331,14 @@ class ProfileAPI:
         )
         page, more = records[:limit], records[limit:]
         dropped = {(item.message_id, item.identifier) for item in store.dropped(call.space, root)}
+        # An event lists the identifiers it promoted: of this profile's collection, only those the profile
+        # holds (a suspect device id that routed the event here, or an id a refused merge left on another
+        # profile, is not this profile's).
+        owned = (
+            {f"{item.type}:{item.value}" for item in store.identifiers(call.space, root)} if page else set()
+        )
         accounts: dict[str, str] = {}
-        data = [self._event_item(call, root, record, dropped, accounts) for record in page]
+        data = [self._event_item(call, root, record, dropped, owned, accounts) for record in page]
         next_cursor = _event_cursor(page[-1]) if more else ""
         return _encoder.encode(EventsResponse(data, _cursor(call, limit, next_cursor)))
 
@@ -342,6 +348,7 @@ class ProfileAPI:
         root: str,
         record: EventRecord,
         dropped: set[tuple[str, str]],
+        owned: set[str],
         accounts: dict[str, str],
     ) -> EventItem:
         payload = msgspec.json.decode(record.payload)
@@ -352,6 +359,8 @@ class ProfileAPI:
                 continue
             kind, _, value = text.partition(":")
             collection = "accounts" if kind == "group_id" else rules.rule(kind).collection
+            if collection == call.collection and text not in owned:
+                continue
             external_ids.append(EventExternalId(collection, kind, value, "none"))
         related: dict[str, str] = {}
         store = self.engine.store
