@@ -222,8 +222,8 @@ async def test_rudderstack_beacon_batches_authenticate_by_the_query_string(api: 
         401,
         problem("unauthorized", "unknown write key"),
     )
-    status, _ = await api.post("/beacon/v1/batch", {"batch": [track(3)]}, key=None)
-    assert status == 401
+    status, body = await api.post("/beacon/v1/batch", {"batch": [track(3)]}, key=None)
+    assert status == 401 and "query string (?writeKey=" in body["error"]["message"]
     # Only the beacon path reads the query string: elsewhere a key must come as Basic auth or in the body.
     status, _ = await api.post("/v1/batch?writeKey=wk_test", {"batch": [track(3)]}, key=None)
     assert status == 401

@@ -348,6 +348,7 @@ class TrackingAPI:
                 raise _unauthorized(
                     "no write key: send HTTP Basic auth with the write key as user name, "
                     "or writeKey in the JSON body"
+                    + (" or in the query string (?writeKey=…)" if request.route == BEACON_PATH else "")
                 )
             request.source = await self._source(body_key)
         source = request.source
