@@ -460,6 +460,15 @@ def test_external_id_base64_decoded(text: str, encode: Callable[[bytes], str]) -
     assert message.external_ids == (ExternalId(id=text, type="phone", collection="users", encoding="base64"),)
 
 
+def test_external_id_base64_of_a_nul_decodes_to_the_damaged_character() -> None:
+    """A NUL hidden in base64 is what decode_document makes of a \\u0000 in the JSON: U+FFFD. Before, it
+    reached the store as is, and PostgreSQL refused the whole batch (500, retry later; SQLite took it)."""
+    message = parse(with_external_ids(ext(id=base64.b64encode(b"a\x00b").decode(), encoding="base64")))
+    assert message.external_ids == (
+        ExternalId(id="a\ufffdb", type="phone", collection="users", encoding="base64"),
+    )
+
+
 @pytest.mark.parametrize(
     ("encoded", "reason"),
     [

@@ -207,6 +207,35 @@ def test_the_largest_values_a_message_may_carry_land_alike_in_every_store(postgr
     assert results[postgres_url] == results["sqlite://"]
 
 
+def test_a_nul_in_a_base64_external_id_lands_alike_in_every_store(postgres_url: str) -> None:
+    """Found by tests/test_store_differential.py: decoded base64 bypassed decode_document's NUL repair, so
+    PostgreSQL failed the whole batch (text cannot hold U+0000) where SQLite and memory stored it."""
+    raw = {
+        "type": "identify",
+        "userId": "u1",
+        "messageId": "m1",
+        "context": {
+            "externalIds": [{"id": "YQBi", "type": "crm_id", "collection": "users", "encoding": "base64"}]
+        },
+    }
+    results = {}
+    for url in ("sqlite://", "memory://", postgres_url):
+        store = open_store(url)
+        try:
+            outcomes = Engine(store, Config.default()).ingest(
+                [parse_message(raw, received_at=RECEIVED)], space=SPACE
+            )
+            results[url] = ([(item.status, item.dropped) for item in outcomes.outcomes], store.dump(SPACE))
+        finally:
+            store.close()
+    damaged = Identifier("crm_id", "a\ufffdb")
+    assert results["sqlite://"][0] == [
+        ("resolved", (Dropped(damaged, "damaged: holds U+FFFD, a character lost in encoding"),))
+    ]
+    assert results["memory://"] == results["sqlite://"]
+    assert results[postgres_url] == results["sqlite://"]
+
+
 def test_a_sqlite_graph_cache_far_smaller_than_the_graph_stays_bounded_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
