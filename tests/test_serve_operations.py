@@ -8,14 +8,19 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
 from idstitch.core.errors import ConfigError
+from idstitch.http.protocol import BoundedHttpToolsProtocol
 from idstitch.http.server import bind
 from live_server import WRITE_KEY, Server
 
@@ -129,3 +134,90 @@ def test_public_url_is_what_the_settings_send_clients_to(tmp_path: Path) -> None
 
 def basic_auth(write_key: str) -> str:
     return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+
+
+def _exchange(port: int, *parts: bytes, pause: float = 0.0) -> bytes:
+    """Send `parts` on one connection (pausing between them), then read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        try:
+            for part in parts:
+                connection.sendall(part)
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before everything was sent: read its answer
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return received
+
+
+def test_request_heads_are_bounded_in_size_and_the_server_stays_up(tmp_path: Path) -> None:
+    """Before: uvicorn kept every header line of a request, however many: 100 MB of short header lines
+    made the server hold ~1.5 GB (a few such requests at once and it is killed for memory)."""
+    server = Server(tmp_path / "serve")
+    server.start()
+    try:
+        head = b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic_auth(WRITE_KEY).encode()
+        body = b'{"userId": "u1", "event": "E"}'
+        ending = b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+
+        def send(header: bytes, *more: bytes) -> bytes:
+            return _exchange(server.port, head + b"\r\n" + header, *more, ending)
+
+        assert send(b"X-Pad: " + b"a" * 60_000).startswith(b"HTTP/1.1 200 ")  # under 64 KB: served
+        for refused in (
+            send(b"X-Pad: " + b"a" * 70_000),  # one large header in one read
+            send(b"X-Pad: ", *[b"a" * 65536] * 64),  # one header over many reads
+            send(b"X-A: b", *[b"\r\nX-A: b" * 8192] * 64),  # many small headers
+        ):
+            assert refused.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), refused[:200]
+            assert refused.endswith(b"Request header fields are over the 64 KB limit.")
+        assert send(b"X-Pad: a").startswith(b"HTTP/1.1 200 ")
+        server.stop()
+    finally:
+        server.kill()
+
+
+def test_a_connection_must_send_its_request_head_in_time(tmp_path: Path) -> None:
+    """Before: a connection that sent nothing, or a header line now and then, was kept for ever (each
+    one a file descriptor: a few thousand and the server can accept no more connections)."""
+
+    class Quick(BoundedHttpToolsProtocol):
+        head_timeout = 0.5
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, http=Quick, lifespan="off", log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert _exchange(port) == b""  # silent: closed
+        slow = [b"GET / HTTP/1.1\r\n", *[b"X-A: b\r\n"] * 20]  # a line every 0.1 s, never the end
+        assert _exchange(port, *slow, pause=0.1) == b""
+        assert time.monotonic() - started < 8
+        # A request that takes its time, within the bound, and the keep-alive one after it: served.
+        answer = _exchange(
+            port,
+            b"GET / HTTP/1.1\r\n",
+            b"Host: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            b"Connection: close\r\n\r\n",
+            pause=0.3,
+        )
+        assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -15,13 +15,27 @@ class HTTPProblem(Exception):
     """An error answer: HTTP status, a short machine code and a human message naming the limit or field."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+        # What the server's log says instead of `message`: internals (file paths, database errors) that
+        # the operator needs and a client on the internet must not be shown.
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        """The reason for the log: the detail when there is one, else the message the client got."""
+        return self.detail or self.message
 
     def body(self) -> bytes:
         """The JSON body `{"success": false, "code", "message", "error": {"code", "message"}}`."""

@@ -199,7 +199,7 @@ class ProfileAPI:
             }
             if error is not None:
                 fields["error"] = error.code
-                fields["reason"] = error.message
+                fields["reason"] = error.reason
             self._log.info("request", extra=fields)
 
     # -- auth ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.app import ServeApp
 from idstitch.http.logs import configure_logging
 from idstitch.http.profiles import ProfileAPI
+from idstitch.http.protocol import BoundedHttpToolsProtocol
 from idstitch.http.rate_limits import RateLimiter, SharedBuckets
 from idstitch.http.source_settings import PublicAddress
 from idstitch.http.tracking import IngestWriter, TrackingAPI
@@ -132,6 +133,7 @@ def run_server(
         config = uvicorn.Config(
             app,
             lifespan="off",  # the writer is owned here, not by the app
+            http=BoundedHttpToolsProtocol,  # bounded request heads: size and time to send them
             access_log=False,  # the app logs one structured line per request itself
             log_config=None,
             server_header=False,
@@ -303,6 +305,7 @@ def _profile_worker(
         config = uvicorn.Config(
             ProfileAPI(engine, rate_limiter=RateLimiter(buckets=buckets)),
             lifespan="off",
+            http=BoundedHttpToolsProtocol,
             access_log=False,
             log_config=None,
             server_header=False,

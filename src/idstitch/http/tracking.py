@@ -46,6 +46,7 @@ from idstitch.storage.base import StoreConflict
 __all__ = [
     "BATCH_CALLS",
     "BEACON_PATH",
+    "BODY_TIMEOUT_SECONDS",
     "MESSAGE_LIMIT",
     "REQUEST_LIMIT",
     "SHORT_CALLS",
@@ -89,6 +90,10 @@ _PREFLIGHT = [
 _PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Encoding"
 _EXPOSED_HEADERS = b"Retry-After, X-RateLimit-Reset"
 _LOGGED_REJECTIONS = 10  # per request log line: enough to diagnose, bounded for a 2,500-message batch
+# The most a client may take to send a body, from its first read: a client that stalls (a phone that lost
+# its network without closing, a slowloris) would otherwise hold one of the `max_in_flight` slots for ever,
+# and once they are all held every ingest request is refused with 429.
+BODY_TIMEOUT_SECONDS = 60.0
 
 
 class IngestWriter(WriterFigures, Protocol):
@@ -159,6 +164,7 @@ class TrackingAPI:
         max_in_flight: int = 512,
         retry_after: int = 1,
         public_address: PublicAddress | None = None,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
     ) -> None:
         self.writer = writer
         # Behind a reverse proxy the Host header may name the proxy's upstream (nginx's default): the
@@ -173,6 +179,7 @@ class TrackingAPI:
         # per-request size limits this bounds the memory held by bodies the writer's bound does not see.
         self.max_in_flight = max_in_flight
         self.retry_after = retry_after
+        self.body_timeout = body_timeout
         self._in_flight = 0
         self._log = request_logger()
 
@@ -330,12 +337,22 @@ class TrackingAPI:
         if header_key is not None:
             request.source = await self._source(header_key)  # a wrong key is refused before the body
         batch = call in BATCH_CALLS
-        body = await read_body(
-            _chunks(receive),
-            encoding=headers.get("content-encoding", ""),
-            declared_length=_int_or_none(headers.get("content-length")),
-            limit=REQUEST_LIMIT if batch else MESSAGE_LIMIT,
-        )
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await read_body(
+                    _chunks(receive),
+                    encoding=headers.get("content-encoding", ""),
+                    declared_length=_int_or_none(headers.get("content-length")),
+                    limit=REQUEST_LIMIT if batch else MESSAGE_LIMIT,
+                )
+        except TimeoutError:
+            # The rest of the body may still come: close the connection rather than read it as a request.
+            raise HTTPProblem(
+                408,
+                "request_timeout",
+                f"the request body was not received within {self.body_timeout:g} s",
+                {"Connection": "close"},
+            ) from None
         try:
             raw = decode_document(body)
         except InvalidEvent as error:
@@ -433,8 +450,9 @@ class TrackingAPI:
             raise HTTPProblem(
                 503,
                 "store_busy",
-                f"{conflict}; retry later",
+                "the store is busy; retry later",
                 {"Retry-After": str(self.retry_after)},
+                detail=f"{conflict}; retry later",  # names the store's file or the database's error
             ) from None
         self.metrics.count_outcomes(source.space, result.outcomes)
         return result
@@ -471,7 +489,7 @@ class TrackingAPI:
             fields["rejections"] = request.rejections
         if request.problem is not None:
             fields["error"] = request.problem.code
-            fields["reason"] = request.problem.message
+            fields["reason"] = request.problem.reason
         exc_info = (type(error), error, error.__traceback__) if error is not None else None
         self._log.log(level, "request", extra=fields, exc_info=exc_info)
 
