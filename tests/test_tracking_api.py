@@ -910,6 +910,32 @@ async def test_a_store_failure_is_500_so_clients_retry_and_is_logged_with_its_re
     assert api.event_ids() == ["m1"]
 
 
+async def test_healthz_is_503_while_commits_fail_and_ok_once_one_lands_or_a_while_has_passed(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: before, /healthz said ok while every request was answered 500, so a load balancer
+    kept sending this server all its traffic."""
+    api.engine.fail = True
+    assert (await api.post("/v1/batch", {"batch": [track(1)]}))[0] == 500
+    response = await api.client.get("/healthz")
+    assert (response.status_code, response.json()) == (
+        503,
+        {
+            "status": "unavailable",
+            "reason": "the last commit failed: OSError; the server's log has the detail",
+        },
+    )
+    api.engine.fail = False
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)
+    assert (await api.client.get("/healthz")).status_code == 200
+    # Taken out of the load balancer, it gets nothing to commit: the failure is forgotten after a while.
+    api.engine.fail = True
+    assert (await api.post("/v1/batch", {"batch": [track(2)]}))[0] == 500
+    assert (await api.client.get("/healthz")).status_code == 503
+    monkeypatch.setattr("idstitch.group_commit._FAILURE_SECONDS", 0.0)
+    assert (await api.client.get("/healthz")).status_code == 200
+
+
 async def test_a_store_another_process_keeps_locked_is_503_with_retry_after_then_lands(
     api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -987,6 +1013,30 @@ async def test_metrics_count_messages_resolutions_merges_drops_and_latency(api: 
     # fine buckets around the 7 ms latency target, and the open one
     assert {"0.005", "0.007", "0.01", "+Inf"} <= set(buckets)
     assert "# TYPE idstitch_http_request_duration_seconds histogram" in response.text
+
+
+async def test_dropped_identifiers_are_counted_by_rule_not_by_size_or_letter_case(api: Api) -> None:
+    # Before: each length of a too long id was a label of its own ("too long: 1,001 bytes, …"), so a few
+    # hundred long ids used up the 200 rules the metric holds and every rule seen later was "other".
+    batch = [
+        {"type": "track", "event": "E", "userId": "u1", "anonymousId": "z" * (1001 + n), "messageId": f"m{n}"}
+        for n in range(250)
+    ]
+    batch += [
+        {"type": "track", "event": "E", "userId": value, "anonymousId": "a1", "messageId": f"v{n}"}
+        for n, value in enumerate(["VOID", "Void", "void"])
+    ]
+    assert await api.post("/v1/batch", {"batch": batch}) == (200, OK)
+    text = (await api.client.get("/metrics")).text
+    dropped = {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("idstitch_identifiers_dropped_total")
+    }
+    assert dropped == {
+        'idstitch_identifiers_dropped_total{rule="too long",space="app"}': 250.0,
+        'idstitch_identifiers_dropped_total{rule="blocked exact \'void\'",space="app"}': 3.0,
+    }
 
 
 def rejected_total(text: str) -> float:

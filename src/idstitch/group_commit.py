@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class _Request:
 
 
 _STOP = object()
+# How long a failed commit keeps /healthz at 503 unless a commit lands first: a load balancer that took
+# the server out sends it nothing more to commit, so the state must end without one.
+_FAILURE_SECONDS = 10.0
 
 
 class GroupCommitWriter:
@@ -73,6 +77,8 @@ class GroupCommitWriter:
         self._pending = 0
         self._lock = threading.Lock()
         self._closed = False
+        # The last commit that failed, when no commit has landed since: (monotonic time, why).
+        self._failure: tuple[float, str] | None = None
         self._thread = threading.Thread(target=self._run, name="idstitch-writer", daemon=True)
         self._thread.start()
 
@@ -87,6 +93,10 @@ class GroupCommitWriter:
             return "shutting down"
         if not self._thread.is_alive():
             return "the writer thread has stopped"
+        failure = self._failure
+        if failure is not None and time.monotonic() - failure[0] < _FAILURE_SECONDS:
+            # A full disk, say: every request would be answered 500 until it is fixed.
+            return f"the last commit failed: {failure[1]}"
         return None
 
     def submit(
@@ -172,6 +182,8 @@ class GroupCommitWriter:
             results = self.engine.ingest_group([request.batch for request in group])
         except BaseException as error:
             if len(group) == 1 or isinstance(error, StoreConflict):
+                # The kind of error only: /healthz is public, and the text may name the store's file.
+                self._failure = (time.monotonic(), f"{type(error).__name__}; the server's log has the detail")
                 # A conflict the engine gave up on is the store's (its write lock held elsewhere), not one
                 # caller's: every batch alone would wait out the same bound again, one after the other.
                 for request in group:
@@ -181,6 +193,7 @@ class GroupCommitWriter:
             for request in group:
                 self._write_running([request])
             return
+        self._failure = None
         self.commits += 1
         self.batches += len(group)
         for request, result in zip(group, results, strict=True):

@@ -20,6 +20,7 @@ __all__ = [
     "Dropped",
     "Extraction",
     "Identifier",
+    "drop_rule",
     "extract_identifiers",
     "normalise_value",
     "parse_identifier",
@@ -170,8 +171,21 @@ def _utf8_size(value: str) -> int:
     return len(value.encode("utf-8", "surrogatepass"))
 
 
+_TOO_LONG = "too long"
+
+
 def _too_long_reason(value: str) -> str:
-    return f"too long: {_utf8_size(value):,} bytes, over the {MAX_IDENTIFIER_BYTES:,} an identifier may have"
+    return (
+        f"{_TOO_LONG}: {_utf8_size(value):,} bytes, over the {MAX_IDENTIFIER_BYTES:,} an identifier may have"
+    )
+
+
+def drop_rule(reason: str) -> str:
+    """The rule a drop's reason names, without what is particular to the identifier (its size): one
+    value per rule, for a metric's label."""
+    if reason.startswith(f"{_TOO_LONG}: "):
+        return _TOO_LONG
+    return reason
 
 
 def _alias_previous(

@@ -111,8 +111,9 @@ class ValueList:
 
     def describe_match(self, value: str) -> str:
         """Which entry matched, for the record of a dropped identifier."""
-        if value.lower() in self.exact:
-            return f"exact {value!r}"
+        entry = value.lower()
+        if entry in self.exact:
+            return f"exact {entry!r}"  # the entry matched, as the list holds it: NULL and Null match one
         for pattern in self.patterns:
             if pattern.search(value):
                 return f"regex {pattern.pattern!r}"

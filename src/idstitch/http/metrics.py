@@ -11,12 +11,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from idstitch.core.identifiers import drop_rule
 from idstitch.engine import MessageOutcome
 
 __all__ = ["Metrics", "WriterFigures"]
 
-# Drop reasons are texts made from the config (types, limits, blocked entries), so few; this bound
-# keeps a label set finite even if one ever carried message data.
+# Drop rules are texts made from the config (types, limits, blocked entries), so few (`drop_rule` takes
+# an identifier's size out of `too long`); this bound keeps a label set finite even so: custom types are
+# learned from messages.
 _MAX_DROP_RULES = 200
 
 
@@ -157,7 +159,8 @@ class Metrics:
             else:
                 rejected += 1
             for drop in outcome.dropped:
-                dropped[drop.rule] = dropped.get(drop.rule, 0) + 1
+                rule = drop_rule(drop.rule)
+                dropped[rule] = dropped.get(rule, 0) + 1
         # Only touch the counters that moved: each labels() call takes a lock.
         for counter, amount in (
             (self.accepted, accepted),
