@@ -722,3 +722,19 @@ def test_a_pipe_whose_first_bytes_arrive_late_is_read_by_its_real_format(cli: CL
         assert (summary["accepted"], summary["rejected"]) == (2, 0), (name, summary)
     assert cli.json("profile", "anonymous_id:p1")["event_count"] == 2
     assert cli.json("profile", "anonymous_id:p2")["event_count"] == 2
+
+
+@pytest.mark.parametrize(("arguments", "loaded"), [(["stats", "--help"], False), (["--help"], True)])
+def test_the_benchmarks_are_imported_only_when_asked_for_or_listed(
+    arguments: list[str], loaded: bool
+) -> None:
+    # They import the PostgreSQL, NATS and HTTP clients: ~0.3 s before every `idstitch profile`.
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['idstitch', *{arguments!r}]\n"
+        "from idstitch.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('idstitch.bench.cli' in sys.modules, 'psycopg' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == f"{loaded} {loaded}"

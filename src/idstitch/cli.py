@@ -1222,7 +1222,11 @@ def _add_bench() -> None:
 
 def main() -> None:
     """Console script entry point."""
-    _add_bench()
+    # The benchmarks import the PostgreSQL, NATS and HTTP clients (~0.3 s): only when they are asked for
+    # or listed (no command, --help), not before every `idstitch profile`.
+    command = next((argument for argument in sys.argv[1:] if not argument.startswith("-")), None)
+    if command in (None, "bench"):
+        _add_bench()
     app()
 
 
