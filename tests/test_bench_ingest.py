@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from array import array
@@ -127,3 +128,29 @@ def test_a_cached_stream_is_reused_only_by_the_same_simulator(
     monkeypatch.setattr(runner, "generator_fingerprint", lambda: "another-version")
     changed = runner.ensure_workload(50, 1)
     assert changed != first and changed.exists()  # a changed simulator: generated again
+
+
+def test_peak_rss_is_the_benchmark_own_not_its_parent_s(tmp_path: Path) -> None:
+    """A process started by fork + exec inherits its parent's getrusage() ru_maxrss: `bench all` and
+    `bench postgres` start benchmarks and workers from bigger processes, whose peak must not show up."""
+    ballast = bytearray(400 * 2**20)
+    ballast[:: resource.getpagesize()] = b"\x01" * len(range(0, len(ballast), resource.getpagesize()))
+    done = _bench("core", tmp_path, "-n", "100", "--json")
+    del ballast
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["peak_rss_mb"] < 300
+
+
+def test_an_interrupted_generation_leaves_no_partial_file_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDSTITCH_BENCH_CACHE", str(tmp_path))
+
+    def interrupted(path: Path, config: object, **_: object) -> int:
+        Path(path).write_bytes(b"{}\n" * 1000)  # half written when Ctrl-C comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_ndjson", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.ensure_workload(50, 1)
+    assert list(tmp_path.iterdir()) == []

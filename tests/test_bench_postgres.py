@@ -235,6 +235,40 @@ def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, t
     assert alive == [], f"{[process.pid for process in alive]} outlived the interrupted benchmark"
 
 
+def test_ctrl_c_while_the_workers_start_prints_no_traceback(postgres_database: str, tmp_path: Path) -> None:
+    """Ctrl-C reaches the workers too: while they import (before they ignore it) it must not kill each one
+    with a KeyboardInterrupt traceback on the user's terminal."""
+    command = _command(postgres_database, "-n", "300", "--workers", "2", "--json")
+    bench = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_environment(tmp_path),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and bench.poll() is None:
+            children = psutil.Process(bench.pid).children()
+            if any("spawn_main" in " ".join(child.cmdline()) for child in children):
+                break  # a worker exists and is still importing: that takes about half a second here
+            time.sleep(0.01)
+        time.sleep(0.1)  # past the interpreter's start, into the imports
+        os.killpg(bench.pid, signal.SIGINT)
+        _, stderr = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode != 0, "an interrupted benchmark must not report success"
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+    assert _schemas(postgres_database) == []
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], f"{[process.pid for process in alive]} outlived the interrupted benchmark"
+
+
 def _closed_port() -> int:
     """A local port nobody listens on (bound, then released)."""
     with socket.socket() as probe:

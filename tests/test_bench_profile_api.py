@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from idstitch.bench import seed
 from idstitch.bench.seed import SOURCE, SPACE, WRITE_KEY, SeededPeople, seed_store
 from idstitch.config import Config
 from idstitch.core.messages import parse_message
@@ -96,6 +97,19 @@ def test_seeded_people_have_distinct_ids() -> None:
     assert len({population.anonymous_id(*pair) for pair in devices}) == len(devices)
     counts = [len({item.device for item in population.messages(index)}) for index in people]
     assert set(counts) == {1, 2, 3}
+
+
+def test_an_interrupted_seeding_leaves_no_partial_store_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDSTITCH_BENCH_CACHE", str(tmp_path))
+
+    def interrupted(done: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C after the first chunk: a half-seeded file on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        seed.ensure_seeded_store(30, 1, chunk=10, progress=interrupted)
+    assert list(tmp_path.iterdir()) == []
 
 
 KEYS = {

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from idstitch.bench.all import postgres_unreachable
+from idstitch.bench import all as all_benchmarks
+from idstitch.bench.all import AllBenchPlan, postgres_unreachable
 from idstitch.bench.report import write_report
 from idstitch.bench.runner import ensure_workload, store_floor_rate, workload_lines
 from idstitch.core.errors import InvalidEvent
@@ -222,6 +223,23 @@ def test_bench_all_then_report_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "REPORT.md").read_text()
     assert "| SQLite ingest ≥ 50,000 messages/s |" in text and "## Accuracy" in text
     assert (tmp_path / "out" / "accuracy_by_scenario.png").read_bytes().startswith(PNG)
+
+
+def test_the_accuracy_run_of_bench_all_ignores_the_shell_s_idstitch_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report says the default rules in a fresh store: an IDSTITCH_CONFIG (documented env var) of the
+    user's must neither break the run (a relative path, read in the scratch folder) nor change it."""
+    config = tmp_path / "mine.toml"
+    config.write_text("[spaces.mine]\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for value in ("mine.toml", str(config)):
+        monkeypatch.setenv("IDSTITCH_CONFIG", value)
+        scratch = tmp_path / f"scratch-{len(value)}"
+        scratch.mkdir()
+        run = all_benchmarks._accuracy(AllBenchPlan(accuracy_people=20), lambda line: None, scratch)
+        assert "error" not in run["ingest"], run["ingest"]
+        assert run["accuracy"]["space"] == "default", value
 
 
 def test_bench_all_benches_postgres_only_where_it_answers(postgres_url: str) -> None:

@@ -47,11 +47,21 @@ def _command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "idstitch", *arguments]
 
 
+def _environment() -> dict[str, str]:
+    """The caller's environment without its idstitch settings (IDSTITCH_CONFIG, _SPACE, _STORE, …): the
+    accuracy run is of the default rules in a fresh store, whatever the shell says; IDSTITCH_BENCH_* stay."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("IDSTITCH_") or key.startswith("IDSTITCH_BENCH_")
+    }
+
+
 def _run_json(arguments: Sequence[str], log: Callable[[str], None], cwd: Path) -> dict[str, Any]:
     """Run one `idstitch …` command that prints one JSON object; a failure becomes a recorded error."""
     log("$ idstitch " + " ".join(arguments))
     started = time.monotonic()
-    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, check=False)
+    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, env=_environment(), check=False)
     seconds = round(time.monotonic() - started, 1)
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace")[-_TAIL_CHARS:]

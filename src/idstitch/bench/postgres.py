@@ -27,6 +27,7 @@ import multiprocessing.process
 import os
 import queue as queue_module
 import secrets
+import signal
 import tempfile
 import time
 from array import array
@@ -310,8 +311,19 @@ class _Workers:
             for plan in plans
         ]
         self._stopped = False
-        for process in self.processes:
-            process.start()
+        # Ctrl-C reaches the whole process group. A worker ignores it from worker_main on, but dies of it
+        # with a KeyboardInterrupt traceback while it still imports: started with SIGINT blocked, each
+        # worker inherits the block; a Ctrl-C meanwhile waits here and is raised once they are started.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            try:
+                for process in self.processes:
+                    process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a waiting Ctrl-C is raised here
+        except BaseException:
+            self.abort()  # the caller never gets this pool to stop
+            raise
 
     def wait_for(
         self, kind: str, seconds: float, on_progress: Callable[[int], None] | None = None
@@ -350,9 +362,10 @@ class _Workers:
         self._stopped = True
         self.finish.set()
         deadline = time.monotonic() + seconds
-        for process in self.processes:
+        started = [process for process in self.processes if process.pid is not None]
+        for process in started:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
+        for process in started:
             if process.is_alive():
                 process.terminate()
                 process.join(5)

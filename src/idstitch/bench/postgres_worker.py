@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import time
 import traceback
@@ -25,7 +24,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from idstitch.bench.runner import workload_lines
+from idstitch.bench.runner import peak_rss_mb, workload_lines
 from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
@@ -183,7 +182,7 @@ def worker_main(plan: WorkerPlan, channel: Queue[Any], go: Event, finish: Event,
         elif plan.share_path is not None:
             _ingest_share(engine, Path(plan.share_path), plan.batch_size)
         report.cpu_s = time.process_time() - cpu_started
-        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        report.peak_rss_mb = peak_rss_mb()  # its own, not the parent's it was spawned from
         report.messages = engine.messages
         report.calls = len(engine.call_latencies)
         report.call_latencies = engine.call_latencies

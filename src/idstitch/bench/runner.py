@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import resource
 import tempfile
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "generator_fingerprint",
     "latency_histogram",
     "parse_only_rate",
+    "peak_rss_mb",
     "percentile",
     "run_ingest_bench",
     "scratch_directory",
@@ -126,7 +128,11 @@ def ensure_workload(messages: int, seed: int) -> Path:
     path = _cache_dir() / f"workload-{messages}-{seed}-{generator_fingerprint()}.ndjson"
     if not path.exists():
         partial = path.with_suffix(".partial")
-        write_ndjson(partial, WorkloadConfig(messages=messages, seed=seed))
+        try:
+            write_ndjson(partial, WorkloadConfig(messages=messages, seed=seed))
+        except BaseException:  # Ctrl-C or a full disk: no half-written stream is left in the cache
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(path)
     return path
 
@@ -249,7 +255,20 @@ class BatchSizer:
         self.size = max(1, min(self.limit, fits))
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: the kernel's high-water mark of its own memory (VmHWM, Linux).
+
+    Not getrusage()'s ru_maxrss where VmHWM is known: a process started by fork + exec (subprocess,
+    multiprocessing's spawn) inherits its parent's ru_maxrss, so a benchmark or worker started by a big
+    process would report that process's peak as its own.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    if found is not None:
+        return int(found.group(1)) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -330,7 +349,7 @@ def run_ingest_bench(
     if batch:
         flush()
     elapsed = clock() - started
-    peak_rss_mb = _peak_rss_mb()  # before the percentiles' sort, which is the bench's, not the store's
+    peak = peak_rss_mb()  # before the percentiles' sort, which is the bench's, not the store's
     stats = store.stats(space).as_dict()
     store.close()
     mean_batch = done / commits if commits else 0.0
@@ -351,7 +370,7 @@ def run_ingest_bench(
         p50_ms=percentile(latencies, 0.50) * 1000,
         p95_ms=percentile(latencies, 0.95) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
-        peak_rss_mb=peak_rss_mb,
+        peak_rss_mb=peak,
         parse_only_messages_per_s=parse_rate,
         parse_only_ratio=rate / parse_rate if parse_rate else 0.0,
         floor_messages_per_s=floor_rate,

@@ -404,7 +404,12 @@ def ensure_seeded_store(
     partial = path.with_name(name + ".partial")
     for leftover in _sqlite_files(partial):
         leftover.unlink(missing_ok=True)  # an earlier run was interrupted
-    result = seed_store(partial, profiles, seed, chunk=chunk, progress=progress)
+    try:
+        result = seed_store(partial, profiles, seed, chunk=chunk, progress=progress)
+    except BaseException:  # Ctrl-C or a full disk: no half-seeded file (GBs at 1M) is left in the cache
+        for leftover in _sqlite_files(partial):
+            leftover.unlink(missing_ok=True)
+        raise
     partial.replace(path)
     return path, result
 
