@@ -614,6 +614,14 @@ def test_profile_worker_processes_share_one_budget_per_token() -> None:
         (f"{USERS}/user_id:u1/events", {"next": "%%%"}, 400, "invalid_request_error"),
         (f"{USERS}/user_id:u1/events", {"next": "bm90IGEgY3Vyc29y"}, 400, "invalid_request_error"),
         (f"{USERS}/user_id:u1/external_ids", {"next": "garbage!"}, 400, "invalid_request_error"),
+        # A links cursor, and a list of three that is no identifier's place: was an empty or wrong page.
+        (f"{USERS}/user_id:u1/external_ids", {"next": "WyJ1c2VfeCJd"}, 400, "invalid_request_error"),
+        (
+            f"{USERS}/user_id:u1/external_ids",
+            {"next": "WyIyMDI2IiwgImEiLCAiYiJd"},
+            400,
+            "invalid_request_error",
+        ),
         (f"{USERS}/user_id:u1/links", {"next": "WyJ1c2VfeCJd"}, 400, "invalid_request_error"),
         (f"{USERS}/user_id:u1/friends", {}, 404, "not_found"),
         (f"{USERS}/user_id:nobody/traits", {}, 404, "not_found"),

@@ -294,6 +294,8 @@ class ProfileAPI:
         # Types are lower-case, as in a path's `type:value`, which takes any case too.
         include = {name.lower() for name in query.names("include")}
         after = query.cursor_key("next")
+        if after is not None and (len(after) != 3 or not after[0].isdigit() or len(after[0]) != 20):
+            raise _bad_cursor("next")  # another list's cursor would compare as some place in this one
         query.done()
         items = [
             item
