@@ -1130,6 +1130,34 @@ window = "daily"
         assert space.identifiers_of(str(profile)) == {"user_id:u1", "email:a@x.io", "email:c@x.io"}
 
 
+def test_a_value_last_seen_exactly_one_window_ago_is_outside_the_window(space: Space) -> None:
+    # The window ending at the message's timestamp is (timestamp - window, timestamp]: five anonymous ids
+    # last seen exactly a week before no longer count, one millisecond less and they all do.
+    profile = space.send("identify", userId="u1", at=at()).profile_id
+    for n in range(1, 6):
+        space.send("identify", userId="u1", anonymousId=f"a{n}", at=at())
+    inside = space.send("identify", userId="u1", anonymousId="a6", at=at(days=7) - timedelta(milliseconds=1))
+    assert [str(d.identifier) for d in inside.dropped] == ["anonymous_id:a6"]
+    boundary = space.send("identify", userId="u1", anonymousId="a7", at=at(days=7))
+    assert boundary.profile_id == profile and boundary.dropped == ()
+    assert "anonymous_id:a7" in space.identifiers_of(str(profile))
+
+
+def test_two_values_of_one_type_keep_the_first_sent_under_a_limit_and_under_the_cap(tmp_path: Path) -> None:
+    # Step 5 drops, among identifiers of equal rank (one type), the later one sent; so does the cap.
+    with open_space(tmp_path / "limit", "[spaces.s.identifiers.phone]\nlimit = 1\n") as limited:
+        phones = [ext("p1", "phone"), ext("p2", "phone")]
+        outcome = limited.send("track", userId="u1", context={"externalIds": phones})
+        assert [str(d.identifier) for d in outcome.dropped] == ["phone:p2"]
+        assert limited.identifiers_of("user_id:u1") == {"user_id:u1", "phone:p1"}
+    with open_space(tmp_path / "cap", space_toml("max_identifiers = 2")) as capped:
+        capped.send("identify", userId="u1")
+        outcome = capped.send("track", userId="u1", context={"externalIds": phones})
+        assert [str(d.identifier) for d in outcome.dropped] == ["phone:p2"]
+        assert "identifier" in outcome.dropped[0].rule
+        assert capped.identifiers_of("user_id:u1") == {"user_id:u1", "phone:p1"}
+
+
 def test_user_id_limit_one_ever(space: Space) -> None:
     first = space.send("identify", userId="u1", anonymousId="a1", at=at(days=0)).profile_id
     second = space.send("identify", userId="u2", anonymousId="a1", at=at(days=400)).profile_id
@@ -1349,6 +1377,44 @@ def test_non_unique_detection_does_not_depend_on_the_order_messages_arrive_in(sp
     for n in reversed(range(6)):
         space.send("identify", anonymousId="apart", traits={"email": f"a{n}@x.io"}, at=at(days=200 * n))
     assert [s.identifier for s in space.store.suspects(space.name)] == ["anonymous_id:late"]
+
+
+def test_non_unique_detection_marks_only_past_the_limit_and_inside_the_window(space: Space) -> None:
+    # email allows 5 a year: five emails with one anonymous id are not evidence of sharing, a sixth is.
+    for n in range(5):
+        space.send("identify", anonymousId="shared", traits={"email": f"e{n}@x.io"}, at=at())
+    assert space.store.suspects(space.name) == []
+    # a sixth exactly a year after the first five is outside their window ...
+    space.send("identify", anonymousId="shared", traits={"email": "late@x.io"}, at=at(days=365))
+    assert space.store.suspects(space.name) == []
+    # ... one a millisecond inside it makes six in one year
+    space.send(
+        "identify",
+        anonymousId="shared",
+        traits={"email": "inside@x.io"},
+        at=at(days=365) - timedelta(milliseconds=1),
+    )
+    assert [s.identifier for s in space.store.suspects(space.name)] == ["anonymous_id:shared"]
+
+
+def test_non_unique_detection_off_keeps_segments_shared_device_behaviour(tmp_path: Path) -> None:
+    # DEFAULTS.md: detection is on by default; a space that turns it off gets Segment's behaviour (E6):
+    # lib1 is never marked, and later anonymous browsing on it lands on the profile that owns it.
+    with open_space(tmp_path, space_toml("detect_non_unique = false")) as space:
+        alice = space.send("identify", userId="alice", anonymousId="lib1", at=at(minutes=1)).profile_id
+        bob = space.send("identify", userId="bob", anonymousId="lib1", at=at(minutes=2))
+        assert bob.profile_id != alice and [str(d.identifier) for d in bob.dropped] == ["anonymous_id:lib1"]
+        assert space.store.suspects(space.name) == []
+        assert space.send("page", anonymousId="lib1", at=at(minutes=3)).profile_id == alice
+        # Pre-declared non-unique values are still honoured.
+    with open_space(
+        tmp_path / "declared",
+        space_toml("detect_non_unique = false\n[spaces.s.non_unique]\nexact = ['kiosk']"),
+    ) as declared:
+        first = declared.send("page", anonymousId="kiosk", at=at(minutes=1)).profile_id
+        other = declared.send("identify", userId="u2", at=at(minutes=2)).profile_id
+        joined = declared.send("identify", userId="u2", anonymousId="kiosk", at=at(minutes=3))
+        assert joined.merged == () and joined.profile_id == other != first
 
 
 def test_identifier_reference_helper() -> None:

@@ -221,8 +221,14 @@ def resolve_collection(
     current_total += sum(len(view.profiles[step.child_id].identifiers) for step in attempt.children)
     excess = current_total + len(added) - rules.max_identifiers
     if excess > 0:
-        # Past the identifier cap the message still resolves, but nothing new is attached.
-        by_trust = sorted(added, key=lambda item: rules.rank(item.type), reverse=True)
+        # Past the identifier cap the message still resolves, but nothing new is attached. The least
+        # trusted go first and, among equals, the later one sent, as step 5 drops them.
+        by_trust = [
+            item
+            for _, item in sorted(
+                enumerate(added), key=lambda pair: (rules.rank(pair[1].type), pair[0]), reverse=True
+            )
+        ]
         refused = set(by_trust[:excess])
         dropped += [
             Dropped(item, f"cap {rules.max_identifiers} identifiers per profile")
