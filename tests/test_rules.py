@@ -85,10 +85,10 @@ def test_default_caps_blocked_and_switches() -> None:
     assert (rules.max_merges, rules.max_identifiers) == (100, 1000)
     for value in DEFAULT_BLOCKED_EXACT:
         assert rules.blocked.matches(value), value
-    assert [pattern.pattern for pattern in rules.blocked.patterns] == ["^[0-]*$"]
-    for value in ("0", "0000", "00000000-0000-0000-0000-000000000000", "-"):
+    assert [pattern.pattern for pattern in rules.blocked.patterns] == ["^[0-]*$", r"^\s+$"]
+    for value in ("0", "0000", "00000000-0000-0000-0000-000000000000", "-", " ", "\t \n", "\u3000"):
         assert rules.blocked.matches(value)
-    for value in ("u1", "10", "0-1-a", "nullable", "anonymous_1"):
+    for value in ("u1", "10", "0-1-a", "nullable", "anonymous_1", " u1 "):
         assert not rules.blocked.matches(value), value
     assert rules.alias_enabled is True
     assert rules.detect_non_unique is True

@@ -764,6 +764,22 @@ def test_default_blocked_values_are_never_identifiers(space: Space, value: str) 
     assert all(d.rule.startswith("blocked") for d in outcome.dropped)
 
 
+WHITESPACE = r"^\s+$"
+
+
+def test_a_user_id_of_only_whitespace_fuses_no_one(space: Space) -> None:
+    # user_ids are kept exactly as sent (untrimmed): `" "` was an identifier like any other, so every
+    # client that sent it joined one profile, past the user_id limit of the first.
+    first = space.send("identify", userId=" ", anonymousId="a1", at=at(minutes=0))
+    second = space.send("identify", userId=" ", anonymousId="a2", at=at(minutes=1))
+    assert first.profile_id != second.profile_id
+    for outcome in (first, second):
+        assert [(str(d.identifier), d.rule) for d in outcome.dropped] == [
+            ("user_id: ", f"blocked regex {WHITESPACE!r}")
+        ]
+    assert space.store.find_profile(space.name, Identifier("user_id", " ")) is None
+
+
 def test_default_blocked_regex_does_not_block_real_values(space: Space) -> None:
     space.send("identify", userId="u1", anonymousId="0a-1")
     assert space.identifiers_of("user_id:u1") == {"user_id:u1", "anonymous_id:0a-1"}

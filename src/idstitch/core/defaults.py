@@ -57,7 +57,9 @@ DEFAULT_BLOCKED_EXACT: Final[tuple[str, ...]] = (
     "[object Object]",
     "",
 )
-DEFAULT_BLOCKED_REGEX: Final[tuple[str, ...]] = ("^[0-]*$",)
+# DEFAULTS.md blocks the empty string; a value of only whitespace is as empty to a person, and kept it
+# would fuse everyone whose client sends `" "` (user_ids are kept exactly as sent, untrimmed).
+DEFAULT_BLOCKED_REGEX: Final[tuple[str, ...]] = ("^[0-]*$", r"^\s+$")
 
 DEFAULT_MAX_MERGES: Final = 100
 DEFAULT_MAX_IDENTIFIERS: Final = 1000
