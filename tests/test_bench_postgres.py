@@ -196,10 +196,10 @@ def test_prints_a_table_with_the_target_marked(postgres_database: str, tmp_path:
     assert "target ≥ 20,000 msg/s at the best worker count: not met" in done.stdout
 
 
-def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, tmp_path: Path) -> None:
-    command = _command(postgres_database, "-n", "5000", "--workers", "2", "--json")
-    # A session of its own: the signal goes to the whole process group, as a terminal's Ctrl-C does.
-    bench = subprocess.Popen(
+def _in_a_session_of_its_own(command: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    """The benchmark in a session of its own: a signal to its process group reaches every process, as a
+    terminal's Ctrl-C does."""
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -207,6 +207,11 @@ def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, t
         cwd=tmp_path,
         start_new_session=True,
     )
+
+
+def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, tmp_path: Path) -> None:
+    command = _command(postgres_database, "-n", "5000", "--workers", "2", "--json")
+    bench = _in_a_session_of_its_own(command, tmp_path)
     try:
         stored = 0
         deadline = time.monotonic() + 60
@@ -239,14 +244,7 @@ def test_ctrl_c_while_the_workers_start_prints_no_traceback(postgres_database: s
     """Ctrl-C reaches the workers too: while they import (before they ignore it) it must not kill each one
     with a KeyboardInterrupt traceback on the user's terminal."""
     command = _command(postgres_database, "-n", "300", "--workers", "2", "--json")
-    bench = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_environment(tmp_path),
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    bench = _in_a_session_of_its_own(command, tmp_path)
     children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60
