@@ -60,7 +60,7 @@ from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_
 from idstitch.queue.parked import ParkedRequest, parked_requests, replay_parked
 from idstitch.queue.publisher import JetStreamPublisher, publish_messages
 from idstitch.queue.worker import WorkerSummary, run_worker
-from idstitch.storage.base import Store
+from idstitch.storage.base import Store, StoreConflict
 from idstitch.storage.urls import open_store
 from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server
 
@@ -647,11 +647,12 @@ def test_a_stream_with_a_smaller_max_msg_size_gets_a_request_in_pieces(
 class PrivateNats:
     """A nats-server of this test's own (JetStream on disk), to stop and start again at will."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, jetstream: bool = True) -> None:
         from live_server import free_port
 
         self.port = free_port()
         self.directory = directory
+        self.jetstream = jetstream
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -659,8 +660,10 @@ class PrivateNats:
         return f"nats://127.0.0.1:{self.port}?stream=OUTAGE&subject=outage"
 
     def start(self) -> None:
-        command = ["/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js"]
-        self.process = subprocess.Popen([*command, "-sd", str(self.directory)], stderr=subprocess.DEVNULL)
+        command = ["/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            command += ["-js", "-sd", str(self.directory)]
+        self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -716,6 +719,31 @@ async def test_while_nats_is_down_healthz_is_503_and_a_refused_request_is_never_
         finally:
             await client.close()
         assert info.state.messages == 2  # u1 and u3: the refused request did not go out on reconnect
+    finally:
+        nats_server.stop()
+
+
+def test_a_nats_server_without_jetstream_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    nats_server = PrivateNats(tmp_path / "nats", jetstream=False)  # `nats-server` without `-js`
+    nats_server.start()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    store = f"sqlite:///{tmp_path / 'idstitch.db'}"
+    try:
+        for command in (["worker"], ["serve", "--port", "0"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "idstitch", *command, "--queue", nats_server.url, "--store", store],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2, (command, done.stderr)
+            assert "Traceback" not in done.stderr, (command, done.stderr)
+            assert done.stderr.splitlines()[-1] == (
+                f"error: NATS at nats://127.0.0.1:{nats_server.port} does not answer JetStream requests "
+                "(ServiceUnavailableError): is JetStream enabled (nats-server -js)?"
+            ), command
     finally:
         nats_server.stop()
 
@@ -962,6 +990,48 @@ def test_a_store_outage_longer_than_the_bound_parks_nothing(tmp_path: Path, queu
         summary = drain(engine, queue_url, retry_delay=0.01, max_retry_delay=0.05)
     assert (summary.retried, summary.parked, summary.queue_messages, summary.accepted) == (14, 0, 1, 5)
     assert parked_requests(queue_url) == []
+
+
+class StoreDownForMinutes(Engine):
+    """Each group waits out its retries against an unreachable database (minutes, in a real outage), then fails."""
+
+    calls = 0
+    started = threading.Event()
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        type(self).calls += 1
+        self.started.set()
+        time.sleep(0.5)  # the engine's retries: two minutes per call against a PostgreSQL that is down
+        raise StoreConflict("OperationalError: connection refused")
+
+
+def test_a_worker_stopped_during_a_store_outage_stops_after_the_group_in_hand_not_once_per_request(
+    tmp_path: Path, queue_url: str
+) -> None:
+    for number in range(4):
+        publish_messages(queue_url, SPACE, "web", people(1, prefix=f"r{number}"), received_at=RECEIVED)
+    StoreDownForMinutes.calls = 0
+    StoreDownForMinutes.started = threading.Event()
+    stop = threading.Event()
+    with engine_at(tmp_path / "queued.db", engine_class=StoreDownForMinutes) as engine:
+        outcome: list[WorkerSummary] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(
+                run_worker(engine, queue_url, batch=4, stop=stop, fetch_timeout=0.3)
+            )
+        )
+        thread.start()
+        assert StoreDownForMinutes.started.wait(30)
+        stop.set()  # SIGTERM while the group of 4 requests is waiting on the database
+        thread.join(30)
+        assert not thread.is_alive()
+    # Not written again one request at a time (4 more waits of minutes each): given back instead.
+    assert StoreDownForMinutes.calls == 1
+    (summary,) = outcome
+    assert (summary.retried, summary.queue_messages, summary.parked) == (4, 0, 0)
+    with engine_at(tmp_path / "queued.db") as engine:
+        assert drain(engine, queue_url).accepted == 20  # nothing lost: the next worker stores them all
+    assert queue_state(queue_url).stream_messages == 0
 
 
 def test_a_publisher_recreates_a_deleted_stream_and_publishes_instead_of_refusing(

@@ -226,6 +226,14 @@ class JetStream:
         connection._quiet = False
         try:
             await connection.ensure_stream()
+        except (nats.errors.Error, TimeoutError) as error:
+            # Not the stream's answer (that is a ConfigError): JetStream's API did not answer at all,
+            # which is what a nats-server started without `-js` does (no responders, 503).
+            await connection.close()
+            raise QueueUnavailable(
+                f"NATS at {queue.shown_servers} does not answer JetStream requests "
+                f"({_nats_error(error)}): is JetStream enabled (nats-server -js)?"
+            ) from None
         except BaseException:
             await connection.close()
             raise
@@ -465,6 +473,14 @@ class JetStream:
             _log.warning(
                 "NATS connection closed uncleanly", extra={"error": f"{type(error).__name__}: {error}"}
             )
+
+
+def _nats_error(error: Exception) -> str:
+    """A NATS error for humans: nats-py's JetStream errors print as `code=None err_code=None description='None'`."""
+    if isinstance(error, nats.js.errors.APIError):
+        return f"{type(error).__name__}: {error.description}" if error.description else type(error).__name__
+    text = str(error).removeprefix("nats: ")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _header_value(text: str) -> str:

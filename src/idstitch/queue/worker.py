@@ -248,25 +248,41 @@ class QueueWorker:
                 await self._park(jetstream, msg, str(error), _deliveries(msg))
         if decoded:
             async with _in_background(self._report_progress([msg for msg, _ in decoded])):
-                for group in _groups(decoded, self.max_group_messages):
-                    await self._ingest(jetstream, group)
+                groups = list(_groups(decoded, self.max_group_messages))
+                for number, group in enumerate(groups):
+                    if not await self._ingest(jetstream, group) and self.stop.is_set():
+                        # Stopping after a failure (the store is down, say): the groups not tried yet
+                        # would wait it out too. They come back, to this worker's successors.
+                        await self._release([item for later in groups[number + 1 :] for item in later])
+                        break
         # The acks (and terms) are in the client's buffer: send them now rather than at the next flush.
         with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
             await jetstream.client.flush(timeout=5)
 
-    async def _ingest(self, jetstream: JetStream, group: list[tuple[Msg, IngestBatch]]) -> None:
+    async def _ingest(self, jetstream: JetStream, group: list[tuple[Msg, IngestBatch]]) -> bool:
+        """Resolve, commit and ack a group; whether it all committed (what failed is nak'ed or parked)."""
         loop = asyncio.get_running_loop()
         batches = [batch for _, batch in group]
         try:
             results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
         except Exception as error:
+            if len(group) > 1 and self.stop.is_set():
+                # Asked to stop: writing each alone would wait out a store outage once per request
+                # (the engine retries each for minutes), so a SIGTERM would take `batch` times that.
+                _log.error(
+                    "ingest failed while stopping; the queue messages will be delivered again",
+                    extra={"queue_messages": len(group), "error": f"{type(error).__name__}: {error}"},
+                )
+                await self._release(group)
+                return False
             if len(group) > 1:
                 # One request's failure must not fail the others: write each alone.
+                committed = True
                 for item in group:
-                    await self._ingest(jetstream, [item])
-                return
+                    committed = await self._ingest(jetstream, [item]) and committed
+                return committed
             await self._failed(jetstream, group[0][0], error)
-            return
+            return False
         self.summary.commits += 1
         for (msg, batch), result in zip(group, results, strict=True):
             self.summary.add(result)
@@ -285,6 +301,13 @@ class QueueWorker:
         for msg, _ in group:
             await _settle(msg.ack())
         self.summary.queue_messages += len(group)
+        return True
+
+    async def _release(self, group: list[tuple[Msg, IngestBatch]]) -> None:
+        """Give fetched requests back uncommitted (nak, no delay): another worker takes them at once."""
+        for msg, _ in group:
+            await _settle(msg.nak())
+        self.summary.retried += len(group)
 
     async def _failed(self, jetstream: JetStream, msg: Msg, error: Exception) -> None:
         """A request that failed alone: parked if retrying cannot help or has not, else nak'ed to come back."""
