@@ -236,3 +236,23 @@ def test_a_store_a_newer_idstitch_migrated_is_refused_for_writing_and_reading(po
             PostgresStore(postgres_url, read_only=read_only)
     with psycopg.connect(postgres_url) as db:
         assert db.execute("SELECT count(*) FROM spaces").fetchone() == (0,)
+
+
+def test_a_failed_analyze_after_the_commit_does_not_report_the_commit_as_failed(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ANALYZE runs after the transaction committed; a connection lost then used to raise out of
+    `transaction()`, so a client was told its stored messages had failed (and resent them)."""
+    store = PostgresStore(postgres_url)
+    try:
+
+        def lost(*_args: Any, **_kwargs: Any) -> Any:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(store, "_analyze_at", 1)
+        monkeypatch.setattr(store._pool, "connection", lost)
+        store._grown(1)  # logged, not raised
+        assert store._analyze_at == 4
+    finally:
+        monkeypatch.undo()
+        store.close()

@@ -27,6 +27,7 @@ table leads with `space`).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,8 @@ from idstitch.storage.rows import (
 from idstitch.storage.times import from_micros, to_micros
 
 __all__ = ["PostgresStore", "PostgresTransaction", "lock_key"]
+
+_logger = logging.getLogger(__name__)
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -205,8 +208,13 @@ class PostgresStore:
         if self._events_written < self._analyze_at or self._analyze_at > _LAST_ANALYZE:
             return
         self._analyze_at *= 4
-        with self._pool.connection() as db:
-            db.execute("ANALYZE profiles, identifiers, evidence, suspects, events, traits, links")
+        try:
+            with self._pool.connection() as db:
+                db.execute("ANALYZE profiles, identifiers, evidence, suspects, events, traits, links")
+        except psycopg.Error as error:
+            # The transaction has committed: a connection lost now must not report its messages as failed
+            # (a client would resend them). Autovacuum's ANALYZE comes later all the same.
+            _logger.warning("ANALYZE after a commit failed (%s: %s)", type(error).__name__, error)
 
     def ensure_space(self, space: str) -> None:
         """Create the space if new."""
