@@ -27,12 +27,15 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from helpers import RECEIVED, World, open_world
 from idstitch.cli import app as cli_app
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError
+from idstitch.core.messages import decimal_string
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.auth import basic_user
@@ -290,7 +293,7 @@ async def test_a_wrong_or_missing_key_is_401_and_nothing_is_stored(api: Api) -> 
 # -- invalid requests ------------------------------------------------------------------------------
 
 
-async def test_invalid_json_is_400(api: Api) -> None:
+async def test_invalid_or_empty_json_is_400(api: Api) -> None:
     assert await api.post("/v1/batch", content=b'{"batch": [') == (
         400,
         problem("invalid_json", "invalid JSON: Input data was truncated"),
@@ -299,6 +302,13 @@ async def test_invalid_json_is_400(api: Api) -> None:
         400,
         problem("invalid_request", "the request body must be a JSON object"),
     )
+    # No body at all (`curl -X POST` without -d) is named as such, not as JSON "truncated" in transit.
+    for empty in (b"", b" \r\n", b"\xef\xbb\xbf", gzip.compress(b"")):
+        encoding = {"Content-Encoding": "gzip"} if empty.startswith(b"\x1f\x8b") else {}
+        assert await api.post("/v1/track", content=empty, headers=encoding) == (
+            400,
+            problem("invalid_json", "the request body is empty: send a JSON object"),
+        )
     assert api.event_ids() == []  # nothing of a refused body is stored
     # and the next good request lands as usual
     assert await api.post("/v1/track", track(1)) == (200, OK)
@@ -1214,6 +1224,118 @@ def test_the_json_formatter_writes_one_object_per_line() -> None:
         "status": 200,
         "path": "/v1/t",
     }
+
+
+# -- generated requests ----------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+# the fields of a message, each of which a generated message may hold any JSON value in
+_FIELDS = ("type", "userId", "anonymousId", "messageId", "previousId", "groupId", "event", "timestamp")
+_FIELDS += ("sentAt", "originalTimestamp", "traits", "properties", "context", "integrations", "writeKey")
+
+
+@st.composite
+def _generated_message(draw: st.DrawFn) -> object:
+    """A valid track, with a few fields replaced by any JSON value or dropped; or any JSON value."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(_json)
+    message: dict[str, Any] = {
+        "type": "track",
+        "event": "E",
+        "userId": "u1",
+        "messageId": draw(st.text(max_size=6)),
+    }
+    for key in draw(st.lists(st.sampled_from(_FIELDS), max_size=3, unique=True)):
+        message[key] = draw(_json | st.sampled_from(["2026-01-05", "u2", "", None, "wk_test", 7]))
+    return message
+
+
+@st.composite
+def _generated_request(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str], list[object]]:
+    """A request to an ingest path, mostly well-formed, and the messages it posts (none when it is not an
+    envelope of them)."""
+    path = draw(st.sampled_from(["/v1/track", "/v1/identify", "/v1/alias", "/v1/batch", "/v1/b"]))
+    single = "b" not in path
+    sent = [draw(_generated_message())] if single else draw(st.lists(_generated_message(), max_size=4))
+    document: object = sent[0] if single else {"batch": sent}
+    if draw(st.integers(0, 9)) == 0:
+        document, sent = draw(_json), []  # not even an envelope
+    data = json.dumps(document, ensure_ascii=draw(st.booleans())).encode()
+    headers = {"Content-Type": draw(st.sampled_from(["application/json", "text/plain", "x/y; q=1", "\xe9"]))}
+    odd = draw(st.booleans()) and draw(st.booleans())  # a quarter of requests get odd headers
+    headers["Authorization"] = (
+        draw(st.sampled_from([basic("wk_nope"), "Bearer x", "Basic !", ""])) if odd else basic("wk_test")
+    )
+    encoding = draw(st.sampled_from(["gzip", "GZIP", "x-gzip", "br", "gzip, gzip"])) if odd else ""
+    if encoding or draw(st.booleans()):
+        headers["Content-Encoding"] = encoding or "gzip"
+        if "gzip" in headers["Content-Encoding"].lower() and (not odd or draw(st.booleans())):
+            data = gzip.compress(data, mtime=0)
+    return path, data, headers, sent
+
+
+def _sent_id(message: object) -> str | None:
+    """The id a message sent with this messageId is stored under; None when the server makes one."""
+    value = message.get("messageId") if isinstance(message, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return decimal_string(value)
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and value else None
+
+
+def test_generated_requests_are_answered_as_documented_and_what_is_accepted_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    """Generated bodies and headers: never a 500; every error has the documented shape; every message a
+    200 accepts is stored, under the id it was sent with, and sending the request again stores nothing new."""
+    world = open_world(tmp_path, CONFIG)
+    writer = GroupCommitWriter(world.engine)
+    app = TrackingAPI(writer, clock=lambda: RECEIVED)
+
+    async def post(path: str, data: bytes, headers: dict[str, str]) -> httpx.Response:
+        sent = {name: value.encode("latin-1") for name, value in headers.items()}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post(path, content=data, headers=sent)
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None)
+    @given(request=_generated_request())
+    def check(request: tuple[str, bytes, dict[str, str], list[object]]) -> None:
+        path, data, headers, sent = request
+        before = list(world.store.iter_event_ids(SPACE))
+        response = anyio.run(post, path, data, headers)
+        body = response.json()
+        after = list(world.store.iter_event_ids(SPACE))
+        assert response.status_code in (200, 400, 401, 413, 415), body
+        if response.status_code != 200:
+            assert body == problem(body["code"], body["message"]), body
+            assert after == before
+            return
+        rejected = {item["index"] for item in body.get("rejected", [])}
+        assert body == ({"success": True, "rejected": body["rejected"]} if rejected else OK)
+        if not sent:  # `{"batch": []}`, say
+            assert len(after) - len(before) <= 1
+            return
+        ids = [_sent_id(message) for index, message in enumerate(sent) if index not in rejected]
+        fresh = {message_id for message_id in ids if message_id is not None} - set(before)
+        # each accepted message once: a new id once, a known id not again, each one without an id apart
+        assert len(after) - len(before) == len(fresh) + ids.count(None)
+        assert fresh <= set(after)
+        if None not in ids:  # a retry stores nothing twice
+            assert anyio.run(post, path, data, headers).status_code == 200
+            assert list(world.store.iter_event_ids(SPACE)) == after
+
+    try:
+        check()
+    finally:
+        writer.close()
+        world.close()
 
 
 # -- the real server -------------------------------------------------------------------------------

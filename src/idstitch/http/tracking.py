@@ -81,6 +81,7 @@ MESSAGE_LIMIT = BodyLimit(MAX_MESSAGE_BYTES, 400, "message_too_large", "message"
 REQUEST_LIMIT = BodyLimit(MAX_BATCH_BYTES, 413, "request_too_large", "request", "request body")
 
 _SUCCESS = b'{"success":true}'
+_UTF8_BOM = b"\xef\xbb\xbf"
 _JSON = b"application/json"
 _encoder = msgspec.json.Encoder()
 _PREFLIGHT = [
@@ -353,6 +354,9 @@ class TrackingAPI:
                 f"the request body was not received within {self.body_timeout:g} s",
                 {"Connection": "close"},
             ) from None
+        if len(body) < 1024 and not body.removeprefix(_UTF8_BOM).strip():  # no copy of a large body
+            # The JSON decoder's word for it is "Input data was truncated", which reads as a cut connection.
+            raise HTTPProblem(400, "invalid_json", "the request body is empty: send a JSON object")
         try:
             raw = decode_document(body)
         except InvalidEvent as error:
