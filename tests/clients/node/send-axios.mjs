@@ -30,6 +30,7 @@ const failures = []
 const statuses = []
 let throttled = 0
 let requestsMade = 0
+let settled = 0 // requests answered or failed: requestsMade - settled are in flight
 let answered = 0
 
 const analytics = new Analytics(writeKey, {
@@ -48,10 +49,12 @@ analytics.axiosInstance.interceptors.request.use((config) => {
 })
 analytics.axiosInstance.interceptors.response.use(
   (response) => {
+    settled += 1
     statuses.push(response.status)
     return response
   },
   (error) => {
+    settled += 1
     const status = error.response?.status
     if (status === undefined) {
       failures.push(`no HTTP response: ${error.code ?? error.message}`)
@@ -67,8 +70,18 @@ analytics.axiosInstance.interceptors.response.use(
   },
 )
 
+// One request at a time, as the test's graph depends on the calls' order: these libraries send a
+// request whenever their queue fills (and analytics-node sends its very first call alone, at once), so
+// two could be in flight together and commit in either order (an identify after the track it names).
+async function noRequestInFlight() {
+  do {
+    await new Promise((resolve) => setTimeout(resolve, 0)) // lets a request just made reach the interceptor
+  } while (requestsMade > settled)
+}
+
 const methods = new Set(['identify', 'track', 'page', 'screen', 'group', 'alias'])
 for (const { method, ...params } of calls) {
+  await noRequestInFlight()
   if (!methods.has(method)) {
     console.error(`unknown method ${method}`)
     process.exit(2)
@@ -87,6 +100,7 @@ for (const { method, ...params } of calls) {
 // Neither library has closeAndFlush: flush until every call's callback has come back.
 const deadline = Date.now() + 60000
 while (answered < calls.length && Date.now() < deadline) {
+  await noRequestInFlight()
   if (analytics.queue.length > 0) {
     try {
       await analytics.flush()
