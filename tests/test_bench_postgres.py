@@ -8,6 +8,7 @@ stream, connections and worker processes are gone afterwards, even when the run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +198,11 @@ def test_prints_a_table_with_the_target_marked(postgres_database: str, tmp_path:
     assert "target ≥ 20,000 msg/s at the best worker count: not met" in done.stdout
 
 
-def _in_a_session_of_its_own(command: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def _in_a_session_of_its_own(command: list[str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The benchmark in a session of its own: a signal to its process group reaches every process, as a
-    terminal's Ctrl-C does."""
-    return subprocess.Popen(
+    terminal's Ctrl-C does. Killed with the whole group if the test leaves it running."""
+    bench = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -207,12 +210,17 @@ def _in_a_session_of_its_own(command: list[str], tmp_path: Path) -> subprocess.P
         cwd=tmp_path,
         start_new_session=True,
     )
+    try:
+        yield bench
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
 
 
 def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, tmp_path: Path) -> None:
     command = _command(postgres_database, "-n", "5000", "--workers", "2", "--json")
-    bench = _in_a_session_of_its_own(command, tmp_path)
-    try:
+    with _in_a_session_of_its_own(command, tmp_path) as bench:
         stored = 0
         deadline = time.monotonic() + 60
         while stored == 0 and time.monotonic() < deadline and bench.poll() is None:
@@ -229,10 +237,6 @@ def test_ctrl_c_drops_the_schema_and_stops_the_workers(postgres_database: str, t
         assert len(workers) >= 2
         os.killpg(bench.pid, signal.SIGINT)
         _, stderr = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
     assert bench.returncode != 0, "an interrupted benchmark must not report success"
     assert _schemas(postgres_database) == [], stderr.decode(errors="replace")
     # multiprocessing's resource tracker ends when it sees its parent's pipe close: allow it a moment.
@@ -244,9 +248,8 @@ def test_ctrl_c_while_the_workers_start_prints_no_traceback(postgres_database: s
     """Ctrl-C reaches the workers too: while they import (before they ignore it) it must not kill each one
     with a KeyboardInterrupt traceback on the user's terminal."""
     command = _command(postgres_database, "-n", "300", "--workers", "2", "--json")
-    bench = _in_a_session_of_its_own(command, tmp_path)
     children: list[psutil.Process] = []
-    try:
+    with _in_a_session_of_its_own(command, tmp_path) as bench:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and bench.poll() is None:
             children = psutil.Process(bench.pid).children()
@@ -256,10 +259,6 @@ def test_ctrl_c_while_the_workers_start_prints_no_traceback(postgres_database: s
         time.sleep(0.1)  # past the interpreter's start, into the imports
         os.killpg(bench.pid, signal.SIGINT)
         _, stderr = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
     assert bench.returncode != 0, "an interrupted benchmark must not report success"
     assert b"Traceback" not in stderr, stderr.decode(errors="replace")
     assert _schemas(postgres_database) == []
