@@ -301,10 +301,6 @@ class Engine:
             done: list[tuple[int, MessageOutcome]] = []
             try:
                 with self.store.transaction() as transaction:
-                    if transaction.others_committed:
-                        # Another process on the store may have learned custom types: their order is
-                        # their priority, and a decision made with an older list would differ.
-                        self._rules.clear()
                     extractions = self._extractions(work[position:])
                     transaction.claim_many(
                         [

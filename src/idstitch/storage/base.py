@@ -234,12 +234,6 @@ class SpaceStats:
 class StoreTransaction(Protocol):
     """One write transaction; everything in it commits together or not at all."""
 
-    @property
-    def others_committed(self) -> bool:
-        """Whether another connection may have committed since this store's previous transaction began:
-        what the caller keeps from earlier reads (the learned custom types) must then be read again."""
-        ...
-
     def savepoint(self) -> AbstractContextManager[None]:
         """A nested unit: a failing message rolls back alone while the rest of the batch lands."""
         ...

@@ -604,9 +604,6 @@ class MemoryStore:
 class MemoryTransaction:
     """The write side of one open transaction: every write goes through the undo log."""
 
-    # A memory store is private to its process and its one Engine: nobody else writes to it.
-    others_committed = False
-
     def __init__(self, store: MemoryStore, log: list[_Entry]) -> None:
         self._store = store
         self._log = log

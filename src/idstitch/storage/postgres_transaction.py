@@ -187,10 +187,6 @@ class PostgresTransaction(GraphCacheReader):
     whole transaction.
     """
 
-    # Not tracked: PostgreSQL has no cheap counter of other sessions' commits (its writers keep what
-    # they learned as before).
-    others_committed = False
-
     def __init__(self, db: psycopg.Connection[Any]) -> None:
         self.db = db
         self._cursor = db.cursor()

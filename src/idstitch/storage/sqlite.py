@@ -271,8 +271,7 @@ class SQLiteStore:
             cache = self._cache
             try:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
-                others_committed = version != self._data_version
-                if others_committed:
+                if version != self._data_version:
                     cache.invalidate()  # another connection committed: what we hold may be stale
                     self._data_version = version
                 if cache.over_bound():
@@ -280,7 +279,7 @@ class SQLiteStore:
                 if not cache.loaded:
                     self._load_cache(db, cache)
                 writes = cache.writes
-                transaction = SQLiteTransaction(db, cache, others_committed=others_committed)
+                transaction = SQLiteTransaction(db, cache)
                 yield transaction
                 transaction.flush()
             except BaseException:
@@ -669,12 +668,9 @@ class SQLiteStore:
 class SQLiteTransaction(GraphCacheReader):
     """The write side of one open transaction."""
 
-    def __init__(self, db: sqlite3.Connection, cache: GraphCache, *, others_committed: bool = False) -> None:
+    def __init__(self, db: sqlite3.Connection, cache: GraphCache) -> None:
         self.db = db
         self.cache = cache
-        # Another process (an `idstitch ingest` beside `serve`) committed since this store's last
-        # transaction: the engine reads the learned custom types again.
-        self.others_committed = others_committed
         # Every write waits here, in order, and goes in at flush (before COMMIT, or before a read that
         # the cache cannot answer once a rollback emptied it): a message costs no statement of its
         # own, and rows of one kind go in together. Reads inside the transaction come from the cache,
