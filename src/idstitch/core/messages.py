@@ -33,6 +33,7 @@ __all__ = [
     "MAX_TRAIT_KEY_BYTES",
     "MAX_TYPE_LENGTH",
     "MESSAGE_TYPES",
+    "UTF8_BOM",
     "ExternalId",
     "Message",
     "SourceOccurrences",
@@ -116,13 +117,13 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     payload: dict[str, Any]
 
 
-_BOM = b"\xef\xbb\xbf"
+UTF8_BOM = b"\xef\xbb\xbf"  # an editor's byte order mark, skipped wherever JSON is read
 
 
 def decode_json(data: bytes) -> object:
     """Decode JSON bytes (a UTF-8 BOM is skipped), raising InvalidEvent("", "invalid JSON: ...")."""
     try:
-        return _decoder.decode(data.removeprefix(_BOM))
+        return _decoder.decode(data.removeprefix(UTF8_BOM))
     except msgspec.DecodeError as exc:
         raise InvalidEvent("", f"invalid JSON: {exc}") from None
     except _OutOfRange as exc:
@@ -160,7 +161,7 @@ def decode_document(data: bytes) -> object:
     except InvalidEvent as strict:
         # Bytes that are not UTF-8 (a Latin-1 name from a server library) become U+FFFD, as a browser
         # would show them; an identifier holding one is then never matched on.
-        text = data.removeprefix(_BOM).decode("utf-8", "replace")
+        text = data.removeprefix(UTF8_BOM).decode("utf-8", "replace")
         try:
             document = _repaired(
                 json.loads(

@@ -27,6 +27,7 @@ from idstitch.core.messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
+    UTF8_BOM,
     Message,
     decode_document,
     parse_batch,
@@ -81,7 +82,6 @@ MESSAGE_LIMIT = BodyLimit(MAX_MESSAGE_BYTES, 400, "message_too_large", "message"
 REQUEST_LIMIT = BodyLimit(MAX_BATCH_BYTES, 413, "request_too_large", "request", "request body")
 
 _SUCCESS = b'{"success":true}'
-_UTF8_BOM = b"\xef\xbb\xbf"
 _JSON = b"application/json"
 _encoder = msgspec.json.Encoder()
 _PREFLIGHT = [
@@ -354,7 +354,7 @@ class TrackingAPI:
                 f"the request body was not received within {self.body_timeout:g} s",
                 {"Connection": "close"},
             ) from None
-        if len(body) < 1024 and not body.removeprefix(_UTF8_BOM).strip():  # no copy of a large body
+        if len(body) < 1024 and not body.removeprefix(UTF8_BOM).strip():  # no copy of a large body
             # The JSON decoder's word for it is "Input data was truncated", which reads as a cut connection.
             raise HTTPProblem(400, "invalid_json", "the request body is empty: send a JSON object")
         try:

@@ -39,6 +39,7 @@ from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import (
     MAX_BATCH_MESSAGES,
     MAX_MESSAGE_BYTES,
+    UTF8_BOM,
     Message,
     SourceOccurrences,
     decode_document,
@@ -72,7 +73,6 @@ _CHUNK: Final = 1024 * 1024
 _BUFFER: Final = 64 * 1024  # read-ahead: small enough for the progress of the bytes on disk to be exact-ish
 _GZIP_READ: Final = 64 * 1024
 _WHITESPACE: Final = b" \t\r\n"
-_BOM: Final = b"\xef\xbb\xbf"
 
 
 def _size_error(size: int) -> InvalidEvent:
@@ -293,7 +293,7 @@ def _first_content(stream: IO[bytes]) -> tuple[bytes, IO[bytes]]:
     """The first byte that is not whitespace (or a UTF-8 BOM), and the stream to read from the start."""
 
     def content(data: bytes) -> bytes:
-        return data.removeprefix(_BOM).lstrip(_WHITESPACE)[:1]
+        return data.removeprefix(UTF8_BOM).lstrip(_WHITESPACE)[:1]
 
     head, reader = _look_ahead(stream, lambda data: bool(content(data)) or len(data) > MAX_DOCUMENT_BYTES)
     return content(head), reader
@@ -349,7 +349,7 @@ def _one_after_another(data: bytes) -> list[tuple[int, object]] | None:
     read after a good object ends the list as one InvalidEvent: the objects before it still land."""
     documents: list[tuple[int, object]] = []
     view = memoryview(data)
-    position = len(data) - len(data.lstrip(_WHITESPACE + _BOM))
+    position = len(data) - len(data.lstrip(_WHITESPACE + UTF8_BOM))
     line = data[:position].count(b"\n") + 1
     while position < len(data):
         piece = data[position:]
@@ -493,7 +493,7 @@ def _ndjson_items(stream: IO[bytes], name: str, parsing: _Parsing) -> Iterator[I
             )
             continue
         if number == 1:
-            line = line.removeprefix(_BOM)
+            line = line.removeprefix(UTF8_BOM)
         text = line.strip()
         if not text:
             continue
@@ -574,8 +574,8 @@ class _ArrayScanner:
         """(line, index, bytes of the element | its size when too big | a structural error)."""
         if not self.chunk:
             self._fill()
-            if self.chunk.startswith(_BOM):
-                self.pos = len(_BOM)
+            if self.chunk.startswith(UTF8_BOM):
+                self.pos = len(UTF8_BOM)
         while True:
             head = self._skip_whitespace()
             if not head:
