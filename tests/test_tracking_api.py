@@ -39,6 +39,7 @@ from idstitch.core.messages import decimal_string
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
 from idstitch.http.auth import basic_user
+from idstitch.http.logs import JsonFormatter
 from idstitch.http.source_settings import parse_public_url
 from idstitch.http.tracking import TrackingAPI
 from idstitch.queue.envelope import RequestTooLarge
@@ -756,6 +757,22 @@ async def test_a_sources_settings_point_segments_libraries_back_at_idstitch(api:
     assert (await api.client.get("/v1/projects/wk_test/other")).status_code == 404
 
 
+async def test_the_request_log_of_a_settings_fetch_names_the_source_not_its_write_key(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Logs travel further than the write keys should (log shippers, support tickets): the key in the
+    # settings path stays out of them; the source it names is logged instead.
+    caplog.set_level("INFO", logger="idstitch.http")
+    assert (await api.client.get("/v1/projects/wk_test/settings")).status_code == 200
+    assert (await api.client.post("/v1/projects/wk_test/settings", json={})).status_code == 405
+    assert (await api.client.get("/v1/projects/wk_nope/settings")).status_code == 404
+    records = [record for record in caplog.records if record.name == "idstitch.http"]
+    assert [record.path for record in records] == ["/v1/projects/{writeKey}/settings"] * 3
+    assert (records[0].space, records[0].source) == ("app", "web")
+    logged = "".join(JsonFormatter().format(record) for record in records)
+    assert "wk_test" not in logged and "wk_nope" not in logged
+
+
 async def test_behind_a_proxy_the_settings_name_the_public_url_not_the_host_header(api: Api) -> None:
     # nginx sends its upstream's address as Host by default: analytics.js would post to it and lose all.
     api.app.public_address = parse_public_url("https://events.shop.example/collect/")
@@ -1200,10 +1217,6 @@ async def test_one_structured_log_line_per_request(api: Api, caplog: pytest.LogC
 
 
 def test_the_json_formatter_writes_one_object_per_line() -> None:
-    import logging
-
-    from idstitch.http.logs import JsonFormatter
-
     record = logging.makeLogRecord(
         {
             "name": "idstitch.http",

@@ -205,7 +205,10 @@ class TrackingAPI:
             route = SETTINGS_ROUTE
         else:
             route = path if path in ("/healthz", "/metrics") else "other"
-        request = _Request(method, path, route, time.perf_counter())
+        # The write key in a settings path stays out of the request log (logs travel further than keys
+        # should); the source it names is logged instead.
+        logged_path = SETTINGS_ROUTE if settings_key is not None else path
+        request = _Request(method, logged_path, route, time.perf_counter())
         headers = _header_map(scope["headers"])
         status = 200
         body = _SUCCESS
@@ -229,7 +232,7 @@ class TrackingAPI:
                     raise _not_allowed(method, path, "POST, OPTIONS")
             elif settings_key is not None:
                 if method not in ("GET", "HEAD"):
-                    raise _not_allowed(method, path, "GET, HEAD")
+                    raise _not_allowed(method, logged_path, "GET, HEAD")
                 source = await self.write_keys.resolve(settings_key)
                 if source is None:
                     # Not 401: a challenge could make a browser ask its user for a password.
