@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +55,7 @@ from idstitch.core.identifiers import NO_IDENTIFIER
 from idstitch.core.messages import Message, parse_batch, parse_message
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
+from idstitch.http.metrics import Metrics
 from idstitch.http.tracking import TrackingAPI
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_url
@@ -884,6 +886,62 @@ def test_a_worker_stops_when_asked_after_acking_what_it_fetched(tmp_path: Path, 
     assert (state.stream_messages, state.ack_pending) == (2, 0)  # the rest waits, nothing is in flight
 
 
+def test_a_worker_counts_what_it_committed_and_the_backlog_it_saw(tmp_path: Path, queue_url: str) -> None:
+    # In queue mode the resolutions happen in the workers: their metrics carry what serve's carry without
+    # a queue (same names, so one dashboard sums both), plus commit latency and the queue's backlog.
+    publish_messages(queue_url, SPACE, "web", people(4), batch_size=5, received_at=RECEIVED)  # 4 requests
+    summary = WorkerSummary()
+    metrics = Metrics(worker=summary)
+    backlog_at_commit: list[int | None] = []
+
+    def on_commit(batches: list[IngestBatch], results: list[IngestResult], seconds: float) -> None:
+        metrics.count_commit(batches, results, seconds)
+        backlog_at_commit.append(summary.consumer_pending)
+
+    with engine_at(tmp_path / "queued.db") as engine:
+        # A look long overdue only after the first group: the backlog seen then holds for the others.
+        drain(engine, queue_url, batch=1, consumer_check=600, summary=summary, on_commit=on_commit)
+    assert backlog_at_commit == [None, 3, 3, 3]  # one request fetched at a time, three left behind it
+    assert (summary.consumer_pending, summary.consumer_ack_pending) == (0, 0)  # drained
+    sample = metrics.registry.get_sample_value
+    assert (
+        sample("idstitch_messages_accepted_total", {"space": SPACE})
+        == summary.accepted + summary.unresolved
+        == 20
+    )
+    assert (
+        sample("idstitch_resolutions_total", {"space": SPACE, "result": "created"})
+        == summary.profiles_created
+    )
+    assert sample("idstitch_worker_queue_messages_total", {}) == 4
+    assert sample("idstitch_worker_commits_total", {}) == 4
+    assert sample("idstitch_worker_commit_duration_seconds_count", {}) == 4
+    assert sample("idstitch_worker_parked_total", {}) == sample("idstitch_worker_retried_total", {}) == 0
+    assert sample("idstitch_queue_consumer_pending_messages", {}) == 0
+    assert sample("idstitch_queue_consumer_ack_pending_messages", {}) == 0
+    assert "idstitch_http_request_duration_seconds_count" not in metrics.exposition().decode()
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_in_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "idstitch", "worker", "--queue", NATS_URL, "--metrics-port", str(port)],
+            cwd=tmp_path,
+            env={key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.splitlines()[-1]
+        == f"error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    )
+
+
 def test_a_request_for_an_unknown_space_is_parked_at_once_intact_and_can_be_replayed(
     tmp_path: Path, queue_url: str
 ) -> None:
@@ -1283,7 +1341,7 @@ def get(url: str, token: str) -> tuple[int, Any]:
 @pytest.mark.slow
 def test_serve_queue_and_a_worker_process_resolve_what_was_posted(tmp_path: Path, queue_url: str) -> None:
     server = Server(tmp_path / "server", args=("--queue", queue_url))
-    worker = Worker(tmp_path / "worker", queue_url, server.store_url)
+    worker = Worker(tmp_path / "worker", queue_url, server.store_url, "--metrics-port", "0")
     try:
         server.start()
         assert f"(queue mode: JetStream {NATS_URL} stream IDSTITCH_TEST_{RUN}_" in server.log()
@@ -1309,6 +1367,18 @@ def test_serve_queue_and_a_worker_process_resolve_what_was_posted(tmp_path: Path
         status, _ = post(f"{server.base_url}/v1/identify", {"userId": "u1", "messageId": "s2"})  # a retry
         assert status == 200
         wait_for(lambda: queue_state(queue_url).stream_messages == 0, "the worker to ack the retry")
+        # The resolutions happened in the worker: its /metrics counts them, under serve's names.
+        metrics_url = re.search(r"metrics on (http://\S+/metrics)", worker.log())
+        assert metrics_url is not None, worker.log()
+        with urllib.request.urlopen(metrics_url[1], timeout=30) as response:
+            exposition = response.read().decode()
+        for line in (
+            'idstitch_messages_accepted_total{space="default"} 9.0',  # the unresolved one is stored too
+            'idstitch_messages_duplicate_total{space="default"} 1.0',
+            'idstitch_merges_total{space="default"} 1.0',
+            "idstitch_worker_queue_messages_total 2.0",
+        ):
+            assert line in exposition.splitlines(), line
         summary = worker.stop()
         assert "idstitch worker consuming" in worker.log()
         assert {

@@ -24,7 +24,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from rich.text import Text
 from typer.core import TyperArgument, TyperCommand
 
 from idstitch.config import DEFAULT_STORE_URL, Config, load_config
-from idstitch.core.errors import IdstitchError
+from idstitch.core.errors import ConfigError, IdstitchError
 from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
@@ -57,6 +57,7 @@ from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
     from idstitch.engine import Engine
+    from idstitch.http.metrics import Metrics, QueueWorkerFigures
     from idstitch.sim.accuracy import Accuracy
     from idstitch.sim.compare import Comparison
 
@@ -563,6 +564,27 @@ def worker(
         bool, typer.Option("--drain", help="Exit once the queue is empty instead of waiting for more.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            envvar="IDSTITCH_WORKER_METRICS_PORT",
+            min=0,
+            max=65535,
+            metavar="PORT",
+            help="Serve Prometheus metrics (outcomes, merges, drops, commit latency, queue backlog) on "
+            "http://HOST:PORT/metrics (0: any free port, printed at start). Off by default.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host",
+            envvar="IDSTITCH_WORKER_METRICS_HOST",
+            metavar="HOST",
+            help="Address of --metrics-port.",
+        ),
+    ] = "127.0.0.1",
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -570,15 +592,22 @@ def worker(
     from idstitch.engine import Engine
     from idstitch.http.logs import configure_logging
     from idstitch.queue.jetstream import parse_queue_url
-    from idstitch.queue.worker import run_worker
+    from idstitch.queue.worker import WorkerSummary, run_worker
 
     with _user_errors():
         settings = load_config(config)
         parsed = parse_queue_url(queue)
-        with _store(store) as opened:
+        with _store(store) as opened, ExitStack() as cleanup:
             engine = Engine(opened, settings)
             _print_created_write_keys(engine)
             configure_logging()  # JSON lines on stderr, as serve writes them
+            running = WorkerSummary()
+            on_commit = None
+            metrics_line = ""
+            if metrics_port is not None:
+                metrics, metrics_url = _serve_worker_metrics(running, metrics_host, metrics_port, cleanup)
+                on_commit = metrics.count_commit
+                metrics_line = f"; metrics on {metrics_url}"
             _freeze_startup_objects()
             summary = run_worker(
                 engine,
@@ -586,9 +615,30 @@ def worker(
                 batch=batch,
                 drain=drain,
                 handle_signals=True,
-                on_start=lambda line: print(line, file=sys.stderr, flush=True),
+                on_start=lambda line: print(line + metrics_line, file=sys.stderr, flush=True),
+                summary=running,
+                on_commit=on_commit,
             )
         _print_worker_summary(summary.as_dict(), as_json)
+
+
+def _serve_worker_metrics(
+    summary: QueueWorkerFigures, host: str, port: int, cleanup: ExitStack
+) -> tuple[Metrics, str]:
+    """A worker's Prometheus endpoint on a thread of its own (stopped by `cleanup`); its URL."""
+    from prometheus_client import start_http_server
+
+    from idstitch.http.metrics import Metrics
+
+    metrics = Metrics(worker=summary)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as error:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None
+    cleanup.callback(server.server_close)
+    cleanup.callback(server.shutdown)
+    shown = f"[{host}]" if ":" in host else host
+    return metrics, f"http://{shown}:{server.server_port}/metrics"
 
 
 def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:

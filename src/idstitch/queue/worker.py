@@ -48,10 +48,12 @@ from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
 from idstitch.storage.base import StoreConflict
 
-__all__ = ["QueueWorker", "WorkerSummary", "run_worker"]
+__all__ = ["CommitObserver", "QueueWorker", "WorkerSummary", "run_worker"]
 
 _log = logging.getLogger("idstitch.queue")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Told of each committed group: its requests, their outcomes, and the seconds the transaction took.
+CommitObserver = Callable[[list[IngestBatch], list[IngestResult], float], None]
 # Failures that every delivery would repeat: the worker's config lacks the request's space, the request
 # as a whole is invalid. Retrying only delays the request until an operator replays it.
 _HOPELESS = (ConfigError, InvalidEvent)
@@ -81,6 +83,10 @@ class WorkerSummary(OutcomeCounts):
     retried: int = 0  # JetStream messages nak'ed after a failed ingest, to come back later
     parked: int = 0  # JetStream messages copied to the dead-letter stream, then terminated
     seconds: float = 0.0
+    # The shared consumer's backlog when last looked at (None before the first look): not yet
+    # delivered to any worker, and delivered but not yet acknowledged. What tells an operator to add workers.
+    consumer_pending: int | None = None
+    consumer_ack_pending: int | None = None
 
     def add(self, result: IngestResult) -> None:
         """Add one request's outcomes."""
@@ -88,7 +94,7 @@ class WorkerSummary(OutcomeCounts):
             self.count(outcome)
 
     def as_dict(self) -> dict[str, Any]:
-        """The figures as JSON-able values, with the rate."""
+        """The figures of the run as JSON-able values, with the rate (the consumer's backlog is not one)."""
         rate = round(self.messages / self.seconds) if self.seconds > 0 else 0
         return {
             "queue_messages": self.queue_messages,
@@ -118,6 +124,8 @@ class QueueWorker:
         consumer_check: float = 5.0,
         drain: bool = False,
         stop: threading.Event | None = None,
+        summary: WorkerSummary | None = None,
+        on_commit: CommitObserver | None = None,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -137,7 +145,9 @@ class QueueWorker:
         self._next_check = 0.0
         self.drain = drain
         self.stop = stop or threading.Event()
-        self.summary = WorkerSummary()
+        self.summary = summary or WorkerSummary()
+        self.on_commit = on_commit
+        self._next_backlog_look = 0.0
         # One thread runs the engine, always the same one, as the group-commit writer does in serve.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idstitch-worker-engine")
 
@@ -190,6 +200,10 @@ class QueueWorker:
                 continue
             # A stop requested meanwhile still lets this group finish: it is committed and acked.
             await self._handle(jetstream, fetched)
+            if time.monotonic() >= self._next_backlog_look:
+                # A busy worker never idles, and its backlog matters most then: look at it now and then.
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                    self._note_backlog(await subscription.consumer_info())
 
     async def _idle(self, jetstream: JetStream, subscription: JetStreamContext.PullSubscription) -> bool:
         """After a fetch that brought nothing: whether to stop (`drain`, and nothing is left).
@@ -207,8 +221,15 @@ class QueueWorker:
             return False
         except (nats.errors.Error, OSError):
             return False  # disconnected, say: not drained as far as anyone can tell
+        self._note_backlog(info)
         # Parked messages count in neither figure: only what may still be delivered does.
         return self.drain and not info.num_pending and not info.num_ack_pending
+
+    def _note_backlog(self, info: Any) -> None:
+        """Keep the consumer's backlog from a ConsumerInfo for the metrics."""
+        self.summary.consumer_pending = info.num_pending or 0
+        self.summary.consumer_ack_pending = info.num_ack_pending or 0
+        self._next_backlog_look = time.monotonic() + self.consumer_check
 
     async def _recover(self, jetstream: JetStream, cause: Exception) -> None:
         """Create the stream (if it is gone) and the consumer again; the subscription fetches from it by name."""
@@ -263,6 +284,7 @@ class QueueWorker:
         """Resolve, commit and ack a group; whether it all committed (what failed is nak'ed or parked)."""
         loop = asyncio.get_running_loop()
         batches = [batch for _, batch in group]
+        started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
         except Exception as error:
@@ -284,6 +306,8 @@ class QueueWorker:
             await self._failed(jetstream, group[0][0], error)
             return False
         self.summary.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(batches, results, time.perf_counter() - started)
         for (msg, batch), result in zip(group, results, strict=True):
             self.summary.add(result)
             for outcome in result.rejected:
@@ -385,6 +409,8 @@ def run_worker(
     stop: threading.Event | None = None,
     on_start: Callable[[str], None] | None = None,
     handle_signals: bool = False,
+    summary: WorkerSummary | None = None,
+    on_commit: CommitObserver | None = None,
 ) -> WorkerSummary:
     """Run one worker on its own event loop until it is stopped; what `idstitch worker` runs.
 
@@ -403,6 +429,8 @@ def run_worker(
         consumer_check=consumer_check,
         drain=drain,
         stop=stop,
+        summary=summary,
+        on_commit=on_commit,
     )
     return asyncio.run(worker.run(on_start=on_start, handle_signals=handle_signals))
 
