@@ -177,7 +177,7 @@ def view(store: Store, identifiers: list[Identifier], collection: str = "users")
 
 
 def without_sequence(record: EventRecord) -> EventRecord:
-    return dataclasses.replace(record, sequence=0)
+    return msgspec.structs.replace(record, sequence=0)
 
 
 def ids(records: list[EventRecord]) -> list[str]:

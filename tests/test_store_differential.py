@@ -12,7 +12,6 @@ IDSTITCH_DIFFERENTIAL_EXAMPLES sets how many streams (default 12, ~15 s; 200 and
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 from collections.abc import Callable
@@ -287,7 +286,7 @@ def _ingest(
             store.close()
             raise
         for result in results:
-            outcomes += [dataclasses.astuple(outcome)[1:] for outcome in result.outcomes]
+            outcomes += [msgspec.structs.astuple(outcome)[1:] for outcome in result.outcomes]
         reopened = opener()
         if reopened is not store:
             store.close()
@@ -297,7 +296,7 @@ def _ingest(
 
 def _no_sequences(value: Any) -> Any:
     if isinstance(value, EventRecord):
-        return dataclasses.replace(value, sequence=0)
+        return msgspec.structs.replace(value, sequence=0)
     if isinstance(value, dict):
         return {key: _no_sequences(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

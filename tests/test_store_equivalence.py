@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -269,7 +268,7 @@ def _without_sequences(value: Any) -> Any:
     inserts, SQLite's does not. What they must agree on is the order, which the lists keep.
     """
     if isinstance(value, EventRecord):
-        return dataclasses.replace(value, sequence=0)
+        return msgspec.structs.replace(value, sequence=0)
     if isinstance(value, dict):
         return {key: _without_sequences(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -43,8 +43,7 @@ _CONFLICT_RETRY_SECONDS = 120.0
 _CONFLICT_PAUSE_SECONDS = (0.001, 0.05)
 
 
-@dataclass(frozen=True, slots=True)
-class MessageOutcome:
+class MessageOutcome(msgspec.Struct, frozen=True, gc=False):
     """What happened to one message of a batch."""
 
     index: int

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
+
+import msgspec
 
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decimal_string
@@ -46,8 +47,7 @@ class Dropped(NamedTuple):
     rule: str
 
 
-@dataclass(frozen=True, slots=True)
-class Extraction:
+class Extraction(msgspec.Struct, frozen=True, gc=False):
     """What a message carries, after normalisation, blocking and source policy."""
 
     users: tuple[Identifier, ...]

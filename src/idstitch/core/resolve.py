@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from idstitch.core.graph import GraphView, ProfileState, StoredIdentifier
 from idstitch.core.identifiers import Dropped, Extraction, Identifier
 from idstitch.core.messages import Message
@@ -24,16 +26,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class MergeStep:
+class MergeStep(msgspec.Struct, frozen=True, gc=False):
     """One child profile fused into the target, and the message identifier that linked it."""
 
     child_id: str
     via: Identifier
 
 
-@dataclass(frozen=True, slots=True)
-class SuspectMark:
+class SuspectMark(msgspec.Struct, frozen=True, gc=False):
     """An identifier found non-unique, with the evidence: a more trusted type and the values seen with it."""
 
     identifier: Identifier
@@ -41,8 +41,7 @@ class SuspectMark:
     values: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
+class Resolution(msgspec.Struct, frozen=True, gc=False):
     """The decision for one collection of one message; the store applies it atomically."""
 
     collection: str
@@ -61,8 +60,7 @@ class Resolution:
     revived: tuple[Identifier, ...] = ()  # retired identifiers an alias made current again
 
 
-@dataclass(frozen=True, slots=True)
-class MessageResolution:
+class MessageResolution(msgspec.Struct, frozen=True, gc=False):
     """The decision for a whole message: its person, its account (if any), and whether they link."""
 
     users: Resolution | None

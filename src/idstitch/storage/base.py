@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import msgspec
+
 from idstitch.core.graph import GraphView
 from idstitch.core.identifiers import Dropped, Identifier
 from idstitch.core.resolve import Resolution
@@ -78,8 +80,7 @@ class TokenRecord:
     kind: str  # read | admin
 
 
-@dataclass(frozen=True, slots=True)
-class EventRecord:
+class EventRecord(msgspec.Struct, frozen=True, gc=False):
     """One stored message: which profile it resolved to (None: unresolved) and what it carried."""
 
     message_id: str
