@@ -593,7 +593,7 @@ def _merge_fixture(store: Store) -> None:
         tx.set_traits(SPACE, "use_a", {"plan": "team", "color": "red"}, t(6))
         tx.set_traits(SPACE, "use_b", {"name": "B", "age": None}, t(4))  # newer name; newer removal
         tx.set_traits(SPACE, "use_b", {"plan": "pro"}, t(2))  # older than the parent's plan
-        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(6))  # a tie: the parent keeps its value
+        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(6))  # a tie, no message: the parent's stays
         tx.set_traits(SPACE, "use_c", {"city": "Oslo"}, t(3))
         tx.link(SPACE, "use_a", "acc_x", t(1))
         tx.link(SPACE, "use_b", "acc_x", t(2))
@@ -940,7 +940,7 @@ def test_trait_sources_move_with_their_values_on_merge(store: Store) -> None:
         tx.set_traits(SPACE, "use_a", {"name": "A", "plan": "free", "color": "red", "age": 3}, t(5), "web")
         tx.set_traits(SPACE, "use_b", {"name": "B", "age": None}, t(6), "app")  # newer: wins, with source
         tx.set_traits(SPACE, "use_b", {"plan": "pro"}, t(4), "app")  # older: the parent's stays
-        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(5), "app")  # a tie: the parent's stays
+        tx.set_traits(SPACE, "use_b", {"color": "blue"}, t(5), "app")  # a tie, no message: parent's stays
         tx.set_traits(SPACE, "use_b", {"city": "Oslo"}, t(2), "crm")  # a key the parent lacks
     with store.transaction() as tx:
         merge(tx, "use_a", t(7), ("use_b", anon("b1")))
@@ -954,6 +954,37 @@ def test_trait_sources_move_with_their_values_on_merge(store: Store) -> None:
     with store.transaction() as tx:  # the removal moved too: an older value cannot bring age back
         tx.set_traits(SPACE, "use_a", {"age": 4}, t(5), "web")
     assert "age" not in store.traits(SPACE, "use_a")
+
+
+@pytest.mark.parametrize("one_transaction", [False, True])
+def test_a_tie_on_merge_goes_to_the_message_ingested_later(store: Store, one_transaction: bool) -> None:
+    """As on one profile, where a later write at the same time wins: before, the parent's value stayed,
+    so the value a user saw depended on which profile happened to be older."""
+
+    def write(tx: StoreTransaction, profile_id: str, message_id: str, updates: dict[str, Any]) -> None:
+        tx.set_traits(SPACE, profile_id, updates, t(5), "web", message_id)
+        tx.add_event(SPACE, event(message_id, t(5), profile_id))
+
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"))
+        create(tx, "use_b", t(2), anon("b1"))
+        write(tx, "use_a", "m1", {"plan": "parent", "color": "parent", "zip": "parent"})
+        write(tx, "use_b", "m2", {"plan": "child later", "color": None, "city": "child"})
+        write(tx, "use_a", "m3", {"city": "parent later"})
+    with store.transaction() as tx:  # merged in this one or the next: messages not yet committed count too
+        write(tx, "use_b", "m4", {"age": "child", "zip": "child later"})
+        write(tx, "use_a", "m5", {"age": "parent later"})
+        if one_transaction:
+            merge(tx, "use_a", t(7), ("use_b", anon("b1")))
+    if not one_transaction:
+        with store.transaction() as tx:
+            merge(tx, "use_a", t(7), ("use_b", anon("b1")))
+    assert store.traits(SPACE, "use_a") == {
+        "age": "parent later",
+        "city": "parent later",
+        "plan": "child later",
+        "zip": "child later",
+    }
 
 
 def test_links_are_idempotent_and_ordered_by_first_link(store: Store) -> None:

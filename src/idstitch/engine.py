@@ -488,11 +488,11 @@ class Engine:
         if users is not None:
             updates = user_trait_updates(message)
             if updates:
-                transaction.set_traits(space, users.profile_id, updates, at, source)
+                transaction.set_traits(space, users.profile_id, updates, at, source, message.message_id)
         if accounts is not None:
             updates = account_trait_updates(message)
             if updates:
-                transaction.set_traits(space, accounts.profile_id, updates, at, source)
+                transaction.set_traits(space, accounts.profile_id, updates, at, source, message.message_id)
         owner = users.profile_id if users is not None else None
         owner = owner or (accounts.profile_id if accounts is not None else None)
         if decision.dropped:

@@ -282,8 +282,13 @@ class StoreTransaction(Protocol):
         updates: Mapping[str, Any],
         at: datetime,
         source: str | None = None,
+        message_id: str | None = None,
     ) -> None:
-        """Set traits where `at` is not older than the stored value's time; None values remove."""
+        """Set traits where `at` is not older than the stored value's time; None values remove.
+
+        `message_id` names the message that sets them: a merge that finds one key set at the same time on
+        both sides keeps the value of the message ingested later, as one profile would have.
+        """
         ...
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:

@@ -129,8 +129,8 @@ class _Ident:
 
 # A suspect: (evidence_type, evidence_values as JSON text, message_id, at)
 _Suspect = tuple[str, str, str, datetime]
-# A trait: (value as JSON text or None for a removal, set_at, source)
-_Trait = tuple[str | None, datetime, str | None]
+# A trait: (value as JSON text or None for a removal, set_at, source, the message that set it or None)
+_Trait = tuple[str | None, datetime, str | None, str | None]
 # An event, in EventRecord's field order (sequence last).
 _Event = tuple[
     str, str, str | None, datetime, datetime, str | None, str | None, str | None, tuple[str, ...], bytes, int
@@ -367,7 +367,7 @@ class MemoryStore:
         stored = self._read(space).traits.get(profile_id, {})
         return {
             key: _json_decode(value)
-            for key, (value, _, _) in sorted(list(stored.items()))
+            for key, (value, _, _, _) in sorted(list(stored.items()))
             if value is not None
         }
 
@@ -376,7 +376,7 @@ class MemoryStore:
         stored = self._read(space).traits.get(profile_id, {})
         return [
             TraitRecord(key, _json_decode(value), source, set_at)
-            for key, (value, set_at, source) in sorted(list(stored.items()))
+            for key, (value, set_at, source, _) in sorted(list(stored.items()))
             if value is not None
         ]
 
@@ -568,7 +568,7 @@ class MemoryStore:
         traits = [
             [profile_id, key, "null" if value is None else value, to_micros(set_at)]
             for profile_id, stored in sorted(list(data.traits.items()), key=lambda item: item[0])
-            for key, (value, set_at, _) in sorted(list(stored.items()), key=lambda item: item[0])
+            for key, (value, set_at, _, _) in sorted(list(stored.items()), key=lambda item: item[0])
         ]
         links = [[user, account] for user, account in sorted(list(data.links))]
         merges = [
@@ -828,14 +828,19 @@ class MemoryTransaction:
                 self._set_attr(ident, "profile_id", target)
                 self.set_item(owned, identifier, ident)
             self.del_item(data.owned, child)
-        # Per trait key the newest value wins; the parent keeps its value on a tie.
+        # Per trait key the newest value wins; on a tie the value of the message ingested later (as on one
+        # profile), the parent's when that is unknown (a value set without its message).
         child_traits = data.traits.get(child)
         if child_traits is not None:
             if child_traits:
                 traits = self._child_dict(data.traits, target)
                 for name, value in child_traits.items():
                     current = traits.get(name)
-                    if current is None or value[1] > current[1]:
+                    if (
+                        current is None
+                        or value[1] > current[1]
+                        or (value[1] == current[1] and self._ingested_later(data, value[3], current[3]))
+                    ):
                         self.set_item(traits, name, value)
             self.del_item(data.traits, child)
         # Links of the merged side move to the target (a link the target already has is kept as is).
@@ -851,6 +856,13 @@ class MemoryTransaction:
                 self._link(data, target, account, linked_at)
         self._index(data.parent_merges, target, len(data.merges))
         self._append(data.merges, MergeRecord(target, child, message_id, via, at))
+
+    @staticmethod
+    def _ingested_later(data: _Space, message_id: str | None, other: str | None) -> bool:
+        """Whether `message_id` was stored after `other` (False when either is unknown)."""
+        sequence = None if message_id is None else data.message_ids.get(message_id)
+        other_sequence = None if other is None else data.message_ids.get(other)
+        return sequence is not None and other_sequence is not None and sequence > other_sequence
 
     def _link(self, data: _Space, user_id: str, account_id: str, at: datetime) -> None:
         key = (user_id, account_id)
@@ -888,8 +900,9 @@ class MemoryTransaction:
         updates: Mapping[str, Any],
         at: datetime,
         source: str | None = None,
+        message_id: str | None = None,
     ) -> None:
-        """Set traits (with the source that sent them) unless a newer value is stored; None removes."""
+        """Set traits (with the source and message that sent them) unless a newer value is stored; None removes."""
         when = _utc(at)
         encoded = [
             (key, None if value is None else _json_encode(value).decode()) for key, value in updates.items()
@@ -900,7 +913,7 @@ class MemoryTransaction:
         for key, text in encoded:
             current = traits.get(key)
             if current is None or when >= current[1]:
-                self.set_item(traits, key, (text, when, source))
+                self.set_item(traits, key, (text, when, source, message_id))
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
         """Link a user and an account (idempotent: the first link's time is kept)."""

@@ -626,12 +626,13 @@ class PostgresTransaction(GraphCacheReader):
         updates: Mapping[str, Any],
         at: datetime,
         source: str | None = None,
+        message_id: str | None = None,
     ) -> None:
-        """Set traits (with the source that sent them) unless a newer value is stored."""
+        """Set traits (with the source and message that sent them) unless a newer value is stored."""
         micros = to_micros(at)
         for key, value in updates.items():
             encoded = None if value is None else _json_encode(value).decode()
-            self._writes.trait(space, profile_id, key, encoded, micros, source)
+            self._writes.trait(space, profile_id, key, encoded, micros, source, message_id)
 
     def link(self, space: str, user_id: str, account_id: str, at: datetime) -> None:
         """Link a user and an account."""

@@ -68,11 +68,17 @@ _SUSPECTS_SQL = (
     f"SELECT r->>0, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, (r->>7)::bigint FROM {_ROWS} ON CONFLICT DO NOTHING"
 )
 _TRAITS_SQL = (
-    "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-    f"SELECT r->>0, r->>1, r->>2, r->>3, (r->>4)::bigint, r->>5 FROM {_ROWS} "
+    "INSERT INTO traits (space, profile_id, key, value, set_at, source, message_id) "
+    f"SELECT r->>0, r->>1, r->>2, r->>3, (r->>4)::bigint, r->>5, r->>6 FROM {_ROWS} "
     "ON CONFLICT (space, profile_id, key) DO UPDATE "
-    "SET value = excluded.value, set_at = excluded.set_at, source = excluded.source "
-    "WHERE excluded.set_at >= traits.set_at"
+    "SET value = excluded.value, set_at = excluded.set_at, source = excluded.source, "
+    "message_id = excluded.message_id WHERE excluded.set_at >= traits.set_at"
+)
+# In a merge's trait upsert: the child's value (excluded) was set by a message stored after the parent's.
+# NULL when either message is unknown, so the parent keeps its value.
+_INGESTED_LATER = (
+    "(SELECT sequence FROM events WHERE space = excluded.space AND message_id = excluded.message_id) > "
+    "(SELECT sequence FROM events WHERE space = traits.space AND message_id = traits.message_id)"
 )
 _LINKS_SQL = (
     "INSERT INTO links (space, user_id, account_id, at) "
@@ -156,10 +162,17 @@ class HeldWrites:
         self._rows.append((_SUSPECT, (*key, evidence_type, evidence_values, message_id, at)))
 
     def trait(
-        self, space: str, profile_id: str, key: str, value: str | None, set_at: int, source: str | None
+        self,
+        space: str,
+        profile_id: str,
+        key: str,
+        value: str | None,
+        set_at: int,
+        source: str | None,
+        message_id: str | None = None,
     ) -> None:
-        """A trait value (JSON; None removes it)."""
-        self._rows.append((_TRAIT, (space, profile_id, key, value, set_at, source)))
+        """A trait value (JSON; None removes it) and the message that set it."""
+        self._rows.append((_TRAIT, (space, profile_id, key, value, set_at, source, message_id)))
 
     def link(self, space: str, user_id: str, account_id: str, at: int) -> None:
         """A user and an account linked."""
@@ -256,13 +269,15 @@ class HeldWrites:
             "UPDATE identifiers SET profile_id = %(target)s WHERE space = %(space)s AND profile_id = %(child)s",
             parameters,
         )
-        # Per trait key the newest value (with its source) wins; the parent keeps its value on a tie.
+        # Per trait key the newest value (with its source) wins; on a tie the value of the message ingested
+        # later (as on one profile), the parent's when either message is unknown (rows from before 0002).
         cursor.execute(
-            "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-            "SELECT space, %(target)s, key, value, set_at, source FROM traits "
+            "INSERT INTO traits (space, profile_id, key, value, set_at, source, message_id) "
+            "SELECT space, %(target)s, key, value, set_at, source, message_id FROM traits "
             "WHERE space = %(space)s AND profile_id = %(child)s "
             "ON CONFLICT (space, profile_id, key) DO UPDATE SET value = excluded.value, "
-            "set_at = excluded.set_at, source = excluded.source WHERE excluded.set_at > traits.set_at",
+            "set_at = excluded.set_at, source = excluded.source, message_id = excluded.message_id "
+            f"WHERE excluded.set_at > traits.set_at OR (excluded.set_at = traits.set_at AND {_INGESTED_LATER})",
             parameters,
         )
         cursor.execute("DELETE FROM traits WHERE space = %(space)s AND profile_id = %(child)s", parameters)

@@ -76,6 +76,15 @@ _json_decode = msgspec.json.decode
 
 
 _BUSY_TIMEOUT_SECONDS = 30  # how long a connection waits for another process's write lock
+# In a merge's trait upsert: the child's value (excluded) was set by a message ingested after the parent's.
+# A message of this transaction has no event row yet (events go in at flush): it ranks after every stored
+# one, in the order of the parameter (a JSON array of this transaction's trait-setting message ids). NULL
+# when either message is unknown (rows from before migration 0003), so the parent keeps its value.
+_INGESTED_ORDER = (
+    "coalesce((SELECT sequence FROM events WHERE space = excluded.space AND message_id = {column}), "
+    "9000000000000000000 + (SELECT max(key) FROM json_each(?) WHERE value = {column}))"
+)
+_INGESTED_LATER = f"{_INGESTED_ORDER.format(column='excluded.message_id')} > {_INGESTED_ORDER.format(column='traits.message_id')}"
 
 
 def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
@@ -678,6 +687,9 @@ class SQLiteTransaction(GraphCacheReader):
         self._writes: list[tuple[str, list[Sequence[Any]], bool]] = []  # (SQL, rows, a barrier?)
         self._events: list[tuple[Any, ...]] = []
         self._event_ids: set[tuple[str, str]] = set()
+        # Messages of this transaction that set traits, in order: a merge's tie-break ranks them (their
+        # events are not in the table yet). One rolled back stays listed; no trait row names it.
+        self._trait_messages: list[str] = []
         # Refreshes of stored rows go in coalesced (one row per identifier or pair): a returning
         # visitor refreshes the same rows message after message. Each refresh is a max / min /
         # newest-wins, so applying only the last word per row gives the same rows.
@@ -1029,13 +1041,16 @@ class SQLiteTransaction(GraphCacheReader):
             [(target, space, child)],
             barrier=True,
         )
-        # Per trait key the newest value (with its source) wins; the parent keeps its value on a tie.
+        pending = _json_encode(self._trait_messages).decode()
+        # Per trait key the newest value (with its source) wins; on a tie the value of the message ingested
+        # later (as on one profile), the parent's when either message is unknown (rows from before 0003).
         self._hold(
-            "INSERT INTO traits (space, profile_id, key, value, set_at, source) "
-            "SELECT space, ?, key, value, set_at, source FROM traits WHERE space = ? AND profile_id = ? "
-            "AND true ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
-            "source = excluded.source WHERE excluded.set_at > traits.set_at",
-            [(target, space, child)],
+            "INSERT INTO traits (space, profile_id, key, value, set_at, source, message_id) "
+            "SELECT space, ?, key, value, set_at, source, message_id FROM traits WHERE space = ? "
+            "AND profile_id = ? AND true ON CONFLICT DO UPDATE SET value = excluded.value, "
+            "set_at = excluded.set_at, source = excluded.source, message_id = excluded.message_id "
+            f"WHERE excluded.set_at > traits.set_at OR (excluded.set_at = traits.set_at AND {_INGESTED_LATER})",
+            [(target, space, child, pending, pending)],
             barrier=True,
         )
         self._hold("DELETE FROM traits WHERE space = ? AND profile_id = ?", [(space, child)], barrier=True)
@@ -1070,13 +1085,17 @@ class SQLiteTransaction(GraphCacheReader):
         updates: Mapping[str, Any],
         at: datetime,
         source: str | None = None,
+        message_id: str | None = None,
     ) -> None:
-        """Set traits (with the source that sent them) unless a newer value is stored."""
+        """Set traits (with the source and message that sent them) unless a newer value is stored."""
         micros = to_micros(at)
+        if message_id is not None and updates:
+            self._trait_messages.append(message_id)
         self._hold(
-            "INSERT INTO traits (space, profile_id, key, value, set_at, source) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
-            "source = excluded.source WHERE excluded.set_at >= traits.set_at",
+            "INSERT INTO traits (space, profile_id, key, value, set_at, source, message_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET value = excluded.value, "
+            "set_at = excluded.set_at, source = excluded.source, message_id = excluded.message_id "
+            "WHERE excluded.set_at >= traits.set_at",
             [
                 (
                     space,
@@ -1085,6 +1104,7 @@ class SQLiteTransaction(GraphCacheReader):
                     None if value is None else _json_encode(value).decode(),
                     micros,
                     source,
+                    message_id,
                 )
                 for key, value in updates.items()
             ],
@@ -1114,6 +1134,7 @@ class SQLiteTransaction(GraphCacheReader):
             self._events.clear()
         self._stored_ids |= self._event_ids  # stored now: has_message must not read "looked up, absent"
         self._event_ids.clear()
+        self._trait_messages.clear()  # their events are in the table now
         for rows in self._held():
             rows.clear()
         self._sent = [0, 0, 0, 0]
