@@ -220,6 +220,44 @@ def test_profile_text_shows_brackets_and_colons_as_sent(cli: CLI) -> None:
     assert done.returncode == 1 and "a:b:smile:x" in done.stderr
 
 
+def test_profile_and_explain_text_show_control_and_invisible_characters_as_escapes(cli: CLI) -> None:
+    # Whoever sends events must not be able to drive the operator's terminal (ESC clears the screen, OSC
+    # sets its title), fake a table row with a newline, or hide a character: text output escapes them.
+    user = "u\x1b[2J\x1b[31m1"
+    shared = "a1\nuser_id │ admin"
+    cli.ok(
+        "ingest",
+        str(
+            cli.write(
+                "escapes.ndjson",
+                msg(1, "identify", userId=user, anonymousId=shared, traits={"k\u202eey": "v\x9b1m"}),
+                msg(2, "track", userId=user, event="E\x1b]0;pwned\x07", messageId="m\u200b2"),
+                msg(3, "identify", userId="u2", anonymousId=shared),  # a second user_id: shared is dropped
+            )
+        ),
+    )
+    shown = cli.ok("profile", f"user_id:{user}").stdout
+    explained = cli.ok("explain", "user_id:u2").stdout
+    for output in (shown, explained):
+        hidden = [char for char in output if not char.isprintable() and char != "\n"]
+        assert hidden == [], output
+    escaped = (
+        "u\\x1b[2J\\x1b[31m1",
+        "a1\\nuser_id │ admin",
+        "k\\u202eey",
+        '"v\\x9b1m"',
+        "E\\x1b]0;pwned\\x07",
+    )
+    for text in (*escaped, "m\\u200b2"):
+        assert text in shown, (text, shown)
+    assert "anonymous_id:a1\\nuser_id │ admin  rule: user_id limit 1 ever" in explained, explained
+    assert "(u\\x1b[2J\\x1b[31m1, u2)" in explained, explained
+    # --json carries the exact values.
+    document = cli.json("profile", f"user_id:{user}")
+    assert {item["value"] for item in document["identifiers"]} == {user, shared}
+    assert document["traits"] == {"k\u202eey": "v\x9b1m"}
+
+
 def test_profile_text_shows_the_most_recent_events_by_timestamp(cli: CLI) -> None:
     # The newest event arrives first, then ten older ones: "the 10 most recent" must still show it, in
     # the order the Profile API's `events` gives (newest timestamp first), not in ingest order.

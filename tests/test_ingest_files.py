@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import idstitch.ingest.files as files_module
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import MAX_MESSAGE_BYTES, Message
 from idstitch.ingest.files import InputFile, batched, read_batches, read_items
@@ -89,6 +90,32 @@ def test_message_just_under_the_limit_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "edge.ndjson"
     path.write_text(body + "\n")
     assert summary(items(path)) == [(f"{path}:1", "m1")]
+
+
+@pytest.mark.parametrize("layout", ["ndjson", "array", "envelope", "document"])
+def test_the_size_limit_is_the_stored_messages_whatever_escapes_the_file_wrote(
+    tmp_path: Path, layout: str
+) -> None:
+    # Python's json.dumps writes "汉" as \u6c49: 6 bytes for 3. 6,000 of them are 36 KB in the file and 18 KB
+    # stored; the same message was accepted in an envelope or a pretty-printed document but rejected as an
+    # NDJSON line or an array element. 12,000 are 36 KB stored: over the limit in every layout alike.
+    fits = message(1, properties={"text": "汉" * 6000})
+    over = message(2, properties={"text": "汉" * 12000})
+    assert len(json.dumps(fits).encode()) > MAX_MESSAGE_BYTES
+    assert len(json.dumps(fits, ensure_ascii=False).encode()) < MAX_MESSAGE_BYTES
+    stored = len(json.dumps(over, ensure_ascii=False, separators=(",", ":")).encode())
+    if layout == "ndjson":
+        text = ndjson(fits, over)
+    elif layout == "array":
+        text = json.dumps([fits, over]).encode()
+    elif layout == "envelope":
+        text = json.dumps({"batch": [fits, over]}).encode()
+    else:
+        text = (json.dumps(fits, indent=2) + "\n" + json.dumps(over, indent=2)).encode()
+    path = tmp_path / "escaped.json"
+    path.write_bytes(text)
+    found = [text for _, text in summary(items(path))]
+    assert found == ["m1", f"! message is {stored} bytes, over the 32 KB per-message limit"]
 
 
 def test_json_array_pretty_printed_is_read_element_by_element(tmp_path: Path) -> None:
@@ -235,6 +262,62 @@ def test_what_cannot_be_read_after_good_documents_is_one_error_and_they_land(tmp
     assert found[2][0] == f"{path}:{2 * lines + 1}"
     assert found[2][1].startswith("! invalid JSON") and found[2][1].endswith("nothing from here on was read")
     assert len(found) == 3
+
+
+@pytest.mark.parametrize("layout", ["arrays", "documents", "ndjson"])
+def test_files_with_a_bom_each_concatenated_are_read_whole(tmp_path: Path, layout: str) -> None:
+    # `cat a.json b.json` of files a Windows editor saved: a BOM starts the second one too. NDJSON lines
+    # skipped it; arrays said "expected '['" and pretty-printed documents "another object was expected",
+    # and nothing of the second file landed.
+    bom = b"\xef\xbb\xbf"
+    if layout == "arrays":
+        parts = [json.dumps([message(n)], indent=2).encode() + b"\n" for n in (1, 2)]
+    elif layout == "documents":
+        parts = [json.dumps(message(n), indent=2).encode() + b"\n" for n in (1, 2)]
+    else:
+        parts = [ndjson(message(n)) for n in (1, 2)]
+    path = tmp_path / "both.json"
+    path.write_bytes(b"".join(bom + part for part in parts))
+    found = summary(items(path))
+    assert [text for _, text in found] == ["m1", "m2"], found
+    second = len(parts[0].splitlines()) + (2 if layout == "arrays" else 1)  # an element is on the next line
+    assert found[1][0].startswith(f"{path}:{second}"), found
+
+
+def test_a_bom_split_across_the_array_readers_chunks_is_skipped(tmp_path: Path) -> None:
+    first = json.dumps([message(1)]).encode() + b"\n"
+    # Blank lines after the first file, so that the second one's BOM starts 2 bytes before a chunk ends.
+    first += b"\n" * (files_module._CHUNK - 2 - len(first))
+    path = tmp_path / "both.json"
+    path.write_bytes(first + b"\xef\xbb\xbf" + json.dumps([message(2)]).encode())
+    second = first.count(b"\n") + 1
+    assert summary(items(path)) == [(f"{path}:1[0]", "m1"), (f"{path}:{second}[0]", "m2")]
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def test_ndjson_lines_nested_too_deep_are_each_an_error_not_a_crash(tmp_path: Path) -> None:
+    # Two such lines first: neither "stands alone", so the file was tried as pretty-printed documents one
+    # after another, and msgspec's RecursionError there crashed `idstitch ingest` with a traceback.
+    path = tmp_path / "deep.ndjson"
+    deep = [json.dumps(message(n, properties={"deep": "@"})).replace('"@"', _nested(995)) for n in (1, 2)]
+    path.write_text("\n".join([*deep, json.dumps(message(3))]) + "\n")
+    found = summary(items(path))
+    assert [where for where, _ in found] == [f"{path}:{n}" for n in (1, 2, 3)]
+    assert [text for _, text in found][:2] == [
+        "! invalid JSON: nested deeper than the decoder goes (about 1,000 levels)"
+    ] * 2
+    assert found[2][1] == "m3"
+
+
+def test_pretty_printed_documents_nested_too_deep_are_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    deep = json.dumps(message(1, properties={"deep": "@"}), indent=2).replace('"@"', _nested(1200))
+    path.write_text(deep + "\n" + deep + "\n")
+    found = summary(items(path))
+    assert found and all(text.startswith("! invalid JSON") for _, text in found), found
 
 
 def test_an_envelope_over_the_http_batch_limit_is_read_in_slices(tmp_path: Path) -> None:

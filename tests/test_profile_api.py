@@ -676,6 +676,53 @@ async def test_an_id_shaped_like_a_segment_id_that_names_nothing_is_404(api: Api
     assert await api.get(f"{ACCOUNTS}/acc_nope/traits") == (404, NOT_FOUND)
 
 
+async def test_an_identifier_as_long_as_a_segment_id_and_with_its_prefix_is_found(api: Api) -> None:
+    # `use_ref:` plus 23 characters is 31 long and starts with `use_`, as a segment id does; a segment id
+    # never holds a colon, so this is the identifier it reads as, stored and found like any other.
+    ids = [("use_ref", "a" * 23), ("acc_no", "b" * 24)]
+    externals = [
+        {"id": value, "type": kind, "collection": "users", "encoding": "none"} for kind, value in ids
+    ]
+    api.web.send("identify", userId="u1", context={"externalIds": externals}, at=at(minutes=1))
+    for kind, value in ids:
+        assert len(f"{kind}:{value}") == 31
+        status, body = await api.get(f"{USERS}/{kind}:{value}/metadata")
+        assert status == 200, body
+        assert body["segment_id"] == api.root("user_id:u1")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_nul_in_an_id_a_filter_or_a_cursor_is_read_as_the_tracking_api_stores_it(
+    tmp_path: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    # No stored text holds a NUL: the Tracking API stores U+FFFD in its place. PostgreSQL refuses a NUL in
+    # a query parameter, so `%00` in a profile id, an events filter or an events cursor was a 500 there
+    # (SQLite answered); it is read as U+FFFD on every store, as it would have been stored.
+    url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    world = World(open_store(url), config_from_toml(CONFIG))
+    web = world.space("app", "web")
+    web.send("track", userId="u1", event="Ev\ufffdent", at=at(minutes=1))
+    web.send("track", userId="u1", event="Other", at=at(minutes=2))
+    transport = httpx.ASGITransport(app=ProfileAPI(world.engine, rate_limiter=RateLimiter(Clock())))
+    headers = {"Authorization": basic("pt_app")}
+    async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+
+        async def get(path: str) -> tuple[int, Any]:
+            response = await client.get(path, headers=headers)
+            return response.status_code, response.json()
+
+        assert await get(f"{USERS}/user_id:u%001/traits") == (404, NOT_FOUND)
+        assert await get(f"{USERS}/us%00er_id:u1/traits") == (404, NOT_FOUND)
+        status, body = await get(f"{USERS}/user_id:u1/events?include=Ev%00ent")
+        assert status == 200 and [item["event"] for item in body["data"]] == ["Ev\ufffdent"], body
+        status, body = await get(f"{USERS}/user_id:u1/events?exclude=Ev%00ent")
+        assert status == 200 and [item["event"] for item in body["data"]] == ["Other"], body
+        cursor = base64.urlsafe_b64encode(b"0::m\x00").decode().rstrip("=")
+        status, body = await get(f"{USERS}/user_id:u1/events?next={cursor}&sort=asc")
+        assert status == 200, body
+    world.close()
+
+
 async def test_metadata_is_never_updated_before_it_was_created(api: Api) -> None:
     # A client clock a year ahead: the profile is created at the message's time, after it was received.
     api.web.send("identify", userId="u9", at=at(days=900))

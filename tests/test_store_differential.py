@@ -67,11 +67,13 @@ SOURCES = {"p": [None, "web", "crm"], "q": [None, "web"]}
 
 EXAMPLES = int(os.environ.get("IDSTITCH_DIFFERENTIAL_EXAMPLES", "12"))
 # Mostly a few common values (so that streams merge, reach limits and caps, and turn up suspects), now
-# and then something awkward: unicode, NUL (U+FFFD after decoding), blocked values, numbers.
+# and then something awkward: unicode, NUL (U+FFFD after decoding), ESC and zero-width characters,
+# Unicode spaces and a BOM around an email, blocked values, numbers.
 ODD_USER_IDS = ["Ü1", "u\x00", "U1", "\U0001f600", "junk", "null", "0000", "bad-x", 7, 2**70]
 USER_IDS = ["u1", "u2", "u3", "u1", "u2", *ODD_USER_IDS]
-ANONYMOUS_IDS = ["a1", "a2", "a3", "a1", "a2", "a4", "ä\u0301", "undefined", "-1"]
-EMAILS = ["e1@x.io", " E1@X.io ", "e2@x.io", "ü@x.io", "null"]
+ANONYMOUS_IDS = ["a1", "a2", "a3", "a1", "a2", "a4", "ä\u0301", "undefined", "-1", "\x1b[0m", "a\u200b1"]
+# A no-break and an ideographic space are trimmed as the blank is (e1@x.io); a BOM is no space: another email.
+EMAILS = ["e1@x.io", " E1@X.io ", "e2@x.io", "ü@x.io", "null", "\u00a0e1@x.io\u3000", "\ufeffe1@x.io"]
 DEVICES = ["d1", "d2", "shared"]
 GROUP_IDS = ["g1", "g2", "g\u00e9", "none", 42]
 PHONES = ["+1555", "+1666", "junk"]

@@ -668,6 +668,17 @@ def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
 # -- profile / explain -----------------------------------------------------------------------------
 
 
+def _shown(text: str) -> str:
+    """`text` for a terminal: every character that is not printable (controls, invisible format
+    characters, separators other than the space) becomes its escape, as `\\x1b` or `\\u200b`."""
+    # Identifiers, trait keys and event names come from whoever sends events: raw, an ESC would drive the
+    # operator's terminal, a newline would fake a table row, and a zero-width or bidi character would
+    # make two different values look the same. --json keeps the exact values.
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _check_collection(collection: str | None) -> None:
     if collection is not None and collection not in COLLECTIONS:
         raise UsageError(f"--collection must be users or accounts, got {collection!r}")
@@ -767,8 +778,8 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
     for item in document["identifiers"]:
         notes = [flag for flag in ("suspect", "retired") if item[flag]]
         table.add_row(
-            item["type"],
-            item["value"],
+            _shown(item["type"]),
+            _shown(item["value"]),
             _short_time(item["first_seen"]),
             _short_time(item["last_seen"]),
             ", ".join(notes),
@@ -779,7 +790,7 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
         traits.add_column("key", overflow="fold")
         traits.add_column("value", overflow="fold")
         for key, value in document["traits"].items():
-            traits.add_row(key, json.dumps(value, ensure_ascii=False))
+            traits.add_row(_shown(key), _shown(json.dumps(value, ensure_ascii=False)))
         stdout.print(traits)
     # The most recent by timestamp, as the Profile API's `events` lists them: a late-arriving old event
     # must not push the newest ones out of the ten.
@@ -789,7 +800,9 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
     for column in ("timestamp (UTC)", "type", "name", "message id"):
         table.add_column(column, overflow="fold")
     for event in events:
-        table.add_row(_short_time(event.timestamp), event.type, event.name or "", event.message_id)
+        table.add_row(
+            _short_time(event.timestamp), event.type, _shown(event.name or ""), _shown(event.message_id)
+        )
     stdout.print(table)
     if document["links"]:
         links = Table(title="links", title_justify="left")
@@ -797,7 +810,7 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
             links.add_column(column, overflow="fold")
         for link in document["links"]:
             names = ", ".join(f"{item['type']}:{item['value']}" for item in link["identifiers"])
-            links.add_row(link["collection"], link["segment_id"], names)
+            links.add_row(link["collection"], link["segment_id"], _shown(names))
         stdout.print(links)
 
 
@@ -858,7 +871,7 @@ def _render_explain(document: dict[str, Any]) -> None:
         lines.append(
             f"  {item['identifier']} ({where}): {evidence}; marked at {item['at']} by message {item['message_id']}"
         )
-    print("\n".join(lines))
+    print("\n".join(_shown(line) for line in lines))
 
 
 # -- stats -----------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ __all__ = [
     "parse_batch",
     "parse_message",
     "parse_timestamp",
+    "repaired_text",
 ]
 
 MESSAGE_TYPES: frozenset[str] = frozenset({"identify", "track", "page", "screen", "group", "alias"})
@@ -273,14 +274,19 @@ def _refuse_unrepresentable(value: object) -> None:
         raise InvalidEvent("", f"invalid JSON: {reason}")
 
 
+def repaired_text(text: str) -> str:
+    """`text` as a decoded document holds it: every unpaired surrogate and NUL replaced by U+FFFD."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text.replace("\x00", "\ufffd")
+
+
 def _repaired(value: object) -> object:
     """The decoded document with every unpaired surrogate and NUL replaced by U+FFFD (keys included)."""
     if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return value.replace("\x00", "\ufffd")
+        return repaired_text(value)
     if isinstance(value, dict):
         return {_repaired(key): _repaired(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -10,6 +10,7 @@ __all__ = ["ACCOUNT_PREFIX", "USER_PREFIX", "collection_of_segment_id", "new_seg
 USER_PREFIX: Final = "use_"
 ACCOUNT_PREFIX: Final = "acc_"
 _ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ALPHABET_SET: Final = frozenset(_ALPHABET)
 _LENGTH: Final = 27  # the length of Segment's ids after the prefix (use_4paotyretuj4Ta2bEYQ0vKOq1e7)
 
 
@@ -28,6 +29,9 @@ def new_segment_id(space: str, message_id: str, collection: str) -> str:
 def collection_of_segment_id(text: str) -> str | None:
     """`users` / `accounts` when the text looks like a segment id, else None."""
     if len(text) != len(USER_PREFIX) + _LENGTH:
+        return None
+    # Only letters and digits follow the prefix: `use_ref:` and 23 characters is the identifier it reads as.
+    if not _ALPHABET_SET.issuperset(text[len(USER_PREFIX) :]):
         return None
     if text.startswith(USER_PREFIX):
         return "users"

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import msgspec
 
 from idstitch.core.errors import InvalidEvent
-from idstitch.core.messages import format_timestamp, parse_timestamp
+from idstitch.core.messages import format_timestamp, parse_timestamp, repaired_text
 from idstitch.core.segment_ids import ACCOUNT_PREFIX, USER_PREFIX
 from idstitch.engine import Engine
 from idstitch.http.auth import basic_user
@@ -545,7 +545,8 @@ def _path_part(text: str, name: str) -> str:
     try:
         if _BAD_ESCAPE.search(text):
             raise ValueError
-        return unquote(text, errors="strict")
+        # A NUL is read as the Tracking API stores it (U+FFFD): PostgreSQL refuses one in a parameter.
+        return repaired_text(unquote(text, errors="strict"))
     except ValueError:  # UnicodeDecodeError is one
         raise _problem(
             400, "validation_error", f"The parameter `{name}` is not percent-encoded UTF-8: {text!r}"
@@ -589,7 +590,8 @@ class _Query:
     def __init__(self, call: _Call) -> None:
         self._values: dict[str, list[str]] = {}
         for key, value in call.query:
-            self._values.setdefault(key, []).append(value)
+            # As a path part: a NUL is read as stored (U+FFFD), so that no store is handed one.
+            self._values.setdefault(key, []).append(repaired_text(value))
         self._resource = call.resource
 
     def _one(self, name: str) -> str | None:
@@ -691,7 +693,7 @@ class _Query:
             at = _EPOCH + timedelta(microseconds=int(nanos) // 1000)
         except (binascii.Error, ValueError, OverflowError):
             raise _bad_cursor(name) from None
-        return at, message_id
+        return at, repaired_text(message_id)
 
     def done(self) -> None:
         """Refuse a parameter given twice (silently using one of them would hide a client bug)."""

@@ -73,6 +73,20 @@ _CHUNK: Final = 1024 * 1024
 _BUFFER: Final = 64 * 1024  # read-ahead: small enough for the progress of the bytes on disk to be exact-ish
 _GZIP_READ: Final = 64 * 1024
 _WHITESPACE: Final = b" \t\r\n"
+# The size limit is on a message as stored (compact UTF-8 JSON), as for an envelope's elements: an escape
+# takes up to 6 bytes for 1 (json.dumps writes \u00e9 for é), so an array element up to 6 times the limit
+# in the file may still fit once decoded.
+_MAX_ELEMENT_BYTES: Final = 6 * MAX_MESSAGE_BYTES
+
+
+def _stored_size_error(value: object) -> InvalidEvent | None:
+    """The size error of a decoded message whose file bytes are over the limit, measured as it is stored;
+    None when it fits."""
+    try:
+        size = len(_encode(value))
+    except InvalidEvent as error:
+        return error
+    return _size_error(size) if size > MAX_MESSAGE_BYTES else None
 
 
 def _size_error(size: int) -> InvalidEvent:
@@ -355,6 +369,8 @@ def _one_after_another(data: bytes) -> list[tuple[int, object]] | None:
         piece = data[position:]
         try:
             msgspec.json.decode(view[position:])
+        except RecursionError:
+            pass  # nested past msgspec's depth: decode_document says what it can of the whole rest
         except msgspec.DecodeError as error:
             # msgspec names the byte after the first value's end: the next value starts there.
             found = re.fullmatch(r"JSON is malformed: trailing characters \(byte (\d+)\)", str(error))
@@ -373,7 +389,8 @@ def _one_after_another(data: bytes) -> list[tuple[int, object]] | None:
             return documents
         documents.append((line, document))
         end = position + len(piece)
-        following = len(data) - len(data[end:].lstrip(_WHITESPACE))
+        # A BOM may start the next document: the start of another file concatenated to this one.
+        following = len(data) - len(data[end:].lstrip(_WHITESPACE + UTF8_BOM))
         line += data[position:following].count(b"\n")
         position = following
     return documents if len(documents) > 1 else None
@@ -513,8 +530,10 @@ def _line_items(text: bytes, where: str, parsing: _Parsing) -> Iterator[Item]:
         yield from _envelope_items(value, where, parsing)
         return
     if size > MAX_MESSAGE_BYTES:
-        yield where, _size_error(size)
-        return
+        too_big = _stored_size_error(value)
+        if too_big is not None:
+            yield where, too_big
+            return
     try:
         yield where, parsing.message(value)
     except InvalidEvent as error:
@@ -532,7 +551,7 @@ class _ArrayScanner:
 
     Tracks strings and nesting only; each element is then decoded and validated on its own, so a
     malformed element is reported and the scanner carries on with the next one. Elements longer
-    than the message limit are measured but not kept.
+    than _MAX_ELEMENT_BYTES are measured but not kept.
     """
 
     def __init__(self, stream: IO[bytes]) -> None:
@@ -562,6 +581,21 @@ class _ArrayScanner:
             if not self._fill():
                 return b""
 
+    def _skip_bom(self) -> bool:
+        """Consume a UTF-8 byte order mark at the current position, if there is one (it may straddle chunks)."""
+        if len(self.chunk) - self.pos < len(UTF8_BOM):
+            more = self.stream.read(_CHUNK)
+            if more:
+                # Keep the unread bytes and append the next chunk; the lines before them are counted.
+                self.line += self.chunk.count(b"\n", 0, self.pos)
+                self.chunk = self.chunk[self.pos :] + more
+                self.pos = 0
+                self._counted = (0, self.line)
+        if not self.chunk.startswith(UTF8_BOM, self.pos):
+            return False
+        self.pos += len(UTF8_BOM)
+        return True
+
     def _current_line(self) -> int:
         counted, line = self._counted
         if self.pos < counted:
@@ -574,12 +608,12 @@ class _ArrayScanner:
         """(line, index, bytes of the element | its size when too big | a structural error)."""
         if not self.chunk:
             self._fill()
-            if self.chunk.startswith(UTF8_BOM):
-                self.pos = len(UTF8_BOM)
         while True:
             head = self._skip_whitespace()
             if not head:
                 return
+            if head == UTF8_BOM[:1] and self._skip_bom():
+                continue  # the start of the file, or of another one concatenated to it (`cat a.json b.json`)
             if head != b"[":
                 yield (
                     self._current_line(),
@@ -677,7 +711,7 @@ class _ArrayScanner:
                     pos = match.end()
             stop = pos if end is None else end
             size += stop - start
-            if size <= MAX_MESSAGE_BYTES:
+            if size <= _MAX_ELEMENT_BYTES:
                 pieces.append(chunk[start:stop])
             else:
                 pieces.clear()
@@ -688,7 +722,7 @@ class _ArrayScanner:
             if not self._fill():
                 break
             start = 0
-        if size > MAX_MESSAGE_BYTES:
+        if size > _MAX_ELEMENT_BYTES:
             return size
         return b"".join(pieces).rstrip(_WHITESPACE)
 
@@ -702,13 +736,20 @@ def _array_items(stream: IO[bytes], name: str, parsing: _Parsing) -> Iterator[It
         if isinstance(element, int):
             yield where, _size_error(element)
             continue
+        over = len(element) > MAX_MESSAGE_BYTES
         try:
             value = decode_document(element)
-            if isinstance(value, dict) and _is_envelope(value):
-                # An array of envelopes: each element's messages are sub-indexed.
-                yield from _envelope_items(value, where, parsing)
-                continue
-            yield where, parsing.message(value)
+        except InvalidEvent as error:
+            # As for an NDJSON line: a message over the limit is reported as such, whatever it contains.
+            yield where, _size_error(len(element)) if over else error
+            continue
+        if isinstance(value, dict) and _is_envelope(value):
+            # An array of envelopes: each element's messages are sub-indexed.
+            yield from _envelope_items(value, where, parsing)
+            continue
+        too_big = _stored_size_error(value) if over else None
+        try:
+            yield where, too_big if too_big is not None else parsing.message(value)
         except InvalidEvent as error:
             yield where, error
 
