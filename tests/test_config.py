@@ -44,6 +44,25 @@ def test_source_merge_false_reaches_both_the_source_and_its_policy() -> None:
         ('[spaces.app_a]\nrate_limit = "10"\n', "spaces.app_a.rate_limit: must be a whole number"),
         ("[spaces.app_a.sources.crm]\nwrite_key = 7\n", "spaces.app_a.sources.crm.write_key: must be"),
         ('[spaces.app_a.sources.crm]\nwrite_key = ""\n', "spaces.app_a.sources.crm.write_key: must be"),
+        # A key or token travels as the user of HTTP Basic: it ends at the first ':' and cannot hold controls.
+        (
+            '[spaces.app_a.sources.crm]\nwrite_key = "wk:1"\n',
+            "spaces.app_a.sources.crm.write_key: cannot hold",
+        ),
+        (
+            '[spaces.app_a.sources.crm]\nwrite_key = "wk 1"\n',
+            "spaces.app_a.sources.crm.write_key: cannot hold",
+        ),
+        (
+            '[spaces.app_a.sources.crm]\nwrite_key = "wk\\u0000"\n',
+            "spaces.app_a.sources.crm.write_key: cannot hold",
+        ),
+        ('[spaces.app_a]\nprofile_tokens = ["pt\\n"]\n', "spaces.app_a.profile_tokens: cannot hold"),
+        ('[spaces.app_a]\nadmin_tokens = ["a:b"]\n', "spaces.app_a.admin_tokens: cannot hold"),
+        (
+            '[spaces.app_a.sources."web\\u0000"]\nwrite_key = "wk"\n',
+            "spaces.app_a.sources.'web\\x00': a source name",
+        ),
         ('[spaces.app_a]\nsources = "crm"\n', "spaces.app_a.sources: must be a table"),
         ("spaces = 1\n", "needs at least one [spaces.NAME] table"),
         ('[spaces.""]\n', "spaces.'': a space name is up to 64 letters"),
@@ -196,3 +215,12 @@ def test_a_new_sqlite_store_holding_the_secrets_is_private(tmp_path: Path) -> No
             assert file.stat().st_mode & 0o777 == 0o600, file
     finally:
         engine.store.close()
+
+
+@pytest.mark.parametrize("variable", ["IDSTITCH_WRITE_KEY", "IDSTITCH_PROFILE_TOKEN", "IDSTITCH_ADMIN_TOKEN"])
+def test_a_key_or_token_variable_http_basic_cannot_carry_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "wk:with colon")
+    with pytest.raises(ConfigError, match=f"^{variable}: cannot hold ':', whitespace or control characters"):
+        Config.default()

@@ -88,6 +88,13 @@ class Config:
         # Without these, the first run generates a read and an admin token and keeps them in the store.
         profile_token = os.environ.get("IDSTITCH_PROFILE_TOKEN")
         admin_token = os.environ.get("IDSTITCH_ADMIN_TOKEN")
+        for variable, secret in (
+            ("IDSTITCH_WRITE_KEY", write_key),
+            ("IDSTITCH_PROFILE_TOKEN", profile_token),
+            ("IDSTITCH_ADMIN_TOKEN", admin_token),
+        ):
+            if secret:
+                _check_secret(secret, variable)
         space = SpaceConfig(
             name=DEFAULT_SPACE,
             rules=IdentityRules.default(),
@@ -136,10 +143,16 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
         sources: dict[str, SourceConfig] = {}
         for source_name, source in table.get("sources", {}).items():
             here = f"{where}.sources.{source_name}"
+            if not source_name.isprintable():
+                # The name is in logs, metrics labels and the CLI's --source; PostgreSQL refuses a NUL.
+                raise ConfigError(
+                    f"{where}.sources.{source_name!r}: a source name cannot hold control characters"
+                )
             key = source.get("write_key")
             if not isinstance(key, str) or not key:
                 got = "nothing" if key is None else toml_type(key)
                 raise ConfigError(f"{here}.write_key: must be a non-empty string (required), got {got}")
+            _check_secret(key, f"{here}.write_key")
             if key in write_keys:
                 raise ConfigError(f"{here}.write_key: already used by {write_keys[key]}")
             write_keys[key] = here
@@ -151,6 +164,7 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
             for token in listed:
                 if not token:
                     raise ConfigError(f"{where}.{kind}: a token cannot be empty")
+                _check_secret(token, f"{where}.{kind}")
                 if token in tokens:
                     # One token, one space and one kind: otherwise what it may read would be ambiguous.
                     raise ConfigError(f"{where}.{kind}: {token!r} is already used by {tokens[token]}")
@@ -168,6 +182,16 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
             rate_limit=rate_limit,
         )
     return spaces
+
+
+def _check_secret(value: str, where: str) -> None:
+    """Refuse a write key or token that HTTP Basic cannot carry: a ':' ends its user part, and whitespace or
+    control characters do not survive a header (nor, for a NUL, PostgreSQL)."""
+    if ":" in value or any(char.isspace() or not char.isprintable() for char in value):
+        # A secret: the message says what is wrong, not what was written.
+        raise ConfigError(
+            f"{where}: cannot hold ':', whitespace or control characters (it is sent as HTTP Basic's user)"
+        )
 
 
 def _string_list(table: Mapping[str, Any], key: str, where: str) -> list[str]:
