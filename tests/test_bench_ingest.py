@@ -75,6 +75,21 @@ def test_json_is_one_object_with_the_documented_figures(name: str, tmp_path: Pat
     assert sum(figures["outcomes"].values()) == 300
 
 
+def test_a_table_cut_short_by_its_reader_is_no_failure(tmp_path: Path) -> None:
+    """`idstitch bench core | head -3`: exit 0; rich's exit 1 would read as a message not landing once."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env["IDSTITCH_BENCH_CACHE"] = str(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the table is printed
+    command = [sys.executable, "-m", "idstitch", "bench", "core", "-n", "120"]
+    with subprocess.Popen(
+        command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    ) as done:
+        os.close(write_end)
+        _, errors = done.communicate(timeout=120)
+    assert (done.returncode, errors) == (0, "")
+
+
 def test_without_a_budget_every_batch_is_the_limit() -> None:
     sizer = BatchSizer(100, 0)
     assert sizer.size == 100

@@ -270,3 +270,25 @@ def test_the_floor_stores_every_distinct_valid_message_as_an_event(
         assert (stats.profiles, stats.identifiers) == (0, 0)  # nothing was resolved
     finally:
         store.close()
+
+
+def test_report_of_a_directory_says_it_is_a_directory(tmp_path: Path) -> None:
+    """Before: `idstitch report --results benchmarks` said `benchmarks: no such file`."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idstitch",
+            "report",
+            "--results",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and "is a directory" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()

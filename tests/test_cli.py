@@ -776,3 +776,125 @@ def test_the_benchmarks_are_imported_only_when_asked_for_or_listed(
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[-1] == f"{loaded} {loaded}"
+
+
+def run_to_a_reader_gone(cli: CLI, *args: str, stream: str = "stdout") -> subprocess.CompletedProcess[str]:
+    """Run with stdout (or stderr) a pipe whose reader has already exited, as `idstitch … | head -1` ends."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    command = [sys.executable, "-m", "idstitch", *args]
+    if args and not args[-1].startswith("--help"):
+        command += ["--store", cli.url]
+    stdout = write_end if stream == "stdout" else subprocess.PIPE
+    stderr = write_end if stream == "stderr" else subprocess.PIPE
+    with subprocess.Popen(
+        command, stdout=stdout, stderr=stderr, text=True, cwd=cli.directory, env=cli.env
+    ) as process:
+        os.close(write_end)
+        out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, out or "", err or "")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["profile", "anonymous_id:anon_5f2a"],
+        ["profile", "anonymous_id:anon_5f2a", "--json"],
+        ["explain", "user_id:u_bob"],
+        ["stats"],
+        ["keys", "--json"],
+        ["--help"],
+        ["ingest", "--help"],
+    ],
+)
+def test_output_cut_short_by_its_reader_is_no_error(cli: CLI, args: list[str]) -> None:
+    """`idstitch profile … | head -1`: exit 0 as for the whole output (1 would read as "not found")."""
+    cli.ok("ingest", str(WALKTHROUGH))
+    done = run_to_a_reader_gone(cli, *args)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_profile_not_found_is_still_exit_1_when_stdout_is_gone(cli: CLI) -> None:
+    cli.ok("ingest", str(WALKTHROUGH))
+    done = run_to_a_reader_gone(cli, "profile", "user_id:nobody")
+    assert done.returncode == 1 and done.stderr == "error: no profile user_id:nobody in space default\n"
+
+
+def test_an_ingest_whose_stderr_reader_has_gone_completes(cli: CLI) -> None:
+    """`idstitch ingest big.ndjson 2>&1 | head`: the rejections cannot be shown, but every batch lands."""
+    good = [{**msg(n % 60, anonymousId=f"a{n}"), "messageId": f"m{n}"} for n in range(100)]
+    lines = [line for item in good for line in (json.dumps(item), "{broken")]
+    path = cli.write("half-bad.ndjson", *lines)
+    done = run_to_a_reader_gone(cli, "ingest", str(path), "--batch-size", "10", "--json", stream="stderr")
+    assert done.returncode == 0
+    summary = json.loads(done.stdout)
+    assert (summary["accepted"], summary["rejected"]) == (100, 100)
+    assert cli.json("stats", "--space", "default")["events"] == 100
+
+
+@pytest.mark.parametrize("args", [["stats"], ["profile", "user_id:u_bob"], ["ingest", str(WALKTHROUGH)]])
+def test_a_closed_stdout_is_no_crash(cli: CLI, args: list[str]) -> None:
+    """A supervisor may start idstitch with stdout closed (`>&-`): the command still does its work."""
+    cli.ok("ingest", str(WALKTHROUGH))
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "idstitch", *args, "--store", cli.url],
+        capture_output=True,
+        text=True,
+        cwd=cli.directory,
+        env=cli.env,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_ingest_of_standard_input_when_it_is_closed_is_a_usage_error(cli: CLI) -> None:
+    """`idstitch ingest - <&-` (a cron job or supervisor without stdin): before, a traceback and exit 1."""
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            'exec "$@" <&-',
+            "sh",
+            sys.executable,
+            "-m",
+            "idstitch",
+            "ingest",
+            "-",
+            "--store",
+            cli.url,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cli.directory,
+        env=cli.env,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (2, "error: -: standard input is closed\n")
+    assert not (cli.directory / "t.db").exists()
+
+
+@pytest.mark.parametrize("variable", ["FORCE_COLOR", "TTY_COMPATIBLE"])
+def test_no_progress_bar_in_a_log_file_even_when_colour_is_forced(cli: CLI, variable: str) -> None:
+    """CI sets FORCE_COLOR: rich then takes any file for a terminal, and redrew its bar into the log."""
+    path = cli.write(
+        "many.ndjson", *(msg(n % 60, anonymousId=f"a{n}", messageId=f"f{n}") for n in range(300))
+    )
+    done = cli.ok("ingest", str(path), "--batch-size", "10", env={variable: "1"})
+    assert "\x1b" not in done.stderr and "\r" not in done.stderr, done.stderr[:300]
+
+
+def test_stats_of_a_store_without_spaces_is_one_line(cli: CLI) -> None:
+    open_store(cli.url).close()
+    assert cli.ok("stats").stdout == "no spaces yet (run `idstitch ingest FILE`)\n"
+    assert cli.json("stats") == []
+
+
+def test_reading_an_empty_store_file_says_nothing_was_written_to_it(cli: CLI) -> None:
+    """`touch x.db` or a wrong path: before, "open it once for writing to migrate it", as if it were old."""
+    (cli.directory / "t.db").touch()
+    done = cli.run("stats")
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"error: store {cli.url} holds no idstitch data yet (schema version 0): "
+        "a wrong URL, or run `idstitch ingest FILE` on it first\n"
+    )

@@ -161,7 +161,7 @@ def test_read_only_reads_a_migrated_store_and_refuses_writes(
         writer.close()
     from conftest import new_schema
 
-    with pytest.raises(ConfigError, match="schema version 0"):
+    with pytest.raises(ConfigError, match=r"holds no idstitch data yet \(schema version 0\)"):
         PostgresStore(new_schema(postgres_database), read_only=True)
 
 

@@ -13,23 +13,23 @@ from typing import Any
 import pytest
 
 
-def run(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(directory: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m idstitch ARGS` in `directory`, with no IDSTITCH_* variables of the caller."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
     done = subprocess.run(
         [sys.executable, "-m", "idstitch", *args],
         capture_output=True,
         text=True,
         cwd=directory,
-        env=env,
+        env={**clean, **(env or {})},
         timeout=120,
     )
     assert "Traceback" not in done.stderr, done.stderr
     return done
 
 
-def ok(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = run(directory, *args)
+def ok(directory: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = run(directory, *args, env=env)
     assert done.returncode == 0, (done.stdout, done.stderr)
     return done
 
@@ -113,6 +113,19 @@ def test_accuracy_text_shows_idstitch_beside_the_baseline(scored: tuple[Path, di
     assert "(rejected)" not in text
 
 
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_accuracy_text_in_a_narrow_terminal_cuts_no_figure(
+    scored: tuple[Path, dict[str, Any]], columns: str
+) -> None:
+    """An 80-column terminal showed `cross_de…` and `1… / 0…`: figures fold onto more lines instead."""
+    folder, report = scored
+    arguments = ("accuracy", "--truth", "t.csv.gz", "--store", "sqlite:///s.db")
+    text = ok(folder, *arguments, env={"COLUMNS": columns}).stdout
+    assert "…" not in text
+    for scenario in report["idstitch"]["by_scenario"]:
+        assert f"│ {scenario} " in text, scenario
+
+
 def test_accuracy_refuses_a_truth_that_does_not_match_the_store(scored: tuple[Path, dict[str, Any]]) -> None:
     folder, _ = scored
     lines = gzip.decompress((folder / "e.ndjson.gz").read_bytes()).decode().splitlines()
@@ -151,6 +164,12 @@ def test_simulate_summary_counts_of_one_are_singular(tmp_path: Path) -> None:
         (["simulate", "--people", "5"], "--out"),
         (["simulate", "--people", "5", "--out", "same.csv", "--truth", "same.csv"], "different files"),
         (["simulate", "--people", "5", "--out", "no/such/dir/x.ndjson"], "x.ndjson"),
+        # Before: a file named "-" appeared, where `ingest -` reads standard input.
+        (["simulate", "--people", "5", "--out", "-"], "--out -: simulate writes a file"),
+        (
+            ["simulate", "--people", "5", "--out", "x.ndjson", "--truth", "-"],
+            "--truth -: simulate writes a file",
+        ),
         (["accuracy", "--truth", "missing.csv", "--store", "sqlite:///s.db"], "missing.csv: no such file"),
         (
             ["accuracy", "--truth", "e.ndjson.gz", "--store", "sqlite:///s.db"],
@@ -169,6 +188,7 @@ def test_usage_errors_exit_2(scored: tuple[Path, dict[str, Any]], args: list[str
     done = run(folder, *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert needle in done.stderr, done.stderr
+    assert not (folder / "-").exists()
 
 
 def test_help_lists_the_new_commands(tmp_path: Path) -> None:

@@ -99,6 +99,17 @@ def test_a_directory_given_as_the_store_is_called_a_directory(tmp_path: Path) ->
         SQLiteStore(tmp_path)
 
 
+def test_a_store_under_a_file_says_that_file_is_no_directory(tmp_path: Path) -> None:
+    """Before: `--store sqlite:///notes.txt/x.db` said `error: File exists: notes.txt`."""
+    (tmp_path / "notes.txt").write_text("")
+    store = tmp_path / "notes.txt" / "x.db"
+    with pytest.raises(ConfigError) as raised:
+        SQLiteStore(store)
+    assert str(raised.value) == (
+        f"store sqlite:///{store}: cannot create its folder {store.parent}: {tmp_path / 'notes.txt'} is a file"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "needle"),
     [("sqlite:///", "names no file"), ("sqlite:///./x.db?mode=ro", "query parameters are not supported")],

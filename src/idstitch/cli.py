@@ -7,7 +7,8 @@ An edge: it parses arguments, calls the engine or reads the store, and prints. E
 file, unknown space, bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C /
 SIGTERM (every batch committed before that is kept; run the same command again to resume). `serve`
 exits 0 after a graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so
-does `worker` (the group it was resolving is committed and acknowledged first).
+does `worker` (the group it was resolving is committed and acknowledged first). A reader that goes
+away (`| head`) changes neither what a command does nor its exit code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from idstitch.sim.accuracy import Accuracy
     from idstitch.sim.compare import Comparison
 
-__all__ = ["app", "main"]
+__all__ = ["OutputConsole", "app", "main"]
 
 app = typer.Typer(
     name="idstitch",
@@ -72,12 +73,30 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# Piped output is not cut to 80 columns: tables of ids and times need the room.
+
+class OutputConsole(Console):
+    """A rich console whose reader may go away (`| head`) without ending the command or changing its exit code."""
+
+    def on_broken_pipe(self) -> None:
+        """Write nothing more to the gone reader, and carry on.
+
+        rich's own answer is exit 1, which here means "not found" (or "store busy"), and it would stop
+        an ingest between two batches when only its stderr reader went away (`2>&1 | head`).
+        """
+        self.quiet = True
+        # Python would otherwise flush what is still buffered at exit, fail again, and exit 120.
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
+
+
+# Piped output is not cut to 80 columns: tables of ids and times need the room. A supervisor may start
+# idstitch with stdout closed (`>&-`, sys.stdout None): rich then writes nowhere.
 # No markup or emoji codes: what these print holds users' data, and "[test] Clicked" or "urn:smile:1"
 # must show as sent (markup would eat the one and raise on "[/docs]", emoji would turn the other into 😄).
-_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
-stdout = Console(highlight=False, markup=False, emoji=False, width=_WIDTH)
-stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
+_PIPED = sys.stdout is None or not sys.stdout.isatty()
+_WIDTH = 160 if _PIPED and "COLUMNS" not in os.environ else None
+stdout = OutputConsole(highlight=False, markup=False, emoji=False, width=_WIDTH)
+stderr = OutputConsole(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 JsonPerSpaceOption = Annotated[
@@ -316,8 +335,7 @@ def ingest(
 
     with _user_errors():
         for name in files:
-            if name != "-":
-                _check_input_file(name)
+            _check_input_file(name)
         settings = load_config(config)
         # Before the store is opened: opening creates the file and the engine bootstraps the spaces,
         # and a usage error must leave nothing behind.
@@ -338,7 +356,7 @@ def ingest(
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=stderr,
-                disable=quiet or not stderr.is_terminal,
+                disable=quiet or not _stderr_is_a_terminal(),
             )
             try:
                 with progress:
@@ -375,8 +393,12 @@ def _check_input_file(name: str) -> None:
     """Refuse an input that cannot be read before anything is written (exit 2), not halfway through.
 
     A regular file is opened (and closed) to prove it; a pipe (`<(…)`, a FIFO) is not, as opening
-    and closing it would let its writer go on without a reader and die of SIGPIPE.
+    and closing it would let its writer go on without a reader and die of SIGPIPE. `-` needs a stdin.
     """
+    if name == "-":
+        if sys.stdin is None:  # started with stdin closed (`<&-`), as a supervisor may
+            raise UsageError("-: standard input is closed")
+        return
     path = Path(name)
     if path.is_dir():
         raise UsageError(f"{name}: is a directory (name the files in it)")
@@ -391,6 +413,15 @@ def _check_input_file(name: str) -> None:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as error:
         raise UsageError(f"{name}: cannot be read ({error.strerror or error})") from None
+
+
+def _stderr_is_a_terminal() -> bool:
+    """Whether a person may be watching stderr: the progress bar is for them, never for a log file.
+
+    rich's own test also says yes for a file when FORCE_COLOR or TTY_COMPATIBLE is set (CI often sets
+    the first), and its bar, redrawn ten times a second, then filled the log.
+    """
+    return stderr.is_terminal and sys.stderr is not None and sys.stderr.isatty()
 
 
 def _freeze_startup_objects() -> None:
@@ -900,6 +931,7 @@ def stats(
                 return
             if not counts:
                 print("no spaces yet (run `idstitch ingest FILE`)")
+                return
             blocks = []
             for item in counts:
                 rows = [f"space {item['space']}"]
@@ -1018,6 +1050,10 @@ def simulate(
     with _user_errors():
         if people is None and messages is None:
             raise UsageError("give --people N (or --messages N)")
+        for option, path in (("--out", out), ("--truth", truth)):
+            # `ingest -` reads standard input; here "-" would quietly become a file of that name.
+            if path is not None and str(path) == "-":
+                raise UsageError(f"{option} -: simulate writes a file (name one, e.g. events.ndjson.gz)")
         if truth is not None and truth.resolve() == out.resolve():
             raise UsageError("--out and --truth must be different files")
         count = messages if messages is not None else 8 * (people or 0)
@@ -1113,10 +1149,12 @@ def _render_accuracy(result: Comparison, truth: Path) -> None:
         f"{_plural(ours.messages, 'message')} of {_plural(ours.people, 'person', 'people')}",
         soft_wrap=True,
     )
+    # Every column folds, as the profile's do: rich's default cuts what does not fit to "…", and in an
+    # 80-column terminal that was figures and scenario names.
     table = Table(title="idstitch vs naive baseline (merge on any shared identifier)", title_justify="left")
-    table.add_column("figure")
-    table.add_column("idstitch", justify="right")
-    table.add_column("baseline", justify="right")
+    table.add_column("figure", overflow="fold")
+    table.add_column("idstitch", justify="right", overflow="fold")
+    table.add_column("baseline", justify="right", overflow="fold")
     rows: list[tuple[str, str, str]] = [
         ("pairwise precision", _score(ours.pairs.precision), _score(naive.pairs.precision)),
         ("pairwise recall", _score(ours.pairs.recall), _score(naive.pairs.recall)),
@@ -1160,7 +1198,10 @@ def _render_accuracy(result: Comparison, truth: Path) -> None:
         ("over-merged", "right"),
         ("split", "right"),
     ):
-        scenarios.add_column(column, justify=justify)  # type: ignore[arg-type]
+        scenarios.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    # A scenario's name is a key to look up (in the truth, in --json): it stays whole on its line.
+    scenarios.columns[0].no_wrap = True
+    scenarios.columns[0].min_width = max((len(item.scenario) for item in ours.by_scenario), default=0)
     for item in ours.by_scenario:
         other = naive.scenario(item.scenario)
         scenarios.add_row(
@@ -1239,7 +1280,9 @@ def _example_lines(side: str, result: Accuracy, *, splits: bool = True) -> list[
 def report(
     results: Annotated[
         Path,
-        typer.Option("--results", metavar="FILE", help="The results of `idstitch bench all`."),
+        typer.Option(
+            "--results", metavar="FILE", help="The results of `idstitch bench all`.", dir_okay=False
+        ),
     ] = Path("benchmarks/results.json"),
     out: Annotated[
         Path, typer.Option("--out", metavar="DIR", help="Where REPORT.md and its PNG plots go.")
@@ -1290,7 +1333,16 @@ def main() -> None:
     command = next((argument for argument in sys.argv[1:] if not argument.startswith("-")), None)
     if command in (None, "bench"):
         _add_bench()
-    app()
+    output = sys.stdout
+    try:
+        app()
+    except SystemExit as stop:
+        # click ends a command whose reader went away (`idstitch --help | head -1`) with exit 1, and
+        # only then puts a wrapper of its own in place of sys.stdout; exit 1 means "not found" here,
+        # and a gone reader is no error (see _user_errors).
+        if stop.code == 1 and sys.stdout is not output:
+            raise SystemExit(0) from None
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

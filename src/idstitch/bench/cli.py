@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from idstitch.bench.postgres import (
 )
 from idstitch.bench.profile_api import ProfileApiBenchResult, run_profile_api_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
+from idstitch.cli import OutputConsole
 
 __all__ = ["app"]
 
@@ -52,7 +52,7 @@ LatencyBudget = Annotated[
 DEFAULT_LATENCY_BUDGET_MS = 5.0
 
 
-_stderr = Console(stderr=True)
+_stderr = OutputConsole(stderr=True)
 
 
 def _progress(label: str, as_json: bool) -> Progress:
@@ -109,7 +109,7 @@ def _run(
 
 
 def _print(result: BenchResult) -> None:
-    console = Console()
+    console = OutputConsole()
     table = Table(title=f"idstitch bench {result.name} ({result.store})", show_header=False)
     table.add_row("messages", f"{result.messages:,}")
     budget = f"latency budget {result.latency_budget_ms:g} ms" if result.latency_budget_ms else "fixed"
@@ -179,7 +179,7 @@ def bench_core(
 def _print_http(result: HttpBenchResult) -> None:
     figures = result.as_dict()
     phases = result.phases
-    console = Console()
+    console = OutputConsole()
     main = phases["main"]
     how = f"open loop at {result.rate:,.0f} msg/s" if result.rate else "closed loop: maximum throughput"
     table = Table(
@@ -308,7 +308,7 @@ def _print_profile_api(result: ProfileApiBenchResult) -> None:
     figures = result.as_dict()
     lookups, baseline, ingest = result.lookups, result.baseline, result.ingest
     during = result.ingest_during_lookups
-    console = Console()
+    console = OutputConsole()
     table = Table(
         title=f"idstitch bench profile-api ({result.profiles:,} profiles, {result.concurrency} connections)",
         show_header=False,
@@ -457,7 +457,7 @@ def _parse_workers(text: str) -> tuple[int, ...]:
 
 
 def _print_postgres(runs: list[PostgresRun]) -> None:
-    console = Console()
+    console = OutputConsole()
     first = runs[0]
     how = "through JetStream" if first.mode == "queue" else "direct"
     title = (

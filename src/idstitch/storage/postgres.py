@@ -56,7 +56,7 @@ from idstitch.storage.base import (
     TokenRecord,
     TraitRecord,
 )
-from idstitch.storage.migrations import read_migrations, refuse_newer_schema
+from idstitch.storage.migrations import read_migrations, refuse_newer_schema, refuse_older_schema
 from idstitch.storage.postgres_transaction import PostgresTransaction, lock_key
 from idstitch.storage.rows import (
     BLOCKED_VALUES_SQL,
@@ -166,11 +166,7 @@ class PostgresStore:
         except psycopg.errors.UndefinedTable:
             version = 0
         refuse_newer_schema(_safe(self.url), version, latest)
-        if version != latest:
-            raise ConfigError(
-                f"store {_safe(self.url)} is at schema version {version}, this build reads {latest}: "
-                "open it once for writing (e.g. `idstitch serve`) to migrate it"
-            )
+        refuse_older_schema(_safe(self.url), version, latest)
 
     def schema_version(self) -> int:
         """The newest applied migration."""

@@ -48,7 +48,7 @@ from idstitch.storage.graph_cache import (
     refreshed_rows,
     seen_together,
 )
-from idstitch.storage.migrations import read_migrations, refuse_newer_schema
+from idstitch.storage.migrations import read_migrations, refuse_newer_schema, refuse_older_schema
 from idstitch.storage.rows import (
     BLOCKED_VALUES_SQL,
     DUMP_QUERIES,
@@ -125,6 +125,19 @@ def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> str:
     return text
 
 
+def _make_folder(url: str, folder: Path) -> None:
+    """Create a new store's missing folders, or say which one cannot be made and why."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # mkdir names the path it tried ("File exists: notes.txt" for notes.txt/x.db), not the problem.
+        blocker = next(
+            (path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None
+        )
+        reason = f"{blocker} is a file" if blocker is not None else error.strerror or str(error)
+        raise ConfigError(f"store {url}: cannot create its folder {folder}: {reason}") from None
+
+
 def _create_private(path: str) -> None:
     """Create a new store file readable by its owner only: it keeps write keys, tokens and profiles.
 
@@ -154,7 +167,8 @@ class SQLiteStore:
             # One shared in-memory database per store, readable from every thread.
             self._target, self._uri = f"file:idstitch_{secrets.token_hex(8)}?mode=memory&cache=shared", True
         else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if not read_only:  # reading creates nothing, not even a folder
+                _make_folder(self.url, Path(self.path).parent)
             self._target, self._uri = self.path, False
         self.read_only = read_only
         if read_only and self._memory:
@@ -245,11 +259,7 @@ class SQLiteStore:
         except sqlite3.OperationalError:
             version = 0
         refuse_newer_schema(self.url, version, latest)
-        if version != latest:
-            raise ConfigError(
-                f"store {self.url} is at schema version {version}, this build reads {latest}: "
-                "open it once for writing (e.g. `idstitch serve`) to migrate it"
-            )
+        refuse_older_schema(self.url, version, latest)
 
     def schema_version(self) -> int:
         """The newest applied migration."""

@@ -6,7 +6,7 @@ from importlib import resources
 
 from idstitch.core.errors import ConfigError
 
-__all__ = ["read_migrations", "refuse_newer_schema"]
+__all__ = ["read_migrations", "refuse_newer_schema", "refuse_older_schema"]
 
 
 def read_migrations(adapter: str) -> list[tuple[int, str, str]]:
@@ -26,4 +26,19 @@ def refuse_newer_schema(store: str, version: int, latest: int) -> None:
         raise ConfigError(
             f"store {store} is at schema version {version}, newer than this build's {latest}: "
             "it was written by a newer idstitch; upgrade idstitch to open it"
+        )
+
+
+def refuse_older_schema(store: str, version: int, latest: int) -> None:
+    """Raise ConfigError for a reader of a store this build's migrations have not reached (it cannot migrate)."""
+    if version == 0:
+        # No migration at all: a wrong URL or path far more often than an old store.
+        raise ConfigError(
+            f"store {store} holds no idstitch data yet (schema version 0): "
+            "a wrong URL, or run `idstitch ingest FILE` on it first"
+        )
+    if version < latest:
+        raise ConfigError(
+            f"store {store} is at schema version {version}, this build reads {latest}: "
+            "open it once for writing (e.g. `idstitch serve`) to migrate it"
         )
