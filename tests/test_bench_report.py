@@ -249,6 +249,26 @@ def test_bench_all_benches_postgres_only_where_it_answers(postgres_url: str) -> 
     assert why is not None and "127.0.0.1" in why and "port 1" in why, why
 
 
+def test_bench_all_never_writes_the_postgres_password(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the skip reason in results.json (and REPORT.md) held the whole --postgres URL, and the
+    log line of the `bench postgres` run its command line (also in `ps`), password and all."""
+    lines: list[str] = []
+    down = all_benchmarks._postgres("postgresql://root:S3CRETPW@127.0.0.1:1/test", 1, lines.append, tmp_path)
+    assert down["skipped"].startswith("PostgreSQL not reachable at postgresql://root:…@127.0.0.1:1/test: ")
+    with_password = postgres_url.replace("://root@", "://root:S3CRETPW@", 1)
+    assert "S3CRETPW" in with_password  # trust authentication: any password logs in
+    seen = "import json, os, sys; print(json.dumps({'argv': sys.argv, 'url': os.environ['IDSTITCH_BENCH_POSTGRES']}))"
+    monkeypatch.setattr(
+        all_benchmarks, "_command", lambda *arguments: [sys.executable, "-c", seen, *arguments]
+    )
+    ran = all_benchmarks._postgres(with_password, 1, lines.append, tmp_path)
+    assert ran["url"] == with_password  # the run gets it, from its environment
+    assert lines and not [line for line in lines if "S3CRETPW" in line]
+    assert "S3CRETPW" not in json.dumps([down, ran["argv"]])
+
+
 def test_the_floor_stores_every_distinct_valid_message_as_an_event(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,10 @@ import json
 import multiprocessing
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -253,6 +257,193 @@ def test_a_failed_analyze_after_the_commit_does_not_report_the_commit_as_failed(
         monkeypatch.setattr(store._pool, "connection", lost)
         store._grown(1)  # logged, not raised
         assert store._analyze_at == 4
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
+def _role_store_url(postgres_url: str, role: str) -> str:
+    """`postgres_url` (a schema of its own, made by the admin role) for `role`, owner of that schema."""
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'ALTER SCHEMA "{schema}" OWNER TO "{role}"')
+    url = postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+    assert role in url
+    return url
+
+
+def _drop_role(postgres_url: str, role: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'ALTER ROLE "{role}" LOGIN')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        admin.execute(f'REASSIGN OWNED BY "{role}" TO CURRENT_USER')
+        admin.execute(f'DROP OWNED BY "{role}"')
+        admin.execute(f'DROP ROLE "{role}"')
+
+
+def _refuse_logins(postgres_url: str, role: str, *, refused: bool) -> None:
+    """An outage of the server as `role` sees it: its connections dropped and new ones refused."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'ALTER ROLE "{role}" {"NOLOGIN" if refused else "LOGIN"}')
+        if refused:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+            )
+
+
+def test_while_the_server_is_unreachable_reads_and_writes_fail_at_once_and_work_again_when_it_is_back(
+    postgres_url: str,
+) -> None:
+    """A PostgreSQL restart or outage. Before: a read waited out the pool's 30 s and raised PoolTimeout
+    (the Profile API answered 500), a write waited 30 s per try for the engine's 2 minutes (a client saw
+    its request hang 150 s, then `store_busy`), and once the server was back the pool's reconnection
+    backoff (1, 2, 4 … 128 s) kept failing requests for up to a minute more."""
+    from idstitch.storage.base import StoreUnavailable
+
+    role = f"outage_{postgres_url.rsplit('search_path%3D', 1)[1]}"
+    url = _role_store_url(postgres_url, role)
+    try:
+        store = open_store(url)
+        try:
+            engine = Engine(store, Config.default())
+            message = decode_message(b'{"type": "identify", "userId": "u1"}', received_at=datetime.now(UTC))
+            assert engine.ingest([message], space="default").outcomes[0].status == "resolved"
+            _refuse_logins(postgres_url, role, refused=True)
+            with pytest.raises(
+                StoreUnavailable, match=r"cannot connect to PostgreSQL: .*not permitted to log in"
+            ):
+                store.sources()
+            late = decode_message(b'{"type": "identify", "userId": "u2"}', received_at=datetime.now(UTC))
+            with pytest.raises(StoreUnavailable, match=f"store postgresql://{role}@"):
+                engine.ingest([late], space="default")
+            _refuse_logins(postgres_url, role, refused=False)
+            assert len(store.sources()) == 1  # the first read after the outage
+            assert engine.ingest([late], space="default").outcomes[0].status == "resolved"
+        finally:
+            store.close()
+    finally:
+        _drop_role(postgres_url, role)
+
+
+def test_an_ingest_rides_out_a_server_restart_within_its_outage_wait(postgres_url: str) -> None:
+    """`idstitch ingest` (outage_wait) keeps trying while the server is down, and lands once it is back."""
+    role = f"restart_{postgres_url.rsplit('search_path%3D', 1)[1]}"
+    url = _role_store_url(postgres_url, role)
+    try:
+        store = PostgresStore(url)
+        try:
+            engine = Engine(store, Config.default(), outage_wait=60)
+            _refuse_logins(postgres_url, role, refused=True)
+            message = decode_message(b'{"type": "identify", "userId": "u1"}', received_at=datetime.now(UTC))
+            outcome: list[str] = []
+            thread = threading.Thread(
+                target=lambda: outcome.append(engine.ingest([message], space="default").outcomes[0].status)
+            )
+            thread.start()
+            deadline = time.monotonic() + 30
+            while store._outage is None and time.monotonic() < deadline:  # the ingest has met the outage
+                time.sleep(0.01)
+            assert store._outage is not None and thread.is_alive()
+            _refuse_logins(postgres_url, role, refused=False)
+            thread.join(60)
+            assert outcome == ["resolved"]
+        finally:
+            store.close()
+    finally:
+        _drop_role(postgres_url, role)
+
+
+def test_an_application_role_with_table_rights_only_runs_on_a_schema_another_role_migrated(
+    postgres_url: str,
+) -> None:
+    """The documented split: an owner migrates, the application role has USAGE on the schema and
+    SELECT, INSERT, UPDATE, DELETE on its tables. Before: every process of that role failed at start-up
+    with `permission denied for schema` from a CREATE TABLE IF NOT EXISTS run even on an up-to-date schema."""
+    PostgresStore(postgres_url).close()  # migrated by the owner
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    role = f"app_{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+    app_url = postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+    try:
+        store = open_store(app_url)
+        try:
+            engine = Engine(store, Config.default())
+            message = decode_message(b'{"type": "identify", "userId": "u1"}', received_at=datetime.now(UTC))
+            assert engine.ingest([message], space="default").outcomes[0].status == "resolved"
+        finally:
+            store.close()
+    finally:
+        _drop_role(postgres_url, role)
+
+
+def test_a_role_that_may_not_create_the_schema_is_told_which_grant_is_missing(postgres_url: str) -> None:
+    """Since PostgreSQL 15 no one but its owner may create tables in `public`. Before: `error: store:
+    InsufficientPrivilege: permission denied for schema public LINE 1: CREATE TABLE IF NOT EXISTS …`."""
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    role = f"new_{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    url = postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            open_store(url)
+        assert str(refused.value).endswith(
+            f"role {role} may not create the tables in schema {schema} (permission denied): "
+            f'grant it once with GRANT CREATE ON SCHEMA "{schema}" TO "{role}", or let a role that may '
+            "(the schema's owner) open the store once to create them"
+        )
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'GRANT CREATE ON SCHEMA "{schema}" TO "{role}"')
+        open_store(url).close()  # the grant the message names is enough
+    finally:
+        _drop_role(postgres_url, role)
+
+
+def test_a_search_path_naming_no_schema_is_said_so_when_reading_too(postgres_database: str) -> None:
+    """Before: a reading command said the store `is at schema version 0` and to open it for writing,
+    which then said that the search_path names no existing schema."""
+    from conftest import _with_schema
+
+    url = _with_schema(postgres_database, "no_such_schema")
+    for read_only in (False, True):
+        with pytest.raises(ConfigError, match="the search_path names no existing schema"):
+            PostgresStore(url, read_only=read_only)
+
+
+def test_a_large_batch_commits_in_transactions_that_fit_the_server_s_lock_table(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `idstitch ingest --batch-size 12000` took ~18,000 advisory locks in one transaction,
+    failed with `out of shared memory` (max_locks_per_transaction), retried that for two minutes and
+    gave up. A transaction now stops claiming at its lock budget and the rest goes on in the next one."""
+    monkeypatch.setattr("idstitch.storage.postgres_transaction._LOCK_BUDGET", 12, raising=False)
+    store = PostgresStore(postgres_url)
+    held: list[int] = []
+    opened = store.transaction
+
+    @contextmanager
+    def counted() -> Iterator[Any]:
+        with opened() as transaction:
+            yield transaction
+            held.append(len(transaction._locks))
+
+    try:
+        monkeypatch.setattr(store, "transaction", counted)
+        engine = Engine(store, Config.default())
+        raws = [
+            f'{{"type": "identify", "userId": "u{n}", "anonymousId": "a{n}", "messageId": "m{n}"}}'.encode()
+            for n in range(20)
+        ]
+        messages = [decode_message(raw, received_at=datetime.now(UTC)) for raw in raws]
+        outcomes = engine.ingest(messages, space="default").outcomes
+        assert [outcome.status for outcome in outcomes] == ["resolved"] * 20
+        assert len(held) > 1 and max(held) <= 12 + 4  # the budget, and the one message that crossed it
+        assert sorted(store.iter_event_ids("default")) == sorted(f"m{n}" for n in range(20))
     finally:
         monkeypatch.undo()
         store.close()

@@ -22,6 +22,7 @@ from idstitch.core.messages import format_timestamp
 from idstitch.engine import Engine
 from idstitch.http.profiles import ProfileAPI
 from idstitch.http.rate_limits import RateLimiter, SharedBuckets
+from idstitch.storage.base import StoreUnavailable
 from idstitch.storage.urls import open_store
 
 pytestmark = pytest.mark.anyio
@@ -123,6 +124,33 @@ def e2(space: Space) -> None:
 
 
 # -- traits -------------------------------------------------------------------------------------------
+
+
+async def test_a_store_whose_server_is_down_is_503_with_retry_after_not_a_500(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL restarting. Before: 500 internal_error, a traceback in the log, after the pool's 30 s."""
+    e2(api.web)
+    caplog.set_level("INFO", logger="idstitch.http")
+    down = "store postgresql://app@db:5432/idstitch is unavailable: cannot connect to PostgreSQL: refused"
+
+    def unreachable(*_args: Any) -> Any:
+        raise StoreUnavailable(down)
+
+    monkeypatch.setattr(api.world.store, "find_profile", unreachable)
+    status, body = await api.get(f"{USERS}/user_id:u1/traits")
+    assert status == 503
+    assert body == {
+        "error": {"code": "store_unavailable", "message": "the store cannot be reached; retry later"}
+    }
+    response = await api.client.get(f"{USERS}/user_id:u1/traits", headers={"Authorization": basic("pt_app")})
+    assert response.headers["retry-after"] == "1"
+    assert not [record for record in caplog.records if record.exc_info]  # no traceback: nothing to debug
+    monkeypatch.undo()
+    assert (await api.get(f"{USERS}/user_id:u1/traits"))[0] == 200
+    document = (await api.client.get("/openapi.json")).json()
+    route = document["paths"]["/v1/spaces/{space}/collections/{collection}/profiles/{id}/traits"]
+    assert "Retry-After" in route["get"]["responses"]["503"]["headers"]  # documented for clients
 
 
 async def test_traits_by_email_any_case_and_url_encoded_have_segments_shape(api: Api) -> None:

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import nats
@@ -62,7 +62,7 @@ from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_
 from idstitch.queue.parked import ParkedRequest, parked_requests, replay_parked
 from idstitch.queue.publisher import JetStreamPublisher, publish_messages
 from idstitch.queue.worker import WorkerSummary, run_worker
-from idstitch.storage.base import Store, StoreConflict
+from idstitch.storage.base import Store, StoreConflict, StoreUnavailable
 from idstitch.storage.urls import open_store
 from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server
 
@@ -1048,6 +1048,41 @@ def test_a_store_outage_longer_than_the_bound_parks_nothing(tmp_path: Path, queu
         summary = drain(engine, queue_url, retry_delay=0.01, max_retry_delay=0.05)
     assert (summary.retried, summary.parked, summary.queue_messages, summary.accepted) == (14, 0, 1, 5)
     assert parked_requests(queue_url) == []
+
+
+class StoreUnreachableAWhile(Engine):
+    """PostgreSQL down for the first three groups (the store raises StoreUnavailable at once), then back."""
+
+    calls: ClassVar[list[int]] = []
+
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
+        type(self).calls.append(len(batches))
+        if len(type(self).calls) <= 3:
+            raise StoreUnavailable(
+                "store postgresql://app@db:5432/idstitch is unavailable: connection refused"
+            )
+        return super().ingest_group(batches)
+
+
+def test_a_worker_waits_out_a_store_outage_per_group_with_one_log_line_per_try(
+    tmp_path: Path, queue_url: str
+) -> None:
+    """Before: each failed group was written again one request at a time, every one failing alike and
+    logged with its traceback: a backlog of thousands of requests logged thousands of lines a minute,
+    and the worker fetched again at once."""
+    for number in range(3):
+        publish_messages(queue_url, SPACE, "web", people(1, prefix=f"r{number}"), received_at=RECEIVED)
+    StoreUnreachableAWhile.calls = []
+    with engine_at(tmp_path / "queued.db", engine_class=StoreUnreachableAWhile) as engine, captured() as logs:
+        summary = drain(engine, queue_url, batch=3, retry_delay=0.01, max_retry_delay=0.05)
+    assert StoreUnreachableAWhile.calls == [3, 3, 3, 3]  # the whole group each time, never split
+    assert (summary.retried, summary.parked, summary.queue_messages, summary.accepted) == (9, 0, 3, 15)
+    lines = [record for record in logs if record.levelno >= logging.WARNING]
+    assert [record.getMessage() for record in lines] == [
+        "store unavailable; the queue messages will be delivered again"
+    ] * 3
+    assert [record.retry_in_s for record in lines] == [0.01, 0.02, 0.04]  # and the worker waits as long
+    assert all(record.queue_messages == 3 and not record.exc_info for record in lines)
 
 
 class StoreDownForMinutes(Engine):

@@ -16,7 +16,7 @@ import pytest
 
 from idstitch.core.errors import ConfigError
 from idstitch.storage.sqlite import SQLiteStore
-from idstitch.storage.urls import open_store
+from idstitch.storage.urls import open_store, redact_url
 
 MESSAGE = '{"type": "identify", "userId": "u1", "messageId": "m1", "timestamp": "2026-01-01T00:00:00Z"}\n'
 
@@ -169,3 +169,13 @@ def test_a_file_that_is_not_a_sqlite_database_is_named(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"^store sqlite:///{path}: file is not a database$"):
             SQLiteStore(path, read_only=read_only)
     assert path.read_text().startswith("these are my notes")
+
+
+def test_a_mistyped_scheme_never_echoes_the_url_s_password() -> None:
+    """Before: `store URL 'postgresq://app:S3CRETPW@db:5432/x': unknown scheme`."""
+    with pytest.raises(ConfigError) as refused:
+        open_store("postgresq://app:S3CRETPW@db:5432/x")
+    assert "S3CRETPW" not in str(refused.value) and "postgresq://app:…@db:5432/x" in str(refused.value)
+    assert redact_url("postgresql://app@db/x?sslmode=disable&password=S3CRETPW") == (
+        "postgresql://app@db/x?sslmode=disable&password=…"
+    )

@@ -43,7 +43,7 @@ from idstitch.http.logs import JsonFormatter
 from idstitch.http.source_settings import parse_public_url
 from idstitch.http.tracking import TrackingAPI
 from idstitch.queue.envelope import RequestTooLarge
-from idstitch.storage.base import Store
+from idstitch.storage.base import Store, StoreUnavailable
 from idstitch.storage.urls import open_store
 
 pytestmark = pytest.mark.anyio
@@ -990,6 +990,30 @@ async def test_a_store_another_process_keeps_locked_is_503_with_retry_after_then
     finally:
         other.close()
     assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)  # the retry lands
+
+
+async def test_a_store_whose_server_is_down_is_503_store_unavailable_at_once_then_lands(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL restarting. Before: the engine retried the lost connection as a conflict for 2 minutes
+    (a client's request hung 150 s), then answered `store_busy`, which says the opposite of what is wrong."""
+    caplog.set_level("INFO", logger="idstitch.http")
+    down = "store postgresql://app@db:5432/idstitch is unavailable: cannot connect to PostgreSQL: refused"
+    tries: list[int] = []
+
+    def unreachable() -> Any:
+        tries.append(1)
+        raise StoreUnavailable(down)
+
+    monkeypatch.setattr(api.world.store, "transaction", unreachable)
+    status, body = await api.post("/v1/batch", {"batch": [track(1)]})
+    assert status == 503 and body == problem("store_unavailable", "the store cannot be reached; retry later")
+    assert tries == [1]  # not retried: every try fails alike until the server is back
+    (record,) = [record for record in caplog.records if record.name == "idstitch.http"]
+    assert record.reason == f"{down}; retry later"
+    assert (await api.client.get("/healthz")).status_code == 503
+    monkeypatch.undo()
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)
     assert api.event_ids() == ["m1"]
 
 

@@ -97,6 +97,8 @@ _PIPED = sys.stdout is None or not sys.stdout.isatty()
 _WIDTH = 160 if _PIPED and "COLUMNS" not in os.environ else None
 stdout = OutputConsole(highlight=False, markup=False, emoji=False, width=_WIDTH)
 stderr = OutputConsole(stderr=True, highlight=False, markup=False, emoji=False)
+# How long `ingest` waits for an unreachable PostgreSQL (a restart) before it stops, as for conflicts.
+_OUTAGE_WAIT_SECONDS = 120.0
 
 
 JsonPerSpaceOption = Annotated[
@@ -341,7 +343,7 @@ def ingest(
         # and a usage error must leave nothing behind.
         space_name, source = _ingest_target(settings, space, source)
         with _store(store) as opened:
-            engine = Engine(opened, settings)
+            engine = Engine(opened, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
             _print_created_write_keys(engine)
             _freeze_startup_objects()
             tally = _Tally()

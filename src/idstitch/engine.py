@@ -27,6 +27,7 @@ from idstitch.storage.base import (
     Store,
     StoreConflict,
     StoreTransaction,
+    StoreUnavailable,
     TokenRecord,
 )
 
@@ -41,6 +42,8 @@ _READER_RULES_SECONDS = 5.0  # how stale a read-only engine's learned custom typ
 # losers do not collide again in step), for up to this long before the conflict is reported.
 _CONFLICT_RETRY_SECONDS = 120.0
 _CONFLICT_PAUSE_SECONDS = (0.001, 0.05)
+# While the store's server cannot be reached, an engine that waits it out tries again this often.
+_OUTAGE_PAUSE_SECONDS = 1.0
 
 
 class MessageOutcome(msgspec.Struct, frozen=True, gc=False):
@@ -147,9 +150,14 @@ def event_record(
 class Engine:
     """Identity resolution over one store, with the spaces and rules of one config."""
 
-    def __init__(self, store: Store, config: Config, *, read_only: bool = False) -> None:
+    def __init__(
+        self, store: Store, config: Config, *, read_only: bool = False, outage_wait: float = 0.0
+    ) -> None:
         self.store = store
         self.config = config
+        # How long a write waits for an unreachable store's server (a restart) before StoreUnavailable:
+        # 0 for a server, whose client retries its 503; a batch job (`idstitch ingest`) rides it out.
+        self.outage_wait = outage_wait
         self._rules: dict[str, IdentityRules] = {}
         self.created_write_keys: list[SourceRecord] = []
         self.created_tokens: list[TokenRecord] = []
@@ -296,6 +304,7 @@ class Engine:
         results = [IngestResult() for _ in batches]
         position = 0
         deadline: float | None = None
+        outage_deadline: float | None = None
         while True:
             done: list[tuple[int, MessageOutcome]] = []
             try:
@@ -320,6 +329,16 @@ class Engine:
                                 raise
                             break  # commit what is done; this message starts the next transaction
                         done.append((number, outcome))
+            except StoreUnavailable:
+                # The server is down: a retry right away would fail alike, and a caller waiting out the
+                # conflicts' 2 minutes (an HTTP client) would have given up long before.
+                self._forget_rules(batches)
+                now = time.monotonic()
+                outage_deadline = outage_deadline or now + self.outage_wait
+                if now >= outage_deadline:
+                    raise
+                time.sleep(_OUTAGE_PAUSE_SECONDS)
+                continue
             except StoreConflict:
                 self._forget_rules(batches)
                 now = time.monotonic()
@@ -334,7 +353,7 @@ class Engine:
             for number, outcome in done:
                 results[number].outcomes.append(outcome)
             position += len(done)
-            deadline = None
+            deadline = outage_deadline = None
             if position >= len(work):
                 return results
 

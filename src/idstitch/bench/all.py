@@ -15,13 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from idstitch.storage.urls import redact_url, without_password
 
 __all__ = ["AllBenchPlan", "postgres_unreachable", "run_all"]
 
@@ -57,11 +59,16 @@ def _environment() -> dict[str, str]:
     }
 
 
-def _run_json(arguments: Sequence[str], log: Callable[[str], None], cwd: Path) -> dict[str, Any]:
-    """Run one `idstitch …` command that prints one JSON object; a failure becomes a recorded error."""
+def _run_json(
+    arguments: Sequence[str], log: Callable[[str], None], cwd: Path, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Run one `idstitch …` command that prints one JSON object; a failure becomes a recorded error.
+
+    `env` is for what must not be logged or shown by `ps` (a URL's password), as a command line is."""
     log("$ idstitch " + " ".join(arguments))
     started = time.monotonic()
-    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, env=_environment(), check=False)
+    environment = {**_environment(), **(env or {})}
+    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, env=environment, check=False)
     seconds = round(time.monotonic() - started, 1)
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace")[-_TAIL_CHARS:]
@@ -88,12 +95,17 @@ def postgres_unreachable(url: str) -> str | None:
         with psycopg.connect(url, connect_timeout=3):
             return None
     except psycopg.Error as error:
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return without_password(text, url)
 
 
 def _postgres(url: str, seed: int, log: Callable[[str], None], cwd: Path) -> dict[str, Any]:
     """`bench postgres` (one object per worker count) as one object: the runs, and the best rate for the targets."""
-    result = _run_json(["bench", "postgres", "--postgres", url, "--seed", str(seed), "--json"], log, cwd)
+    if (why := postgres_unreachable(url)) is not None:
+        log(f"PostgreSQL is not reachable, bench postgres skipped: {why}")
+        return {"skipped": f"PostgreSQL not reachable at {redact_url(url)}: {why}"}
+    environment = {"IDSTITCH_BENCH_POSTGRES": url}  # the --postgres of `bench postgres`
+    result = _run_json(["bench", "postgres", "--seed", str(seed), "--json"], log, cwd, environment)
     runs = result.get("runs")
     if "error" in result or not isinstance(runs, list) or not runs:
         return result
@@ -181,9 +193,6 @@ def run_all(plan: AllBenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
             )
         if plan.postgres_url is None:
             benchmarks["postgres"] = {"skipped": "not asked for (--no-postgres)"}
-        elif (why := postgres_unreachable(plan.postgres_url)) is not None:
-            log(f"PostgreSQL is not reachable, bench postgres skipped: {why}")
-            benchmarks["postgres"] = {"skipped": f"PostgreSQL not reachable at {plan.postgres_url}: {why}"}
         else:
             benchmarks["postgres"] = _postgres(plan.postgres_url, plan.seed, log, scratch)
         accuracy = _accuracy(plan, log, scratch) if plan.accuracy_people else {}

@@ -64,7 +64,7 @@ from idstitch.core.messages import decode_message
 from idstitch.engine import Engine
 from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_url
 from idstitch.queue.publisher import publish_messages
-from idstitch.storage.urls import open_store
+from idstitch.storage.urls import open_store, redact_url, without_password
 
 __all__ = [
     "DEFAULT_POSTGRES_URL",
@@ -151,7 +151,9 @@ def _url_with(url: str, **parameters: str) -> str:
     """The libpq URL with these query parameters set (replacing any of the same name)."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise PostgresBenchError(f"--postgres {url!r}: expected a postgresql://user@host:port/db URL")
+        raise PostgresBenchError(
+            f"--postgres {redact_url(url)!r}: expected a postgresql://user@host:port/db URL"
+        )
     query = [(key, value) for key, value in parse_qsl(parts.query) if key not in parameters]
     query += list(parameters.items())
     return urlunsplit(parts._replace(query=urlencode(query)))
@@ -595,7 +597,8 @@ def run_postgres_bench(plan: PostgresBenchPlan, on_event: OnEvent | None = None)
             connect_timeout=10,
         )
     except psycopg.Error as error:
-        raise PostgresBenchError(f"cannot connect to PostgreSQL at --postgres: {error}") from None
+        reason = without_password(str(error), plan.postgres_url)
+        raise PostgresBenchError(f"cannot connect to PostgreSQL at --postgres: {reason}") from None
     runs: list[PostgresRun] = []
     first_rejected: set[str] | None = None
     with admin:

@@ -131,6 +131,7 @@ _COMMON_ERRORS = (
     ("403", "The token is of another space, or not an admin token where one is needed."),
     ("404", "No such profile."),
     ("429", "Too many requests with this token: retry after `Retry-After` seconds."),
+    ("503", "The store cannot be reached (PostgreSQL restarting): retry after `Retry-After` seconds."),
 )
 
 
@@ -143,10 +144,11 @@ def _operation(
     parameters: list[dict[str, Any]],
 ) -> dict[str, Any]:
     errors = _errors(error, *_COMMON_ERRORS)
-    errors["429"]["headers"] = {
-        **_REQUEST_ID,
-        "Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait."},
-    }
+    for status in ("429", "503"):
+        errors[status]["headers"] = {
+            **_REQUEST_ID,
+            "Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait."},
+        }
     return {
         "get": {
             "operationId": operation_id,

@@ -62,7 +62,7 @@ from idstitch.http.profile_shapes import (
 from idstitch.http.rate_limits import RateLimiter
 from idstitch.http.tracking import Receive, Scope, Send
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root, graph_document
-from idstitch.storage.base import EventQuery, EventRecord, IdentifierRecord, TokenRecord
+from idstitch.storage.base import EventQuery, EventRecord, IdentifierRecord, StoreUnavailable, TokenRecord
 
 __all__ = ["PROFILE_RESOURCES", "SPACE_RESOURCES", "ProfileAPI", "RateLimiter", "is_profile_api_path"]
 
@@ -119,6 +119,17 @@ def _error_body(problem: HTTPProblem) -> bytes:
     return _encoder.encode(ErrorBody(ErrorDetail(problem.code, problem.message)))
 
 
+def _store_unavailable(error: StoreUnavailable) -> HTTPProblem:
+    """503 with Retry-After; the server and libpq's reason go to the log only."""
+    return HTTPProblem(
+        503,
+        "store_unavailable",
+        "the store cannot be reached; retry later",
+        {"Retry-After": "1"},
+        detail=f"{error}; retry later",
+    )
+
+
 def _not_found() -> HTTPProblem:
     return _problem(404, "not_found", _NOT_FOUND)
 
@@ -170,7 +181,9 @@ class ProfileAPI:
                     body = await asyncio.to_thread(self._answer, call)
                 else:
                     body = self._answer(call)
-        except HTTPProblem as problem:
+        except (HTTPProblem, StoreUnavailable) as failure:
+            # PostgreSQL down or restarting is no fault of the request's: 503, not a 500 with a traceback.
+            problem = failure if isinstance(failure, HTTPProblem) else _store_unavailable(failure)
             error = problem
             status, body = problem.status, _error_body(problem)
             extra = [(key.lower().encode(), value.encode()) for key, value in problem.headers.items()]

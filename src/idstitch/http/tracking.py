@@ -42,7 +42,7 @@ from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
 from idstitch.http.source_settings import SETTINGS_ROUTE, PublicAddress, settings_document, settings_write_key
 from idstitch.queue.envelope import RequestTooLarge
-from idstitch.storage.base import StoreConflict
+from idstitch.storage.base import StoreConflict, StoreUnavailable
 
 __all__ = [
     "BATCH_CALLS",
@@ -450,6 +450,15 @@ class TrackingAPI:
             # Queue mode: one message is over what the stream may hold (an operator's max_msg_size under
             # 32 KB). A 500 would have the client retry it for ever; a 400 is not retried.
             raise HTTPProblem(400, "message_too_large", str(too_large)) from None
+        except StoreUnavailable as unavailable:
+            # PostgreSQL down or restarting: answered at once, for the client to retry once it is back.
+            raise HTTPProblem(
+                503,
+                "store_unavailable",
+                "the store cannot be reached; retry later",
+                {"Retry-After": str(self.retry_after)},
+                detail=f"{unavailable}; retry later",  # names the server and libpq's reason: the log's
+            ) from None
         except StoreConflict as conflict:
             # The engine ran it again until its bound (another process holds a SQLite store's write lock,
             # say): the client retries later (messageId de-duplication stores nothing twice). A busy

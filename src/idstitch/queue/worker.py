@@ -46,7 +46,7 @@ from idstitch.core.errors import ConfigError, IdstitchError, InvalidEvent
 from idstitch.engine import Engine, IngestBatch, IngestResult, OutcomeCounts
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
-from idstitch.storage.base import StoreConflict
+from idstitch.storage.base import StoreConflict, StoreUnavailable
 
 __all__ = ["CommitObserver", "QueueWorker", "WorkerSummary", "run_worker"]
 
@@ -143,6 +143,9 @@ class QueueWorker:
         # Seconds between two looks at the consumer while the queue is idle (with `drain`, at each).
         self.consumer_check = consumer_check
         self._next_check = 0.0
+        # While the store cannot be reached: how many tries failed in a row, and when to fetch again.
+        self._outage_tries = 0
+        self._resume_at = 0.0
         self.drain = drain
         self.stop = stop or threading.Event()
         self.summary = summary or WorkerSummary()
@@ -186,6 +189,9 @@ class QueueWorker:
                 f"up to {self.batch} queue messages per commit"
             )
         while not self.stop.is_set():
+            if self._resume_at > time.monotonic():
+                await self._pause()
+                continue
             try:
                 fetched = await subscription.fetch(self.batch, timeout=self.fetch_timeout)
             except TimeoutError:  # nats' own TimeoutError is one too: nothing came
@@ -271,9 +277,11 @@ class QueueWorker:
             async with _in_background(self._report_progress([msg for msg, _ in decoded])):
                 groups = list(_groups(decoded, self.max_group_messages))
                 for number, group in enumerate(groups):
-                    if not await self._ingest(jetstream, group) and self.stop.is_set():
-                        # Stopping after a failure (the store is down, say): the groups not tried yet
-                        # would wait it out too. They come back, to this worker's successors.
+                    if not await self._ingest(jetstream, group) and (
+                        self.stop.is_set() or self._outage_tries
+                    ):
+                        # Stopping after a failure, or the store is down: the groups not tried yet would
+                        # wait it out too. They come back, to this worker's successors or to itself.
                         await self._release([item for later in groups[number + 1 :] for item in later])
                         break
         # The acks (and terms) are in the client's buffer: send them now rather than at the next flush.
@@ -287,6 +295,11 @@ class QueueWorker:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
+        except StoreUnavailable as error:
+            # The server is down: alone, each request would fail the same way (and be logged with its
+            # traceback). The group goes back, and this worker waits before fetching again.
+            await self._wait_out_outage(group, error)
+            return False
         except Exception as error:
             if len(group) > 1 and self.stop.is_set():
                 # Asked to stop: writing each alone would wait out a store outage once per request
@@ -306,6 +319,7 @@ class QueueWorker:
             await self._failed(jetstream, group[0][0], error)
             return False
         self.summary.commits += 1
+        self._outage_tries = 0
         if self.on_commit is not None:
             self.on_commit(batches, results, time.perf_counter() - started)
         for (msg, batch), result in zip(group, results, strict=True):
@@ -326,6 +340,28 @@ class QueueWorker:
             await _settle(msg.ack())
         self.summary.queue_messages += len(group)
         return True
+
+    async def _wait_out_outage(self, group: list[tuple[Msg, IngestBatch]], error: StoreUnavailable) -> None:
+        """Give a group back for later, and fetch nothing until then: one log line per try, however long."""
+        self._outage_tries += 1
+        delay = self._delay(self._outage_tries)
+        _log.error(
+            "store unavailable; the queue messages will be delivered again",
+            extra={
+                "queue_messages": len(group),
+                "retry_in_s": delay,
+                "error": f"{type(error).__name__}: {error}",
+            },
+        )
+        for msg, _ in group:
+            await _settle(msg.nak(delay=delay))
+        self.summary.retried += len(group)
+        self._resume_at = time.monotonic() + delay
+
+    async def _pause(self) -> None:
+        """Wait until the next try after a store outage, or until asked to stop."""
+        while not self.stop.is_set() and (left := self._resume_at - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.1))
 
     async def _release(self, group: list[tuple[Msg, IngestBatch]]) -> None:
         """Give fetched requests back uncommitted (nak, no delay): another worker takes them at once."""

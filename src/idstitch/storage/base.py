@@ -33,6 +33,7 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreTransaction",
+    "StoreUnavailable",
     "SuspectRecord",
     "TokenRecord",
     "TraitRecord",
@@ -50,6 +51,13 @@ class StoreConflict(Exception):
     may be run again (message-id de-duplication makes a commit that did land count once).
 
     Not an IdstitchError: the engine retries it instead of rejecting the message at hand.
+    """
+
+
+class StoreUnavailable(StoreConflict):
+    """The store's server cannot be reached (down, restarting, refusing logins): raised at once, not
+    after waiting out a pool; the engine does not retry it, as every try would fail the same way
+    until the server is back. A conflict too, for callers that wait out both alike (the queue worker).
     """
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,7 +38,7 @@ from typing import Any
 import msgspec
 import psycopg
 import psycopg.errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from idstitch.core.errors import ConfigError
 from idstitch.core.identifiers import Identifier
@@ -52,6 +54,7 @@ from idstitch.storage.base import (
     SourceRecord,
     SpaceStats,
     StoreConflict,
+    StoreUnavailable,
     SuspectRecord,
     TokenRecord,
     TraitRecord,
@@ -91,6 +94,9 @@ _MIGRATION_LOCK = 0x1D5_7C4_0001
 _FIRST_ANALYZE = 500
 _LAST_ANALYZE = 2_000_000
 
+# How long a connection attempt that checks whether the server is back may take (unless the URL says).
+_CONNECT_TIMEOUT = 10
+
 # Errors after which the transaction may simply run again; PoolTimeout (no connection) is one too.
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.OperationalError)
 
@@ -103,31 +109,19 @@ class PostgresStore:
         self.read_only = read_only
         self._events_written = 0
         self._analyze_at = _FIRST_ANALYZE
+        self._max_connections = max_connections
+        # Set while the server cannot be reached: the reason, and since when (for the log line once back).
+        self._outage: tuple[str, float] | None = None
+        self._reconnecting = threading.Lock()
         try:
             # One plain connection first: an unreachable server or a refused login fails at once, with
             # libpq's own words, instead of after the pool's retries.
-            # The URL's own connect_timeout is the pool's too: overriding it here would let a bad one
-            # pass this check and fail every pooled connection after it.
-            if "connect_timeout" in url:
-                psycopg.connect(url).close()
-            else:
-                psycopg.connect(url, connect_timeout=10).close()
+            self._connect_once()
         except psycopg.Error as error:
-            reason = _without_password(" ".join(str(error).split()), url)
-            raise ConfigError(f"store {_safe(url)}: cannot connect to PostgreSQL: {reason}") from error
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_connections,
-            kwargs={"autocommit": True},
-            open=True,
-            timeout=30,
-            name="idstitch",
-            # A connection that died while idle in the pool (a server restart, a failover,
-            # pg_terminate_backend, an idle timeout) is replaced when taken, not handed out to fail:
-            # one empty round trip per checkout, and a checkout serves a whole transaction or read.
-            check=ConnectionPool.check_connection,
-        )
+            raise ConfigError(
+                f"store {_safe(url)}: cannot connect to PostgreSQL: {self._reason(error)}"
+            ) from error
+        self._pool = self._new_pool()
         try:
             if read_only:
                 self._check_schema()
@@ -137,34 +131,170 @@ class PostgresStore:
             self._pool.close()
             raise
 
+    def _connect_once(self) -> None:
+        """Connect and disconnect, or raise libpq's error."""
+        # The URL's own connect_timeout is the pool's too: overriding it here would let a bad one pass
+        # this check and fail every pooled connection after it.
+        if "connect_timeout" in self.url:
+            psycopg.connect(self.url).close()
+        else:
+            psycopg.connect(self.url, connect_timeout=_CONNECT_TIMEOUT).close()
+
+    def _reason(self, error: BaseException) -> str:
+        """An error's text on one line, without the URL's password."""
+        return _without_password(" ".join(str(error).split()), self.url)
+
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self._max_connections,
+            kwargs={"autocommit": True},
+            open=True,
+            timeout=30,
+            name="idstitch",
+        )
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection that works, or StoreUnavailable at once while the server cannot be reached.
+
+        A connection that died while idle in the pool (a server restart, a failover,
+        pg_terminate_backend, an idle timeout) is replaced when taken, not handed out to fail: one empty
+        round trip per checkout, and a checkout serves a whole transaction or read. When no new
+        connection can be made either, the store is unavailable: the pool would wait 30 s for one and
+        then retry with a backoff that grows to minutes, so until a connection attempt of our own
+        succeeds, every checkout makes one such attempt (instant when refused) instead.
+        """
+        pool = self._reachable_pool()
+        while True:
+            try:
+                db = pool.getconn()
+            except PoolClosed:
+                if pool is self._pool:
+                    raise
+                pool = self._pool  # replaced by a fresh one while this thread waited
+                continue
+            except PoolTimeout:
+                self._check_reachable()  # the server gone: StoreUnavailable; else every connection is busy
+                raise
+            try:
+                db.execute("")
+                break
+            except psycopg.Error:
+                pool.putconn(db)  # broken: the pool drops it and connects another
+                self._check_reachable()  # the server gone: StoreUnavailable; else take the next one
+                pool = self._reachable_pool()
+        try:
+            with db:
+                yield db
+        except psycopg.OperationalError:
+            if db.broken:
+                self._check_reachable()  # lost mid-statement: an outage, or only this connection?
+            raise
+        finally:
+            pool.putconn(db)
+
+    def _check_reachable(self) -> None:
+        """Connect once, directly; StoreUnavailable (and the outage remembered) when the server does not answer."""
+        try:
+            self._connect_once()
+        except psycopg.Error as error:
+            raise self._unavailable(error) from error
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        reason = self._reason(error)
+        if self._outage is None:
+            _logger.warning("PostgreSQL cannot be reached: %s", reason)
+            self._outage = (reason, time.monotonic())
+        else:
+            self._outage = (reason, self._outage[1])
+        return StoreUnavailable(
+            f"store {_safe(self.url)} is unavailable: cannot connect to PostgreSQL: {reason}"
+        )
+
+    def _reachable_pool(self) -> ConnectionPool:
+        """The pool, once the server answers again after an outage (with fresh connections), else raise."""
+        if self._outage is None:
+            return self._pool
+        if not self._reconnecting.acquire(blocking=False):
+            # Another thread is trying the server right now: fail at once rather than queue behind it.
+            raise StoreUnavailable(
+                f"store {_safe(self.url)} is unavailable: cannot connect to PostgreSQL: {self._outage[0]}"
+            )
+        try:
+            if self._outage is None:
+                return self._pool
+            self._check_reachable()
+            # Back. The old pool may be waiting out a reconnection backoff of minutes: start afresh.
+            old, self._pool = self._pool, self._new_pool()
+            _logger.warning("PostgreSQL answers again after %.1f s", time.monotonic() - self._outage[1])
+            self._outage = None
+        finally:
+            self._reconnecting.release()
+        old.close(timeout=1)
+        return self._pool
+
     def close(self) -> None:
         """Close every connection."""
         self._pool.close()
 
     # -- schema ------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        with self._pool.connection() as db, db.transaction():
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            if db.execute("SELECT current_schema()").fetchone() == (None,):
-                raise ConfigError(f"store {_safe(self.url)}: the search_path names no existing schema")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
-            )
-            applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            migrations = read_migrations("postgres")
-            refuse_newer_schema(_safe(self.url), max(applied, default=0), migrations[-1][0])
-            for version, name, script in migrations:
-                if version not in applied:
-                    db.execute(script.encode())  # several statements: no parameters, simple protocol
-                    db.execute("INSERT INTO schema_migrations VALUES (%s, %s, now())", (version, name))
+        migrations = read_migrations("postgres")
+        latest = migrations[-1][0]
+        with self._connection() as db:
+            user, schema = self._where(db)
+            # Up to date: nothing to create, so a role with rights on the tables only (no CREATE on the
+            # schema, as PostgreSQL 15 gives no one but the owner on `public`) may run idstitch.
+            if self._applied(db) == latest:
+                return
+            try:
+                with db.transaction():
+                    db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                    db.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations "
+                        "(version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)"
+                    )
+                    applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+                    refuse_newer_schema(_safe(self.url), max(applied, default=0), latest)
+                    for version, name, script in migrations:
+                        if version not in applied:
+                            db.execute(script.encode())  # several statements: no parameters, simple protocol
+                            db.execute(
+                                "INSERT INTO schema_migrations VALUES (%s, %s, now())", (version, name)
+                            )
+            except psycopg.errors.InsufficientPrivilege as error:
+                raise ConfigError(
+                    f"store {_safe(self.url)}: role {user} may not create the tables in schema {schema} "
+                    f'(permission denied): grant it once with GRANT CREATE ON SCHEMA "{schema}" TO "{user}", '
+                    "or let a role that may (the schema's owner) open the store once to create them"
+                ) from error
+
+    def _where(self, db: psycopg.Connection[Any]) -> tuple[str, str]:
+        """The role and the schema the store's tables are in; ConfigError when the search_path names none."""
+        row = db.execute("SELECT current_user, current_schema()").fetchone()
+        if row is None or row[1] is None:
+            raise ConfigError(f"store {_safe(self.url)}: the search_path names no existing schema")
+        return str(row[0]), str(row[1])
+
+    @staticmethod
+    def _applied(db: psycopg.Connection[Any]) -> int:
+        """The newest applied migration, 0 for a schema without idstitch's tables."""
+        # In the schema tables are created in, not one further down the search_path.
+        row = db.execute(
+            "SELECT to_regclass(format('%I.schema_migrations', current_schema())) IS NOT NULL"
+        ).fetchone()
+        if row is None or not row[0]:
+            return 0
+        newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        return int(newest[0] or 0) if newest is not None else 0
 
     def _check_schema(self) -> None:
         latest = read_migrations("postgres")[-1][0]
-        try:
-            version = self.schema_version()
-        except psycopg.errors.UndefinedTable:
-            version = 0
+        with self._connection() as db:
+            self._where(db)
+            version = self._applied(db)
         refuse_newer_schema(_safe(self.url), version, latest)
         refuse_older_schema(_safe(self.url), version, latest)
 
@@ -180,7 +310,7 @@ class PostgresStore:
         if self.read_only:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
         try:
-            with self._pool.connection() as db, db.transaction(), db.pipeline():
+            with self._connection() as db, db.transaction(), db.pipeline():
                 transaction = PostgresTransaction(db)
                 yield transaction
                 transaction.flush()
@@ -240,7 +370,7 @@ class PostgresStore:
         """Store `token` unless its space has one of its kind; an advisory lock orders concurrent callers."""
         if self.read_only:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
-        with self._pool.connection() as db, db.transaction():
+        with self._connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("t", token.space, token.kind),))
             row = db.execute(TOKEN_OF_KIND_SQL.format(p="%s"), (token.space, token.kind)).fetchone()
             if row is not None:
@@ -251,16 +381,16 @@ class PostgresStore:
     def _write(self, sql: str, parameters: Sequence[Any]) -> None:
         if self.read_only:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
-        with self._pool.connection() as db:
+        with self._connection() as db:
             db.execute(sql, parameters)
 
     # -- reads -------------------------------------------------------------------------------
     def _all(self, sql: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return db.execute(sql, parameters).fetchall()
 
     def _one(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> tuple[Any, ...] | None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return db.execute(sql, parameters).fetchone()
 
     def spaces(self) -> list[str]:
@@ -303,7 +433,7 @@ class PostgresStore:
 
     def profile(self, space: str, segment_id: str) -> ProfileRecord | None:
         """A root profile with its merged children's ids."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute(
                 "SELECT segment_id, collection, created_at, merge_count, created_by FROM profiles "
                 "WHERE space = %s AND segment_id = %s AND parent_id IS NULL",
@@ -362,7 +492,7 @@ class PostgresStore:
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:
         """The creating message of a root and the last message ingested for its family."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute(
                 "SELECT p.created_by, e.source FROM profiles p LEFT JOIN events e "
                 "ON e.space = p.space AND e.message_id = p.created_by "
@@ -382,7 +512,7 @@ class PostgresStore:
 
     def event_count(self, space: str, profile_id: str) -> int:
         """Events of a root's family."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             family, column = self._family(db, space, profile_id)
             row = db.execute(
                 f"SELECT count(*) FROM events WHERE space = %s AND {column} = ANY(%s)", (space, family)
@@ -393,7 +523,7 @@ class PostgresStore:
         self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
     ) -> list[EventRecord]:
         """Events of a root's family, newest ingested first; page with the last sequence seen."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             family, column = self._family(db, space, profile_id)
             cursor = "" if after_sequence is None else " AND sequence < %s"
             parameters: list[Any] = [space, family]
@@ -411,7 +541,7 @@ class PostgresStore:
         if query.limit == 0:
             return []
         direction, beyond = ("DESC", "<") if query.descending else ("ASC", ">")
-        with self._pool.connection() as db:
+        with self._connection() as db:
             family, column = self._family(db, space, profile_id)
             conditions = [f"space = %s AND {column} = ANY(%s)"]
             parameters: list[Any] = [space, family]
@@ -440,7 +570,7 @@ class PostgresStore:
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             _, column = self._family(db, space, profile_id)
             if column == "account_id":
                 sql = "SELECT user_id FROM links WHERE space = %s AND account_id = %s ORDER BY at, user_id"
@@ -450,7 +580,7 @@ class PostgresStore:
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             family, _ = self._family(db, space, profile_id)
             rows = db.execute(
                 "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = %s "
@@ -461,7 +591,7 @@ class PostgresStore:
 
     def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
         """Dropped identifiers of a root's family."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             family, _ = self._family(db, space, profile_id)
             rows = db.execute(
                 "SELECT message_id, identifier, rule, at, profile_id FROM dropped WHERE space = %s "
@@ -540,7 +670,7 @@ class PostgresStore:
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds), equal to SQLiteStore.dump."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             dump = {
                 name: [list(row) for row in db.execute(sql.format(space="%s"), (space,))]
                 for name, sql in DUMP_QUERIES.items()

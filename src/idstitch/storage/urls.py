@@ -3,10 +3,28 @@ and libpq's for PostgreSQL: postgresql://user@host:port/db?options=-csearch_path
 
 from __future__ import annotations
 
+import re
+
 from idstitch.core.errors import ConfigError
 from idstitch.storage.base import Store
 
-__all__ = ["open_store"]
+__all__ = ["open_store", "redact_url", "without_password"]
+
+_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
+_PASSWORDS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:([^/@]+)@|[?&]password=([^&]+)")
+
+
+def redact_url(url: str) -> str:
+    """The URL as messages and reports show it: its password (`user:password@`, `?password=`) as `…`."""
+    return _QUERY_PASSWORD.sub(r"\1…", _USER_PASSWORD.sub(r"\1:…@", url))
+
+
+def without_password(text: str, url: str) -> str:
+    """`text` with the URL's password as `…`: libpq quotes a URL it cannot parse, password and all."""
+    for found in _PASSWORDS.finditer(url):
+        text = text.replace(found.group(1) or found.group(2), "…")
+    return text
 
 
 def open_store(url: str, *, read_only: bool = False) -> Store:
@@ -41,5 +59,5 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
         return PostgresStore(url, read_only=read_only)
     raise ConfigError(
-        f"store URL {url!r}: unknown scheme (expected sqlite:///path.db or postgresql://user@host/db)"
+        f"store URL {redact_url(url)!r}: unknown scheme (expected sqlite:///path.db or postgresql://user@host/db)"
     )
