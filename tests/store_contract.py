@@ -833,6 +833,41 @@ def test_suspects_first_mark_wins(store: Store) -> None:
     ]
 
 
+def test_unmark_declared_removes_only_declared_marks(store: Store) -> None:
+    # A rule change: values no longer declared non-unique lose their mark; a detected mark stays.
+    with store.transaction() as tx:
+        create(tx, "use_a", t(1), uid("u1"), anon("a1"), anon("kiosk"))
+        tx.apply_resolution(
+            SPACE,
+            resolution(
+                "use_a",
+                t(10),
+                suspects=(
+                    SuspectMark(anon("a1"), "user_id", ("u1", "u2")),
+                    SuspectMark(anon("kiosk"), "declared", ()),
+                    SuspectMark(anon("other"), "declared", ()),
+                ),
+            ),
+            "m1",
+        )
+    assert view(store, [anon("kiosk")]).suspects == {anon("kiosk")}  # the view is read (and cached)
+    store.unmark_declared(SPACE, [anon("a1"), anon("kiosk"), anon("nobody")])
+    assert [record.identifier for record in store.suspects(SPACE)] == [
+        "anonymous_id:a1",
+        "anonymous_id:other",
+    ]
+    assert view(store, [anon("a1"), anon("kiosk"), uid("u1")]).suspects == {anon("a1")}
+    assert {record.value: record.suspect for record in store.identifiers(SPACE, "use_a")} == {
+        "u1": False,
+        "a1": True,
+        "kiosk": False,
+    }
+    assert store.stats(SPACE).suspect == 2
+    store.unmark_declared(SPACE, [])
+    store.unmark_declared("no_such_space", [anon("other")])
+    assert store.stats(SPACE).suspect == 2
+
+
 def test_dropped_identifiers_follow_the_family(store: Store) -> None:
     with store.transaction() as tx:
         create(tx, "use_a", t(1), uid("u1"))

@@ -640,6 +640,30 @@ def test_read_commands_on_a_configured_space_the_store_lacks(cli: CLI) -> None:
     assert cli.json("profile", "user_id:u1", "--config", str(config))["traits"] == {}
 
 
+def test_a_renamed_space_is_a_new_one_and_ingest_says_where_the_old_profiles_are(cli: CLI) -> None:
+    # Renaming [spaces.app] to [spaces.shop] (or adding a config to a store built without one) starts an
+    # empty graph; the profiles stay under the old name, which the writer now says instead of going quiet.
+    before = cli.directory / "before.toml"
+    before.write_text('[spaces.app.sources.web]\nwrite_key = "wk_web"\n')
+    cli.ok("ingest", str(cli.write("a.ndjson", msg(1, "identify", userId="u1"))), "--config", str(before))
+    after = cli.directory / "after.toml"
+    after.write_text('[spaces.shop.sources.web]\nwrite_key = "wk_web"\n')
+    done = cli.ok(
+        "ingest", str(cli.write("b.ndjson", msg(2, "identify", userId="u1"))), "--config", str(after)
+    )
+    assert done.stderr == (
+        "warning: the store holds space app, which the config does not name: its profiles are neither "
+        "served nor added to (a renamed space starts empty; read it with --space app)\n"
+    )
+    assert cli.json("profile", "user_id:u1", "--config", str(after), "--space", "app")["event_count"] == 1
+    # Naming it again: it is written to again; now the space the run before made is the one named.
+    done = cli.ok(
+        "ingest", str(cli.write("c.ndjson", msg(3, "identify", userId="u1"))), "--config", str(before)
+    )
+    assert "space app," not in done.stderr and "space shop," in done.stderr
+    assert cli.json("profile", "user_id:u1", "--config", str(before))["event_count"] == 2
+
+
 def test_keys_lists_write_keys_and_tokens_again(cli: CLI) -> None:
     done = cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
     printed = set(re.findall(r"\b(?:wk|pt|at)_\S+", done.stderr))

@@ -15,6 +15,7 @@ from idstitch.config import Config, load_config
 from idstitch.core import rules
 from idstitch.core.errors import ConfigError
 from idstitch.engine import Engine
+from idstitch.profiles import explain_document, find_root
 from idstitch.storage.base import TokenRecord
 from idstitch.storage.urls import open_store
 
@@ -224,3 +225,87 @@ def test_a_key_or_token_variable_http_basic_cannot_carry_is_refused(
     monkeypatch.setenv(variable, "wk:with colon")
     with pytest.raises(ConfigError, match=f"^{variable}: cannot hold ':', whitespace or control characters"):
         Config.default()
+
+
+def _reopened(tmp_path: Path, toml: str) -> World:
+    """The store of tmp_path under a config, as after editing the TOML and restarting."""
+    return World(open_store(f"sqlite:///{tmp_path}/idstitch.db"), config_from_toml(toml))
+
+
+def test_stored_identifiers_stay_findable_after_their_types_collection_or_normalisation_changes(
+    tmp_path: Path,
+) -> None:
+    # Stored identifiers keep the collection and spelling they were stored with; the rules of now
+    # must not make `profile` or the Profile API answer "no profile" for what a profile holds.
+    before = (
+        "[spaces.s.identifiers.company_id]\ncollection = 'accounts'\n"
+        "[spaces.s.identifiers.crm_id]\nnormalise = 'exact'\n"
+    )
+    world = _reopened(tmp_path, "[spaces.s]\n" + before)
+    space = world.space("s")
+    external = [
+        {"id": "CO-1", "type": "company_id", "collection": "accounts", "encoding": "none"},
+        {"id": "AbC", "type": "crm_id", "collection": "users", "encoding": "none"},
+    ]
+    outcome = space.send("track", userId="u1", context={"externalIds": external})
+    world.close()
+    # company_id is no longer configured (a removed custom type), crm_id is now lower-cased, and a
+    # type learned in users is now declared for accounts.
+    after = "[spaces.s]\n[spaces.s.identifiers.crm_id]\nnormalise = 'lower'\n"
+    after += "[spaces.s.identifiers.loyalty]\ncollection = 'accounts'\n"
+    world = _reopened(tmp_path, after)
+    space = world.space("s")
+    loyalty = space.send(
+        "track",
+        userId="u2",
+        context={"externalIds": [{"id": "L1", "type": "loyalty", "collection": "users", "encoding": "none"}]},
+    )
+    try:
+        rules = space.rules
+        assert find_root(world.store, rules, "s", "company_id:CO-1") == outcome.account_id
+        assert find_root(world.store, rules, "s", "crm_id:AbC") == outcome.profile_id
+        assert find_root(world.store, rules, "s", "crm_id:AbC", "users") == outcome.profile_id
+        assert find_root(world.store, rules, "s", "loyalty:L1") == loyalty.profile_id
+        # A forced collection is still only that collection.
+        assert find_root(world.store, rules, "s", "company_id:CO-1", "users") is None
+    finally:
+        world.close()
+
+
+def test_declaring_a_stored_value_non_unique_shows_it_and_undeclaring_it_lets_it_merge_again(
+    tmp_path: Path,
+) -> None:
+    world = _reopened(tmp_path, "[spaces.s]\n")
+    space = world.space("s")
+    alice = space.send("identify", userId="alice", anonymousId="kiosk").profile_id
+    bob = space.send("identify", traits={"email": "bo@x.io"}).profile_id
+    assert alice is not None and bob is not None
+    world.close()
+
+    # The kiosk's id is declared non-unique after it was stored: it never joins the two, and what acts
+    # as a suspect is listed as one (admin API, stats, explain), not silently kept from merging.
+    world = _reopened(tmp_path, "[spaces.s]\n[spaces.s.non_unique]\nexact = ['kiosk']\n")
+    space = world.space("s")
+    joined = space.send("identify", anonymousId="kiosk", traits={"email": "bo@x.io"})
+    assert joined.profile_id == bob and joined.merged == ()
+    assert [(item.identifier, item.evidence_type) for item in world.store.suspects("s")] == [
+        ("anonymous_id:kiosk", "declared")
+    ]
+    assert world.store.stats("s").suspect == 1
+    document = explain_document(world.store, "s", alice)
+    assert document is not None and [item["identifier"] for item in document["suspects"]] == [
+        "anonymous_id:kiosk"
+    ]
+    world.close()
+
+    # The declaration was a mistake and is removed: the id is an ordinary anonymous id again. Explain
+    # no longer says the space's rules declare it, and it joins the profiles it links.
+    world = _reopened(tmp_path, "[spaces.s]\n")
+    space = world.space("s")
+    assert world.store.suspects("s") == [] and world.store.stats("s").suspect == 0
+    document = explain_document(world.store, "s", alice)
+    assert document is not None and document["suspects"] == []
+    assert not any(record.suspect for record in world.store.identifiers("s", alice))
+    merged = space.send("identify", anonymousId="kiosk", traits={"email": "bo@x.io"})
+    assert merged.profile_id == alice and merged.merged == (bob,)
+    world.close()

@@ -349,6 +349,36 @@ async def test_event_external_ids_are_only_the_identifiers_the_profile_holds(api
     assert [i["id"] for i in carol["data"][0]["external_ids"]] == ["carol"]
 
 
+async def test_a_config_change_leaves_stored_identifiers_found_and_in_their_collection(
+    tmp_path: Path,
+) -> None:
+    # company_id is an accounts type that the config later drops, crm_id is later lower-cased: what is
+    # stored keeps its collection and spelling, and the API must still find it and label it so.
+    before = CONFIG + "[spaces.app.identifiers.company_id]\ncollection = 'accounts'\n"
+    world = open_world(tmp_path, before)
+    external = [
+        {"id": "CO-1", "type": "company_id", "collection": "accounts", "encoding": "none"},
+        {"id": "AbC", "type": "crm_id", "collection": "users", "encoding": "none"},
+    ]
+    world.space("app", "web").send("track", userId="u1", context={"externalIds": external}, at=at(minutes=1))
+    world.close()
+    world = World(
+        open_store(f"sqlite:///{tmp_path}/idstitch.db"),
+        config_from_toml(CONFIG + "[spaces.app.identifiers.crm_id]\nnormalise = 'lower'\n"),
+    )
+    transport = httpx.ASGITransport(app=ProfileAPI(world.engine, rate_limiter=RateLimiter(Clock())))
+    headers = {"Authorization": basic("pt_app")}
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+            users = await client.get(f"{USERS}/crm_id:AbC/events", headers=headers)
+            accounts = await client.get(f"{ACCOUNTS}/company_id:CO-1/events", headers=headers)
+    finally:
+        world.close()
+    assert users.status_code == 200 and accounts.status_code == 200
+    listed = {(item["type"], item["collection"]) for item in accounts.json()["data"][0]["external_ids"]}
+    assert listed == {("user_id", "users"), ("crm_id", "users"), ("company_id", "accounts")}
+
+
 async def test_event_pages_are_stable_while_new_events_arrive(api: Api) -> None:
     for minute in range(25):
         api.web.send("track", userId="u1", event="Viewed", at=at(minutes=minute))

@@ -51,7 +51,7 @@ from conftest import NATS_URL, RUN
 from helpers import RECEIVED, config_from_toml
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError, InvalidEvent
-from idstitch.core.identifiers import NO_IDENTIFIER
+from idstitch.core.identifiers import NO_IDENTIFIER, Identifier
 from idstitch.core.messages import Message, parse_batch, parse_message
 from idstitch.engine import Engine, IngestBatch, IngestResult
 from idstitch.group_commit import GroupCommitWriter
@@ -992,6 +992,41 @@ def test_a_request_for_an_unknown_space_is_parked_at_once_intact_and_can_be_repl
         StorageType.FILE,
         RetentionPolicy.LIMITS,
     )
+
+
+def test_a_request_from_a_source_the_config_no_longer_has_in_its_space_is_parked(
+    tmp_path: Path, queue_url: str
+) -> None:
+    # Queued under a config where crm (merge = false) belonged to app; the workers restart with crm
+    # moved to another space. Resolved as an unknown, hence unrestricted, source, the feed that must
+    # never fuse people would fuse u1 and the anonymous visitor: it is parked instead, and lands once
+    # replayed to a worker whose config has the source again.
+    known = [
+        {"type": "identify", "userId": "u1", "messageId": "w1", "timestamp": "2026-03-02T10:00:00Z"},
+        {"type": "page", "anonymousId": "visitor", "messageId": "w2", "timestamp": "2026-03-02T10:01:00Z"},
+    ]
+    with engine_at(tmp_path / "queued.db") as engine:
+        engine.ingest([parse_message(raw, received_at=RECEIVED) for raw in known], space=SPACE, source="web")
+    both = {"userId": "u1", "anonymousId": "visitor", "timestamp": "2026-03-02T11:00:00Z"}
+    publish_messages(
+        queue_url, SPACE, "crm", [{"type": "identify", "messageId": "crm-1", **both}], received_at=RECEIVED
+    )
+    publish_messages(queue_url, SPACE, "web", people(1, prefix="fine"), received_at=RECEIVED)
+    moved = CONFIG.replace("[spaces.app.sources.crm]", "[spaces.other.sources.crm]")
+    person, visitor = Identifier("user_id", "u1"), Identifier("anonymous_id", "visitor")
+    with engine_at(tmp_path / "queued.db", config_from_toml(moved)) as engine:
+        summary = drain(engine, queue_url, batch=10)
+        assert (summary.parked, summary.queue_messages, summary.accepted) == (1, 1, 5)
+        assert "crm-1" not in set(engine.store.iter_event_ids(SPACE))
+        assert engine.store.find_profile(SPACE, person) != engine.store.find_profile(SPACE, visitor)
+    (parked,) = parked_requests(queue_url)
+    assert parked.reason == "ConfigError: unknown source 'crm' in space app (configured: web)"
+    assert replay_parked(queue_url) == [1]
+    with engine_at(tmp_path / "queued.db") as engine:
+        summary = drain(engine, queue_url)
+        assert (summary.parked, summary.accepted) == (0, 1)
+        assert "crm-1" in set(engine.store.iter_event_ids(SPACE))
+        assert engine.store.find_profile(SPACE, person) != engine.store.find_profile(SPACE, visitor)
 
 
 class FailsOnPoison(Engine):

@@ -345,6 +345,7 @@ def ingest(
         with _store(store) as opened:
             engine = Engine(opened, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
             _print_created_write_keys(engine)
+            _warn_of_unconfigured_spaces(engine)
             _freeze_startup_objects()
             tally = _Tally()
             started = time.monotonic()
@@ -447,6 +448,18 @@ def _print_created_write_keys(engine: Engine) -> None:
     for token in engine.created_tokens:
         kind = "Profile API read token" if token.kind == "read" else "Profile API admin token"
         stderr.print(f"created {kind} {token.token} for space {token.space}", soft_wrap=True)
+
+
+def _warn_of_unconfigured_spaces(engine: Engine) -> None:
+    """A space the store holds but the config no longer names (renamed or removed) is said once, as its
+    profiles would otherwise vanish from the Profile API without a word."""
+    for name in engine.store.spaces():
+        if name not in engine.config.spaces:
+            stderr.print(
+                f"warning: the store holds space {name}, which the config does not name: its profiles are "
+                f"neither served nor added to (a renamed space starts empty; read it with --space {name})",
+                soft_wrap=True,
+            )
 
 
 def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
@@ -562,6 +575,7 @@ def serve(
         with _store(store) as opened:
             engine = Engine(opened, settings)
             _print_created_write_keys(engine)
+            _warn_of_unconfigured_spaces(engine)
             _freeze_startup_objects()
             run_server(
                 engine,
@@ -633,6 +647,7 @@ def worker(
         with _store(store) as opened, ExitStack() as cleanup:
             engine = Engine(opened, settings)
             _print_created_write_keys(engine)
+            _warn_of_unconfigured_spaces(engine)
             configure_logging()  # JSON lines on stderr, as serve writes them
             running = WorkerSummary()
             on_commit = None

@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 import msgspec
 
 from idstitch.config import Config, SourceConfig
-from idstitch.core.errors import IdstitchError, InvalidEvent
+from idstitch.core.errors import ConfigError, IdstitchError, InvalidEvent
 from idstitch.core.graph import GraphView
-from idstitch.core.identifiers import Dropped, Extraction, Identifier, extract_identifiers, require_identifier
+from idstitch.core.identifiers import (
+    Dropped,
+    Extraction,
+    Identifier,
+    extract_identifiers,
+    parse_identifier,
+    require_identifier,
+)
 from idstitch.core.messages import Message
 from idstitch.core.resolve import MessageResolution, resolve_message, view_keys
 from idstitch.core.rules import IdentityRules
@@ -197,6 +204,21 @@ class Engine:
         self._load_tokens()
         if self.config.implicit:
             self._ensure_generated_tokens()
+        self._unmark_undeclared()
+
+    def _unmark_undeclared(self) -> None:
+        # A value the config no longer declares non-unique (a rule change) is an ordinary identifier
+        # again: its stored mark would keep it from ever merging, and explain would name a rule that is gone.
+        for space in self.config.spaces.values():
+            stale = []
+            for mark in self.store.suspects(space.name):
+                if mark.evidence_type != "declared":
+                    continue
+                identifier = parse_identifier(mark.identifier)
+                if not space.rules.non_unique.matches(identifier.value):
+                    stale.append(Identifier(identifier.type, identifier.value, mark.collection))
+            if stale:
+                self.store.unmark_declared(space.name, stale)
 
     def _release_moved_write_keys(self) -> None:
         # A config may give a stored source's write key to another source: the source was renamed, moved
@@ -295,7 +317,15 @@ class Engine:
         the caller sees only the outcomes.
         """
         for batch in batches:
-            self.config.space(batch.space)  # unknown space: a ConfigError before anything is written
+            # Unknown space or source: a ConfigError before anything is written (a queue worker parks the
+            # request). A source the config no longer has in this space (moved or removed while its
+            # requests were queued) would otherwise be resolved as an unrestricted one, escaping its policy.
+            sources = self.config.space(batch.space).sources
+            if batch.source is not None and batch.source not in sources:
+                known = ", ".join(sorted(sources)) or "none"
+                raise ConfigError(
+                    f"unknown source {batch.source!r} in space {batch.space} (configured: {known})"
+                )
         work = [
             (number, index, item, batch)
             for number, batch in enumerate(batches)

@@ -74,12 +74,23 @@ def find_root(
         return root
     assert ref.identifier is not None
     identifier = ref.identifier
+    collections = [collection] if collection is not None else []
     if collection is None:
         declared = rules.rule(identifier.type).collection if rules.knows(identifier.type) else "users"
-        collection = "accounts" if identifier.type == "group_id" else declared
+        inferred = "accounts" if identifier.type == "group_id" else declared
+        collections = [inferred, *(other for other in COLLECTIONS if other != inferred)]
     value = normalise_value(identifier.value, rules.rule(identifier.type).normalise)
-    # Identifiers always name their root (a merge repoints them), so this is the answer: one read.
-    return store.find_profile(space, Identifier(identifier.type, value, collection))
+    # Stored identifiers keep the collection and spelling of the rules they were stored under: after a
+    # type's collection or normalisation changes in the config (or a custom type is removed from it),
+    # the value as given and the other collection are looked at too, or what a profile holds is unfindable.
+    values = dict.fromkeys((value, identifier.value))
+    for where in collections:
+        for candidate in values:
+            # Identifiers always name their root (a merge repoints them), so a hit is the answer.
+            found = store.find_profile(space, Identifier(identifier.type, candidate, where))
+            if found is not None:
+                return found
+    return None
 
 
 def _time(value: datetime) -> str:

@@ -245,8 +245,12 @@ def resolve_collection(
         for item in identifiers
         if final_trusted is not None and rules.rank(item.type) > final_trusted and item in stored_or_added
     )
+    # A stored identifier too, not only a new one: a value declared after it was stored (a rule change)
+    # acts as a suspect from now on, so it is listed as one (explain, the admin API, stats).
     suspects += [
-        SuspectMark(item, "declared", ()) for item in added if item in suspect and item not in view.suspects
+        SuspectMark(item, "declared", ())
+        for item in identifiers
+        if item in suspect and item not in view.suspects and item in stored_or_added
     ]
     return Resolution(
         collection=collection,

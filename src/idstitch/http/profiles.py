@@ -368,14 +368,20 @@ class ProfileAPI:
     ) -> EventItem:
         payload = msgspec.json.decode(record.payload)
         rules = self.engine.rules(call.space)
+        assert call.collection is not None  # an events route names its collection
         external_ids = []
         for text in record.identifiers:
             if (record.message_id, text) in dropped:
                 continue
             kind, _, value = text.partition(":")
-            collection = "accounts" if kind == "group_id" else rules.rule(kind).collection
-            if collection == call.collection and text not in owned:
-                continue
+            if text in owned:
+                # The profile's own identifier is in its collection, whatever the config says of the
+                # type now (a custom type whose table was removed, or whose collection changed).
+                collection = call.collection
+            else:
+                collection = "accounts" if kind == "group_id" else rules.rule(kind).collection
+                if collection == call.collection:
+                    continue
             external_ids.append(EventExternalId(collection, kind, value, "none"))
         related: dict[str, str] = {}
         store = self.engine.store

@@ -423,6 +423,13 @@ class Store(Protocol):
         """Identifiers marked non-unique in a space."""
         ...
 
+    def unmark_declared(self, space: str, identifiers: Sequence[Identifier]) -> None:
+        """Remove the marks of these identifiers that a declared non-unique rule made (detected marks stay).
+
+        For a rule change: a value no longer declared is an ordinary identifier again.
+        """
+        ...
+
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None
     ) -> list[EventRecord]:

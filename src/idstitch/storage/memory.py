@@ -273,6 +273,16 @@ class MemoryStore:
         with self.transaction() as transaction:
             transaction.set_item(self._tokens, token.token, (token.space, token.kind))
 
+    def unmark_declared(self, space: str, identifiers: Sequence[Identifier]) -> None:
+        """Remove the declared (not the detected) marks of these identifiers."""
+        with self.transaction() as transaction:
+            marks = self._read(space).suspects
+            for item in identifiers:
+                key = Identifier(item.type, item.value, item.collection)
+                found = marks.get(key)
+                if found is not None and found[0] == "declared":
+                    transaction.del_item(marks, key)
+
     def first_token(self, token: TokenRecord) -> TokenRecord:
         """Store `token` unless its space has one of its kind; the one kept, either way."""
         with self.transaction() as transaction:

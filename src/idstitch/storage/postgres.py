@@ -358,6 +358,19 @@ class PostgresStore:
             (source.space, source.name, source.write_key),
         )
 
+    def unmark_declared(self, space: str, identifiers: Sequence[Identifier]) -> None:
+        """Remove the declared (not the detected) marks of these identifiers."""
+        if self.read_only:
+            raise ConfigError(f"store {_safe(self.url)} was opened read-only")
+        if not identifiers:
+            return
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            cursor.executemany(
+                "DELETE FROM suspects WHERE space = %s AND collection = %s AND type = %s AND value = %s "
+                "AND evidence_type = 'declared'",
+                [(space, item.collection, item.type, item.value) for item in identifiers],
+            )
+
     def upsert_token(self, token: TokenRecord) -> None:
         """Create a token or change its space or kind."""
         self._write(

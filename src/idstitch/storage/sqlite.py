@@ -356,6 +356,25 @@ class SQLiteStore:
                 (source.space, source.name, source.write_key),
             )
 
+    def unmark_declared(self, space: str, identifiers: Sequence[Identifier]) -> None:
+        """Remove the declared (not the detected) marks of these identifiers."""
+        if not identifiers:
+            return
+        with self.transaction() as transaction:
+            removed = [
+                item
+                for item in identifiers
+                if transaction.db.execute(
+                    "DELETE FROM suspects WHERE space = ? AND collection = ? AND type = ? AND value = ? "
+                    "AND evidence_type = 'declared'",
+                    (space, item.collection, item.type, item.value),
+                ).rowcount
+            ]
+            cache = transaction.cache
+            for item in removed:
+                cache.suspects.discard((space, item.collection, item.type, item.value))
+            cache.writes += len(removed)  # a rollback reloads the suspects from the database
+
     def upsert_token(self, token: TokenRecord) -> None:
         """Create a token or change its space or kind."""
         with self.transaction() as transaction:
