@@ -201,7 +201,11 @@ def streams(draw: st.DrawFn) -> list[tuple[str, str | None, dict[str, Any]]]:
                 if draw(st.booleans())
                 else {**draw(message()), "messageId": earlier["messageId"]}
             )
-            result.append((earlier_space if draw(st.booleans()) else space, earlier_source, again))
+            retried_in = earlier_space if draw(st.booleans()) else space
+            # Sent again into another space: by a source that space has (an unknown one is a ConfigError).
+            result.append(
+                (retried_in, earlier_source if earlier_source in SOURCES[retried_in] else source, again)
+            )
         else:
             result.append((space, source, {**draw(message()), "messageId": f"m{index}"}))
     return result

@@ -59,7 +59,7 @@ __all__ = [
 SPACE: Final = "default"
 SOURCE: Final = "web"
 WRITE_KEY: Final = "wk_bench"  # the source's write key, as the bench config names it
-FORMAT: Final = 1  # bump when what the seeder writes changes: cached stores of older formats are not reused
+FORMAT: Final = 2  # bump when what the seeder writes changes: cached stores of older formats are not reused
 DEFAULT_CHUNK: Final = 10_000  # people per transaction
 
 _M64: Final = (1 << 64) - 1
@@ -267,7 +267,8 @@ def _rows(messages: list[SeededMessage]) -> _Rows:
                 (SPACE, "users", "email", email, "user_id", user_id, at),
             ]
             rows.traits += [
-                (SPACE, profile, key, _encode(value).decode(), at) for key, value in raw["traits"].items()
+                (SPACE, profile, key, _encode(value).decode(), at, message_id)
+                for key, value in raw["traits"].items()
             ]
             carried = [f"user_id:{user_id}", f"anonymous_id:{anonymous_id}", f"email:{email}"]
         else:
@@ -315,7 +316,8 @@ _INSERTS: Final = (
     ("evidence", "INSERT INTO evidence VALUES (?, ?, ?, ?, ?, ?, ?)"),
     (
         "traits",
-        f"INSERT INTO traits (space, profile_id, key, value, set_at, source) VALUES (?, ?, ?, ?, ?, '{SOURCE}')",
+        "INSERT INTO traits (space, profile_id, key, value, set_at, source, message_id) "
+        f"VALUES (?, ?, ?, ?, ?, '{SOURCE}', ?)",
     ),
 )
 _INSERT_EVENTS: Final = (

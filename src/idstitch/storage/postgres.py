@@ -364,7 +364,7 @@ class PostgresStore:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
         if not identifiers:
             return
-        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+        with self._connection() as db, db.transaction(), db.cursor() as cursor:
             cursor.executemany(
                 "DELETE FROM suspects WHERE space = %s AND collection = %s AND type = %s AND value = %s "
                 "AND evidence_type = 'declared'",
