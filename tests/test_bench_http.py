@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -142,3 +143,53 @@ def test_a_phase_rate_counts_accepted_messages_not_those_rejected_inside_a_200()
     figures = phase.as_dict()
     assert (figures["messages"], figures["rejected_messages"]) == (100, 2)
     assert figures["messages_per_s"] == 49.0  # 98 accepted in 2 s
+
+
+def _bench_children(bench: psutil.Process) -> dict[str, psutil.Process]:
+    """The bench's serve and load processes by role, as far as they have started."""
+    found: dict[str, psutil.Process] = {}
+    for child in bench.children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if " serve " in command:
+            found["serve"] = child
+        elif "idstitch.bench.load" in command:
+            found["load"] = child
+    return found
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_benchmark_stopped_by_a_signal_leaves_no_server_running(stop: str, tmp_path: Path) -> None:
+    # A CI timeout or a closed terminal: the server and load process must not outlive the bench on
+    # their port. SIGTERM unwinds it (scratch removed, exit 143); even SIGKILL ends its children.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env |= {"IDSTITCH_BENCH_CACHE": str(tmp_path / "cache"), "TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "idstitch", "bench", "http", "--messages", "20000", "--rate", "500"]
+    command += ["--track-requests", "0", "--json"]
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        bench = psutil.Process(process.pid)
+        deadline = time.monotonic() + 90
+        children: dict[str, psutil.Process] = {}
+        while len(children) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            children = _bench_children(bench)
+            time.sleep(0.1)
+        time.sleep(1.0)  # the load is running
+        process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == (143 if stop == "sigterm" else -signal.SIGKILL), stderr
+        assert b"Traceback" not in stderr, stderr
+        _, alive = psutil.wait_procs(list(children.values()), timeout=30)
+        assert alive == [], [child.cmdline() for child in alive]
+        if stop == "sigterm":
+            assert list(scratch.iterdir()) == []  # the scratch directory and its store are gone
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for child in psutil.Process().children(recursive=True):
+            child.kill()

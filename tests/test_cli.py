@@ -706,6 +706,22 @@ def test_keys_lists_write_keys_and_tokens_again(cli: CLI) -> None:
     assert not (cli.directory / "never.db").exists()
 
 
+def test_keys_after_a_first_run_killed_before_its_tokens_were_made(cli: CLI) -> None:
+    # A first ingest killed after migrating the store (before its keys): nothing to point a client at
+    # yet, and the config is not what is missing, so keys says which command makes them.
+    open_store(cli.url).close()
+    text = cli.ok("keys").stdout
+    assert "write key (none yet: the next `idstitch ingest` or `serve` makes it)" in text
+    tokens_line = next(line for line in text.splitlines() if line.lstrip().startswith("tokens "))
+    assert tokens_line.split(None, 1)[1] == "none yet: the next `idstitch ingest` or `serve` makes them"
+    assert cli.json("keys") == [
+        {"space": "default", "sources": [{"name": "default", "write_key": None, "merge": True}], "tokens": []}
+    ]
+    done = cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
+    made = set(re.findall(r"\b(?:wk|pt|at)_\S+", done.stderr))
+    assert len(made) == 3 and made <= set(re.findall(r"\b(?:wk|pt|at)_\S+", cli.ok("keys").stdout))
+
+
 def test_help_and_usage_lines(cli: CLI) -> None:
     ingest_help = cli.ok("ingest", "--help", store=False).stdout
     # The program name is `python -m idstitch` here, `idstitch` when installed.

@@ -1002,7 +1002,13 @@ def keys(
             ]
             pairs += [(f"{item['kind']} token", item["token"]) for item in document["tokens"]]
             if not document["tokens"]:
-                pairs.append(("tokens", "none (profile_tokens / admin_tokens in the config)"))
+                # Without a config the first run makes them; one killed before that has made none yet.
+                missing = (
+                    "none yet: the next `idstitch ingest` or `serve` makes them"
+                    if settings.implicit
+                    else "none (profile_tokens / admin_tokens in the config)"
+                )
+                pairs.append(("tokens", missing))
             width = max(len(label) for label, _ in pairs)
             rows = [f"space {document['space']}", *(f"  {label:<{width}}  {text}" for label, text in pairs)]
             blocks.append("\n".join(rows))

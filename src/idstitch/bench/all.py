@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from idstitch.bench.children import die_with_parent
 from idstitch.storage.urls import redact_url, without_password
 
 __all__ = ["AllBenchPlan", "postgres_unreachable", "run_all"]
@@ -68,7 +69,14 @@ def _run_json(
     log("$ idstitch " + " ".join(arguments))
     started = time.monotonic()
     environment = {**_environment(), **(env or {})}
-    done = subprocess.run(_command(*arguments), capture_output=True, cwd=cwd, env=environment, check=False)
+    done = subprocess.run(
+        _command(*arguments),
+        capture_output=True,
+        cwd=cwd,
+        env=environment,
+        check=False,
+        preexec_fn=die_with_parent(),
+    )
     seconds = round(time.monotonic() - started, 1)
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace")[-_TAIL_CHARS:]

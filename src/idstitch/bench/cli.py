@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from idstitch.bench.all import AllBenchPlan, run_all
+from idstitch.bench.children import raise_on_sigterm
 from idstitch.bench.http import HttpBenchError, HttpBenchResult, run_http_bench
 from idstitch.bench.postgres import (
     DEFAULT_POSTGRES_URL,
@@ -53,6 +54,12 @@ DEFAULT_LATENCY_BUDGET_MS = 5.0
 
 
 _stderr = OutputConsole(stderr=True)
+
+
+@app.callback()
+def _unwind_on_sigterm() -> None:
+    """Before any benchmark: a SIGTERM stops its servers and load processes, then exits 143."""
+    raise_on_sigterm()
 
 
 def _progress(label: str, as_json: bool) -> Progress:

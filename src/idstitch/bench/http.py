@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from idstitch.bench.children import die_with_parent
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
 
@@ -149,6 +150,7 @@ class _Server:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),
             )
         self.url = ""
         self.profile_url = ""  # with --profile-port: the Profile API's own URL
@@ -272,7 +274,13 @@ def _run_load(spec: LoadSpec, directory: Path, on_event: Callable[[dict[str, Any
     errors = directory / "load.err"
     command = [sys.executable, "-m", "idstitch.bench.load", msgspec.json.encode(spec).decode()]
     with errors.open("wb") as stderr:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=die_with_parent(),
+        )
     result: dict[str, Any] | None = None
     try:
         assert process.stdout is not None

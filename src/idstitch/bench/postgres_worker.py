@@ -24,6 +24,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from idstitch.bench.children import end_with_parent
 from idstitch.bench.runner import peak_rss_mb, workload_lines
 from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
@@ -163,6 +164,7 @@ def worker_main(plan: WorkerPlan, channel: Queue[Any], go: Event, finish: Event,
     """
     # Ctrl-C reaches the whole process group: the parent alone decides how the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent(parent)
     store: CountingStore | None = None
     try:
         store = CountingStore(plan.store_url)

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from idstitch.bench.children import die_with_parent
 from idstitch.bench.http import HttpBenchError, _high_water_mb, _RssSampler, _run_load, _Server
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.lookups import LookupSpec
@@ -185,7 +186,13 @@ def _run_lookups(spec: LookupSpec, directory: Path, on_event: Events) -> _Lookup
     errors = directory / f"lookups-{spec.phase}.err"
     command = [sys.executable, "-m", "idstitch.bench.lookups", msgspec.json.encode(spec).decode()]
     with errors.open("wb") as stderr:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=die_with_parent(),
+        )
     result: dict[str, Any] | None = None
     started = finished = 0.0
     try:
