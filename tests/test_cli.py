@@ -48,6 +48,18 @@ class CLI:
         assert "Traceback" not in done.stderr, done.stderr
         return done
 
+    def run_redirected(self, redirection: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The command started by sh after a redirection (`>&-`: with its stdout closed)."""
+        command = [sys.executable, "-m", "idstitch", *args, "--store", self.url]
+        return subprocess.run(
+            ["sh", "-c", f'exec "$@" {redirection}', "sh", *command],
+            capture_output=True,
+            text=True,
+            cwd=self.directory,
+            env=self.env,
+            timeout=120,
+        )
+
     def ok(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         done = self.run(*args, **kwargs)
         assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
@@ -876,39 +888,13 @@ def test_an_ingest_whose_stderr_reader_has_gone_completes(cli: CLI) -> None:
 def test_a_closed_stdout_is_no_crash(cli: CLI, args: list[str]) -> None:
     """A supervisor may start idstitch with stdout closed (`>&-`): the command still does its work."""
     cli.ok("ingest", str(WALKTHROUGH))
-    done = subprocess.run(
-        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "idstitch", *args, "--store", cli.url],
-        capture_output=True,
-        text=True,
-        cwd=cli.directory,
-        env=cli.env,
-        timeout=120,
-    )
+    done = cli.run_redirected(">&-", *args)
     assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_ingest_of_standard_input_when_it_is_closed_is_a_usage_error(cli: CLI) -> None:
     """`idstitch ingest - <&-` (a cron job or supervisor without stdin): before, a traceback and exit 1."""
-    done = subprocess.run(
-        [
-            "sh",
-            "-c",
-            'exec "$@" <&-',
-            "sh",
-            sys.executable,
-            "-m",
-            "idstitch",
-            "ingest",
-            "-",
-            "--store",
-            cli.url,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=cli.directory,
-        env=cli.env,
-        timeout=120,
-    )
+    done = cli.run_redirected("<&-", "ingest", "-")
     assert (done.returncode, done.stderr) == (2, "error: -: standard input is closed\n")
     assert not (cli.directory / "t.db").exists()
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from types import FrameType
+from typing import IO
 
-__all__ = ["BenchTerminated", "die_with_parent", "end_with_parent", "raise_on_sigterm"]
+__all__ = ["BenchTerminated", "die_with_parent", "end_with_parent", "raise_on_sigterm", "start_reporter"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -40,6 +42,13 @@ def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
     """A `preexec_fn` for Popen: the child receives `signum` when this process ends, even by SIGKILL."""
     parent = os.getpid()
     return lambda: end_with_parent(parent, signum)
+
+
+def start_reporter(command: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A child that reports on its stdout (one JSON event per line) and ends with this process."""
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, preexec_fn=die_with_parent()
+    )
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from idstitch.bench.children import die_with_parent
+from idstitch.bench.children import die_with_parent, start_reporter
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
 
@@ -274,13 +274,7 @@ def _run_load(spec: LoadSpec, directory: Path, on_event: Callable[[dict[str, Any
     errors = directory / "load.err"
     command = [sys.executable, "-m", "idstitch.bench.load", msgspec.json.encode(spec).decode()]
     with errors.open("wb") as stderr:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            preexec_fn=die_with_parent(),
-        )
+        process = start_reporter(command, stderr)
     result: dict[str, Any] | None = None
     try:
         assert process.stdout is not None

@@ -24,7 +24,6 @@ for the ``ingest`` phase.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from idstitch.bench.children import die_with_parent
+from idstitch.bench.children import start_reporter
 from idstitch.bench.http import HttpBenchError, _high_water_mb, _RssSampler, _run_load, _Server
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.lookups import LookupSpec
@@ -186,13 +185,7 @@ def _run_lookups(spec: LookupSpec, directory: Path, on_event: Events) -> _Lookup
     errors = directory / f"lookups-{spec.phase}.err"
     command = [sys.executable, "-m", "idstitch.bench.lookups", msgspec.json.encode(spec).decode()]
     with errors.open("wb") as stderr:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            preexec_fn=die_with_parent(),
-        )
+        process = start_reporter(command, stderr)
     result: dict[str, Any] | None = None
     started = finished = 0.0
     try:
