@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +25,7 @@ from idstitch.bench.postgres import (
 )
 from idstitch.bench.profile_api import ProfileApiBenchResult, run_profile_api_bench
 from idstitch.bench.runner import BenchResult, run_ingest_bench
+from idstitch.bench.scratch import scratch_directory
 from idstitch.cli import OutputConsole
 
 __all__ = ["app"]
@@ -162,8 +162,8 @@ def bench_sqlite(
     as_json: Json = False,
 ) -> None:
     """Ingest a generated realistic stream into a fresh SQLite file (WAL, durable commits)."""
-    with tempfile.TemporaryDirectory(prefix="idstitch-bench-") as folder:
-        target = path or Path(folder) / "bench.db"
+    with scratch_directory("sqlite") as folder:
+        target = path or folder / "bench.db"
         if target.exists():
             raise typer.BadParameter(
                 f"{target} exists; the benchmark needs a fresh file", param_hint="--path"

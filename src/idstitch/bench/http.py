@@ -27,7 +27,8 @@ import psutil
 
 from idstitch.bench.children import die_with_parent, start_reporter
 from idstitch.bench.load import LoadSpec
-from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
+from idstitch.bench.runner import ensure_workload, parse_only_rate
+from idstitch.bench.scratch import scratch_directory
 
 __all__ = ["HttpBenchError", "HttpBenchResult", "run_http_bench"]
 

@@ -28,7 +28,6 @@ import os
 import queue as queue_module
 import secrets
 import signal
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +57,7 @@ from idstitch.bench.runner import (
     percentile,
     workload_lines,
 )
+from idstitch.bench.scratch import scratch_directory
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError, InvalidEvent
 from idstitch.core.messages import decode_message
@@ -466,7 +466,7 @@ def _run_one(
     with contextlib.ExitStack() as stack:
         schema = stack.enter_context(_fresh_schema(admin, plan.postgres_url))
         queue = stack.enter_context(_fresh_stream(plan.queue_url)) if plan.queue_url else None
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idstitch-bench-postgres-")))
+        folder = stack.enter_context(scratch_directory("postgres"))
         _bootstrap(schema.main_url)
         if queue is None:
             shares = _write_shares(stream, workers, plan.batch_size, folder)

@@ -38,7 +38,8 @@ from idstitch.bench.children import start_reporter
 from idstitch.bench.http import HttpBenchError, _high_water_mb, _RssSampler, _run_load, _Server
 from idstitch.bench.load import LoadSpec
 from idstitch.bench.lookups import LookupSpec
-from idstitch.bench.runner import ensure_workload, parse_only_rate, scratch_directory
+from idstitch.bench.runner import ensure_workload, parse_only_rate
+from idstitch.bench.scratch import scratch_directory
 from idstitch.bench.seed import SPACE, WRITE_KEY, SeedResult, ensure_seeded_store
 
 __all__ = ["TARGET_LOOKUPS_PER_S", "TARGET_P95_MS", "ProfileApiBenchResult", "run_profile_api_bench"]

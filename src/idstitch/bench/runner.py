@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import gc
 import hashlib
 import itertools
@@ -23,6 +22,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from idstitch.bench.scratch import scratch_directory
 from idstitch.config import Config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, decode_message
@@ -42,7 +42,6 @@ __all__ = [
     "peak_rss_mb",
     "percentile",
     "run_ingest_bench",
-    "scratch_directory",
     "store_floor_rate",
     "workload_lines",
 ]
@@ -102,13 +101,6 @@ class BenchResult:
                 [None if bound == float("inf") else bound, count] for bound, count in self.latency_histogram
             ],
         }
-
-
-@contextlib.contextmanager
-def scratch_directory(name: str) -> Iterator[Path]:
-    """A temporary directory for one benchmark run, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix=f"idstitch-bench-{name}-") as folder:
-        yield Path(folder)
 
 
 def _cache_dir() -> Path:
