@@ -180,7 +180,10 @@ def test_a_benchmark_stopped_by_a_signal_leaves_no_server_running(stop: str, tmp
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             children = _bench_children(bench)
             time.sleep(0.1)
-        time.sleep(1.0)  # the load is running
+        # The load is running: the server has logged a batch request.
+        while not any(b"/v1/batch" in log.read_bytes() for log in scratch.glob("*/serve.log")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
         process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == (143 if stop == "sigterm" else -signal.SIGKILL), stderr
