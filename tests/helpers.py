@@ -10,8 +10,10 @@ minute per message unless given as `at=` or `timestamp=`), so runs are determini
 
 from __future__ import annotations
 
+import subprocess
+import time
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +38,7 @@ __all__ = [
     "ident",
     "open_space",
     "open_world",
+    "wait_for",
 ]
 
 BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # a Monday morning
@@ -220,3 +223,14 @@ def world_at(tmp_path: Path | None, toml: str | None = None) -> Iterator[World]:
         yield world
     finally:
         world.close()
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], seconds: float = 90.0
+) -> None:
+    """Poll a condition of another process's doing (bounded) while `process` runs."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"the process ended (exit {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from helpers import wait_for
 from idstitch.bench.load import PhaseStats
 from idstitch.bench.scratch import remove_abandoned_scratch
 
@@ -174,16 +175,14 @@ def test_a_benchmark_stopped_by_a_signal_leaves_no_server_running(stop: str, tmp
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         bench = psutil.Process(process.pid)
-        deadline = time.monotonic() + 90
-        children: dict[str, psutil.Process] = {}
-        while len(children) < 2:
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            children = _bench_children(bench)
-            time.sleep(0.1)
+        wait_for(lambda: len(_bench_children(bench)) == 2, "the server and the load process", process)
+        children = _bench_children(bench)
         # The load is running: the server has logged a batch request.
-        while not any(b"/v1/batch" in log.read_bytes() for log in scratch.glob("*/serve.log")):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.1)
+        wait_for(
+            lambda: any(b"/v1/batch" in log.read_bytes() for log in scratch.glob("*/serve.log")),
+            "a batch request",
+            process,
+        )
         process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == (143 if stop == "sigterm" else -signal.SIGKILL), stderr

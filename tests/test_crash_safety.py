@@ -12,17 +12,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
 from idstitch.storage.urls import open_store
 
 MESSAGES = int(os.environ.get("IDSTITCH_CRASH_MESSAGES", "30000"))
 BATCH_SIZE = "100"
-DEADLINE_SECONDS = 90.0
 
 
 def write_workload(path: Path, messages: int, seed: int) -> None:
@@ -106,15 +104,6 @@ def stored_events(database: Path) -> int:
             connection.close()
     except sqlite3.OperationalError:
         return 0
-
-
-def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
-    """Poll a condition (bounded) while the process runs."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not condition():
-        assert process.poll() is None, f"ingest ended (exit {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def dump_and_ids(url: str) -> tuple[dict[str, object], set[str]]:
