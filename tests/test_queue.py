@@ -731,9 +731,17 @@ def test_a_nats_server_without_jetstream_is_one_clear_line_and_exit_2(tmp_path: 
     env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
     store = f"sqlite:///{tmp_path / 'idstitch.db'}"
     try:
-        for command in (["worker"], ["serve", "--port", "0"]):
+        commands = (
+            ["worker", "--store", store],
+            ["serve", "--port", "0", "--store", store],
+            ["parked", "list"],
+            ["parked", "show", "1"],
+            ["parked", "replay", "--all"],
+            ["parked", "delete", "1"],
+        )
+        for command in commands:
             done = subprocess.run(
-                [sys.executable, "-m", "idstitch", *command, "--queue", nats_server.url, "--store", store],
+                [sys.executable, "-m", "idstitch", *command, "--queue", nats_server.url],
                 cwd=tmp_path,
                 env=env,
                 capture_output=True,
@@ -992,6 +1000,93 @@ def test_a_request_for_an_unknown_space_is_parked_at_once_intact_and_can_be_repl
         StorageType.FILE,
         RetentionPolicy.LIMITS,
     )
+
+
+def parked_command(*arguments: str) -> subprocess.CompletedProcess[bytes]:
+    """`idstitch parked …` in a subprocess, as an operator runs it (no IDSTITCH_* of this shell)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "idstitch", "parked", *arguments],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_an_operator_lists_shows_replays_and_deletes_parked_requests_from_the_command_line(
+    tmp_path: Path, queue_url: str
+) -> None:
+    queue = parse_queue_url(queue_url)
+    with engine_at(tmp_path / "queued.db") as engine:
+        publish_messages(queue_url, "nowhere", "web", people(1, prefix="lost"), received_at=RECEIVED)
+        assert drain(engine, queue_url).parked == 1
+        publish_raw(queue_url, SPACE, b"\x00 not json")
+        assert drain(engine, queue_url).parked == 1
+
+    listed = parked_command("list", "--queue", queue_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    document = json.loads(listed.stdout)
+    assert document["dead_stream"] == queue.dead_stream
+    unknown_space = "ConfigError: unknown space 'nowhere' (configured: app, other)"
+    malformed = "not a queued request: JSON is malformed: invalid character (byte 0)"
+    assert [
+        (
+            item["sequence"],
+            item["space"],
+            item["source"],
+            item["messages"],
+            item["deliveries"],
+            item["reason"],
+        )
+        for item in document["parked"]
+    ] == [(1, "nowhere", "web", 5, 1, unknown_space), (2, SPACE, None, None, 1, malformed)]
+    assert [item["subject"] for item in document["parked"]] == [
+        queue.subject_for("nowhere"),
+        queue.subject_for(SPACE),
+    ]
+    assert document["parked"][1]["bytes"] == len(b"\x00 not json")
+
+    text = parked_command("list", "--queue", queue_url).stdout.decode().splitlines()
+    assert text[0] == f"2 parked requests in {queue.dead_stream} on {NATS_URL}:"
+    assert text[1].split() == ["sequence", "parked", "at", "space", "messages", "deliveries", "reason"]
+    assert text[2].split()[:1] + text[2].split()[3:6] == ["1", "nowhere", "5", "1"]
+    assert text[2].endswith(unknown_space) and text[3].endswith(malformed)
+
+    shown = parked_command("show", "2", "--queue", queue_url)
+    assert (shown.returncode, shown.stdout) == (0, b"\x00 not json")  # the bytes as queued, to fix or read
+
+    # A sequence that is not parked: nothing at all is done, and the exit code says "not found".
+    refused = parked_command("replay", "1", "3", "--queue", queue_url)
+    assert refused.returncode == 1
+    assert refused.stderr.decode().strip() == (
+        f"error: no parked request 3 in {queue.dead_stream}: nothing was done"
+    )
+    assert [item.sequence for item in parked_requests(queue_url)] == [1, 2]
+    assert parked_command("replay", "--queue", queue_url).returncode == 2  # neither sequences nor --all
+
+    # The junk can never succeed: the operator deletes it; the other is replayed once its space exists.
+    deleted = parked_command("delete", "2", "--queue", queue_url)
+    assert (deleted.returncode, deleted.stdout.decode()) == (
+        0,
+        f"deleted 1 parked request from {queue.dead_stream}: 2\n",
+    )
+    replayed = parked_command("replay", "--all", "--queue", queue_url, "--json")
+    assert (replayed.returncode, json.loads(replayed.stdout)) == (0, {"replayed": [1]})
+    assert parked_command("show", "1", "--queue", queue_url).returncode == 1
+    config = config_from_toml(CONFIG + '[spaces.nowhere.sources.web]\nwrite_key = "wk_nowhere"\n')
+    with engine_at(tmp_path / "queued.db", config) as engine:
+        assert (drain(engine, queue_url).accepted, parked_requests(queue_url)) == (5, [])
+        assert sorted(engine.store.iter_event_ids("nowhere")) == [f"lost-0-{step}" for step in range(5)]
+
+
+def test_listing_parked_requests_of_a_queue_never_used_creates_no_stream(queue_url: str) -> None:
+    listed = parked_command("list", "--queue", queue_url)
+    assert (listed.returncode, listed.stdout.decode()) == (
+        0,
+        f"no parked requests in {parse_queue_url(queue_url).dead_stream} on {NATS_URL}\n",
+    )
+    with pytest.raises(nats.js.errors.NotFoundError):
+        stream_info(queue_url, parse_queue_url(queue_url).stream)
 
 
 def test_a_request_from_a_source_the_config_no_longer_has_in_its_space_is_parked(

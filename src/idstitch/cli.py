@@ -1,9 +1,9 @@
-"""The command line: `idstitch ingest | serve | worker | profile | explain | stats | keys | simulate |
-accuracy | report | bench`.
+"""The command line: `idstitch ingest | serve | worker | parked | profile | explain | stats | keys |
+simulate | accuracy | report | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
-1 the profile asked for (or its space) is not in the store, 2 a usage or configuration error (missing
+1 the profile asked for (or its space) is not in the store (or the parked request), 2 a usage or configuration error (missing
 file, unknown space, bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C /
 SIGTERM (every batch committed before that is kept; run the same command again to resume). `serve`
 exits 0 after a graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so
@@ -59,6 +59,8 @@ from idstitch.storage.urls import open_store
 if TYPE_CHECKING:
     from idstitch.engine import Engine
     from idstitch.http.metrics import Metrics, QueueWorkerFigures
+    from idstitch.queue.jetstream import QueueConfig
+    from idstitch.queue.parked import ParkedRequest
     from idstitch.sim.accuracy import Accuracy
     from idstitch.sim.compare import Comparison
 
@@ -140,6 +142,9 @@ _QUEUE_HELP = (
     "&ack_wait=SECONDS] "
     "(defaults: stream IDSTITCH, subjects idstitch.ingest.<space>, consumer idstitch-workers, ack_wait 60)."
 )
+QueueOption = Annotated[
+    str, typer.Option("--queue", envvar="IDSTITCH_QUEUE", metavar="URL", help=_QUEUE_HELP)
+]
 CollectionOption = Annotated[
     str | None,
     typer.Option(
@@ -596,7 +601,7 @@ def serve(
 
 @app.command()
 def worker(
-    queue: Annotated[str, typer.Option("--queue", envvar="IDSTITCH_QUEUE", metavar="URL", help=_QUEUE_HELP)],
+    queue: QueueOption,
     batch: Annotated[
         int,
         typer.Option(
@@ -711,6 +716,165 @@ def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
         *(f"  {label:<18}{summary[key]:>10,}" for label, key in labels),
     ]
     print("\n".join(lines), flush=True)
+
+
+# -- parked ----------------------------------------------------------------------------------------
+
+parked_app = typer.Typer(
+    help="The requests workers parked in the dead-letter stream (`<stream>_DEAD`): list, show, replay, delete.",
+    no_args_is_help=True,
+)
+app.add_typer(parked_app, name="parked")
+SequencesArgument = Annotated[
+    list[int] | None,
+    typer.Argument(metavar="SEQUENCE...", min=1, help="Sequences in the dead-letter stream (see `list`)."),
+]
+
+
+@parked_app.command("list")
+def parked_list(
+    queue: QueueOption,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, metavar="N", help="At most N, oldest first.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Parked requests, oldest first: sequence, when, space, messages, deliveries and why it was parked."""
+    from idstitch.queue.jetstream import parse_queue_url
+    from idstitch.queue.parked import parked_requests
+
+    with _user_errors():
+        parsed = parse_queue_url(queue)
+        items = [_parked_json(parsed.subject, parked) for parked in parked_requests(parsed, limit=limit)]
+        if as_json:
+            print(json.dumps({"dead_stream": parsed.dead_stream, "parked": items}, indent=2))
+            return
+        where = f"{parsed.dead_stream} on {parsed.shown_servers}"
+        if not items:
+            print(f"no parked requests in {where}")
+            return
+        print(f"{_plural(len(items), 'parked request')} in {where}:")
+        header = ("sequence", "parked at", "space", "messages", "deliveries", "reason")
+        rows = [
+            (
+                str(item["sequence"]),
+                "-" if item["parked_at"] is None else _short_time(item["parked_at"]),
+                _shown(item["space"]),
+                "-" if item["messages"] is None else f"{item['messages']:,}",
+                "-" if item["deliveries"] is None else str(item["deliveries"]),
+                _shown(item["reason"]),
+            )
+            for item in items
+        ]
+        widths = [max(len(row[column]) for row in (header, *rows)) for column in range(5)]
+        for row in (header, *rows):
+            cells = [row[0].rjust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2])]
+            cells += [row[3].rjust(widths[3]), row[4].rjust(widths[4]), row[5]]
+            print("  ".join(cells).rstrip())
+
+
+def _parked_json(prefix: str, parked: ParkedRequest) -> dict[str, Any]:
+    """One parked request as listed; its space, source and message count read from the request itself."""
+    from idstitch.queue.envelope import decode
+
+    space = parked.subject.removeprefix(f"{prefix}.")  # the subject's token, for one that cannot be read
+    source = messages = None
+    try:
+        batch = decode(parked.data)
+    except IdstitchError:
+        pass  # not a request this version reads: the reason says why, `show` gives its bytes
+    else:
+        space, source, messages = batch.space, batch.source, len(batch.items)
+    return {
+        "sequence": parked.sequence,
+        "parked_at": None if parked.parked_at is None else parked.parked_at.isoformat(),
+        "space": space,
+        "source": source,
+        "messages": messages,
+        "bytes": len(parked.data),
+        "deliveries": parked.deliveries,
+        "subject": parked.subject,
+        "original_sequence": parked.original_sequence,
+        "reason": parked.reason,
+    }
+
+
+@parked_app.command("show", cls=_PlainUsage)
+def parked_show(
+    sequence: Annotated[int, typer.Argument(metavar="SEQUENCE", help="Its sequence (see `list`).")],
+    queue: QueueOption,
+) -> None:
+    """Print one parked request's bytes as they were queued (JSON), to read or to fix."""
+    from idstitch.queue.jetstream import parse_queue_url
+    from idstitch.queue.parked import parked_request
+
+    with _user_errors():
+        parsed = parse_queue_url(queue)
+        parked = parked_request(parsed, sequence)
+        if parked is None:
+            _error(f"no parked request {sequence} in {parsed.dead_stream}", 1)
+        sys.stdout.buffer.write(parked.data)
+        if sys.stdout.isatty():
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+
+
+@parked_app.command("replay", cls=_PlainUsage)
+def parked_replay(
+    queue: QueueOption,
+    sequences: SequencesArgument = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Every parked request.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Publish parked requests again to the subjects they came from (once the cause is fixed), then delete them."""
+    from idstitch.queue.jetstream import parse_queue_url
+    from idstitch.queue.parked import replay_parked
+
+    with _user_errors():
+        parsed = parse_queue_url(queue)
+        if replay_all and sequences:
+            raise UsageError("name sequences to replay or give --all, not both")
+        wanted = None if replay_all else _parked_sequences(parsed, sequences, "replay (or --all)")
+        replayed = replay_parked(parsed, wanted)
+        if as_json:
+            print(json.dumps({"replayed": replayed}))
+            return
+        listed = f": {', '.join(map(str, replayed))}" if replayed else ""
+        print(f"replayed {_plural(len(replayed), 'parked request')} to {parsed.stream}{listed}")
+
+
+@parked_app.command("delete", cls=_PlainUsage)
+def parked_delete(
+    queue: QueueOption,
+    sequences: SequencesArgument = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Delete parked requests for good: those that can never succeed (their messages are not stored)."""
+    from idstitch.queue.jetstream import parse_queue_url
+    from idstitch.queue.parked import delete_parked
+
+    with _user_errors():
+        parsed = parse_queue_url(queue)
+        deleted = delete_parked(parsed, _parked_sequences(parsed, sequences, "delete"))
+        if as_json:
+            print(json.dumps({"deleted": deleted}))
+            return
+        listed = f": {', '.join(map(str, deleted))}" if deleted else ""
+        print(f"deleted {_plural(len(deleted), 'parked request')} from {parsed.dead_stream}{listed}")
+
+
+def _parked_sequences(queue: QueueConfig, sequences: list[int] | None, what: str) -> list[int]:
+    """The sequences named, each of them parked; otherwise nothing is done (exit 1)."""
+    from idstitch.queue.parked import parked_request
+
+    if not sequences:
+        raise UsageError(f"name the sequences to {what}; `idstitch parked list` shows them")
+    wanted = list(dict.fromkeys(sequences))
+    missing = [sequence for sequence in wanted if parked_request(queue, sequence) is None]
+    if missing:
+        names = ", ".join(map(str, missing))
+        _error(f"no parked request {names} in {queue.dead_stream}: nothing was done", 1)
+    return wanted
 
 
 # -- profile / explain -----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ __all__ = [
     "JetStream",
     "QueueConfig",
     "QueueUnavailable",
+    "jetstream_unanswered",
     "parse_queue_url",
 ]
 
@@ -197,8 +198,10 @@ class JetStream:
         self._quiet = True  # until connected, failures end in one error, not a log line per attempt
 
     @classmethod
-    async def connect(cls, queue: QueueConfig, *, name: str, timeout: float = 10.0) -> JetStream:
-        """Connect (reconnecting forever once connected) and make sure the stream exists."""
+    async def connect(
+        cls, queue: QueueConfig, *, name: str, timeout: float = 10.0, ensure_stream: bool = True
+    ) -> JetStream:
+        """Connect (reconnecting forever once connected) and make sure the stream exists (unless told not to)."""
         connection = cls(queue, Client())
         try:
             # Reconnect without end: a NATS restart must not stop a server or a worker for good.
@@ -224,16 +227,15 @@ class JetStream:
                 f"{type(cause).__name__}: {cause}"
             ) from None
         connection._quiet = False
+        if not ensure_stream:
+            return connection  # a reader of the dead-letter stream: it must create nothing
         try:
             await connection.ensure_stream()
         except (nats.errors.Error, TimeoutError) as error:
             # Not the stream's answer (that is a ConfigError): JetStream's API did not answer at all,
             # which is what a nats-server started without `-js` does (no responders, 503).
             await connection.close()
-            raise QueueUnavailable(
-                f"NATS at {queue.shown_servers} does not answer JetStream requests "
-                f"({_nats_error(error)}): is JetStream enabled (nats-server -js)?"
-            ) from None
+            raise jetstream_unanswered(queue, error) from None
         except BaseException:
             await connection.close()
             raise
@@ -473,6 +475,14 @@ class JetStream:
             _log.warning(
                 "NATS connection closed uncleanly", extra={"error": f"{type(error).__name__}: {error}"}
             )
+
+
+def jetstream_unanswered(queue: QueueConfig, error: Exception) -> QueueUnavailable:
+    """The error for a NATS server whose JetStream API does not answer (one started without `-js`)."""
+    return QueueUnavailable(
+        f"NATS at {queue.shown_servers} does not answer JetStream requests "
+        f"({_nats_error(error)}): is JetStream enabled (nats-server -js)?"
+    )
 
 
 def _nats_error(error: Exception) -> str:

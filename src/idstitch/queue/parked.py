@@ -6,18 +6,22 @@ bytes unchanged, to the stream `<stream>_DEAD` (subject `<subject>_dead.<space>`
 why (`Idstitch-Parked-Reason`), where it came from (`Idstitch-Original-Stream`, `-Subject`,
 `-Sequence`) and how often it was delivered (`Idstitch-Deliveries`), and only then terminates it.
 
-`parked_requests` lists them; `replay_parked` publishes them again to the subjects they came from, once
-the cause is fixed, and deletes them from the dead-letter stream. A replayed request that had partly
-landed changes nothing twice: its messages keep their `messageId`s, which the store de-duplicates.
+`parked_requests` lists them and `parked_request` reads one, creating nothing; `replay_parked`
+publishes them again to the subjects they came from, once the cause is fixed, and deletes them from the
+dead-letter stream; `delete_parked` discards those that can never succeed. A replayed request that had
+partly landed changes nothing twice: its messages keep their `messageId`s, which the store de-duplicates.
+`idstitch parked list|show|replay|delete` runs these from the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import RawStreamMsg
 
@@ -28,10 +32,13 @@ from idstitch.queue.jetstream import (
     PARKED_SUBJECT,
     JetStream,
     QueueConfig,
+    jetstream_unanswered,
     parse_queue_url,
 )
 
-__all__ = ["ParkedRequest", "parked_requests", "replay_parked"]
+__all__ = ["ParkedRequest", "delete_parked", "parked_request", "parked_requests", "replay_parked"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +55,25 @@ class ParkedRequest:
 
 
 def parked_requests(queue: str | QueueConfig, *, limit: int | None = None) -> list[ParkedRequest]:
-    """The parked requests of a queue, oldest first (at most `limit`)."""
-    config = parse_queue_url(queue) if isinstance(queue, str) else queue
+    """The parked requests of a queue, oldest first (at most `limit`); creates no stream."""
 
-    async def run() -> list[ParkedRequest]:
-        jetstream = await JetStream.connect(config, name="idstitch parked")
+    async def read(jetstream: JetStream) -> list[ParkedRequest]:
+        return [parked async for parked in _parked(jetstream, limit)]
+
+    return _run(queue, "idstitch parked", read, ensure_stream=False)
+
+
+def parked_request(queue: str | QueueConfig, sequence: int) -> ParkedRequest | None:
+    """The parked request at `sequence` of the dead-letter stream, or None; creates no stream."""
+
+    async def read(jetstream: JetStream) -> ParkedRequest | None:
         try:
-            return [parked async for parked in _parked(jetstream, limit)]
-        finally:
-            await jetstream.close()
+            raw = await jetstream.js.get_msg(jetstream.queue.dead_stream, sequence)
+        except nats.js.errors.NotFoundError:
+            return None  # never parked, deleted or replayed since, or no dead-letter stream at all
+        return _request(jetstream.queue, raw)
 
-    return asyncio.run(run())
+    return _run(queue, "idstitch parked", read, ensure_stream=False)
 
 
 def replay_parked(
@@ -70,28 +85,67 @@ def replay_parked(
     stream only once JetStream has acknowledged it. Its `Nats-Msg-Id` names the parked copy, so running
     this again after an interruption publishes it once.
     """
-    config = parse_queue_url(queue) if isinstance(queue, str) else queue
     wanted = None if sequences is None else set(sequences)
 
-    async def run() -> list[int]:
-        jetstream = await JetStream.connect(config, name="idstitch replay")
+    async def replay(jetstream: JetStream) -> list[int]:
+        dead_stream = jetstream.queue.dead_stream
         replayed: list[int] = []
+        async for parked in _parked(jetstream, None):
+            if wanted is not None and parked.sequence not in wanted:
+                continue
+            stamp = "" if parked.parked_at is None else parked.parked_at.isoformat()
+            await jetstream.publish(
+                parked.subject,
+                parked.data,
+                message_id=f"replay:{dead_stream}:{parked.sequence}:{stamp}",
+                timeout=timeout,
+            )
+            await jetstream.js.delete_msg(dead_stream, parked.sequence)
+            replayed.append(parked.sequence)
+        return replayed
+
+    # The stream is made when missing: the requests go back to it.
+    return _run(queue, "idstitch replay", replay, ensure_stream=True)
+
+
+def delete_parked(queue: str | QueueConfig, sequences: Iterable[int]) -> list[int]:
+    """Delete these parked requests for good (requests that can never succeed); the sequences deleted."""
+
+    async def delete(jetstream: JetStream) -> list[int]:
+        deleted: list[int] = []
+        for sequence in sequences:
+            try:
+                await jetstream.js.delete_msg(jetstream.queue.dead_stream, sequence)
+            except nats.js.errors.NotFoundError:
+                continue  # not there (any more): nothing to delete
+            deleted.append(sequence)
+        return deleted
+
+    return _run(queue, "idstitch parked", delete, ensure_stream=False)
+
+
+def _run(
+    queue: str | QueueConfig,
+    name: str,
+    work: Callable[[JetStream], Awaitable[_T]],
+    *,
+    ensure_stream: bool,
+) -> _T:
+    """Connect, do `work`, close; a NATS without JetStream is a QueueUnavailable, as for serve and workers."""
+    config = parse_queue_url(queue) if isinstance(queue, str) else queue
+
+    async def run() -> _T:
+        jetstream = await JetStream.connect(config, name=name, ensure_stream=ensure_stream)
         try:
-            async for parked in _parked(jetstream, None):
-                if wanted is not None and parked.sequence not in wanted:
-                    continue
-                stamp = "" if parked.parked_at is None else parked.parked_at.isoformat()
-                await jetstream.publish(
-                    parked.subject,
-                    parked.data,
-                    message_id=f"replay:{config.dead_stream}:{parked.sequence}:{stamp}",
-                    timeout=timeout,
-                )
-                await jetstream.js.delete_msg(config.dead_stream, parked.sequence)
-                replayed.append(parked.sequence)
+            return await work(jetstream)
+        except (
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+        ) as error:
+            raise jetstream_unanswered(config, error) from None
         finally:
             await jetstream.close()
-        return replayed
 
     return asyncio.run(run())
 
