@@ -438,3 +438,34 @@ def test_memory_stays_bounded_on_a_large_file(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert count == 12_000
     assert peak < 8_000_000
+
+
+def test_a_captured_client_request_keeps_its_client_times_not_the_files(tmp_path: Path) -> None:
+    # RudderStack's libraries send originalTimestamp and sentAt, no timestamp and no receivedAt. The
+    # file's modification time is no receivedAt: correcting against it dated a year of history at it.
+    path = tmp_path / "captured.ndjson"
+    calls = [
+        {**message(1, originalTimestamp="2023-05-01T10:00:00.000Z"), "timestamp": None},
+        {**message(2, originalTimestamp="2023-05-01T10:00:02.000Z"), "timestamp": None},
+    ]
+    single = {**message(3, originalTimestamp="2023-04-01T08:00:00.000Z", sentAt="2023-04-01T08:00:01Z")}
+    single["timestamp"] = None
+    sent_only = {**message(4, sentAt="2023-03-01T07:00:00.000Z"), "timestamp": None}
+    archived = {
+        **message(5, originalTimestamp="2023-02-01T00:00:00Z", sentAt="2023-02-01T00:00:10Z"),
+        "timestamp": None,
+        "receivedAt": "2023-02-01T00:00:05Z",
+    }
+    path.write_bytes(
+        ndjson({"batch": calls, "sentAt": "2023-05-01T10:00:05.000Z"}, single, sent_only, archived)
+    )
+    os.utime(path, (1_717_243_200, 1_717_243_200))  # 2024-06-01T12:00:00Z
+    found = [item for _, item in items(path)]
+    assert all(isinstance(item, Message) for item in found)
+    assert [item.payload["timestamp"] for item in found if isinstance(item, Message)] == [
+        "2023-05-01T10:00:00.000Z",
+        "2023-05-01T10:00:02.000Z",
+        "2023-04-01T08:00:00.000Z",
+        "2023-03-01T07:00:00.000Z",  # the client's clock when it sent, not the file's time
+        "2023-01-31T23:59:55.000Z",  # its own receivedAt is a real one: corrected against it
+    ]

@@ -350,6 +350,7 @@ def parse_message(
     default_type: str | None = None,
     occurrences: SourceOccurrences | None = None,
     delivery: str | None = None,
+    estimated_receipt: bool = False,
 ) -> Message:
     """Validate one decoded message and normalise it into a Message.
 
@@ -360,6 +361,11 @@ def parse_message(
     `delivery` is for a live endpoint: a token unique to the request. There a message's own
     `receivedAt` is replaced by the server's, and a message without messageId is a send of its own,
     never a copy of another with the same content: its id comes from the token and its position.
+
+    `estimated_receipt` is for files: `received_at` then only stands in for the unknown time the
+    messages reached a server (the file's modification time), so `sentAt` corrects `originalTimestamp`
+    only against a message's own `receivedAt`; a message without one keeps its client's time
+    (`originalTimestamp`, else `sentAt`).
     """
     received = _utc_ms(received_at)
     return _parse(
@@ -372,6 +378,7 @@ def parse_message(
         None,
         occurrences,
         None if delivery is None else f"{delivery}#0",
+        estimated_receipt,
     )
 
 
@@ -381,11 +388,12 @@ def parse_batch(
     received_at: datetime,
     occurrences: SourceOccurrences | None = None,
     delivery: str | None = None,
+    estimated_receipt: bool = False,
 ) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
     """Parse a batch envelope into per-element results (Message or its error) and the other envelope keys.
 
-    An element may already be an InvalidEvent (see decode_batch_json). `occurrences` and `delivery` are
-    as for parse_message.
+    An element may already be an InvalidEvent (see decode_batch_json). `occurrences`, `delivery` and
+    `estimated_receipt` are as for parse_message.
     """
     if not isinstance(raw, dict):
         raise InvalidEvent("", "batch request must be a JSON object")
@@ -427,6 +435,7 @@ def parse_batch(
                     batch_sent,
                     occurrences,
                     None if delivery is None else f"{delivery}#{index}",
+                    estimated_receipt,
                 )
             )
         except InvalidEvent as exc:
@@ -496,6 +505,7 @@ def _parse(
     batch_sent: tuple[object, datetime | InvalidEvent] | None,
     occurrences: SourceOccurrences | None = None,
     delivery: str | None = None,
+    estimated_receipt: bool = False,
 ) -> Message:
     if not isinstance(raw, dict):
         raise InvalidEvent("", "message must be a JSON object")
@@ -561,11 +571,14 @@ def _parse(
     # Timestamps (SPEC §6). An archived message's own receivedAt is kept (a live endpoint passes
     # `delivery` and keeps its own clock); a bad one cannot break ingestion, the server's is used.
     received = received_at
+    # Whether `received` is when the message reached a server: only then can sentAt correct its time.
+    receipt_known = not estimated_receipt
     own_received = get("receivedAt")
     if delivery is None and own_received is not None and own_received != "":
         with contextlib.suppress(InvalidEvent):
             received = _utc_ms(parse_timestamp(own_received, "receivedAt"))
             received_text = own_received if _is_canonical(own_received) else format_timestamp(received)
+            receipt_known = True
     sent_value = get("sentAt")
     sent_or_error: datetime | InvalidEvent | None = None
     batch_sent_applied = False
@@ -583,7 +596,7 @@ def _parse(
     sent = None
     if isinstance(sent_or_error, InvalidEvent):
         # sentAt only corrects originalTimestamp: a bad one matters only where it would do that.
-        if original is not None and timestamp_value in _ABSENT:
+        if original is not None and timestamp_value in _ABSENT and receipt_known:
             raise sent_or_error
     else:
         sent = sent_or_error
@@ -604,7 +617,7 @@ def _parse(
         timestamp = explicit
         if _is_canonical(timestamp_value):
             timestamp_text = timestamp_value
-    elif sent is not None and original is not None:
+    elif sent is not None and original is not None and receipt_known:
         try:
             timestamp = received - (sent - original)
         except OverflowError:
@@ -615,6 +628,9 @@ def _parse(
         timestamp = min(timestamp, received)
     elif original is not None:
         timestamp = original
+    elif sent is not None and not receipt_known:
+        # A file's time may be months after the send: the client's clock is the better guess.
+        timestamp = sent
     else:
         timestamp = received
     if live and timestamp > received:

@@ -261,11 +261,15 @@ class _Parsing:
 
     def message(self, value: object) -> Message:
         """One message of this input."""
-        return parse_message(value, received_at=self.received_at, occurrences=self.occurrences)
+        return parse_message(
+            value, received_at=self.received_at, occurrences=self.occurrences, estimated_receipt=True
+        )
 
     def batch(self, value: object) -> tuple[list[Message | InvalidEvent], dict[str, Any]]:
         """One batch envelope of this input."""
-        return parse_batch(value, received_at=self.received_at, occurrences=self.occurrences)
+        return parse_batch(
+            value, received_at=self.received_at, occurrences=self.occurrences, estimated_receipt=True
+        )
 
 
 def _wide_encoding(start: bytes) -> str | None:
