@@ -761,6 +761,25 @@ def test_invalid_timestamp_strings(field: str) -> None:
         assert parse_error(track(**{**fields, field: bad})) == (field, "not an ISO-8601 timestamp")
 
 
+def test_a_leap_second_is_the_last_millisecond_of_its_minute() -> None:
+    # RFC 3339 allows second 60 (NTP-synced servers log 2016-12-31T23:59:60Z); such a message was rejected.
+    message = parse(track(timestamp="2016-12-31T23:59:60Z"))
+    assert message.timestamp == datetime(2016, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    assert message.payload["timestamp"] == "2016-12-31T23:59:59.999Z"
+    canonical = parse(track(timestamp="2016-12-31T23:59:60.000Z", receivedAt="2016-12-31T23:59:60.123Z"))
+    assert canonical.payload["timestamp"] == "2016-12-31T23:59:59.999Z"  # stored as it is read
+    assert canonical.payload["receivedAt"] == "2016-12-31T23:59:59.999Z"
+    shifted = parse(track(timestamp="2017-01-01T05:29:60.5+05:30"))
+    assert shifted.timestamp == datetime(2016, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    corrected = parse(
+        track(originalTimestamp="2016-12-31T23:59:60.250Z", sentAt="2017-01-01T00:00:01Z"),
+        received_at=datetime(2017, 1, 1, 0, 0, 1, tzinfo=UTC),
+    )
+    assert corrected.timestamp == datetime(2016, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    for bad in ("2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z", "2016-12-31T24:59:60Z"):
+        assert parse_error(track(timestamp=bad)) == ("timestamp", "not an ISO-8601 timestamp")
+
+
 @pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
 def test_timestamp_not_a_string(field: str) -> None:
     fields = NEEDS_SENT_AT if field == "sentAt" else {}

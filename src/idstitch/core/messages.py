@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -477,9 +478,17 @@ def parse_timestamp(value: object, field: str) -> datetime:
         raise InvalidEvent(field, "out of range") from None
 
 
+# A leap second (RFC 3339 allows second 60, NTP-synced servers log 23:59:60), which fromisoformat refuses.
+_LEAP_SECOND = re.compile(r"(\d{4}-\d{2}-\d{2}[T ](?:[01]\d|2[0-3]):[0-5]\d):60(?:[.,]\d+)?", re.ASCII)
+
+
 def _parse_timestamp_lenient(value: str, field: str) -> datetime:
     # fromisoformat rejects surrounding blanks and lower-case "t"/"z", which some clients send.
     cleaned = value.strip().upper()
+    leap = _LEAP_SECOND.match(cleaned)
+    if leap is not None:
+        # The last millisecond of its minute: it stays after the second before it and before the next.
+        cleaned = f"{leap.group(1)}:59.999{cleaned[leap.end() :]}"
     if cleaned != value:
         try:
             return datetime.fromisoformat(cleaned)
@@ -896,6 +905,7 @@ def _is_canonical(text: object) -> bool:
         and text[23] == "Z"
         and text[19] == "."
         and text[16] == ":"
+        and text[17] < "6"  # a leap second (:60) is read as :59.999
         and text[13] == ":"
         and text[10] == "T"
         and text[7] == "-"
