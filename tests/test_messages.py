@@ -835,9 +835,16 @@ def test_canonical_timestamp_strings_kept_and_others_normalised() -> None:
     assert message.payload["timestamp"] == "2025-12-29T03:04:05.678Z"
 
 
-def test_clock_skew_correction_out_of_range() -> None:
-    raw = track(sentAt="9999-12-31T23:59:59Z", originalTimestamp="0001-01-01T00:00:00Z")
-    assert parse_error(raw) == ("sentAt", "clock-skew correction out of range")
+def test_a_clock_skew_correction_past_the_calendar_still_lands_the_message() -> None:
+    # Go's zero time sent by a client whose clock is 2 s ahead: the correction falls 2 s before year 1.
+    # The message was rejected, so whether it landed hung on which of two clocks ran ahead.
+    zero = track(timestamp="0001-01-01T00:00:00Z", sentAt="2026-03-01T12:00:02Z")
+    assert parse(zero, delivery="request-1").timestamp == datetime(1, 1, 1, tzinfo=UTC)
+    early = track(sentAt="9999-12-31T23:59:59Z", originalTimestamp="0001-01-01T00:00:00Z")
+    assert parse(early).timestamp == datetime(1, 1, 1, tzinfo=UTC)
+    # A sentAt before the call, so far that the formula passes year 9999: dated on arrival, as a near one.
+    late = track(sentAt="0001-01-01T00:00:00Z", originalTimestamp="9999-12-31T23:59:59Z")
+    assert parse(late).timestamp == RECEIVED
 
 
 def test_date_only_timestamp() -> None:

@@ -630,7 +630,9 @@ def _parse(
         try:
             timestamp = received - (sent - original)
         except OverflowError:
-            raise InvalidEvent("sentAt", "clock-skew correction out of range") from None
+            # Past the calendar (Go's zero time from a clock a little ahead): its nearest end, never a
+            # rejection, which would hang on which of two clocks ran ahead. Later than receipt is capped below.
+            timestamp = _EARLIEST if sent > original else received
         # A sentAt before the call it sends cannot be: the correction would date the call after it
         # reached us (a sentAt in year 1 put it in year 4051), and a time in the future would skew every
         # window it falls in. Such a message is dated when it arrived; both client times stay in the payload.
@@ -911,6 +913,9 @@ def _is_canonical(text: object) -> bool:
         and text[7] == "-"
         and text[4] == "-"
     )
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 def _utc_ms(value: datetime) -> datetime:
