@@ -417,6 +417,39 @@ identifier_types = ["email", "user_id"]
         world.close()
 
 
+def test_e11_a_known_user_id_as_previous_id_is_no_anonymous_id_for_a_source_without_user_ids(
+    tmp_path: Path,
+) -> None:
+    # previousId is whichever identifier it already is: a known user_id stays one, and a source that
+    # may not contribute user_ids drops it; it never becomes an anonymous_id of a new, fake profile.
+    toml = """
+[spaces.s.sources.web]
+write_key = "wk_web"
+[spaces.s.sources.devices]
+write_key = "wk_devices"
+identifier_types = ["anonymous_id"]
+"""
+    world = open_world(tmp_path, toml)
+    try:
+        web = world.space_for_write_key("wk_web")
+        devices = world.space_for_write_key("wk_devices")
+        profile = web.send("identify", userId="old_id", at=at(minutes=1)).profile_id
+        alias = devices.send("alias", previousId="old_id", userId="new_id", at=at(minutes=2))
+        assert alias.status == "unresolved" and not alias.created
+        assert sorted((str(d.identifier), d.rule) for d in alias.dropped) == [
+            ("user_id:new_id", "source devices may not contribute user_id"),
+            ("user_id:old_id", "source devices may not contribute user_id"),
+        ]
+        assert devices.profile_of("anonymous_id:old_id") is None
+        assert devices.roots() == [profile]
+        assert devices.identifiers_of(str(profile)) == {"user_id:old_id"}
+        # An unknown previousId is an anonymous_id, which this source may contribute.
+        fresh = devices.send("alias", previousId="distinct_9", userId="u9", at=at(minutes=3))
+        assert fresh.created and devices.identifiers_of(str(fresh.profile_id)) == {"anonymous_id:distinct_9"}
+    finally:
+        world.close()
+
+
 def test_a_number_is_one_identifier_wherever_it_is_sent(tmp_path: Path) -> None:
     toml = """
 [spaces.s.identifiers.phone]

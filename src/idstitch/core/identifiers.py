@@ -54,7 +54,7 @@ class Extraction(msgspec.Struct, frozen=True, gc=False):
     accounts: tuple[Identifier, ...]
     dropped: tuple[Dropped, ...]
     # alias: what the previousId may be, each normalised as its type is, user_id first (the graph
-    # decides: a known user_id, else an anonymous_id); only the types the source may contribute
+    # decides: a known user_id, else an anonymous_id; then the source's policy applies)
     alias_previous: tuple[Identifier, ...] = ()
 
     @property
@@ -188,9 +188,7 @@ def drop_rule(reason: str) -> str:
     return reason
 
 
-def _alias_previous(
-    message: Message, rules: IdentityRules, policy: SourcePolicy, dropped: list[Dropped]
-) -> tuple[Identifier, ...]:
+def _alias_previous(message: Message, rules: IdentityRules, dropped: list[Dropped]) -> tuple[Identifier, ...]:
     """The identifiers an alias's previousId may be (appending to `dropped` what cannot be one)."""
     raw = _as_value(message.previous_id)
     if raw is None:
@@ -208,10 +206,9 @@ def _alias_previous(
     if reason is not None:
         dropped.append(Dropped(shown, reason))
         return ()
-    allowed = tuple(item for item in candidates if policy.allows(item.type))
-    if not allowed:
-        dropped.append(Dropped(shown, f"source {policy.name} may not contribute {shown.type}"))
-    return allowed
+    # The source's policy is applied once the graph has said which one it is: a known user_id that this
+    # source may not contribute is dropped, not attached as an anonymous_id of that value instead.
+    return tuple(candidates)
 
 
 def _refusal(value: str, rules: IdentityRules) -> str | None:
@@ -306,5 +303,5 @@ def extract_identifiers(
 
     alias_previous: tuple[Identifier, ...] = ()
     if message.type == "alias" and rules.alias_enabled:
-        alias_previous = _alias_previous(message, rules, policy, dropped)
+        alias_previous = _alias_previous(message, rules, dropped)
     return Extraction(tuple(users), tuple(accounts), tuple(dropped), alias_previous)

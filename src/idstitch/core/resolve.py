@@ -103,11 +103,10 @@ def resolve_message(
         ]
         unknown = [item for item in extraction.alias_previous if item.type == "anonymous_id"]
         previous = known[0] if known else unknown[0] if unknown else None
-        if previous is None:
-            # Not a known user_id, and this source may not add anonymous_ids: it cannot be attached.
-            as_anonymous = Identifier("anonymous_id", extraction.alias_previous[0].value)
-            dropped += (Dropped(as_anonymous, f"source {source.name} may not contribute anonymous_id"),)
-        else:
+        if previous is not None and not source.allows(previous.type):
+            # What it is, this source may not contribute: it is dropped, never taken as the other type.
+            dropped += (Dropped(previous, f"source {source.name} may not contribute {previous.type}"),)
+        elif previous is not None:
             current = [item for item in users if item.type == "user_id"]
             if previous.type == "user_id" and current:
                 retire.append(previous)
