@@ -721,6 +721,23 @@ async def test_the_caller_is_authenticated_before_the_request_is_validated(api: 
         assert (status, body["error"]["code"]) == (401, "authentication_error"), path
 
 
+async def test_a_links_cursor_survives_the_merge_of_the_user_it_names(api: Api) -> None:
+    # Paging through an account's users while one of them merges into another (here an alias): the
+    # cursor named the merged user, whose link moved to the user it merged into; paging goes on.
+    for number in (1, 2, 3):
+        api.web.send("group", userId=f"u{number}", groupId="acme", at=at(minutes=number))
+    _, first = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="1")
+    assert [item["external_ids"][0]["id"] for item in first["data"]] == ["u1"]
+    api.web.send("alias", previousId="u2", userId="u1", at=at(minutes=4))  # u2 merges into u1
+    status, rest = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="1", next=first["cursor"]["next"])
+    assert status == 200, rest
+    assert [item["external_ids"][0]["id"] for item in rest["data"]] == ["u3"]
+    assert rest["cursor"]["has_more"] is False
+    # Every user once over the whole walk, the merged one under the profile it joined.
+    _, whole = await api.get(f"{ACCOUNTS}/group_id:acme/links")
+    assert [sorted(i["id"] for i in item["external_ids"]) for item in whole["data"]] == [["u1", "u2"], ["u3"]]
+
+
 async def test_a_links_cursor_that_is_not_one_is_400(api: Api) -> None:
     api.web.send("group", userId="u1", groupId="acme", at=at(minutes=1))
     for cursor in (b'["a","b"]', b'["use_nobody"]'):

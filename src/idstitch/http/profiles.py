@@ -425,17 +425,25 @@ class ProfileAPI:
         store = self.engine.store
         linked = store.links(call.space, root)
         if after is not None:
-            wanted = after[0]
-            if len(after) != 1 or wanted not in linked:
-                raise _problem(400, "invalid_request_error", "`next` does not name a link of this profile")
-            linked = linked[linked.index(wanted) :]
+            # The cursor names the next link and the last one shown (a cursor of one names only the next).
+            # The next one may have merged into another profile meanwhile, its link moving there: the
+            # page then starts after the last one shown, so that paging goes on where it was.
+            if len(after) > 2:
+                raise _bad_links_cursor()
+            wanted, shown = after[0], after[1:]
+            if wanted in linked:
+                linked = linked[linked.index(wanted) :]
+            elif shown and shown[0] in linked:
+                linked = linked[linked.index(shown[0]) + 1 :]
+            else:
+                raise _bad_links_cursor()
         page, more = linked[:limit], linked[limit:]
         other = "users" if call.collection == "accounts" else "accounts"
         data = [
             LinkItem(other, [_external_id(item, False) for item in store.identifiers(call.space, linked_id)])
             for linked_id in page
         ]
-        next_cursor = _encode_cursor((more[0],)) if more else ""
+        next_cursor = _encode_cursor((more[0], page[-1])) if more else ""
         return _encoder.encode(LinksResponse(data, _cursor(call, limit, next_cursor)))
 
     def _metadata(self, call: _Call, root: str) -> bytes:
@@ -738,6 +746,10 @@ def _unbase64(text: str) -> bytes:
     # Segment's cursors are standard base64, ours URL-safe without padding: accept both.
     cleaned = text.strip().replace("-", "+").replace("_", "/")
     return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+
+
+def _bad_links_cursor() -> HTTPProblem:
+    return _problem(400, "invalid_request_error", "`next` does not name a link of this profile")
 
 
 def _encode_cursor(key: tuple[str, ...]) -> str:
