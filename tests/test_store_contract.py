@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,3 +84,50 @@ def test_new_in_memory_stores_start_empty(url: str) -> None:
             del store
     finally:
         kept.clear()
+
+
+def test_sqlite_reads_and_merges_of_one_profile_never_walk_the_whole_space(tmp_path: Path) -> None:
+    """Each statement that reads a profile, its links, or merges accounts finds its rows by an index:
+    a plan that searches by `space` alone walks every profile or link of the space (was: an account's
+    links took 90 ms in a space of a million links, each profile read grew with the space)."""
+    from helpers import open_space
+    from idstitch.storage.sqlite import SQLiteStore
+
+    with open_space(tmp_path) as space:
+        for number in range(5):
+            space.send("group", userId=f"u{number}", groupId="acme")
+        space.send("alias", previousId="u2", userId="u1")  # a user with a merged child
+        store = space.store
+        assert isinstance(store, SQLiteStore)
+        db = store._writer
+        statements: list[str] = []
+        db.set_trace_callback(statements.append)
+        try:
+            # An account with a user merges into an older one (its links move), through a custom type.
+            ext = {"id": "S2", "type": "sfid", "collection": "accounts", "encoding": "none"}
+            space.send("group", userId="u4", groupId="globex")
+            space.send("track", userId="u3", context={"externalIds": [ext]})
+            merged = space.send("group", userId="u9", groupId="globex", context={"externalIds": [ext]})
+            assert len(merged.merged) == 1
+            reader = store._reader()
+            reader.set_trace_callback(statements.append)
+            for ref in ("group_id:acme", "group_id:globex", "user_id:u1", "user_id:u4"):
+                root = space.profile_of(ref)
+                assert root is not None
+                store.profile(space.name, root)
+                store.links(space.name, root)
+                store.event_count(space.name, root)
+        finally:
+            db.set_trace_callback(None)
+            store._reader().set_trace_callback(None)
+        walks = {}
+        for sql in dict.fromkeys(statements):
+            if not sql.lstrip().upper().startswith(("SELECT", "INSERT", "UPDATE", "DELETE")):
+                continue
+            plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
+            graph = re.compile(r"^(SCAN|SEARCH) (profiles|links|identifiers|traits|events|merges)\b")
+            if any(
+                graph.match(step) and (step.endswith("(space=?)") or step.startswith("SCAN")) for step in plan
+            ):
+                walks[sql] = plan
+        assert walks == {}

@@ -452,7 +452,9 @@ class SQLiteStore:
         if row is None:
             return None
         children = db.execute(
-            "SELECT segment_id FROM profiles WHERE space = ? AND parent_id = ? ORDER BY created_at, segment_id",
+            # Without INDEXED BY, the ORDER BY makes SQLite walk every profile of the space instead.
+            "SELECT segment_id FROM profiles INDEXED BY profiles_by_parent WHERE space = ? AND parent_id = ? "
+            "ORDER BY created_at, segment_id",
             (space, segment_id),
         )
         return ProfileRecord(
@@ -596,7 +598,11 @@ class SQLiteStore:
         """Roots of the other collection linked to a root."""
         db = self._reader()
         if self._family_column(db, space, profile_id) == "account_id":
-            sql = "SELECT user_id FROM links WHERE space = ? AND account_id = ? ORDER BY at, user_id"
+            # Without INDEXED BY, the ORDER BY makes SQLite walk every link of the space instead.
+            sql = (
+                "SELECT user_id FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
+                "ORDER BY at, user_id"
+            )
         else:
             sql = "SELECT account_id FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
         return [row[0] for row in db.execute(sql, (space, profile_id))]
@@ -1084,9 +1090,11 @@ class SQLiteTransaction(GraphCacheReader):
         )
         self._hold("DELETE FROM traits WHERE space = ? AND profile_id = ?", [(space, child)], barrier=True)
         own, other = ("account_id", "user_id") if collection == "accounts" else ("user_id", "account_id")
+        # An account's links are found by their index; left to itself SQLite walks every link of the space.
+        by_own = " INDEXED BY links_by_account" if collection == "accounts" else ""
         self._hold(
             f"INSERT OR IGNORE INTO links (space, {own}, {other}, at) "
-            f"SELECT space, ?, {other}, at FROM links WHERE space = ? AND {own} = ?",
+            f"SELECT space, ?, {other}, at FROM links{by_own} WHERE space = ? AND {own} = ?",
             [(target, space, child)],
             barrier=True,
         )
