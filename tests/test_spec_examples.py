@@ -450,6 +450,35 @@ identifier_types = ["anonymous_id"]
         world.close()
 
 
+def test_e11_an_alias_whose_merge_is_refused_retires_nothing(tmp_path: Path) -> None:
+    # The old and the new user_id are on two profiles and the source may not fuse them (merge = false):
+    # the message lands on one of them and the profiles stay apart. Retiring the old id anyway left its
+    # profile with no current user_id, so the next person on that device joined it.
+    toml = """
+[spaces.s.sources.web]
+write_key = "wk_web"
+[spaces.s.sources.crm]
+write_key = "wk_crm"
+merge = false
+"""
+    world = open_world(tmp_path, toml)
+    try:
+        web = world.space_for_write_key("wk_web")
+        crm = world.space_for_write_key("wk_crm")
+        alice = web.send("identify", userId="alice", anonymousId="a1", at=at(minutes=1)).profile_id
+        bob = web.send("identify", userId="bob", at=at(minutes=2)).profile_id
+        alias = crm.send("alias", previousId="alice", userId="bob", at=at(minutes=3))
+        assert alias.merged == ()
+        assert sorted(web.roots()) == sorted([alice, bob])
+        assert web.retired_of(str(alice)) == web.retired_of(str(bob)) == set()
+        # The user_id limit still protects Alice's profile from the next person on her device.
+        stranger = web.send("identify", userId="stranger", anonymousId="a1", at=at(minutes=4))
+        assert stranger.profile_id not in (alice, bob)
+        assert web.identifiers_of(str(alice)) == {"user_id:alice", "anonymous_id:a1"}
+    finally:
+        world.close()
+
+
 def test_a_number_is_one_identifier_wherever_it_is_sent(tmp_path: Path) -> None:
     toml = """
 [spaces.s.identifiers.phone]

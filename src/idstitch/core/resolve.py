@@ -236,6 +236,13 @@ def resolve_collection(
     kept = set(active)
     for item in dropped:
         kept.discard(item.identifier)
+    # E11: an alias retires the old id only on the profile that takes the new one. When the two stay
+    # apart (a refused merge, the new id dropped), retiring it would leave that profile with no current
+    # id, open to the next person on its device; so would making a retired id current on another profile.
+    on_target = (set(added) | set(attempt.touched)) & kept
+    current = {item.type for item in on_target if item not in retired}
+    retired = tuple(item for item in retired if item in on_target and item.type in current)
+    revived = tuple(item for item in revived if item in on_target)
     evidence, suspects = _evidence(identifiers, suspect, rules, view, timestamp)
     final_trusted = min((rules.rank(item.type) for item in kept), default=None)
     stored_or_added = set(added) | set(view.identifiers)
@@ -261,8 +268,8 @@ def resolve_collection(
         added=tuple(added),
         touched=tuple(touched),
         dropped=tuple(dropped),
-        retired=tuple(item for item in retired if item in kept),
-        revived=tuple(item for item in revived if item in kept),
+        retired=retired,
+        revived=revived,
         suspects=tuple(suspects),
         evidence=tuple(evidence),
         device_owned=device_owned,
