@@ -403,6 +403,23 @@ def test_bad_input_is_reported_per_line_and_every_good_line_lands(cli: CLI) -> N
     assert cli.json("stats", "--space", "default")["events"] == 3
 
 
+def test_ingest_counts_the_accounts_it_creates(cli: CLI) -> None:
+    # A CRM feed of group calls makes accounts: "profiles created 1" alone said nothing of the three
+    # accounts (while "merges" counts the accounts' merges too).
+    path = cli.write(
+        "accounts.ndjson",
+        msg(1, "group", userId="rep1", groupId="acme", traits={"name": "Acme"}),
+        msg(2, "group", userId="rep1", groupId="globex"),
+        msg(3, "group", userId="null", groupId="initech"),  # the user side blocked: an account alone
+        msg(4, "group", userId="rep1", groupId="acme"),
+    )
+    summary = json.loads(cli.ok("ingest", str(path), "--json").stdout)
+    assert (summary["profiles_created"], summary["accounts_created"]) == (1, 3)
+    assert cli.json("stats", "--space", "default")["accounts"] == 3
+    text = cli.ok("ingest", str(cli.write("more.ndjson", msg(5, "group", userId="rep2", groupId="hooli"))))
+    assert "  profiles created           1\n  accounts created           1\n" in text.stdout
+
+
 def test_rerunning_the_same_file_changes_nothing(cli: CLI) -> None:
     first = json.loads(cli.ok("ingest", str(WALKTHROUGH), "--json").stdout)
     assert first["rejected"] == 0 and first["accepted"] > 0
@@ -756,7 +773,17 @@ def test_worker_summary_counts_of_one_are_singular(capsys: pytest.CaptureFixture
     from idstitch.cli import _print_worker_summary
 
     counts = dict.fromkeys(
-        ("accepted", "duplicates", "unresolved", "rejected", "profiles_created", "merges", "commits"), 0
+        (
+            "accepted",
+            "duplicates",
+            "unresolved",
+            "rejected",
+            "profiles_created",
+            "accounts_created",
+            "merges",
+            "commits",
+        ),
+        0,
     )
     summary = {**counts, "retried": 0, "parked": 0, "seconds": 1.0, "messages_per_second": 1}
     _print_worker_summary({**summary, "queue_messages": 1, "messages": 1}, as_json=False)

@@ -479,6 +479,7 @@ def _print_summary(summary: dict[str, Any], files: int, as_json: bool) -> None:
         f"  unresolved        {summary['unresolved']:>10,}",
         f"  rejected          {summary['rejected']:>10,}",
         f"  profiles created  {summary['profiles_created']:>10,}",
+        f"  accounts created  {summary['accounts_created']:>10,}",
         f"  merges            {summary['merges']:>10,}",
     ]
     print("\n".join(lines))
@@ -704,6 +705,7 @@ def _print_worker_summary(summary: dict[str, Any], as_json: bool) -> None:
         ("unresolved", "unresolved"),
         ("rejected", "rejected"),
         ("profiles created", "profiles_created"),
+        ("accounts created", "accounts_created"),
         ("merges", "merges"),
         ("commits", "commits"),
         ("retried", "retried"),

@@ -61,10 +61,11 @@ class MessageOutcome(msgspec.Struct, frozen=True, gc=False):
     status: str  # resolved | duplicate | unresolved | rejected
     profile_id: str | None = None
     account_id: str | None = None
-    created: bool = False
+    created: bool = False  # a person's profile was created
     merged: tuple[str, ...] = ()
     dropped: tuple[Dropped, ...] = ()
     error: str | None = None
+    account_created: bool = False  # an account's profile was created
 
 
 @dataclass(slots=True)
@@ -93,6 +94,7 @@ class OutcomeCounts:
     unresolved: int = 0
     rejected: int = 0
     profiles_created: int = 0
+    accounts_created: int = 0
     merges: int = 0
 
     def count(self, outcome: MessageOutcome) -> None:
@@ -107,6 +109,7 @@ class OutcomeCounts:
         else:
             self.rejected += 1
         self.profiles_created += outcome.created
+        self.accounts_created += outcome.account_created
         self.merges += len(outcome.merged)
 
     def counts(self) -> dict[str, int]:
@@ -118,6 +121,7 @@ class OutcomeCounts:
             "unresolved": self.unresolved,
             "rejected": self.rejected,
             "profiles_created": self.profiles_created,
+            "accounts_created": self.accounts_created,
             "merges": self.merges,
         }
 
@@ -568,6 +572,7 @@ class Engine:
             profile_id=users.profile_id if users is not None else None,
             account_id=accounts.profile_id if accounts is not None else None,
             created=bool(users and users.created),
+            account_created=bool(accounts and accounts.created),
             merged=tuple(
                 step.child_id
                 for resolution in (users, accounts)
