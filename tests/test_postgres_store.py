@@ -21,6 +21,7 @@ from idstitch.core.errors import ConfigError
 from idstitch.core.messages import decode_message
 from idstitch.engine import Engine
 from idstitch.storage.base import SourceRecord
+from idstitch.storage.migrations import read_migrations
 from idstitch.storage.postgres import PostgresStore, lock_key
 from idstitch.storage.urls import open_store
 
@@ -400,6 +401,38 @@ def test_a_role_that_may_not_create_the_schema_is_told_which_grant_is_missing(po
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute(f'GRANT CREATE ON SCHEMA "{schema}" TO "{role}"')
         open_store(url).close()  # the grant the message names is enough
+    finally:
+        _drop_role(postgres_url, role)
+
+
+def _app_role(postgres_url: str, role: str, *, create: bool = False) -> str:
+    """A role with the documented application rights on the URL's schema (CREATE too if asked); its URL."""
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+        if create:
+            admin.execute(f'GRANT CREATE ON SCHEMA "{schema}" TO "{role}"')
+    return postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+
+
+def test_an_application_role_on_a_schema_a_newer_idstitch_migrated_is_told_so(postgres_url: str) -> None:
+    """An older worker restarted during an upgrade, after the owner migrated. Before: `role … may not
+    create the tables … grant it once with GRANT CREATE ON SCHEMA`, a grant that changes nothing."""
+    PostgresStore(postgres_url).close()
+    latest = read_migrations("postgres")[-1][0]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("INSERT INTO schema_migrations VALUES (%s, 'from_the_future', now())", (latest + 1,))
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    role = f"old_{schema}"
+    app_url = _app_role(postgres_url, role)
+    try:
+        for read_only in (False, True):
+            with pytest.raises(
+                ConfigError, match=f"schema version {latest + 1}, newer than this build's {latest}"
+            ):
+                PostgresStore(app_url, read_only=read_only)
     finally:
         _drop_role(postgres_url, role)
 

@@ -246,8 +246,11 @@ class PostgresStore:
         with self._connection() as db:
             user, schema = self._where(db)
             # Up to date: nothing to create, so a role with rights on the tables only (no CREATE on the
-            # schema, as PostgreSQL 15 gives no one but the owner on `public`) may run idstitch.
-            if self._applied(db) == latest:
+            # schema, as PostgreSQL 15 gives no one but the owner on `public`) may run idstitch. Newer:
+            # said before anything is tried, which such a role could not do (read again under the lock).
+            current = self._applied(db)
+            refuse_newer_schema(_safe(self.url), current, latest)
+            if current == latest:
                 return
             try:
                 with db.transaction():
