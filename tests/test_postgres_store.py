@@ -437,6 +437,35 @@ def test_an_application_role_on_a_schema_a_newer_idstitch_migrated_is_told_so(po
         _drop_role(postgres_url, role)
 
 
+def test_an_application_role_cannot_upgrade_the_schema_and_is_told_who_can(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version's migration alters the tables, which only their owner may do, whatever the rights
+    on the schema. Before: `grant it once with GRANT CREATE ON SCHEMA`, and with that grant the same
+    error again."""
+    migrations = read_migrations("postgres")
+    with monkeypatch.context() as patch:  # the schema as the first release left it
+        patch.setattr("idstitch.storage.postgres.read_migrations", lambda adapter: migrations[:1])
+        PostgresStore(postgres_url).close()
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        owner = admin.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+    role = f"upg_{schema}"
+    app_url = _app_role(postgres_url, role, create=True)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            open_store(app_url)
+        assert str(refused.value).endswith(
+            f"role {role} may not migrate schema {schema} from version 1 to {migrations[-1][0]}: only the "
+            f"owner of its tables, role {owner}, may alter them; let {owner} open the store once "
+            "(`idstitch ingest /dev/null` migrates it and ingests nothing)"
+        ), str(refused.value)
+        PostgresStore(postgres_url).close()  # the owner migrates, as the message says
+        open_store(app_url).close()
+    finally:
+        _drop_role(postgres_url, role)
+
+
 def test_a_search_path_naming_no_schema_is_said_so_when_reading_too(postgres_database: str) -> None:
     """Before: a reading command said the store `is at schema version 0` and to open it for writing,
     which then said that the search_path names no existing schema."""

@@ -268,6 +268,15 @@ class PostgresStore:
                                 "INSERT INTO schema_migrations VALUES (%s, %s, now())", (version, name)
                             )
             except psycopg.errors.InsufficientPrivilege as error:
+                if current:
+                    # Tables to alter, not to create: only their owner may, whatever the rights on the schema.
+                    owner = self._owner(db, schema)
+                    raise ConfigError(
+                        f"store {_safe(self.url)}: role {user} may not migrate schema {schema} from version "
+                        f"{current} to {latest}: only the owner of its tables, role {owner}, may alter them; "
+                        f"let {owner} open the store once (`idstitch ingest /dev/null` migrates it and "
+                        "ingests nothing)"
+                    ) from error
                 raise ConfigError(
                     f"store {_safe(self.url)}: role {user} may not create the tables in schema {schema} "
                     f'(permission denied): grant it once with GRANT CREATE ON SCHEMA "{schema}" TO "{user}", '
@@ -280,6 +289,15 @@ class PostgresStore:
         if row is None or row[1] is None:
             raise ConfigError(f"store {_safe(self.url)}: the search_path names no existing schema")
         return str(row[0]), str(row[1])
+
+    @staticmethod
+    def _owner(db: psycopg.Connection[Any], schema: str) -> str:
+        """The role owning the store's tables (the one that created them)."""
+        row = db.execute(
+            "SELECT tableowner FROM pg_tables WHERE schemaname = %s AND tablename = 'schema_migrations'",
+            (schema,),
+        ).fetchone()
+        return str(row[0]) if row is not None else "?"
 
     @staticmethod
     def _applied(db: psycopg.Connection[Any]) -> int:
