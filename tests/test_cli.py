@@ -7,15 +7,18 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from idstitch.storage.migrations import read_migrations
 from idstitch.storage.urls import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -951,3 +954,47 @@ def test_reading_an_empty_store_file_says_nothing_was_written_to_it(cli: CLI) ->
         f"error: store {cli.url} holds no idstitch data yet (schema version 0): "
         "a wrong URL, or run `idstitch ingest FILE` on it first\n"
     )
+
+
+def test_a_store_the_first_release_wrote_is_migrated_once_and_answers_as_a_fresh_one(cli: CLI) -> None:
+    """tests/fixtures/store_schema1.sql: seven walkthrough messages as the first release stored them.
+    Reading commands refuse it until a writer migrates it and name one that does and exits (before:
+    `idstitch serve`, a server that keeps running); it keeps its data, its messages stay de-duplicated,
+    and the rest of the walkthrough makes what a fresh store makes of the same messages."""
+    rows = (ROOT / "tests" / "fixtures" / "store_schema1.sql").read_text()
+    with closing(sqlite3.connect(cli.directory / "t.db")) as db:
+        db.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        db.executescript(read_migrations("sqlite")[0][2])
+        db.executescript(rows)
+    latest = read_migrations("sqlite")[-1][0]
+    for command in (["stats"], ["profile", "user_id:u_jane"], ["keys"]):
+        refused = cli.run(*command)
+        assert (refused.returncode, refused.stderr) == (
+            2,
+            f"error: store {cli.url} is at schema version 1, this build reads {latest}: open it once for "
+            "writing to migrate it (`idstitch ingest /dev/null` migrates it and ingests nothing)\n",
+        )
+    cli.ok("ingest", os.devnull)
+    stats = cli.json("stats")[0]
+    assert (stats["profiles"], stats["accounts"], stats["events"], stats["suspect"]) == (4, 1, 7, 1)
+    old = [
+        line for line in WALKTHROUGH.read_text().splitlines() if json.loads(line)["messageId"] in _FIRST_SEVEN
+    ]
+    again = cli.json("ingest", str(cli.write("again.ndjson", *old)))
+    assert (again["accepted"], again["duplicates"]) == (0, 7)
+    cli.ok("ingest", str(WALKTHROUGH))
+    fresh = CLI(cli.directory / "fresh")
+    fresh.directory.mkdir()
+    fresh.ok("ingest", str(cli.directory / "again.ndjson"))
+    fresh.ok("ingest", str(WALKTHROUGH))
+    migrated, made = open_store(cli.url, read_only=True), open_store(fresh.url, read_only=True)
+    try:
+        assert migrated.dump("default") == made.dump("default")
+    finally:
+        migrated.close()
+        made.close()
+
+
+_FIRST_SEVEN = {"wt-01", "wt-04", "wt-05", "wt-09", "wt-11", "wt-16", "wt-17"}
