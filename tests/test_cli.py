@@ -960,7 +960,8 @@ def test_a_store_the_first_release_wrote_is_migrated_once_and_answers_as_a_fresh
     """tests/fixtures/store_schema1.sql: seven walkthrough messages as the first release stored them.
     Reading commands refuse it until a writer migrates it and name one that does and exits (before:
     `idstitch serve`, a server that keeps running); it keeps its data, its messages stay de-duplicated,
-    and the rest of the walkthrough makes what a fresh store makes of the same messages."""
+    and the rest of the walkthrough makes what a fresh store makes of the same messages, down to the
+    first attachment of each identifier and the source of each trait (before: null for its rows)."""
     rows = (ROOT / "tests" / "fixtures" / "store_schema1.sql").read_text()
     with closing(sqlite3.connect(cli.directory / "t.db")) as db:
         db.execute(
@@ -992,6 +993,14 @@ def test_a_store_the_first_release_wrote_is_migrated_once_and_answers_as_a_fresh
     migrated, made = open_store(cli.url, read_only=True), open_store(fresh.url, read_only=True)
     try:
         assert migrated.dump("default") == made.dump("default")
+        # What the first release never recorded, read back from its events: the message and source that
+        # first attached each identifier (Profile API external_ids, graph), the source of each trait.
+        for row in made.dump("default")["profiles"]:
+            root = row[0]
+            assert migrated.identifiers("default", root) == made.identifiers("default", root)
+            assert [(item.key, item.source) for item in migrated.trait_records("default", root)] == [
+                (item.key, item.source) for item in made.trait_records("default", root)
+            ]
     finally:
         migrated.close()
         made.close()

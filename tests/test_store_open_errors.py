@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from idstitch.core.errors import ConfigError
+from idstitch.storage.migrations import read_migrations
 from idstitch.storage.sqlite import SQLiteStore
 from idstitch.storage.urls import open_store, redact_url
 
@@ -140,7 +141,7 @@ def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> N
     assert failures == []
     store = SQLiteStore(tmp_path / "new.db", read_only=True)
     try:
-        assert store.schema_version() == 3
+        assert store.schema_version() == 4
     finally:
         store.close()
 
@@ -154,11 +155,62 @@ def test_a_store_a_newer_idstitch_migrated_is_refused_for_writing_and_reading(tm
         db.execute("INSERT INTO schema_migrations VALUES (99, 'future', datetime('now'))")
     for read_only in (False, True):
         with pytest.raises(
-            ConfigError, match=r"schema version 99, newer than this build's 3: .* upgrade idstitch"
+            ConfigError, match=r"schema version 99, newer than this build's 4: .* upgrade idstitch"
         ):
             SQLiteStore(path, read_only=read_only)
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM spaces").fetchone() == (0,)
+
+
+def test_migration_0004_reads_back_what_the_events_tell_for_certain_and_leaves_the_rest_null(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores of the first release (schema 1) kept no first attachment per identifier and no source per
+    trait. Before: null in the Profile API and graph for all their rows, though their events say it."""
+    path = tmp_path / "first.db"
+    migrations = read_migrations("sqlite")
+    with monkeypatch.context() as patch:
+        patch.setattr("idstitch.storage.sqlite.read_migrations", lambda adapter: migrations[:1])
+        SQLiteStore(path).close()
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executemany(
+            "INSERT INTO profiles VALUES ('s', ?, 'users', ?, 0, 'm1', NULL, 0)",
+            [("use_a", None), ("use_b", "use_a")],  # use_b merged into use_a
+        )
+        db.executemany(
+            "INSERT INTO events VALUES (?, 's', ?, 'identify', NULL, ?, 0, ?, ?, NULL, ?, x'7b7d')",
+            [
+                (1, "m1", 1, "web", "use_b", '["user_id:u1"]'),  # attached u1 to the profile merged since
+                (2, "m2", 2, "ios", "use_a", '["user_id:u1","email:e@x.io"]'),
+                (3, "m3", 3, "web", "use_a", '["anonymous_id:a1"]'),  # dropped a1
+                (4, "m4", 4, "ios", "use_a", '["anonymous_id:a1"]'),
+                (5, "m5", 5, "web", "use_a", "[]"),  # two sources at one instant
+                (6, "m6", 5, "ios", "use_a", "[]"),
+            ],
+        )
+        db.executemany(
+            "INSERT INTO identifiers VALUES ('s', 'users', ?, ?, 'use_a', 0, 0, 0, NULL, NULL, NULL)",
+            [("user_id", "u1"), ("email", "e@x.io"), ("anonymous_id", "a1"), ("crm:x", "1"), ("crm", "x:1")],
+        )  # the first release took a type with a ':': two identifiers that read alike as type:value
+        db.execute("INSERT INTO dropped VALUES (1, 's', 'use_a', 'm3', 'anonymous_id:a1', 'limit', 3)")
+        db.executemany("INSERT INTO traits VALUES ('s', 'use_a', ?, '\"x\"', ?)", [("plan", 2), ("name", 5)])
+    store = SQLiteStore(path)
+    try:
+        assert {
+            (item.type, item.first_message_id, item.source) for item in store.identifiers("s", "use_a")
+        } == {
+            ("user_id", "m1", "web"),
+            ("email", "m2", "ios"),
+            ("anonymous_id", "m4", "ios"),
+            ("crm:x", None, None),
+            ("crm", None, None),
+        }
+        assert {item.key: item.source for item in store.trait_records("s", "use_a")} == {
+            "plan": "ios",
+            "name": None,
+        }
+    finally:
+        store.close()
 
 
 def test_a_file_that_is_not_a_sqlite_database_is_named(tmp_path: Path) -> None:
