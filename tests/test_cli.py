@@ -974,10 +974,14 @@ def test_a_store_the_first_release_wrote_is_migrated_once_and_answers_as_a_fresh
         refused = cli.run(*command)
         assert (refused.returncode, refused.stderr) == (
             2,
-            f"error: store {cli.url} is at schema version 1, this build reads {latest}: open it once for "
-            "writing to migrate it (`idstitch ingest /dev/null` migrates it and ingests nothing)\n",
+            f"error: store {cli.url} is at schema version 1, this build reads {latest}: run `idstitch "
+            "migrate` on it (or any command that writes) to migrate it\n",
         )
-    cli.ok("ingest", os.devnull)
+    migrated = cli.ok("migrate")
+    assert migrated.stdout == f"store {cli.url} migrated from schema version 1 to {latest}\n"
+    assert cli.ok("migrate").stdout == (
+        f"store {cli.url} is at schema version {latest}, this build's: nothing to migrate\n"
+    )
     stats = cli.json("stats")[0]
     assert (stats["profiles"], stats["accounts"], stats["events"], stats["suspect"]) == (4, 1, 7, 1)
     old = [
@@ -1004,6 +1008,21 @@ def test_a_store_the_first_release_wrote_is_migrated_once_and_answers_as_a_fresh
     finally:
         migrated.close()
         made.close()
+
+
+def test_migrate_on_a_new_store_creates_it_and_on_a_memory_store_says_there_is_nothing_to_migrate(
+    cli: CLI,
+) -> None:
+    latest = read_migrations("sqlite")[-1][0]
+    assert cli.ok("migrate").stdout == f"store {cli.url} created at schema version {latest}\n"
+    assert cli.json("stats") == []  # made the schema and nothing else: no space, no source, no key
+    for url in ("memory://", "sqlite:///:memory:"):
+        refused = cli.run("migrate", "--store", url)
+        assert (refused.returncode, refused.stdout, refused.stderr) == (
+            2,
+            "",
+            f"error: store {url} lives in this process only: it has no schema to migrate\n",
+        )
 
 
 _FIRST_SEVEN = {"wt-01", "wt-04", "wt-05", "wt-09", "wt-11", "wt-16", "wt-17"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from idstitch.engine import Engine
 from idstitch.storage.base import SourceRecord
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.postgres import PostgresStore, lock_key
-from idstitch.storage.urls import open_store
+from idstitch.storage.urls import open_store, redact_url
 
 
 def test_an_unreachable_server_or_a_refused_login_is_one_clear_line_and_exit_2() -> None:
@@ -457,10 +458,22 @@ def test_an_application_role_cannot_upgrade_the_schema_and_is_told_who_can(
             open_store(app_url)
         assert str(refused.value).endswith(
             f"role {role} may not migrate schema {schema} from version 1 to {migrations[-1][0]}: only the "
-            f"owner of its tables, role {owner}, may alter them; let {owner} open the store once "
-            "(`idstitch ingest /dev/null` migrates it and ingests nothing)"
+            f"owner of its tables, role {owner}, may alter them; let {owner} run "
+            "`idstitch migrate` on it once"
         ), str(refused.value)
-        PostgresStore(postgres_url).close()  # the owner migrates, as the message says
+        # The owner migrates, as the message says.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "idstitch", "migrate", "--store", postgres_url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert done.stdout == (
+            f"store {redact_url(postgres_url)} migrated from schema version 1 to {migrations[-1][0]}\n"
+        )
         open_store(app_url).close()
     finally:
         _drop_role(postgres_url, role)

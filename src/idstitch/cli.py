@@ -1,5 +1,5 @@
 """The command line: `idstitch ingest | serve | worker | parked | profile | explain | stats | keys |
-simulate | accuracy | report | bench`.
+migrate | simulate | accuracy | report | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
@@ -1199,6 +1199,31 @@ def _keys_document(engine: Engine, space: str) -> dict[str, Any]:
             tokens.append({"kind": record.kind, "token": record.token})
     tokens.sort(key=lambda item: (item["kind"] != "read", item["token"]))
     return {"space": space, "sources": sources, "tokens": tokens}
+
+
+# -- migrate ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate(store: StoreOption = DEFAULT_STORE_URL) -> None:
+    """Bring the store's schema up to this version of idstitch, and do nothing else (see Upgrading)."""
+    # `ingest`, `serve` and `worker` migrate on start too; this is for an upgrade done on its own (by the
+    # role that owns the PostgreSQL tables, say) before the application's processes start again.
+    from idstitch.storage.base import MigratedStore
+    from idstitch.storage.urls import redact_url
+
+    with _user_errors():
+        shown = redact_url(store)
+        with _store(store) as opened:
+            if not isinstance(opened, MigratedStore) or opened.migrated_from is None:
+                raise UsageError(f"store {shown} lives in this process only: it has no schema to migrate")
+            before, after = opened.migrated_from, opened.schema_version()
+        if before == 0:
+            print(f"store {shown} created at schema version {after}")
+        elif before == after:
+            print(f"store {shown} is at schema version {after}, this build's: nothing to migrate")
+        else:
+            print(f"store {shown} migrated from schema version {before} to {after}")
 
 
 # -- simulate / accuracy ---------------------------------------------------------------------------

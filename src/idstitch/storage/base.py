@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -26,6 +26,7 @@ __all__ = [
     "IntegrityError",
     "LockBusy",
     "MergeRecord",
+    "MigratedStore",
     "ProfileActivity",
     "ProfileRecord",
     "SourceRecord",
@@ -309,6 +310,18 @@ class StoreTransaction(Protocol):
 
     def learn_types(self, space: str, types: Sequence[tuple[str, str]]) -> None:
         """Remember custom identifier types (type, collection) in first-seen order."""
+        ...
+
+
+@runtime_checkable
+class MigratedStore(Protocol):
+    """A store on disk or a server, whose schema numbered migrations bring up to this build's."""
+
+    # The schema version a writer found on opening it (0: none); None: opened read-only, or in memory.
+    migrated_from: int | None
+
+    def schema_version(self) -> int:
+        """The newest applied migration."""
         ...
 
 

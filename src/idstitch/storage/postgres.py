@@ -107,6 +107,7 @@ class PostgresStore:
     def __init__(self, url: str, *, read_only: bool = False, max_connections: int = 8) -> None:
         self.url = url
         self.read_only = read_only
+        self.migrated_from: int | None = None
         self._events_written = 0
         self._analyze_at = _FIRST_ANALYZE
         self._max_connections = max_connections
@@ -250,6 +251,7 @@ class PostgresStore:
             # said before anything is tried, which such a role could not do (read again under the lock).
             current = self._applied(db)
             refuse_newer_schema(_safe(self.url), current, latest)
+            self.migrated_from = current
             if current == latest:
                 return
             try:
@@ -274,8 +276,7 @@ class PostgresStore:
                     raise ConfigError(
                         f"store {_safe(self.url)}: role {user} may not migrate schema {schema} from version "
                         f"{current} to {latest}: only the owner of its tables, role {owner}, may alter them; "
-                        f"let {owner} open the store once (`idstitch ingest /dev/null` migrates it and "
-                        "ingests nothing)"
+                        f"let {owner} run `idstitch migrate` on it once"
                     ) from error
                 raise ConfigError(
                     f"store {_safe(self.url)}: role {user} may not create the tables in schema {schema} "

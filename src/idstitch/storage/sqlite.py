@@ -185,6 +185,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._checkpointer: Checkpointer | None = None
+        self.migrated_from: int | None = None
         try:
             # The writer's page cache holds the hot B-tree pages of the indexes every message touches.
             self._writer = _connect(self._target, self._uri, 8 if read_only else page_cache_mb)
@@ -230,6 +231,7 @@ class SQLiteStore:
             migrations = read_migrations("sqlite")
             newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
             refuse_newer_schema(self.url, int(newest or 0), migrations[-1][0])
+            self.migrated_from = None if self._memory else int(newest or 0)
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
             for version, name, script in migrations:
                 if version in applied:

@@ -40,5 +40,5 @@ def refuse_older_schema(store: str, version: int, latest: int) -> None:
     if version < latest:
         raise ConfigError(
             f"store {store} is at schema version {version}, this build reads {latest}: "
-            "open it once for writing to migrate it (`idstitch ingest /dev/null` migrates it and ingests nothing)"
+            "run `idstitch migrate` on it (or any command that writes) to migrate it"
         )
