@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -669,6 +670,47 @@ def test_merge_repoints_flattens_and_moves_everything(store: Store) -> None:
     assert store.event_count(SPACE, "use_a") == 3
     assert [record.message_id for record in store.events(SPACE, "use_a")] == ["e3", "e2", "e1"]
     assert [record.message_id for record in store.dropped(SPACE, "use_a")] == ["e2", "e3"]
+
+
+def _family_reads(store: Store, root: str) -> dict[str, Any]:
+    """Everything a Profile API response of use_b reads, each read on its own."""
+    return {
+        "root": store.resolve_segment_id(SPACE, "use_c"),
+        "profile": store.profile(SPACE, root),
+        "identifiers": [item.value for item in store.identifiers(SPACE, root)],
+        "traits": store.traits(SPACE, root),
+        "events": store.event_count(SPACE, root),
+        "links": store.links(SPACE, root),
+        "merges": [item.child_id for item in store.merges(SPACE, root)],
+        "stats": store.stats(SPACE),
+    }
+
+
+def test_a_snapshot_sees_one_moment_while_another_thread_merges(store: Store) -> None:
+    """A response reads the root an id names and then that root's parts. Before: a merge committed in
+    between showed half (use_b no profile, no identifiers, no traits, while the first read named it)."""
+    _merge_fixture(store)
+    before = _family_reads(store, "use_b")
+
+    def merge_b_into_a() -> None:
+        with store.transaction() as tx:
+            merge(tx, "use_a", t(10), ("use_b", anon("b1")), message_id="m-ab")
+
+    writer = threading.Thread(target=merge_b_into_a)
+    with store.snapshot():
+        assert _family_reads(store, "use_b") == before
+        writer.start()
+        # A store whose snapshot holds writers off (the memory ones) lets it commit after; the bound
+        # only keeps this test from waiting for that.
+        writer.join(timeout=1)
+        assert _family_reads(store, "use_b") == before
+        with store.snapshot():  # nested: the same moment
+            assert _family_reads(store, "use_b") == before
+    writer.join()
+    after = _family_reads(store, "use_a")
+    assert after["root"] == "use_a" and after["profile"] is not None
+    assert after["profile"].merged_segment_ids == ("use_b", "use_c")
+    assert store.profile(SPACE, "use_b") is None
 
 
 def test_event_resolutions_reach_todays_roots_in_ingest_order_and_blocked_values_are_listed(

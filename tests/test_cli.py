@@ -194,6 +194,52 @@ def test_a_merged_childs_segment_id_resolves_to_the_parent_and_explain_shows_the
     assert stats["merges"] == 1 and stats["profiles"] == 1
 
 
+@pytest.mark.parametrize("command", ["profile", "explain"])
+def test_a_merge_ingested_while_profile_reads_is_not_half_in_what_it_shows(cli: CLI, command: str) -> None:
+    """`ingest` merges the profile into an older one right after `profile` found its root (a hook in
+    the reading process runs it there). Before: `error: profile use_… vanished while reading it`, exit 2."""
+    cli.ok(
+        "ingest",
+        str(
+            cli.write(
+                "one.ndjson",
+                msg(10, "identify", traits={"email": "j@x.io", "name": "Jane"}),
+                msg(1, anonymousId="o1"),  # older: it takes the email's profile in when they meet
+            )
+        ),
+    )
+    before = cli.json(command, "email:j@x.io")
+    merge = cli.write("two.ndjson", msg(20, "identify", anonymousId="o1", traits={"email": "j@x.io"}))
+    probe = (
+        "import subprocess, sys\n"
+        "from idstitch.storage.sqlite import SQLiteStore\n"
+        "found = SQLiteStore.find_profile\n"
+        "def find_then_merge(self, *args):\n"
+        "    root = found(self, *args)\n"
+        "    SQLiteStore.find_profile = found\n"
+        f"    subprocess.run([sys.executable, '-m', 'idstitch', 'ingest', {str(merge)!r}, '--store', "
+        f"{cli.url!r}], check=True, capture_output=True)\n"
+        "    return root\n"
+        "SQLiteStore.find_profile = find_then_merge\n"
+        f"sys.argv = ['idstitch', {command!r}, 'email:j@x.io', '--json', '--store', {cli.url!r}]\n"
+        "from idstitch.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=cli.directory,
+        env=cli.env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == before  # the moment it started reading, whole
+    after = cli.json(command, "email:j@x.io")
+    assert after["segment_id"] != before["segment_id"]
+    assert after["merged_segment_ids"] == [before["segment_id"]]
+
+
 def test_unknown_id_exits_1_with_one_line_on_stderr(cli: CLI) -> None:
     cli.ok("ingest", str(cli.write("a.ndjson", msg(1, anonymousId="a1"))))
     for unknown in ("user_id:nobody", "use_000000000000000000000000000", "acc_000000000000000000000000000"):

@@ -93,7 +93,22 @@ class Api:
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    world = open_world(tmp_path, CONFIG)
+    async for made in _api(open_world(tmp_path, CONFIG)):
+        yield made
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def api_on(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    """The same over each store whose reads run beside another process's writes."""
+    if request.param == "postgres":
+        world = World(open_store(request.getfixturevalue("postgres_url")), config_from_toml(CONFIG))
+    else:
+        world = open_world(tmp_path, CONFIG)
+    async for made in _api(world):
+        yield made
+
+
+async def _api(world: World) -> AsyncIterator[Api]:
     clock = Clock()
     app = ProfileAPI(world.engine, rate_limiter=RateLimiter(clock))
     transport = httpx.ASGITransport(app=app)
@@ -513,6 +528,42 @@ async def test_merges_and_graph_explain_a_merge(api: Api) -> None:
     _, events = await api.get(f"{USERS}/{newer}/events", sort="asc")
     assert [item["message_id"] for item in events["data"]] == ["m1", "m2", "m3"]
     assert {item["related"]["users"] for item in events["data"]} == {older}
+
+
+@pytest.mark.parametrize(
+    "resource", ["metadata", "merges", "graph", "traits", "external_ids", "links", "events"]
+)
+@pytest.mark.parametrize("by", ["email", "segment_id"])
+async def test_a_merge_committed_while_a_response_is_read_is_not_half_in_it(
+    api_on: Api, monkeypatch: pytest.MonkeyPatch, resource: str, by: str
+) -> None:
+    """Ingest merges a profile into an older one between the read that finds the root and the reads of
+    its parts. Before: metadata, merges and graph 404 for a profile that exists before and after, and
+    traits, external_ids and links came back empty (moved to the new root meanwhile)."""
+    api = api_on
+    newer = api.web.send("identify", traits={"email": "j@x.io", "name": "Jane"}, at=at(minutes=10)).profile_id
+    api.web.send("group", context={"traits": {"email": "j@x.io"}}, groupId="acme", at=at(minutes=11))
+    older = api.web.send("page", anonymousId="o1", at=at(minutes=1)).profile_id
+    assert newer is not None and older is not None
+    path = f"{USERS}/{'email:j@x.io' if by == 'email' else newer}/{resource}"
+    before = await api.get(path)
+    assert before[0] == 200
+    store = api.world.store
+    find = store.find_profile if by == "email" else store.resolve_segment_id
+
+    def find_then_merge(*args: Any) -> Any:
+        found = find(*args)
+        monkeypatch.undo()  # once
+        # the older profile takes the newer one in: its identifiers, traits, events and links move
+        api.web.send("identify", anonymousId="o1", traits={"email": "j@x.io"}, at=at(minutes=20))
+        return found
+
+    monkeypatch.setattr(store, "find_profile" if by == "email" else "resolve_segment_id", find_then_merge)
+    assert await api.get(path) == before  # the moment before the merge, whole
+    status, after = await api.get(path)
+    assert status == 200 and after != before  # the next request sees the merge
+    if resource in ("metadata", "merges", "graph"):
+        assert after["segment_id"] == older
 
 
 async def test_merges_show_identifiers_dropped_and_suspects(api: Api) -> None:

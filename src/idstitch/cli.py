@@ -944,7 +944,8 @@ def _found_profile(
     """The open store, the space and the root profile an ID names; exit 1 with a message when unknown."""
     _check_collection(collection)
     settings = load_config(config)
-    with _store(store_url, read_only=True) as opened:
+    # One moment of the graph for everything shown: `ingest` or `serve` may merge this profile meanwhile.
+    with _store(store_url, read_only=True) as opened, opened.snapshot():
         space_name = _space_for_reading(settings, opened, space, absent_code=1)
         try:
             root = find_root(opened, _rules(settings, opened, space_name), space_name, id, collection)

@@ -252,6 +252,12 @@ class ProfileAPI:
 
     # -- answers (on the event loop, or a worker thread for the space-wide scans) ---------------
     def _answer(self, call: _Call) -> bytes:
+        # One moment of the graph for the whole response: its reads (the root an id names, then that
+        # root's identifiers, traits, events, links) must not straddle a merge that commits meanwhile.
+        with self.engine.store.snapshot():
+            return self._answer_now(call)
+
+    def _answer_now(self, call: _Call) -> bytes:
         if call.profile_id is None:
             return self._space_answer(call)
         assert call.collection is not None

@@ -378,6 +378,14 @@ class Store(Protocol):
         ...
 
     # reads
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Every read of this thread inside sees one moment of the graph, whatever commits meanwhile.
+
+        A response made of several reads (find the root, then its identifiers, traits, events, links)
+        would otherwise describe a merge half applied. Nested: the outermost one's moment.
+        """
+        ...
+
     def find_profile(self, space: str, identifier: Identifier) -> str | None:
         """The root profile owning an identifier."""
         ...

@@ -13,7 +13,8 @@ Times are kept as aware UTC datetimes (normalised exactly as the SQLite adapter'
 would round-trip them) and become integer microseconds in `dump()`, which is structurally identical to
 SQLiteStore.dump so the two stores can be compared.
 
-Reads see the writer's uncommitted changes (like `sqlite://`, unlike a file database with WAL).
+Reads see the writer's uncommitted changes (like `sqlite://`, unlike a file database with WAL), except
+inside `snapshot()`, which waits for the open transaction.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ class MemoryStore:
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._lock = threading.Lock()
+        # Reentrant: a snapshot holds it, and reads under it may meet a write of the same thread.
+        self._lock = threading.RLock()
         self._spaces: dict[str, int] = {}  # name -> created_at (microseconds)
         self._sources: dict[tuple[str, str], str] = {}  # (space, name) -> write key
         self._write_keys: dict[str, tuple[str, str]] = {}
@@ -297,6 +299,12 @@ class MemoryStore:
         return token
 
     # -- reads -------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see no transaction half done: they wait for the open one, and hold off the next."""
+        with self._lock:
+            yield
+
     def _read(self, space: str) -> _Space:
         return self._data.get(space) or _EMPTY
 

@@ -114,6 +114,7 @@ class PostgresStore:
         # Set while the server cannot be reached: the reason, and since when (for the log line once back).
         self._outage: tuple[str, float] | None = None
         self._reconnecting = threading.Lock()
+        self._local = threading.local()  # .pinned: the connection of this thread's open snapshot
         try:
             # One plain connection first: an unreachable server or a refused login fails at once, with
             # libpq's own words, instead of after the pool's retries.
@@ -420,12 +421,49 @@ class PostgresStore:
             db.execute(sql, parameters)
 
     # -- reads -------------------------------------------------------------------------------
-    def _all(self, sql: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads of this thread inside see one moment: one REPEATABLE READ, READ ONLY transaction.
+
+        Under autocommit (READ COMMITTED) each statement sees the graph of its own start, so the reads
+        of one response could straddle a merge committed between them.
+        """
+        if getattr(self._local, "pinned", None) is not None:
+            yield  # nested: the outer snapshot's moment
+            return
         with self._connection() as db:
+            db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            self._local.pinned = db
+            try:
+                yield
+            finally:
+                self._local.pinned = None
+                if not db.broken and db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    db.execute("ROLLBACK")  # nothing was written: only the snapshot ends
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The connection of this thread's snapshot if one is open, else a pooled one (writes never
+        take the snapshot's: it is read-only)."""
+        pinned: psycopg.Connection[Any] | None = getattr(self._local, "pinned", None)
+        if pinned is not None:
+            yield pinned  # the snapshot puts it back
+            return
+        with self._connection() as db:
+            yield db
+
+    @contextmanager
+    def _reading(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection whose statements read one moment (this thread's snapshot, or one of their own)."""
+        with self.snapshot(), self._read_connection() as db:
+            yield db
+
+    def _all(self, sql: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._read_connection() as db:
             return db.execute(sql, parameters).fetchall()
 
     def _one(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> tuple[Any, ...] | None:
-        with self._connection() as db:
+        with self._read_connection() as db:
             return db.execute(sql, parameters).fetchone()
 
     def spaces(self) -> list[str]:
@@ -468,7 +506,7 @@ class PostgresStore:
 
     def profile(self, space: str, segment_id: str) -> ProfileRecord | None:
         """A root profile with its merged children's ids."""
-        with self._connection() as db:
+        with self._reading() as db:
             row = db.execute(
                 "SELECT segment_id, collection, created_at, merge_count, created_by FROM profiles "
                 "WHERE space = %s AND segment_id = %s AND parent_id IS NULL",
@@ -527,7 +565,7 @@ class PostgresStore:
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:
         """The creating message of a root and the last message ingested for its family."""
-        with self._connection() as db:
+        with self._reading() as db:
             row = db.execute(
                 "SELECT p.created_by, e.source FROM profiles p LEFT JOIN events e "
                 "ON e.space = p.space AND e.message_id = p.created_by "
@@ -547,7 +585,7 @@ class PostgresStore:
 
     def event_count(self, space: str, profile_id: str) -> int:
         """Events of a root's family."""
-        with self._connection() as db:
+        with self._reading() as db:
             family, column = self._family(db, space, profile_id)
             row = db.execute(
                 f"SELECT count(*) FROM events WHERE space = %s AND {column} = ANY(%s)", (space, family)
@@ -558,7 +596,7 @@ class PostgresStore:
         self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
     ) -> list[EventRecord]:
         """Events of a root's family, newest ingested first; page with the last sequence seen."""
-        with self._connection() as db:
+        with self._reading() as db:
             family, column = self._family(db, space, profile_id)
             cursor = "" if after_sequence is None else " AND sequence < %s"
             parameters: list[Any] = [space, family]
@@ -576,7 +614,7 @@ class PostgresStore:
         if query.limit == 0:
             return []
         direction, beyond = ("DESC", "<") if query.descending else ("ASC", ">")
-        with self._connection() as db:
+        with self._reading() as db:
             family, column = self._family(db, space, profile_id)
             conditions = [f"space = %s AND {column} = ANY(%s)"]
             parameters: list[Any] = [space, family]
@@ -605,7 +643,7 @@ class PostgresStore:
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
-        with self._connection() as db:
+        with self._reading() as db:
             _, column = self._family(db, space, profile_id)
             if column == "account_id":
                 sql = "SELECT user_id FROM links WHERE space = %s AND account_id = %s ORDER BY at, user_id"
@@ -615,7 +653,7 @@ class PostgresStore:
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
-        with self._connection() as db:
+        with self._reading() as db:
             family, _ = self._family(db, space, profile_id)
             rows = db.execute(
                 "SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = %s "
@@ -626,7 +664,7 @@ class PostgresStore:
 
     def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
         """Dropped identifiers of a root's family."""
-        with self._connection() as db:
+        with self._reading() as db:
             family, _ = self._family(db, space, profile_id)
             rows = db.execute(
                 "SELECT message_id, identifier, rule, at, profile_id FROM dropped WHERE space = %s "
@@ -705,7 +743,7 @@ class PostgresStore:
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds), equal to SQLiteStore.dump."""
-        with self._connection() as db:
+        with self._reading() as db:
             dump = {
                 name: [list(row) for row in db.execute(sql.format(space="%s"), (space,))]
                 for name, sql in DUMP_QUERIES.items()

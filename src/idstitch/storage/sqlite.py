@@ -179,7 +179,8 @@ class SQLiteStore:
             raise ConfigError(f"store {self.url} does not exist")
         if not self._memory and not read_only:
             _create_private(self.path)
-        self._write_lock = threading.Lock()
+        # Reentrant: a memory database's snapshot holds it, and reads under it may meet a write.
+        self._write_lock = threading.RLock()
         self._cache = GraphCache(cache_size)
         self._data_version: int | None = None
         self._local = threading.local()
@@ -398,6 +399,33 @@ class SQLiteStore:
         return token
 
     # -- reads -------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads of this thread inside see one committed moment: one read transaction (WAL keeps it)."""
+        local = self._local
+        if getattr(local, "snapshot", False):
+            yield  # nested: the outer snapshot's moment
+            return
+        if self._memory:
+            # Reads share the writer's connection, which sees its open transaction half done: wait for it.
+            with self._write_lock:
+                local.snapshot = True
+                try:
+                    yield
+                finally:
+                    local.snapshot = False
+            return
+        db = self._reader()
+        # Deferred: the first read fixes the moment, and every later one of this thread reads it too.
+        db.execute("BEGIN")
+        local.snapshot = True
+        try:
+            yield
+        finally:
+            local.snapshot = False
+            if db.in_transaction:
+                db.execute("ROLLBACK")  # nothing was written: only the snapshot ends
+
     def spaces(self) -> list[str]:
         """Every space."""
         return [row[0] for row in self._reader().execute("SELECT name FROM spaces ORDER BY name")]
@@ -445,23 +473,24 @@ class SQLiteStore:
 
     def profile(self, space: str, segment_id: str) -> ProfileRecord | None:
         """A root profile with its merged children's ids."""
-        db = self._reader()
-        row = db.execute(
-            "SELECT segment_id, collection, created_at, merge_count, created_by FROM profiles "
-            "WHERE space = ? AND segment_id = ? AND parent_id IS NULL",
-            (space, segment_id),
-        ).fetchone()
-        if row is None:
-            return None
-        children = db.execute(
-            # Without INDEXED BY, the ORDER BY makes SQLite walk every profile of the space instead.
-            "SELECT segment_id FROM profiles INDEXED BY profiles_by_parent WHERE space = ? AND parent_id = ? "
-            "ORDER BY created_at, segment_id",
-            (space, segment_id),
-        )
-        return ProfileRecord(
-            row[0], row[1], from_micros(row[2]), row[3], tuple(child[0] for child in children), row[4]
-        )
+        with self.snapshot():
+            db = self._reader()
+            row = db.execute(
+                "SELECT segment_id, collection, created_at, merge_count, created_by FROM profiles "
+                "WHERE space = ? AND segment_id = ? AND parent_id IS NULL",
+                (space, segment_id),
+            ).fetchone()
+            if row is None:
+                return None
+            children = db.execute(
+                # Without INDEXED BY, the ORDER BY makes SQLite walk every profile of the space instead.
+                "SELECT segment_id FROM profiles INDEXED BY profiles_by_parent WHERE space = ? AND parent_id = ? "
+                "ORDER BY created_at, segment_id",
+                (space, segment_id),
+            )
+            return ProfileRecord(
+                row[0], row[1], from_micros(row[2]), row[3], tuple(child[0] for child in children), row[4]
+            )
 
     def identifiers(self, space: str, profile_id: str) -> list[IdentifierRecord]:
         """Identifiers of a root, first seen first."""
@@ -495,26 +524,27 @@ class SQLiteStore:
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:
         """The creating message of a root and the last message ingested for its family."""
-        db = self._reader()
-        row = db.execute(
-            "SELECT p.created_by, e.source FROM profiles p LEFT JOIN events e "
-            "ON e.space = p.space AND e.message_id = p.created_by WHERE p.space = ? AND p.segment_id = ?",
-            (space, profile_id),
-        ).fetchone()
-        first, first_source = (None, None) if row is None else (row[0], row[1])
-        family = self._family(db, space, profile_id)
-        column = self._family_column(db, space, profile_id)
-        marks = ",".join("?" * len(family))
-        # max() reads only the profile index (it holds the sequence, the rowid); ORDER BY sequence DESC
-        # LIMIT 1 could walk the whole table backwards from the newest event.
-        last = db.execute(
-            "SELECT message_id, source, received_at FROM events WHERE sequence = "
-            f"(SELECT max(sequence) FROM events WHERE space = ? AND {column} IN ({marks}))",
-            (space, *family),
-        ).fetchone()
-        if last is None:
-            return ProfileActivity(first, first_source, None, None, None)
-        return ProfileActivity(first, first_source, last[0], last[1], from_micros(last[2]))
+        with self.snapshot():
+            db = self._reader()
+            row = db.execute(
+                "SELECT p.created_by, e.source FROM profiles p LEFT JOIN events e "
+                "ON e.space = p.space AND e.message_id = p.created_by WHERE p.space = ? AND p.segment_id = ?",
+                (space, profile_id),
+            ).fetchone()
+            first, first_source = (None, None) if row is None else (row[0], row[1])
+            family = self._family(db, space, profile_id)
+            column = self._family_column(db, space, profile_id)
+            marks = ",".join("?" * len(family))
+            # max() reads only the profile index (it holds the sequence, the rowid); ORDER BY sequence DESC
+            # LIMIT 1 could walk the whole table backwards from the newest event.
+            last = db.execute(
+                "SELECT message_id, source, received_at FROM events WHERE sequence = "
+                f"(SELECT max(sequence) FROM events WHERE space = ? AND {column} IN ({marks}))",
+                (space, *family),
+            ).fetchone()
+            if last is None:
+                return ProfileActivity(first, first_source, None, None, None)
+            return ProfileActivity(first, first_source, last[0], last[1], from_micros(last[2]))
 
     def _family(self, db: sqlite3.Connection, space: str, profile_id: str) -> list[str]:
         children = db.execute(
@@ -530,108 +560,114 @@ class SQLiteStore:
 
     def event_count(self, space: str, profile_id: str) -> int:
         """Events of a root's family."""
-        db = self._reader()
-        family = self._family(db, space, profile_id)
-        column = self._family_column(db, space, profile_id)
-        marks = ",".join("?" * len(family))
-        row = db.execute(
-            f"SELECT count(*) FROM events WHERE space = ? AND {column} IN ({marks})", (space, *family)
-        ).fetchone()
-        return int(row[0])
+        with self.snapshot():
+            db = self._reader()
+            family = self._family(db, space, profile_id)
+            column = self._family_column(db, space, profile_id)
+            marks = ",".join("?" * len(family))
+            row = db.execute(
+                f"SELECT count(*) FROM events WHERE space = ? AND {column} IN ({marks})", (space, *family)
+            ).fetchone()
+            return int(row[0])
 
     def events(
         self, space: str, profile_id: str, *, limit: int = 10, after_sequence: int | None = None
     ) -> list[EventRecord]:
         """Events of a root's family, newest ingested first; page with the last sequence seen."""
-        db = self._reader()
-        family = self._family(db, space, profile_id)
-        column = self._family_column(db, space, profile_id)
-        marks = ",".join("?" * len(family))
-        cursor = "" if after_sequence is None else " AND sequence < ?"
-        parameters: list[Any] = [space, *family]
-        if after_sequence is not None:
-            parameters.append(after_sequence)
-        rows = db.execute(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE space = ? AND {column} IN ({marks}){cursor} "
-            "ORDER BY sequence DESC LIMIT ?",
-            (*parameters, limit),
-        )
-        return [event_record(row) for row in rows]
+        with self.snapshot():
+            db = self._reader()
+            family = self._family(db, space, profile_id)
+            column = self._family_column(db, space, profile_id)
+            marks = ",".join("?" * len(family))
+            cursor = "" if after_sequence is None else " AND sequence < ?"
+            parameters: list[Any] = [space, *family]
+            if after_sequence is not None:
+                parameters.append(after_sequence)
+            rows = db.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE space = ? AND {column} IN ({marks}){cursor} "
+                "ORDER BY sequence DESC LIMIT ?",
+                (*parameters, limit),
+            )
+            return [event_record(row) for row in rows]
 
     def event_page(self, space: str, profile_id: str, query: EventQuery) -> list[EventRecord]:
         """A page of a root family's events by (timestamp, message_id), after the query's cursor."""
-        if query.limit == 0:
-            return []
-        db = self._reader()
-        family = self._family(db, space, profile_id)
-        column = self._family_column(db, space, profile_id)
-        direction, beyond = ("DESC", "<") if query.descending else ("ASC", ">")
-        conditions = [f"space = ? AND {column} = ?"]
-        parameters: list[Any] = []
-        if query.after is not None:
-            conditions.append(f"(timestamp, message_id) {beyond} (?, ?)")
-            parameters += [to_micros(query.after[0]), query.after[1]]
-        if query.start is not None:
-            conditions.append("timestamp >= ?")
-            parameters.append(to_micros(query.start))
-        if query.end is not None:
-            conditions.append("timestamp < ?")
-            parameters.append(to_micros(query.end))
-        if query.include:
-            conditions.append(f"name IN ({','.join('?' * len(query.include))})")
-            parameters += sorted(query.include)
-        if query.exclude:
-            conditions.append(f"(name IS NULL OR name NOT IN ({','.join('?' * len(query.exclude))}))")
-            parameters += sorted(query.exclude)
-        # One query per family member, not one with `IN`: each walks its profile's index in timestamp
-        # order and stops after `limit` rows (ties sorted on the spot), where `IN` would read and sort
-        # every event of the family. A family is the root and its merged children: a few queries.
-        sql = (
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
-            f"ORDER BY timestamp {direction}, message_id {direction} LIMIT ?"
-        )
-        rows: list[Sequence[Any]] = []
-        for member in family:
-            rows += db.execute(sql, (space, member, *parameters, query.limit)).fetchall()
-        rows.sort(key=lambda row: (row[3], row[0]), reverse=query.descending)
-        return [event_record(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
+        with self.snapshot():
+            if query.limit == 0:
+                return []
+            db = self._reader()
+            family = self._family(db, space, profile_id)
+            column = self._family_column(db, space, profile_id)
+            direction, beyond = ("DESC", "<") if query.descending else ("ASC", ">")
+            conditions = [f"space = ? AND {column} = ?"]
+            parameters: list[Any] = []
+            if query.after is not None:
+                conditions.append(f"(timestamp, message_id) {beyond} (?, ?)")
+                parameters += [to_micros(query.after[0]), query.after[1]]
+            if query.start is not None:
+                conditions.append("timestamp >= ?")
+                parameters.append(to_micros(query.start))
+            if query.end is not None:
+                conditions.append("timestamp < ?")
+                parameters.append(to_micros(query.end))
+            if query.include:
+                conditions.append(f"name IN ({','.join('?' * len(query.include))})")
+                parameters += sorted(query.include)
+            if query.exclude:
+                conditions.append(f"(name IS NULL OR name NOT IN ({','.join('?' * len(query.exclude))}))")
+                parameters += sorted(query.exclude)
+            # One query per family member, not one with `IN`: each walks its profile's index in timestamp
+            # order and stops after `limit` rows (ties sorted on the spot), where `IN` would read and sort
+            # every event of the family. A family is the root and its merged children: a few queries.
+            sql = (
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(conditions)} "
+                f"ORDER BY timestamp {direction}, message_id {direction} LIMIT ?"
+            )
+            rows: list[Sequence[Any]] = []
+            for member in family:
+                rows += db.execute(sql, (space, member, *parameters, query.limit)).fetchall()
+            rows.sort(key=lambda row: (row[3], row[0]), reverse=query.descending)
+            return [event_record(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
-        db = self._reader()
-        if self._family_column(db, space, profile_id) == "account_id":
-            # Without INDEXED BY, the ORDER BY makes SQLite walk every link of the space instead.
-            sql = (
-                "SELECT user_id FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
-                "ORDER BY at, user_id"
-            )
-        else:
-            sql = "SELECT account_id FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
-        return [row[0] for row in db.execute(sql, (space, profile_id))]
+        with self.snapshot():
+            db = self._reader()
+            if self._family_column(db, space, profile_id) == "account_id":
+                # Without INDEXED BY, the ORDER BY makes SQLite walk every link of the space instead.
+                sql = (
+                    "SELECT user_id FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
+                    "ORDER BY at, user_id"
+                )
+            else:
+                sql = "SELECT account_id FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
+            return [row[0] for row in db.execute(sql, (space, profile_id))]
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
-        db = self._reader()
-        family = self._family(db, space, profile_id)
-        marks = ",".join("?" * len(family))
-        rows = db.execute(
-            f"SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = ? "
-            f"AND parent_id IN ({marks}) ORDER BY sequence",
-            (space, *family),
-        )
-        return [merge_record(row) for row in rows]
+        with self.snapshot():
+            db = self._reader()
+            family = self._family(db, space, profile_id)
+            marks = ",".join("?" * len(family))
+            rows = db.execute(
+                f"SELECT parent_id, child_id, message_id, via, at FROM merges WHERE space = ? "
+                f"AND parent_id IN ({marks}) ORDER BY sequence",
+                (space, *family),
+            )
+            return [merge_record(row) for row in rows]
 
     def dropped(self, space: str, profile_id: str) -> list[DroppedRecord]:
         """Dropped identifiers of a root's family."""
-        db = self._reader()
-        family = self._family(db, space, profile_id)
-        marks = ",".join("?" * len(family))
-        rows = db.execute(
-            f"SELECT message_id, identifier, rule, at, profile_id FROM dropped WHERE space = ? "
-            f"AND profile_id IN ({marks}) ORDER BY sequence",
-            (space, *family),
-        )
-        return [dropped_record(row) for row in rows]
+        with self.snapshot():
+            db = self._reader()
+            family = self._family(db, space, profile_id)
+            marks = ",".join("?" * len(family))
+            rows = db.execute(
+                f"SELECT message_id, identifier, rule, at, profile_id FROM dropped WHERE space = ? "
+                f"AND profile_id IN ({marks}) ORDER BY sequence",
+                (space, *family),
+            )
+            return [dropped_record(row) for row in rows]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Suspect identifiers of a space."""
@@ -659,28 +695,29 @@ class SQLiteStore:
 
     def stats(self, space: str) -> SpaceStats:
         """Counts of a space."""
-        db = self._reader()
+        with self.snapshot():
+            db = self._reader()
 
-        def count(sql: str) -> int:
-            return int(db.execute(sql, (space,)).fetchone()[0])
+            def count(sql: str) -> int:
+                return int(db.execute(sql, (space,)).fetchone()[0])
 
-        return SpaceStats(
-            space=space,
-            profiles=count(
-                "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'users'"
-            ),
-            accounts=count(
-                "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'accounts'"
-            ),
-            identifiers=count("SELECT count(*) FROM identifiers WHERE space = ?"),
-            merges=count("SELECT count(*) FROM merges WHERE space = ?"),
-            events=count("SELECT count(*) FROM events WHERE space = ?"),
-            unresolved=count(
-                "SELECT count(*) FROM events WHERE space = ? AND profile_id IS NULL AND account_id IS NULL"
-            ),
-            suspect=count("SELECT count(*) FROM suspects WHERE space = ?"),
-            dropped=count("SELECT count(*) FROM dropped WHERE space = ?"),
-        )
+            return SpaceStats(
+                space=space,
+                profiles=count(
+                    "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'users'"
+                ),
+                accounts=count(
+                    "SELECT count(*) FROM profiles WHERE space = ? AND parent_id IS NULL AND collection = 'accounts'"
+                ),
+                identifiers=count("SELECT count(*) FROM identifiers WHERE space = ?"),
+                merges=count("SELECT count(*) FROM merges WHERE space = ?"),
+                events=count("SELECT count(*) FROM events WHERE space = ?"),
+                unresolved=count(
+                    "SELECT count(*) FROM events WHERE space = ? AND profile_id IS NULL AND account_id IS NULL"
+                ),
+                suspect=count("SELECT count(*) FROM suspects WHERE space = ?"),
+                dropped=count("SELECT count(*) FROM dropped WHERE space = ?"),
+            )
 
     def iter_event_ids(self, space: str) -> Iterator[str]:
         """Every stored message id."""
@@ -703,12 +740,13 @@ class SQLiteStore:
 
     def dump(self, space: str) -> dict[str, Any]:
         """The graph of a space, canonical (sorted, times as microseconds)."""
-        db = self._reader()
-        dump = {
-            name: [list(row) for row in db.execute(sql.format(space="?"), (space,))]
-            for name, sql in DUMP_QUERIES.items()
-        }
-        return dump
+        with self.snapshot():
+            db = self._reader()
+            dump = {
+                name: [list(row) for row in db.execute(sql.format(space="?"), (space,))]
+                for name, sql in DUMP_QUERIES.items()
+            }
+            return dump
 
 
 class SQLiteTransaction(GraphCacheReader):
