@@ -34,6 +34,7 @@ from idstitch.storage.base import (
     EventResolution,
     IdentifierRecord,
     IntegrityError,
+    LinkRecord,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -1075,6 +1076,9 @@ def test_links_are_idempotent_and_ordered_by_first_link(store: Store) -> None:
     assert store.links(SPACE, "use_a") == ["acc_y", "acc_x"]
     assert store.links(SPACE, "use_b") == ["acc_x"]
     assert store.dump(SPACE)["links"] == [["use_a", "acc_x"], ["use_a", "acc_y"], ["use_b", "acc_x"]]
+    # with the first link's time (the Profile API pages links by it)
+    assert store.link_records(SPACE, "use_a") == [LinkRecord("acc_y", t(3)), LinkRecord("acc_x", t(5))]
+    assert store.link_records(SPACE, "use_c") == []
 
 
 # -- events ---------------------------------------------------------------------------------------

@@ -458,6 +458,33 @@ async def test_links_on_both_sides_of_an_account(api: Api) -> None:
     assert await api.get(f"{ACCOUNTS}/user_id:u1/traits") == (404, NOT_FOUND)
 
 
+async def test_links_pages_keep_their_place_while_linked_profiles_merge(api: Api) -> None:
+    """Paging an account's users while they merge. Before: the cursor named the next page's first user;
+    once that profile merged into another, the next page was 400 `next` does not name a link."""
+    for number in range(1, 6):
+        api.web.send("group", anonymousId=f"a{number}", groupId="acme", at=at(minutes=number))
+    first = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="2")
+    assert first[0] == 200
+    shown = [item["external_ids"][0]["id"] for item in first[1]["data"]]
+    assert shown == ["a1", "a2"] and first[1]["cursor"]["has_more"]
+    # a3's profile (the next page's first) merges into a2's (older)
+    api.web.send("identify", anonymousId="a2", traits={"email": "j@x.io"}, at=at(minutes=6))
+    api.web.send("identify", anonymousId="a3", traits={"email": "j@x.io"}, at=at(minutes=7))
+    cursor = first[1]["cursor"]["next"]
+    pages = []
+    while cursor:
+        status, body = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="2", next=cursor)
+        assert status == 200, body
+        pages.append([sorted(item["id"] for item in link["external_ids"]) for link in body["data"]])
+        cursor = body["cursor"]["next"]
+    assert pages == [[["a4"], ["a5"]]]  # a3 is a2's now, listed on the page before: nothing twice or lost
+    # a cursor of the earlier release (the next link's id) is still followed
+    a4 = api.root("anonymous_id:a4")
+    legacy = base64.urlsafe_b64encode(f'["{a4}"]'.encode()).decode().rstrip("=")
+    status, body = await api.get(f"{ACCOUNTS}/group_id:acme/links", limit="2", next=legacy)
+    assert status == 200 and [item["external_ids"][0]["id"] for item in body["data"]] == ["a4", "a5"]
+
+
 async def test_metadata_names_first_and_last_message_and_source(api: Api) -> None:
     e2(api.web)
     api.crm.send("identify", userId="u1", traits={"plan": "enterprise"}, at=at(minutes=20))

@@ -62,7 +62,14 @@ from idstitch.http.profile_shapes import (
 from idstitch.http.rate_limits import RateLimiter
 from idstitch.http.tracking import Receive, Scope, Send
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root, graph_document
-from idstitch.storage.base import EventQuery, EventRecord, IdentifierRecord, StoreUnavailable, TokenRecord
+from idstitch.storage.base import (
+    EventQuery,
+    EventRecord,
+    IdentifierRecord,
+    LinkRecord,
+    StoreUnavailable,
+    TokenRecord,
+)
 
 __all__ = ["PROFILE_RESOURCES", "SPACE_RESOURCES", "ProfileAPI", "RateLimiter", "is_profile_api_path"]
 
@@ -429,27 +436,28 @@ class ProfileAPI:
         after = query.cursor_key("next")
         query.done()
         store = self.engine.store
-        linked = store.links(call.space, root)
-        if after is not None:
-            # The cursor names the next link and the last one shown (a cursor of one names only the next).
-            # The next one may have merged into another profile meanwhile, its link moving there: the
-            # page then starts after the last one shown, so that paging goes on where it was.
-            if len(after) > 2:
+        linked = store.link_records(call.space, root)
+        if after is not None and len(after) == 1:
+            # A cursor of an earlier release: the id of the next page's first link.
+            ids = [item.segment_id for item in linked]
+            if after[0] not in ids:
                 raise _bad_links_cursor()
-            wanted, shown = after[0], after[1:]
-            if wanted in linked:
-                linked = linked[linked.index(wanted) :]
-            elif shown and shown[0] in linked:
-                linked = linked[linked.index(shown[0]) + 1 :]
-            else:
-                raise _bad_links_cursor()
+            linked = linked[ids.index(after[0]) :]
+        elif after is not None:
+            # The place after the last link shown, in the list's order (first linked, then id): it stays
+            # a place while profiles on the list merge away (a linked id would no longer be listed).
+            if len(after) != 2 or not after[0].isdigit() or len(after[0]) != 20:
+                raise _bad_cursor("next")
+            linked = [item for item in linked if _link_key(item) > after]
         page, more = linked[:limit], linked[limit:]
         other = "users" if call.collection == "accounts" else "accounts"
         data = [
-            LinkItem(other, [_external_id(item, False) for item in store.identifiers(call.space, linked_id)])
-            for linked_id in page
+            LinkItem(
+                other, [_external_id(item, False) for item in store.identifiers(call.space, link.segment_id)]
+            )
+            for link in page
         ]
-        next_cursor = _encode_cursor((more[0], page[-1])) if more else ""
+        next_cursor = _encode_cursor(_link_key(page[-1])) if more else ""
         return _encoder.encode(LinksResponse(data, _cursor(call, limit, next_cursor)))
 
     def _metadata(self, call: _Call, root: str) -> bytes:
@@ -775,6 +783,11 @@ def _event_cursor(record: EventRecord) -> str:
 def _identifier_key(item: IdentifierRecord) -> tuple[str, ...]:
     # The store's order (first seen, type, value); the time as fixed-width text so tuples compare right.
     return (f"{_micros(item.first_seen):020d}", item.type, item.value)
+
+
+def _link_key(item: LinkRecord) -> tuple[str, ...]:
+    # The store's order (first linked, segment id); the time as fixed-width text so tuples compare right.
+    return (f"{_micros(item.at):020d}", item.segment_id)
 
 
 def _sequence(key: tuple[str, ...] | None) -> int | None:

@@ -24,6 +24,7 @@ __all__ = [
     "EventResolution",
     "IdentifierRecord",
     "IntegrityError",
+    "LinkRecord",
     "LockBusy",
     "MergeRecord",
     "MigratedStore",
@@ -140,6 +141,14 @@ class TraitRecord:
     value: Any
     source: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRecord:
+    """A root profile of the other collection linked to a profile, and when they were first linked."""
+
+    segment_id: str
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +439,10 @@ class Store(Protocol):
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Root profiles of the other collection linked to this one."""
+        ...
+
+    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
+        """The links of `links()` with their times, in its order: by first link, then segment id."""
         ...
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:

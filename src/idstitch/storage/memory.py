@@ -41,6 +41,7 @@ from idstitch.storage.base import (
     EventResolution,
     IdentifierRecord,
     IntegrityError,
+    LinkRecord,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -471,6 +472,10 @@ class MemoryStore:
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root, oldest link first."""
+        return [item.segment_id for item in self.link_records(space, profile_id)]
+
+    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link."""
         data = self._read(space)
         links = data.links
         if data.is_account(profile_id):
@@ -482,7 +487,8 @@ class MemoryStore:
                 (links.get((profile_id, account)), account)
                 for account in list(data.user_links.get(profile_id, ()))
             ]
-        return [other for at, other in sorted(pair for pair in pairs if pair[0] is not None)]
+        found = sorted((at, other) for at, other in pairs if at is not None)
+        return [LinkRecord(other, at) for at, other in found]
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family, oldest first."""

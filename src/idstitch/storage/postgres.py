@@ -48,6 +48,7 @@ from idstitch.storage.base import (
     EventRecord,
     EventResolution,
     IdentifierRecord,
+    LinkRecord,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -643,13 +644,20 @@ class PostgresStore:
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
+        return [item.segment_id for item in self.link_records(space, profile_id)]
+
+    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link."""
         with self._reading() as db:
             _, column = self._family(db, space, profile_id)
             if column == "account_id":
-                sql = "SELECT user_id FROM links WHERE space = %s AND account_id = %s ORDER BY at, user_id"
+                sql = (
+                    "SELECT user_id, at FROM links WHERE space = %s AND account_id = %s ORDER BY at, user_id"
+                )
             else:
-                sql = "SELECT account_id FROM links WHERE space = %s AND user_id = %s ORDER BY at, account_id"
-            return [row[0] for row in db.execute(sql, (space, profile_id))]
+                sql = "SELECT account_id, at FROM links WHERE space = %s AND user_id = %s ORDER BY at, account_id"
+            rows = db.execute(sql, (space, profile_id)).fetchall()
+        return [LinkRecord(row[0], from_micros(row[1])) for row in rows]
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""

@@ -27,6 +27,7 @@ from idstitch.storage.base import (
     EventResolution,
     IdentifierRecord,
     IntegrityError,
+    LinkRecord,
     MergeRecord,
     ProfileActivity,
     ProfileRecord,
@@ -631,17 +632,23 @@ class SQLiteStore:
 
     def links(self, space: str, profile_id: str) -> list[str]:
         """Roots of the other collection linked to a root."""
+        return [item.segment_id for item in self.link_records(space, profile_id)]
+
+    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link."""
         with self.snapshot():
             db = self._reader()
             if self._family_column(db, space, profile_id) == "account_id":
                 # Without INDEXED BY, the ORDER BY makes SQLite walk every link of the space instead.
                 sql = (
-                    "SELECT user_id FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
+                    "SELECT user_id, at FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
                     "ORDER BY at, user_id"
                 )
             else:
-                sql = "SELECT account_id FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
-            return [row[0] for row in db.execute(sql, (space, profile_id))]
+                sql = (
+                    "SELECT account_id, at FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
+                )
+            return [LinkRecord(row[0], from_micros(row[1])) for row in db.execute(sql, (space, profile_id))]
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
