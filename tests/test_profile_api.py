@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 import idstitch.engine as engine_module
@@ -166,6 +167,48 @@ async def test_a_store_whose_server_is_down_is_503_with_retry_after_not_a_500(
     document = (await api.client.get("/openapi.json")).json()
     route = document["paths"]["/v1/spaces/{space}/collections/{collection}/profiles/{id}/traits"]
     assert "Retry-After" in route["get"]["responses"]["503"]["headers"]  # documented for clients
+
+
+async def test_a_postgresql_connection_lost_under_a_read_is_read_again_not_a_500(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read's backend ends mid-request while the server answers (pg_terminate_backend, a pooler, a
+    restart already over). Before: 500 internal_error and psycopg's AdminShutdown traceback in the log."""
+    world = World(open_store(postgres_url), config_from_toml(CONFIG))
+    try:
+        e2(world.space("app", "web"))
+        store = world.store
+        identifiers = store.identifiers
+        kills = [1]
+
+        def end_the_backend_then_read(*args: Any) -> Any:
+            if kills[0]:
+                kills[0] -= 1
+                with psycopg.connect(postgres_url, autocommit=True) as admin:
+                    # the backend of this request's snapshot: the one other than the admin's, mid-transaction
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+                    )
+            return identifiers(*args)
+
+        monkeypatch.setattr(store, "identifiers", end_the_backend_then_read)
+        app = ProfileAPI(world.engine)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+            path = f"{USERS}/user_id:u1/external_ids"
+            headers = {"Authorization": basic("pt_app")}
+            response = await client.get(path, headers=headers)  # lost once, read again
+            assert response.status_code == 200
+            assert {item["id"] for item in response.json()["data"]} == {"a1", "u1", "j@x.io"}
+            kills[0] = 2
+            response = await client.get(path, headers=headers)  # lost twice: retry later
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "store_unavailable"
+            assert (await client.get(path, headers=headers)).status_code == 200
+        assert not [record for record in caplog.records if record.exc_info]
+    finally:
+        world.close()
 
 
 async def test_traits_by_email_any_case_and_url_encoded_have_segments_shape(api: Api) -> None:

@@ -67,6 +67,7 @@ from idstitch.storage.base import (
     EventRecord,
     IdentifierRecord,
     LinkRecord,
+    StoreConflict,
     StoreUnavailable,
     TokenRecord,
 )
@@ -126,7 +127,7 @@ def _error_body(problem: HTTPProblem) -> bytes:
     return _encoder.encode(ErrorBody(ErrorDetail(problem.code, problem.message)))
 
 
-def _store_unavailable(error: StoreUnavailable) -> HTTPProblem:
+def _store_unavailable(error: StoreConflict) -> HTTPProblem:
     """503 with Retry-After; the server and libpq's reason go to the log only."""
     return HTTPProblem(
         503,
@@ -188,8 +189,9 @@ class ProfileAPI:
                     body = await asyncio.to_thread(self._answer, call)
                 else:
                     body = self._answer(call)
-        except (HTTPProblem, StoreUnavailable) as failure:
-            # PostgreSQL down or restarting is no fault of the request's: 503, not a 500 with a traceback.
+        except (HTTPProblem, StoreConflict) as failure:
+            # PostgreSQL down or restarting (or a read's connection lost twice) is no fault of the
+            # request's: 503, not a 500 with a traceback.
             problem = failure if isinstance(failure, HTTPProblem) else _store_unavailable(failure)
             error = problem
             status, body = problem.status, _error_body(problem)
@@ -261,8 +263,16 @@ class ProfileAPI:
     def _answer(self, call: _Call) -> bytes:
         # One moment of the graph for the whole response: its reads (the root an id names, then that
         # root's identifiers, traits, events, links) must not straddle a merge that commits meanwhile.
-        with self.engine.store.snapshot():
-            return self._answer_now(call)
+        try:
+            with self.engine.store.snapshot():
+                return self._answer_now(call)
+        except StoreUnavailable:
+            raise
+        except StoreConflict:
+            # The connection died under the read while the server answers (one backend ended): a read
+            # may run again, on another connection, rather than fail a request no one did wrong.
+            with self.engine.store.snapshot():
+                return self._answer_now(call)
 
     def _answer_now(self, call: _Call) -> bytes:
         if call.profile_id is None:

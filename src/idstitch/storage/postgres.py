@@ -432,7 +432,7 @@ class PostgresStore:
         if getattr(self._local, "pinned", None) is not None:
             yield  # nested: the outer snapshot's moment
             return
-        with self._connection() as db:
+        with self._connection() as db, self._lost_while_reading(db):
             db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self._local.pinned = db
             try:
@@ -443,6 +443,21 @@ class PostgresStore:
                     db.execute("ROLLBACK")  # nothing was written: only the snapshot ends
 
     @contextmanager
+    def _lost_while_reading(self, db: psycopg.Connection[Any]) -> Iterator[None]:
+        """A connection that died under a read while the server answers (its backend ended: an admin's
+        pg_terminate_backend, a pooler, a restart already over) is StoreConflict: the read may simply
+        run again on another connection; StoreUnavailable when the server is gone."""
+        try:
+            yield
+        except psycopg.OperationalError as error:
+            if not db.broken:
+                raise
+            self._check_reachable()
+            raise StoreConflict(
+                f"store {_safe(self.url)}: the connection was lost while reading: {self._reason(error)}"
+            ) from error
+
+    @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection[Any]]:
         """The connection of this thread's snapshot if one is open, else a pooled one (writes never
         take the snapshot's: it is read-only)."""
@@ -450,7 +465,7 @@ class PostgresStore:
         if pinned is not None:
             yield pinned  # the snapshot puts it back
             return
-        with self._connection() as db:
+        with self._connection() as db, self._lost_while_reading(db):
             yield db
 
     @contextmanager
