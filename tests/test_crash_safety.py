@@ -13,10 +13,14 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import wait_for
+from helpers import RECEIVED, wait_for
+from idstitch.config import Config
+from idstitch.core.messages import Message, parse_message
+from idstitch.engine import Engine
 from idstitch.storage.urls import open_store
 
 MESSAGES = int(os.environ.get("IDSTITCH_CRASH_MESSAGES", "30000"))
@@ -237,3 +241,68 @@ def test_sigterm_stops_cleanly_between_batches(tmp_path: Path) -> None:
     assert b"Traceback" not in err
     committed = assert_committed_prefix(database, ids)
     assert committed < len(ids)
+
+
+class _FullAtCommit:
+    """The store's write connection on a disk that fills up just as a COMMIT writes the WAL: SQLite then
+    fails the COMMIT with SQLITE_FULL and rolls the transaction back itself (as a real full disk does)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = True
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if self.full and sql == "COMMIT":
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("where", ["statement", "commit"])
+def test_a_full_disk_mid_batch_leaves_the_graph_as_if_the_batch_never_came(
+    tmp_path: Path, where: str
+) -> None:
+    """A batch that fails for a full disk is rolled back by SQLite itself (SQLITE_FULL ends the
+    transaction, in a statement or in the COMMIT); the writer, still running (`serve`), must forget what
+    it cached of that batch. Before: the cache kept the batch's profiles (and a full disk in a statement
+    surfaced as `cannot rollback - no transaction is active`), so that once space was freed later
+    messages joined profiles that were never stored: events and traits naming profiles the store lacks."""
+    workload = tmp_path / "workload.ndjson"
+    write_workload(workload, 600, seed=11)
+    with workload.open() as lines:
+        parsed = [json.loads(line) for line in lines]
+    batches = [parsed[start : start + 200] for start in range(0, 600, 200)]
+
+    def resolve(engine: Engine, batch: list[dict[str, object]]) -> None:
+        items = [parse_message(body, received_at=RECEIVED) for body in batch]
+        engine.ingest([item for item in items if isinstance(item, Message)], space="default")
+
+    full = open_store(f"sqlite:///{tmp_path / 'full.db'}")
+    reference = open_store(f"sqlite:///{tmp_path / 'reference.db'}")
+    try:
+        engine = Engine(full, Config.default())
+        resolve(engine, batches[0])
+        writer = full._writer  # type: ignore[attr-defined]
+        if where == "statement":
+            (pages,) = writer.execute("PRAGMA page_count").fetchone()
+            writer.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow
+        else:
+            full._writer = _FullAtCommit(writer)  # type: ignore[attr-defined]
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            resolve(engine, batches[1])
+        # Space is freed.
+        writer.execute("PRAGMA max_page_count = 1073741823")
+        full._writer = writer  # type: ignore[attr-defined]
+        resolve(engine, batches[1])
+        resolve(engine, batches[2])
+
+        plain = Engine(reference, Config.default())
+        for batch in batches:
+            resolve(plain, batch)
+        assert full.dump("default") == reference.dump("default")
+    finally:
+        full.close()
+        reference.close()

@@ -305,12 +305,16 @@ class SQLiteStore:
                 transaction = SQLiteTransaction(db, cache)
                 yield transaction
                 transaction.flush()
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A full disk or an I/O error (SQLITE_FULL, SQLITE_IOERR), in a statement or in the
+                # COMMIT, has SQLite roll the transaction back itself; a ROLLBACK then would fail and
+                # hide why. Either way nothing of it is stored, so nothing of it may stay cached.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 if cache.writes != writes:
                     cache.invalidate()
                 raise
-            db.execute("COMMIT")
             if self._checkpointer is not None:
                 self._checkpointer.after_commit(db)
 
@@ -796,6 +800,10 @@ class SQLiteTransaction(GraphCacheReader):
             yield
         except BaseException:
             self._savepoints.pop()
+            if not self.db.in_transaction:
+                # SQLite ended the whole transaction (a full disk): writing the held rows now would
+                # commit them one statement at a time. The store's handler forgets the cache.
+                raise
             if mark.sent:
                 # One constant name: savepoints nest as a stack and ROLLBACK TO finds the newest.
                 self.db.execute("ROLLBACK TO message")
