@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ from helpers import RECEIVED, wait_for
 from idstitch.config import Config
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine
+from idstitch.storage.base import StoreFull
 from idstitch.storage.urls import open_store
 
 MESSAGES = int(os.environ.get("IDSTITCH_CRASH_MESSAGES", "30000"))
@@ -254,7 +256,9 @@ class _FullAtCommit:
     def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
         if self.full and sql == "COMMIT":
             self.db.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
+            full = sqlite3.OperationalError("database or disk is full")
+            full.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise full
         return self.db.execute(sql, *parameters)
 
     def __getattr__(self, name: str) -> Any:
@@ -291,7 +295,7 @@ def test_a_full_disk_mid_batch_leaves_the_graph_as_if_the_batch_never_came(
             writer.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow
         else:
             full._writer = _FullAtCommit(writer)  # type: ignore[attr-defined]
-        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        with pytest.raises(StoreFull, match="the disk is full"):
             resolve(engine, batches[1])
         # Space is freed.
         writer.execute("PRAGMA max_page_count = 1073741823")
@@ -306,3 +310,47 @@ def test_a_full_disk_mid_batch_leaves_the_graph_as_if_the_batch_never_came(
     finally:
         full.close()
         reference.close()
+
+
+def test_ingest_onto_a_full_disk_exits_1_keeping_its_batches_and_resumes_once_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    """The store's file may grow no further (a file size limit here; a full disk alike): one line naming
+    the store and what was kept, exit 1, no traceback. Before: `error: store: disk I/O error` (or
+    `database or disk is full`) with exit 2, which README keeps for usage errors with nothing written."""
+    workload = tmp_path / "workload.ndjson"
+    write_workload(workload, 3000, seed=5)
+    ids = message_ids(workload)
+    database, reference = tmp_path / "full.db", tmp_path / "reference.db"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, resource.RLIM_INFINITY))
+
+    full = subprocess.run(
+        ingest_command(workload, f"sqlite:///{database}"),
+        capture_output=True,
+        env=clean_env(),
+        timeout=300,
+        preexec_fn=small_files,
+    )
+    assert full.returncode == 1, full.stderr
+    (line,) = [line for line in full.stderr.decode().splitlines() if not line.startswith("created ")]
+    assert line.startswith(f"error: store sqlite:///{database}: ")
+    assert "committed and kept: free space (or mend the disk) and run the same command again" in line
+    committed = assert_committed_prefix(database, ids)
+    assert 0 < committed < len(ids), "the disk must fill mid-run"
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+    resumed = subprocess.run(
+        ingest_command(workload, f"sqlite:///{database}"), capture_output=True, env=clean_env(), timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    done = subprocess.run(
+        ingest_command(workload, f"sqlite:///{reference}"), capture_output=True, env=clean_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    resumed_dump, resumed_ids = dump_and_ids(f"sqlite:///{database}")
+    reference_dump, reference_ids = dump_and_ids(f"sqlite:///{reference}")
+    assert resumed_ids == reference_ids == set(ids)
+    assert resumed_dump == reference_dump

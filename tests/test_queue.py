@@ -62,7 +62,7 @@ from idstitch.queue.jetstream import QueueConfig, QueueUnavailable, parse_queue_
 from idstitch.queue.parked import ParkedRequest, parked_requests, replay_parked
 from idstitch.queue.publisher import JetStreamPublisher, publish_messages
 from idstitch.queue.worker import WorkerSummary, run_worker
-from idstitch.storage.base import Store, StoreConflict, StoreUnavailable
+from idstitch.storage.base import Store, StoreConflict, StoreFull, StoreUnavailable
 from idstitch.storage.urls import open_store
 from live_server import ADMIN_TOKEN, PROFILE_TOKEN, WRITE_KEY, Server
 
@@ -1181,25 +1181,36 @@ def test_a_store_outage_longer_than_the_bound_parks_nothing(tmp_path: Path, queu
 
 
 class StoreUnreachableAWhile(Engine):
-    """PostgreSQL down for the first three groups (the store raises StoreUnavailable at once), then back."""
+    """PostgreSQL down (the store raises StoreUnavailable at once), or the disk of a SQLite store full,
+    for the first three groups, then back."""
 
     calls: ClassVar[list[int]] = []
+    error: ClassVar[Exception] = StoreUnavailable(
+        "store postgresql://app@db:5432/idstitch is unavailable: connection refused"
+    )
 
     def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult]:
         type(self).calls.append(len(batches))
         if len(type(self).calls) <= 3:
-            raise StoreUnavailable(
-                "store postgresql://app@db:5432/idstitch is unavailable: connection refused"
-            )
+            raise type(self).error
         return super().ingest_group(batches)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        StoreUnavailable("store postgresql://app@db:5432/idstitch is unavailable: connection refused"),
+        StoreFull("store sqlite:///queued.db: the disk is full (database or disk is full)"),
+    ],
+    ids=["unreachable", "disk-full"],
+)
 def test_a_worker_waits_out_a_store_outage_per_group_with_one_log_line_per_try(
-    tmp_path: Path, queue_url: str
+    tmp_path: Path, queue_url: str, error: Exception, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: each failed group was written again one request at a time, every one failing alike and
     logged with its traceback: a backlog of thousands of requests logged thousands of lines a minute,
-    and the worker fetched again at once."""
+    and the worker fetched again at once. A full disk too, which no request can help."""
+    monkeypatch.setattr(StoreUnreachableAWhile, "error", error)
     for number in range(3):
         publish_messages(queue_url, SPACE, "web", people(1, prefix=f"r{number}"), received_at=RECEIVED)
     StoreUnreachableAWhile.calls = []

@@ -992,6 +992,40 @@ async def test_a_store_another_process_keeps_locked_is_503_with_retry_after_then
     assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)  # the retry lands
 
 
+async def test_a_full_disk_is_503_store_full_with_retry_after_and_healthz_says_so_then_lands(
+    api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLite store's disk fills up. Before: 500 internal_error, logged with a traceback as if
+    idstitch had a bug, on every request, and /healthz said only `OperationalError`."""
+    caplog.set_level("INFO", logger="idstitch.http")
+    writer = api.world.store._writer  # type: ignore[attr-defined]
+    (pages,) = writer.execute("PRAGMA page_count").fetchone()
+    writer.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: the disk is full
+    batch = {"batch": [track(number, properties={"note": "x" * 2000}) for number in range(20)]}
+    response = await api.client.post(
+        "/v1/batch", content=json.dumps(batch).encode(), headers={"Authorization": basic("wk_test")}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == problem("store_full", "the store's disk is full; retry later")
+    (record,) = [record for record in caplog.records if record.name == "idstitch.http"]
+    assert (
+        record.reason
+        == f"store sqlite:///{tmp_path}/idstitch.db: the disk is full (database or disk is full)"
+    )
+    assert record.exc_info is None  # no traceback: it is no bug of idstitch's
+    response = await api.client.get("/healthz")
+    assert (response.status_code, response.json()) == (
+        503,
+        {"status": "unavailable", "reason": "the last commit failed: the store's disk is full"},
+    )
+    assert api.event_ids() == []
+    writer.execute("PRAGMA max_page_count = 1073741823")  # space freed: no restart needed
+    assert await api.post("/v1/batch", batch) == (200, OK)
+    assert api.event_ids() == [f"m{number}" for number in range(20)]
+    assert (await api.client.get("/healthz")).status_code == 200
+
+
 async def test_a_store_whose_server_is_down_is_503_store_unavailable_at_once_then_lands(
     api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

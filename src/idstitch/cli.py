@@ -53,7 +53,7 @@ from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
-from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict
+from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict, StoreFull
 from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
@@ -200,8 +200,9 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(0) from None
     except IdstitchError as error:
         _error(str(error))
-    except StoreConflict as error:
-        # Another process kept the store busy past the engine's retries; what committed before stays.
+    except (StoreConflict, StoreFull) as error:
+        # Another process kept the store busy past the engine's retries, or its disk is full; what
+        # committed before stays.
         _error(f"{error}; what was committed before is kept: run the same command again to resume", 1)
     except sqlite3.DatabaseError as error:
         _error(f"store: {error}")
@@ -391,6 +392,16 @@ def ingest(
                     soft_wrap=True,
                 )
                 raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
+            except (StoreFull, sqlite3.OperationalError) as failure:
+                # The store could not be written (a full disk, an I/O error): no usage error (exit 2
+                # says nothing was written), and the batches before this one are kept.
+                where = "" if isinstance(failure, StoreFull) else f"store {store}: "
+                _error(
+                    f"{where}{failure}; {_plural(tally.batches, 'batch', 'batches')} "
+                    f"({_plural(tally.messages, 'message')}) committed and kept: free space (or mend the "
+                    "disk) and run the same command again to resume (stored messages are skipped)",
+                    1,
+                )
             finally:
                 signal.signal(signal.SIGTERM, previous)
             seconds = time.monotonic() - started

@@ -46,7 +46,7 @@ from idstitch.core.errors import ConfigError, IdstitchError, InvalidEvent
 from idstitch.engine import Engine, IngestBatch, IngestResult, OutcomeCounts
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
-from idstitch.storage.base import StoreConflict, StoreUnavailable
+from idstitch.storage.base import StoreConflict, StoreFull, StoreUnavailable
 
 __all__ = ["CommitObserver", "QueueWorker", "WorkerSummary", "run_worker"]
 
@@ -67,6 +67,7 @@ def _store_unavailable(error: Exception) -> bool:
     return isinstance(
         error,
         StoreConflict
+        | StoreFull
         | psycopg.OperationalError
         | psycopg.InterfaceError
         | sqlite3.OperationalError
@@ -295,9 +296,9 @@ class QueueWorker:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
-        except StoreUnavailable as error:
-            # The server is down: alone, each request would fail the same way (and be logged with its
-            # traceback). The group goes back, and this worker waits before fetching again.
+        except (StoreUnavailable, StoreFull) as error:
+            # The server is down, or the disk full: alone, each request would fail the same way (and be
+            # logged with its traceback). The group goes back, and this worker waits before fetching again.
             await self._wait_out_outage(group, error)
             return False
         except Exception as error:
@@ -341,7 +342,9 @@ class QueueWorker:
         self.summary.queue_messages += len(group)
         return True
 
-    async def _wait_out_outage(self, group: list[tuple[Msg, IngestBatch]], error: StoreUnavailable) -> None:
+    async def _wait_out_outage(
+        self, group: list[tuple[Msg, IngestBatch]], error: StoreUnavailable | StoreFull
+    ) -> None:
         """Give a group back for later, and fetch nothing until then: one log line per try, however long."""
         self._outage_tries += 1
         delay = self._delay(self._outage_tries)

@@ -34,6 +34,7 @@ __all__ = [
     "SpaceStats",
     "Store",
     "StoreConflict",
+    "StoreFull",
     "StoreTransaction",
     "StoreUnavailable",
     "SuspectRecord",
@@ -60,6 +61,13 @@ class StoreUnavailable(StoreConflict):
     """The store's server cannot be reached (down, restarting, refusing logins): raised at once, not
     after waiting out a pool; the engine does not retry it, as every try would fail the same way
     until the server is back. A conflict too, for callers that wait out both alike (the queue worker).
+    """
+
+
+class StoreFull(Exception):
+    """The store's disk is full: nothing of the transaction was committed, and it may be run again once
+    space is freed (message-id de-duplication makes that safe). Not a conflict: retrying at once fails
+    alike, so callers answer "retry later" (the HTTP edge: 503) or stop with what committed kept.
     """
 
 

@@ -34,6 +34,7 @@ from idstitch.storage.base import (
     SourceRecord,
     SpaceStats,
     StoreConflict,
+    StoreFull,
     SuspectRecord,
     TokenRecord,
     TraitRecord,
@@ -99,6 +100,11 @@ def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
     connection.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     connection.execute("PRAGMA temp_store=MEMORY")
     return connection
+
+
+def _disk_full(error: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL: the disk, or a file size limit)."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
@@ -306,7 +312,7 @@ class SQLiteStore:
                 yield transaction
                 transaction.flush()
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException as error:
                 # A full disk or an I/O error (SQLITE_FULL, SQLITE_IOERR), in a statement or in the
                 # COMMIT, has SQLite roll the transaction back itself; a ROLLBACK then would fail and
                 # hide why. Either way nothing of it is stored, so nothing of it may stay cached.
@@ -314,6 +320,8 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 if cache.writes != writes:
                     cache.invalidate()
+                if isinstance(error, sqlite3.OperationalError) and _disk_full(error):
+                    raise StoreFull(f"store {self.url}: the disk is full ({error})") from error
                 raise
             if self._checkpointer is not None:
                 self._checkpointer.after_commit(db)
