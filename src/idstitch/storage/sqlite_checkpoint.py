@@ -24,6 +24,7 @@ not wait for readers: a long reader would otherwise stall every commit for the b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import struct
@@ -79,7 +80,10 @@ class Checkpointer:
         """Called by the writer after each commit: finish a background pass, or start one, or block."""
         if self._pass_done:
             self._pass_done = False
-            writer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # only what was committed during the pass
+            # A full disk (the database file must grow) fails it, say: the commit before it landed and
+            # must not be reported failed; the frames stay in the WAL until a later pass copies them.
+            with contextlib.suppress(sqlite3.Error):
+                writer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # only what was committed during the pass
             return
         if self._wal_size() >= self.hard_limit_bytes:
             # TRUNCATE, not RESTART: the file's size is how the next commits tell that it was done. It
