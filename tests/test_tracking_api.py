@@ -1026,6 +1026,27 @@ async def test_a_full_disk_is_503_store_full_with_retry_after_and_healthz_says_s
     assert (await api.client.get("/healthz")).status_code == 200
 
 
+async def test_a_store_file_deleted_under_the_server_is_503_not_200_for_messages_it_would_lose(
+    api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm idstitch.db*` (or a backup moved over it) while serve runs. Before: every request was still
+    answered 200 and /healthz said ok, while the messages went into the deleted file, gone for good
+    once the server stopped; nothing said so."""
+    caplog.set_level("INFO", logger="idstitch.http")
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)
+    for path in tmp_path.glob("idstitch.db*"):
+        path.unlink()
+    status, body = await api.post("/v1/batch", {"batch": [track(2)]})
+    assert status == 503 and body == problem("store_unavailable", "the store cannot be reached; retry later")
+    (record,) = [
+        record for record in caplog.records if record.name == "idstitch.http" and record.status == 503
+    ]
+    assert record.reason.startswith(
+        f"store sqlite:///{tmp_path}/idstitch.db: its file was deleted or replaced while idstitch had it open"
+    )
+    assert (await api.client.get("/healthz")).status_code == 503
+
+
 async def test_a_store_whose_server_is_down_is_503_store_unavailable_at_once_then_lands(
     api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

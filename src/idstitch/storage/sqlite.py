@@ -35,6 +35,7 @@ from idstitch.storage.base import (
     SpaceStats,
     StoreConflict,
     StoreFull,
+    StoreUnavailable,
     SuspectRecord,
     TokenRecord,
     TraitRecord,
@@ -100,6 +101,15 @@ def _connect(target: str, uri: bool, cache_mb: int = 64) -> sqlite3.Connection:
     connection.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     connection.execute("PRAGMA temp_store=MEMORY")
     return connection
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at `path`, None when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
 
 
 def _disk_full(error: sqlite3.Error) -> bool:
@@ -203,6 +213,9 @@ class SQLiteStore:
                 self._migrate()
         except sqlite3.DatabaseError as error:  # unable to open, or not a SQLite database at all
             raise ConfigError(_open_failure(self.url, self.path, error)) from error
+        # The file this store opened, as (device, inode): a file deleted or replaced under a running
+        # process keeps taking writes into the old inode, lost once the process stops.
+        self._identity = None if self._memory else _identity(self.path)
         if not self._memory and not read_only:
             self._writer.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = Checkpointer(self.path, lambda: _connect(self._target, self._uri))
@@ -284,6 +297,14 @@ class SQLiteStore:
             raise ConfigError(f"store {self.url} was opened read-only")
         with self._write_lock:
             db = self._writer
+            if self._identity is not None and _identity(self.path) != self._identity:
+                # SQLite (WAL mode) writes on into the deleted inode: every commit would be acknowledged
+                # and then lost with the file when the process stops.
+                raise StoreUnavailable(
+                    f"store {self.url}: its file was deleted or replaced while idstitch had it open; "
+                    "writes are refused, as they would be lost with the old file: restart idstitch to "
+                    "open the file now at that path"
+                )
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as error:
