@@ -1026,6 +1026,60 @@ async def test_a_full_disk_is_503_store_full_with_retry_after_and_healthz_says_s
     assert (await api.client.get("/healthz")).status_code == 200
 
 
+class _WriteFailsAtCommit:
+    """The store's write connection when its file can no longer be written (a full quota, a file size
+    limit, a failing disk): SQLite fails the COMMIT with SQLITE_IOERR_WRITE and rolls the transaction back."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.db.execute("ROLLBACK")
+            failure = sqlite3.OperationalError("disk I/O error")
+            failure.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+            raise failure
+        return self.db.execute(sql, *parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_a_store_whose_writes_fail_is_503_with_retry_after_and_healthz_says_so_then_lands(
+    api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes fail without the disk being full: a quota (EDQUOT) or a file size limit (EFBIG), which
+    SQLite reports as `disk I/O error`. Before: 500 internal_error with a traceback on every request."""
+    caplog.set_level("INFO", logger="idstitch.http")
+    store = api.world.store
+    writer = store._writer  # type: ignore[attr-defined]
+    store._writer = _WriteFailsAtCommit(writer)  # type: ignore[attr-defined]
+    response = await api.client.post(
+        "/v1/batch",
+        content=json.dumps({"batch": [track(1)]}).encode(),
+        headers={"Authorization": basic("wk_test")},
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == problem(
+        "store_write_failed", "the store could not write to its disk; retry later"
+    )
+    (record,) = [record for record in caplog.records if record.name == "idstitch.http"]
+    assert record.reason == (
+        f"store sqlite:///{tmp_path}/idstitch.db: its files could not be written (disk I/O error): "
+        "a full quota, a file size limit or a failing disk"
+    )
+    assert record.exc_info is None
+    response = await api.client.get("/healthz")
+    assert (response.status_code, response.json()) == (
+        503,
+        {"status": "unavailable", "reason": "the last commit failed: the store could not write to its disk"},
+    )
+    store._writer = writer  # type: ignore[attr-defined]
+    assert await api.post("/v1/batch", {"batch": [track(1)]}) == (200, OK)
+    assert api.event_ids() == ["m1"]
+
+
 async def test_a_store_file_deleted_under_the_server_is_503_not_200_for_messages_it_would_lose(
     api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -53,7 +53,7 @@ from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
-from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict, StoreFull
+from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict, StoreWriteFailed
 from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(0) from None
     except IdstitchError as error:
         _error(str(error))
-    except (StoreConflict, StoreFull) as error:
+    except (StoreConflict, StoreWriteFailed) as error:
         # Another process kept the store busy past the engine's retries, or its disk is full; what
         # committed before stays.
         _error(f"{error}; what was committed before is kept: run the same command again to resume", 1)
@@ -392,10 +392,10 @@ def ingest(
                     soft_wrap=True,
                 )
                 raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
-            except (StoreFull, sqlite3.OperationalError) as failure:
+            except (StoreWriteFailed, sqlite3.OperationalError) as failure:
                 # The store could not be written (a full disk, an I/O error): no usage error (exit 2
                 # says nothing was written), and the batches before this one are kept.
-                where = "" if isinstance(failure, StoreFull) else f"store {store}: "
+                where = "" if isinstance(failure, StoreWriteFailed) else f"store {store}: "
                 _error(
                     f"{where}{failure}; {_plural(tally.batches, 'batch', 'batches')} "
                     f"({_plural(tally.messages, 'message')}) committed and kept: free space (or mend the "

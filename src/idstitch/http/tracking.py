@@ -42,7 +42,7 @@ from idstitch.http.metrics import Metrics, WriterFigures
 from idstitch.http.problems import HTTPProblem
 from idstitch.http.source_settings import SETTINGS_ROUTE, PublicAddress, settings_document, settings_write_key
 from idstitch.queue.envelope import RequestTooLarge
-from idstitch.storage.base import StoreConflict, StoreFull, StoreUnavailable
+from idstitch.storage.base import StoreConflict, StoreFull, StoreUnavailable, StoreWriteFailed
 
 __all__ = [
     "BATCH_CALLS",
@@ -450,15 +450,18 @@ class TrackingAPI:
             # Queue mode: one message is over what the stream may hold (an operator's max_msg_size under
             # 32 KB). A 500 would have the client retry it for ever; a 400 is not retried.
             raise HTTPProblem(400, "message_too_large", str(too_large)) from None
-        except StoreFull as full:
-            # Nothing of the request was stored: the client sends it again once space is freed, and the
-            # server takes it without a restart. The operator's log names the store.
+        except StoreWriteFailed as failed:
+            # Nothing of the request was stored: the client sends it again once space is freed (or the
+            # disk mended), and the server takes it without a restart. The operator's log names the store.
+            full = isinstance(failed, StoreFull)
             raise HTTPProblem(
                 503,
-                "store_full",
-                "the store's disk is full; retry later",
+                "store_full" if full else "store_write_failed",
+                "the store's disk is full; retry later"
+                if full
+                else "the store could not write to its disk; retry later",
                 {"Retry-After": str(self.retry_after)},
-                detail=str(full),
+                detail=str(failed),
             ) from None
         except StoreUnavailable as unavailable:
             # PostgreSQL down or restarting: answered at once, for the client to retry once it is back.

@@ -46,7 +46,7 @@ from idstitch.core.errors import ConfigError, IdstitchError, InvalidEvent
 from idstitch.engine import Engine, IngestBatch, IngestResult, OutcomeCounts
 from idstitch.queue import envelope
 from idstitch.queue.jetstream import JetStream, QueueConfig, parse_queue_url
-from idstitch.storage.base import StoreConflict, StoreFull, StoreUnavailable
+from idstitch.storage.base import StoreConflict, StoreUnavailable, StoreWriteFailed
 
 __all__ = ["CommitObserver", "QueueWorker", "WorkerSummary", "run_worker"]
 
@@ -67,7 +67,7 @@ def _store_unavailable(error: Exception) -> bool:
     return isinstance(
         error,
         StoreConflict
-        | StoreFull
+        | StoreWriteFailed
         | psycopg.OperationalError
         | psycopg.InterfaceError
         | sqlite3.OperationalError
@@ -296,7 +296,7 @@ class QueueWorker:
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.ingest_group, batches)
-        except (StoreUnavailable, StoreFull) as error:
+        except (StoreUnavailable, StoreWriteFailed) as error:
             # The server is down, or the disk full: alone, each request would fail the same way (and be
             # logged with its traceback). The group goes back, and this worker waits before fetching again.
             await self._wait_out_outage(group, error)
@@ -343,7 +343,7 @@ class QueueWorker:
         return True
 
     async def _wait_out_outage(
-        self, group: list[tuple[Msg, IngestBatch]], error: StoreUnavailable | StoreFull
+        self, group: list[tuple[Msg, IngestBatch]], error: StoreUnavailable | StoreWriteFailed
     ) -> None:
         """Give a group back for later, and fetch nothing until then: one log line per try, however long."""
         self._outage_tries += 1

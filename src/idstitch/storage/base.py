@@ -37,6 +37,7 @@ __all__ = [
     "StoreFull",
     "StoreTransaction",
     "StoreUnavailable",
+    "StoreWriteFailed",
     "SuspectRecord",
     "TokenRecord",
     "TraitRecord",
@@ -64,11 +65,16 @@ class StoreUnavailable(StoreConflict):
     """
 
 
-class StoreFull(Exception):
-    """The store's disk is full: nothing of the transaction was committed, and it may be run again once
-    space is freed (message-id de-duplication makes that safe). Not a conflict: retrying at once fails
-    alike, so callers answer "retry later" (the HTTP edge: 503) or stop with what committed kept.
+class StoreWriteFailed(Exception):
+    """The store could not write its files (a full quota, a file size limit, a failing disk): nothing of
+    the transaction was committed, and it may be run again once that is mended (message-id
+    de-duplication makes that safe). Not a conflict: retrying at once fails alike, so callers answer
+    "retry later" (the HTTP edge: 503) or stop with what committed kept.
     """
+
+
+class StoreFull(StoreWriteFailed):
+    """The store's disk is full: its writes fail until space is freed."""
 
 
 class LockBusy(StoreConflict):

@@ -36,6 +36,7 @@ from idstitch.storage.base import (
     StoreConflict,
     StoreFull,
     StoreUnavailable,
+    StoreWriteFailed,
     SuspectRecord,
     TokenRecord,
     TraitRecord,
@@ -110,11 +111,6 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (found.st_dev, found.st_ino)
-
-
-def _disk_full(error: sqlite3.Error) -> bool:
-    """Whether SQLite failed for want of space (SQLITE_FULL: the disk, or a file size limit)."""
-    return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
@@ -341,8 +337,16 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 if cache.writes != writes:
                     cache.invalidate()
-                if isinstance(error, sqlite3.OperationalError) and _disk_full(error):
-                    raise StoreFull(f"store {self.url}: the disk is full ({error})") from error
+                if isinstance(error, sqlite3.OperationalError):
+                    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+                    if code == sqlite3.SQLITE_FULL:
+                        raise StoreFull(f"store {self.url}: the disk is full ({error})") from error
+                    if code == sqlite3.SQLITE_IOERR:
+                        # EDQUOT and EFBIG are no SQLITE_FULL to SQLite (only ENOSPC is).
+                        raise StoreWriteFailed(
+                            f"store {self.url}: its files could not be written ({error}): "
+                            "a full quota, a file size limit or a failing disk"
+                        ) from error
                 raise
             if self._checkpointer is not None:
                 self._checkpointer.after_commit(db)
