@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -221,6 +222,22 @@ def test_a_file_that_is_not_a_sqlite_database_is_named(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"^store sqlite:///{path}: file is not a database$"):
             SQLiteStore(path, read_only=read_only)
     assert path.read_text().startswith("these are my notes")
+
+
+def test_a_store_that_cannot_be_opened_on_a_full_disk_says_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk even reading commands fail: SQLite must create the store's -shm file beside it.
+    Before: `error: store …: disk I/O error` (exit 2), which reads like a broken disk, for `idstitch
+    stats` or `profile` as for `ingest` and `serve`."""
+    (tmp_path / "graph.db-shm").mkdir()  # SQLite cannot make its -shm file, as on a full disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=8192))
+    with pytest.raises(ConfigError) as raised:
+        SQLiteStore(tmp_path / "graph.db")
+    assert str(raised.value).endswith(
+        f"(the disk holding {tmp_path} is full: 8,192 bytes free; SQLite needs room for the file and "
+        "its -wal and -shm files beside it)"
+    )
 
 
 def test_a_mistyped_scheme_never_echoes_the_url_s_password() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -122,15 +123,28 @@ def _load_suspects(db: sqlite3.Connection) -> set[IdentifierKey]:
 
 
 DEFAULT_PAGE_CACHE_MB = 256
+# Below this much free space an open that failed is blamed on the disk: a new store's first pages, its
+# WAL and its 32 KB -shm file need about that much.
+_FULL_DISK_BYTES = 1 << 20
 
 
 def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> str:
     """Why a store could not be opened, naming the file (SQLite's own message names nothing)."""
     text = f"store {url}: {error}"
+    folder = Path(path).resolve().parent
+    try:
+        free: int | None = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
     if Path(path).is_dir():
         text += f" ({path} is a directory)"
+    elif free is not None and free < _FULL_DISK_BYTES:
+        # SQLite says `disk I/O error` (it cannot map its -shm file), which reads like a broken disk.
+        text += (
+            f" (the disk holding {folder} is full: {free:,} bytes free; SQLite needs room for the file "
+            "and its -wal and -shm files beside it)"
+        )
     elif "readonly" in str(error) or "unable to open" in str(error):
-        folder = Path(path).resolve().parent
         text += (
             f" ({path}: SQLite needs to write the file and its -wal and -shm files beside it, "
             f"so {folder} must be writable)"
