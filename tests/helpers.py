@@ -10,6 +10,7 @@ minute per message unless given as `at=` or `timestamp=`), so runs are determini
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 import tomllib
@@ -234,3 +235,30 @@ def wait_for(
         assert process.poll() is None, f"the process ended (exit {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+class FailsAtCommit:
+    """A SQLite store's write connection whose COMMIT fails as on a full or failing disk: SQLite rolls the
+    transaction back itself, then raises (SQLITE_FULL by default; SQLITE_IOERR_WRITE for a quota, a file
+    size limit or a failing disk). Everything else goes to the real connection."""
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        code: int = sqlite3.SQLITE_FULL,
+        message: str = "database or disk is full",
+    ) -> None:
+        self.db = db
+        self.code = code
+        self.message = message
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.db.execute("ROLLBACK")
+            failure = sqlite3.OperationalError(self.message)
+            failure.sqlite_errorcode = self.code
+            raise failure
+        return self.db.execute(sql, *parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)

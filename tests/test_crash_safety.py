@@ -14,11 +14,10 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from helpers import RECEIVED, wait_for
+from helpers import RECEIVED, FailsAtCommit, wait_for
 from idstitch.config import Config
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine
@@ -245,26 +244,6 @@ def test_sigterm_stops_cleanly_between_batches(tmp_path: Path) -> None:
     assert committed < len(ids)
 
 
-class _FullAtCommit:
-    """The store's write connection on a disk that fills up just as a COMMIT writes the WAL: SQLite then
-    fails the COMMIT with SQLITE_FULL and rolls the transaction back itself (as a real full disk does)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.full = True
-
-    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
-        if self.full and sql == "COMMIT":
-            self.db.execute("ROLLBACK")
-            full = sqlite3.OperationalError("database or disk is full")
-            full.sqlite_errorcode = sqlite3.SQLITE_FULL
-            raise full
-        return self.db.execute(sql, *parameters)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.db, name)
-
-
 @pytest.mark.parametrize("where", ["statement", "commit"])
 def test_a_full_disk_mid_batch_leaves_the_graph_as_if_the_batch_never_came(
     tmp_path: Path, where: str
@@ -294,7 +273,7 @@ def test_a_full_disk_mid_batch_leaves_the_graph_as_if_the_batch_never_came(
             (pages,) = writer.execute("PRAGMA page_count").fetchone()
             writer.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow
         else:
-            full._writer = _FullAtCommit(writer)  # type: ignore[attr-defined]
+            full._writer = FailsAtCommit(writer)  # type: ignore[attr-defined]
         with pytest.raises(StoreFull, match="the disk is full"):
             resolve(engine, batches[1])
         # Space is freed.

@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from helpers import RECEIVED, World, open_world
+from helpers import RECEIVED, FailsAtCommit, World, open_world
 from idstitch.cli import app as cli_app
 from idstitch.config import Config
 from idstitch.core.errors import ConfigError
@@ -1026,25 +1026,6 @@ async def test_a_full_disk_is_503_store_full_with_retry_after_and_healthz_says_s
     assert (await api.client.get("/healthz")).status_code == 200
 
 
-class _WriteFailsAtCommit:
-    """The store's write connection when its file can no longer be written (a full quota, a file size
-    limit, a failing disk): SQLite fails the COMMIT with SQLITE_IOERR_WRITE and rolls the transaction back."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT":
-            self.db.execute("ROLLBACK")
-            failure = sqlite3.OperationalError("disk I/O error")
-            failure.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
-            raise failure
-        return self.db.execute(sql, *parameters)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.db, name)
-
-
 async def test_a_store_whose_writes_fail_is_503_with_retry_after_and_healthz_says_so_then_lands(
     api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1053,7 +1034,7 @@ async def test_a_store_whose_writes_fail_is_503_with_retry_after_and_healthz_say
     caplog.set_level("INFO", logger="idstitch.http")
     store = api.world.store
     writer = store._writer  # type: ignore[attr-defined]
-    store._writer = _WriteFailsAtCommit(writer)  # type: ignore[attr-defined]
+    store._writer = FailsAtCommit(writer, sqlite3.SQLITE_IOERR_WRITE, "disk I/O error")  # type: ignore[attr-defined]
     response = await api.client.post(
         "/v1/batch",
         content=json.dumps({"batch": [track(1)]}).encode(),
