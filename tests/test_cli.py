@@ -521,6 +521,31 @@ def test_the_walkthrough_tells_the_story_of_the_readme(cli: CLI) -> None:
     assert "anon_5f2a" in text and "jane@example.com" in text and "acme" in text
 
 
+def test_an_account_of_many_users_shows_the_first_links_and_their_count_and_json_all(cli: CLI) -> None:
+    # Before: the text view printed every link with its identifiers (20,000 rows for a big account).
+    users = [msg(n, "group", userId=f"u{n:02}", groupId="acme") for n in range(1, 26)]
+    cli.ok("ingest", str(cli.write("groups.ndjson", *users)))
+    text = cli.ok("profile", "group_id:acme").stdout
+    assert "links: 25 (first 20; --json lists them all)" in text
+    assert "user_id:u20" in text and "user_id:u21" not in text
+    document = cli.json("profile", "group_id:acme")
+    assert len(document["links"]) == 25
+    assert "links: 1 (all)" in cli.ok("profile", "user_id:u21").stdout
+
+
+def test_version_names_the_release_and_the_store_schema_it_reads(cli: CLI) -> None:
+    from importlib.metadata import version
+
+    done = cli.run("--version", store=False)
+    sqlite, postgres = read_migrations("sqlite")[-1][0], read_migrations("postgres")[-1][0]
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"idstitch {version('idstitch')} (store schema: SQLite {sqlite}, PostgreSQL {postgres})\n",
+        "",
+    )
+    assert not (cli.directory / "t.db").exists()
+
+
 def test_stdin_and_gzip_inputs(cli: CLI) -> None:
     import gzip
 

@@ -76,6 +76,34 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    """`--version`: idstitch's version and the store schema versions it reads and migrates to."""
+    if not asked:
+        return
+    from importlib.metadata import version
+
+    from idstitch.storage.migrations import read_migrations
+
+    sqlite, postgres = read_migrations("sqlite")[-1][0], read_migrations("postgres")[-1][0]
+    print(f"idstitch {version('idstitch')} (store schema: SQLite {sqlite}, PostgreSQL {postgres})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version (and the store schema versions) and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Options before the command."""
+
+
 class OutputConsole(Console):
     """A rich console whose reader may go away (`| head`) without ending the command or changing its exit code."""
 
@@ -921,12 +949,15 @@ def _identifier_json(record: IdentifierRecord) -> dict[str, str | bool]:
     }
 
 
-def _profile_document(store: Store, space: str, root: str) -> dict[str, Any]:
+def _profile_document(
+    store: Store, space: str, root: str, *, most_links: int | None = None
+) -> dict[str, Any]:
+    """`profile --json`'s document; `most_links` keeps only the first links (the text view's)."""
     record = store.profile(space, root)
     if record is None:
         raise UsageError(f"profile {root} vanished while reading it")
     links = []
-    for linked in store.links(space, root):
+    for linked in store.links(space, root)[:most_links]:
         other = store.profile(space, linked)
         links.append(
             {
@@ -986,14 +1017,20 @@ def profile(
 ) -> None:
     """Show one profile: identifiers, traits, recent events, links."""
     with _user_errors(), _found_profile(id, space, collection, store, config) as (opened, space_name, root):
-        document = _profile_document(opened, space_name, root)
         if as_json:
+            document = _profile_document(opened, space_name, root)
             print(json.dumps(document, indent=2, ensure_ascii=False))
             return
-        _render_profile(opened, space_name, document)
+        # An account may have a hundred thousand users: a terminal gets the first ones and their count,
+        # as it gets the ten most recent events; --json keeps them all.
+        document = _profile_document(opened, space_name, root, most_links=_LINKS_SHOWN)
+        _render_profile(opened, space_name, document, len(opened.links(space_name, root)))
 
 
-def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
+_LINKS_SHOWN = 20
+
+
+def _render_profile(store: Store, space: str, document: dict[str, Any], link_count: int) -> None:
     root = document["segment_id"]
     stdout.print(Text.assemble((root, "bold"), f" ({document['collection']}, space {space})"))
     if document["merged_segment_ids"]:
@@ -1031,7 +1068,10 @@ def _render_profile(store: Store, space: str, document: dict[str, Any]) -> None:
         )
     stdout.print(table)
     if document["links"]:
-        links = Table(title="links", title_justify="left")
+        shown = (
+            f"first {len(document['links'])}; --json lists them all" if link_count > _LINKS_SHOWN else "all"
+        )
+        links = Table(title=f"links: {link_count:,} ({shown})", title_justify="left")
         for column in ("collection", "segment id", "identifiers"):
             links.add_column(column, overflow="fold")
         for link in document["links"]:
