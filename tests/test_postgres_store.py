@@ -406,6 +406,46 @@ def test_a_role_that_may_not_create_the_schema_is_told_which_grant_is_missing(po
         _drop_role(postgres_url, role)
 
 
+def test_a_role_missing_the_schema_or_table_rights_of_roles_is_told_which_grant_is_missing(
+    postgres_url: str,
+) -> None:
+    """The README's Roles split, with one of its grants forgotten. Before: without USAGE on the schema,
+    `the search_path names no existing schema` (it exists: the role may not see it); with USAGE but no
+    right on the tables, `error: store: InsufficientPrivilege: permission denied for table
+    schema_migrations`, naming neither the store nor a grant."""
+    PostgresStore(postgres_url).close()  # migrated by the owner
+    schema = postgres_url.rsplit("search_path%3D", 1)[1]
+    role = f"bare_{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    url = postgres_url.replace("://root@", f"://{role}@", 1).replace("://postgres@", f"://{role}@", 1)
+    try:
+        for read_only in (False, True):
+            with pytest.raises(ConfigError) as refused:
+                PostgresStore(url, read_only=read_only)
+            assert str(refused.value).endswith(
+                f"role {role} may not use schema {schema} (permission denied): "
+                f'grant it once with GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'
+            )
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        for read_only in (False, True):
+            with pytest.raises(ConfigError) as refused:
+                PostgresStore(url, read_only=read_only)
+            assert str(refused.value).endswith(
+                f"role {role} may not read the tables of schema {schema} (permission denied for table "
+                f"schema_migrations): grant it once with GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES "
+                f'IN SCHEMA "{schema}" TO "{role}" (SELECT alone for reading commands)'
+            )
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
+            )
+        PostgresStore(url).close()  # the grants the messages name are enough
+    finally:
+        _drop_role(postgres_url, role)
+
+
 def _app_role(postgres_url: str, role: str, *, create: bool = False) -> str:
     """A role with the documented application rights on the URL's schema (CREATE too if asked); its URL."""
     schema = postgres_url.rsplit("search_path%3D", 1)[1]

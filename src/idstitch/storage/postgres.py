@@ -290,6 +290,19 @@ class PostgresStore:
         """The role and the schema the store's tables are in; ConfigError when the search_path names none."""
         row = db.execute("SELECT current_user, current_schema()").fetchone()
         if row is None or row[1] is None:
+            # current_schema() skips schemas the role may not use: one that exists is a missing grant.
+            hidden = db.execute(
+                "SELECT current_user, n.nspname FROM "
+                "unnest(string_to_array(current_setting('search_path'), ',')) WITH ORDINALITY AS p(name, i) "
+                "JOIN pg_namespace n ON n.nspname = replace(trim(both ' \"' from p.name), '$user', current_user) "
+                "WHERE NOT has_schema_privilege(n.oid, 'USAGE') ORDER BY p.i LIMIT 1"
+            ).fetchone()
+            if hidden is not None:
+                user, schema = str(hidden[0]), str(hidden[1])
+                raise ConfigError(
+                    f"store {_safe(self.url)}: role {user} may not use schema {schema} (permission denied): "
+                    f'grant it once with GRANT USAGE ON SCHEMA "{schema}" TO "{user}"'
+                )
             raise ConfigError(f"store {_safe(self.url)}: the search_path names no existing schema")
         return str(row[0]), str(row[1])
 
@@ -302,8 +315,7 @@ class PostgresStore:
         ).fetchone()
         return str(row[0]) if row is not None else "?"
 
-    @staticmethod
-    def _applied(db: psycopg.Connection[Any]) -> int:
+    def _applied(self, db: psycopg.Connection[Any]) -> int:
         """The newest applied migration, 0 for a schema without idstitch's tables."""
         # In the schema tables are created in, not one further down the search_path.
         row = db.execute(
@@ -311,7 +323,16 @@ class PostgresStore:
         ).fetchone()
         if row is None or not row[0]:
             return 0
-        newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        try:
+            newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        except psycopg.errors.InsufficientPrivilege as error:
+            user, schema = db.execute("SELECT current_user, current_schema()").fetchone() or ("?", "?")
+            raise ConfigError(
+                f"store {_safe(self.url)}: role {user} may not read the tables of schema {schema} "
+                "(permission denied for table schema_migrations): grant it once with GRANT SELECT, INSERT, "
+                f'UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{user}" (SELECT alone for reading '
+                "commands)"
+            ) from error
         return int(newest[0] or 0) if newest is not None else 0
 
     def _check_schema(self) -> None:
