@@ -18,7 +18,7 @@ import pytest
 from idstitch.core.errors import ConfigError
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.sqlite import SQLiteStore
-from idstitch.storage.urls import open_store, redact_url
+from idstitch.storage.urls import open_store, redact_url, without_password
 
 MESSAGE = '{"type": "identify", "userId": "u1", "messageId": "m1", "timestamp": "2026-01-01T00:00:00Z"}\n'
 
@@ -248,3 +248,10 @@ def test_a_mistyped_scheme_never_echoes_the_url_s_password() -> None:
     assert redact_url("postgresql://app@db/x?sslmode=disable&password=S3CRETPW") == (
         "postgresql://app@db/x?sslmode=disable&password=…"
     )
+    # libpq's sslpassword unlocks the client key: as secret (before: printed as given).
+    assert redact_url("postgresql://app@db/x?sslpassword=S3CRETPW&sslmode=verify-full") == (
+        "postgresql://app@db/x?sslpassword=…&sslmode=verify-full"
+    )
+    assert without_password(
+        "bad URL: sslpassword=S3CRETPW", "postgresql://app@db/x?sslpassword=S3CRETPW"
+    ) == ("bad URL: sslpassword=…")

@@ -11,8 +11,9 @@ from idstitch.storage.base import Store
 __all__ = ["open_store", "redact_url", "without_password"]
 
 _USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
-_PASSWORDS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:([^/@]+)@|[?&]password=([^&]+)")
+# libpq's `sslpassword` (the client key's passphrase) is as secret as `password`.
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&]*")
+_PASSWORDS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:([^/@]+)@|[?&](?:ssl)?password=([^&]+)")
 
 
 def redact_url(url: str) -> str:
