@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -528,6 +529,24 @@ def test_a_search_path_naming_no_schema_is_said_so_when_reading_too(postgres_dat
     for read_only in (False, True):
         with pytest.raises(ConfigError, match="the search_path names no existing schema"):
             PostgresStore(url, read_only=read_only)
+
+
+def test_errors_name_the_store_with_its_schema_as_migrate_does(postgres_database: str) -> None:
+    """An error says `a wrong URL`, so it shows the URL's schema. Before: `error: store
+    postgresql://root@127.0.0.1:5432/test holds no idstitch data yet …`, its search_path cut off, while
+    `idstitch migrate` printed the same store with it; the password stays out of both."""
+    from conftest import _with_schema
+
+    url = _with_schema(postgres_database, "no_such_schema")
+    for read_only in (False, True):
+        with pytest.raises(ConfigError) as refused:
+            PostgresStore(url, read_only=read_only)
+        assert str(refused.value).startswith(f"store {redact_url(url)}: "), str(refused.value)
+    secret = re.sub(r"://([^:@/]+)@", r"://\1:S3CRETPW@", url, count=1)
+    assert "S3CRETPW" in secret
+    with pytest.raises(ConfigError) as refused:
+        PostgresStore(secret)
+    assert "S3CRETPW" not in str(refused.value) and "search_path%3Dno_such_schema" in str(refused.value)
 
 
 def test_a_large_batch_commits_in_transactions_that_fit_the_server_s_lock_table(

@@ -78,6 +78,7 @@ from idstitch.storage.rows import (
     trait_record,
 )
 from idstitch.storage.times import from_micros, to_micros
+from idstitch.storage.urls import redact_url
 
 __all__ = ["PostgresStore", "PostgresTransaction", "lock_key"]
 
@@ -809,8 +810,8 @@ def _without_password(text: str, url: str) -> str:
 def _safe(url: str) -> str:
     """The URL without its password, for messages."""
     try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
+        psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError:
-        return "postgresql://…"
-    user = f"{info['user']}@" if info.get("user") else ""
-    return f"postgresql://{user}{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        return "postgresql://…"  # where a password would sit in a URL libpq cannot parse is anyone's guess
+    # Whole, search_path included (errors may say "a wrong URL"), as `idstitch migrate` prints it.
+    return redact_url(url)
