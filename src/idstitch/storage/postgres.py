@@ -441,7 +441,18 @@ class PostgresStore:
         if self.read_only:
             raise ConfigError(f"store {_safe(self.url)} was opened read-only")
         with self._connection() as db:
-            db.execute(sql, parameters)
+            try:
+                db.execute(sql, parameters)
+            except psycopg.errors.InsufficientPrivilege as error:
+                # A start-up write (space, source, token) by a role given only the readers' rights.
+                row = db.execute("SELECT current_user, current_schema()").fetchone() or ("?", "?")
+                user, schema = row
+                denied = str(error).splitlines()[0] if str(error) else "permission denied"
+                raise ConfigError(
+                    f"store {_safe(self.url)}: role {user} may not write the tables of schema {schema} "
+                    f"({denied}): grant it once with GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES "
+                    f'IN SCHEMA "{schema}" TO "{user}"'
+                ) from error
 
     # -- reads -------------------------------------------------------------------------------
     @contextmanager
