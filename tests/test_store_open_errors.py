@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from idstitch.core.errors import ConfigError
+from idstitch.storage.base import StoreFull
 from idstitch.storage.migrations import read_migrations
 from idstitch.storage.sqlite import SQLiteStore
 from idstitch.storage.urls import open_store, redact_url, without_password
@@ -232,12 +233,41 @@ def test_a_store_that_cannot_be_opened_on_a_full_disk_says_the_disk_is_full(
     stats` or `profile` as for `ingest` and `serve`."""
     (tmp_path / "graph.db-shm").mkdir()  # SQLite cannot make its -shm file, as on a full disk
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=8192))
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(StoreFull) as raised:
         SQLiteStore(tmp_path / "graph.db")
     assert str(raised.value).endswith(
         f"(the disk holding {tmp_path} is full: 8,192 bytes free; SQLite needs room for the file and "
         "its -wal and -shm files beside it)"
     )
+
+
+def test_a_full_disk_at_start_up_exits_1_as_a_full_disk_mid_run_does(tmp_path: Path) -> None:
+    """README: exit 1 when the store could not be written (a full disk), 2 for usage and configuration
+    errors. Before: a full disk found when the store is opened (an `ingest` or `serve` started on it)
+    exited 2, as for a wrong argument; mid-run the same disk gave 1."""
+    SQLiteStore(tmp_path / "graph.db").close()  # a store, then its disk fills up
+    for leftover in ("graph.db-wal", "graph.db-shm"):
+        (tmp_path / leftover).unlink(missing_ok=True)
+    (tmp_path / "graph.db-shm").mkdir()  # SQLite cannot make its -shm file, as on a full disk
+    probe = (
+        "import shutil, sys, types\n"
+        "shutil.disk_usage = lambda path: types.SimpleNamespace(free=8192)\n"
+        "from idstitch.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "ingest", "-", "--store", f"sqlite:///{tmp_path}/graph.db"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr.startswith(f"error: store sqlite:///{tmp_path}/graph.db: ")
+        and done.stderr.count("\n") == 1
+    )
+    assert f"(the disk holding {tmp_path} is full: 8,192 bytes free;" in done.stderr
 
 
 def test_a_mistyped_scheme_never_echoes_the_url_s_password() -> None:

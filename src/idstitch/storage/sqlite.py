@@ -128,8 +128,12 @@ DEFAULT_PAGE_CACHE_MB = 256
 _FULL_DISK_BYTES = 1 << 20
 
 
-def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> str:
-    """Why a store could not be opened, naming the file (SQLite's own message names nothing)."""
+def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> ConfigError | StoreFull:
+    """Why a store could not be opened, naming the file (SQLite's own message names nothing).
+
+    A full disk is StoreFull, as when a write finds it mid-run (exit 1: free space and run again),
+    not a configuration error (exit 2).
+    """
     text = f"store {url}: {error}"
     folder = Path(path).resolve().parent
     try:
@@ -140,16 +144,16 @@ def _open_failure(url: str, path: str, error: sqlite3.DatabaseError) -> str:
         text += f" ({path} is a directory)"
     elif free is not None and free < _FULL_DISK_BYTES:
         # SQLite says `disk I/O error` (it cannot map its -shm file), which reads like a broken disk.
-        text += (
-            f" (the disk holding {folder} is full: {free:,} bytes free; SQLite needs room for the file "
-            "and its -wal and -shm files beside it)"
+        return StoreFull(
+            f"{text} (the disk holding {folder} is full: {free:,} bytes free; SQLite needs room for the "
+            "file and its -wal and -shm files beside it)"
         )
     elif "readonly" in str(error) or "unable to open" in str(error):
         text += (
             f" ({path}: SQLite needs to write the file and its -wal and -shm files beside it, "
             f"so {folder} must be writable)"
         )
-    return text
+    return ConfigError(text)
 
 
 def _make_folder(url: str, folder: Path) -> None:
@@ -222,7 +226,7 @@ class SQLiteStore:
             else:
                 self._migrate()
         except sqlite3.DatabaseError as error:  # unable to open, or not a SQLite database at all
-            raise ConfigError(_open_failure(self.url, self.path, error)) from error
+            raise _open_failure(self.url, self.path, error) from error
         # The file this store opened, as (device, inode): a file deleted or replaced under a running
         # process keeps taking writes into the old inode, lost once the process stops.
         self._identity = None if self._memory else _identity(self.path)
@@ -327,7 +331,7 @@ class SQLiteStore:
                     ) from error
                 if "readonly" not in str(error):
                     raise
-                raise ConfigError(_open_failure(self.url, self.path, error)) from error
+                raise _open_failure(self.url, self.path, error) from error
             cache = self._cache
             try:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
