@@ -751,6 +751,16 @@ def test_merge_of_accounts_moves_account_links(store: Store) -> None:
     assert store.resolve_segment_id(SPACE, "acc_z") == "acc_x"
     assert store.find_profile(SPACE, group("g2")) == "acc_x"
     assert store.links(SPACE, "acc_x") == ["use_d", "use_a"]  # by link time: use_d t3, use_a t5
+    # Pages of links: the first `limit`, or those after a place (time of the first link, segment id).
+    assert store.links(SPACE, "acc_x", limit=1) == ["use_d"]
+    assert store.links(SPACE, "acc_x", limit=5) == ["use_d", "use_a"]
+    (first, second) = store.link_records(SPACE, "acc_x")
+    assert (first.segment_id, second.segment_id) == ("use_d", "use_a")
+    assert store.link_records(SPACE, "acc_x", after=(first.at, first.segment_id)) == [second]
+    assert store.link_records(SPACE, "acc_x", after=(first.at, "use_c"), limit=1) == [first]
+    assert store.link_records(SPACE, "acc_x", after=(second.at, second.segment_id), limit=5) == []
+    assert store.link_records(SPACE, "acc_z", after=(first.at, first.segment_id)) == []  # moved to acc_x
+    assert [item.segment_id for item in store.link_records(SPACE, "use_a", limit=5)] == ["acc_x"]
     assert store.links(SPACE, "acc_z") == []
     assert store.links(SPACE, "use_a") == ["acc_x"]
     assert store.links(SPACE, "use_d") == ["acc_x"]
@@ -868,6 +878,12 @@ def test_suspects_first_mark_wins(store: Store) -> None:
         "u1": False,
         "a1": True,
     }
+    # The marks of some identifiers, read by key (explain), in the order of the space's list.
+    among = [anon("free"), uid("u1"), anon("a1"), anon("free"), Identifier("anonymous_id", "a1", "accounts")]
+    assert store.suspects_among(SPACE, among) == store.suspects(SPACE)
+    assert store.suspects_among(SPACE, [anon("free")]) == store.suspects(SPACE)[1:]
+    assert store.suspects_among(SPACE, []) == []
+    assert store.suspects_among(OTHER, among) == []
     assert view(store, [anon("a1"), anon("free"), uid("u1")]).suspects == {anon("a1"), anon("free")}
     assert store.stats(SPACE).suspect == 2
     assert store.dump(SPACE)["suspects"] == [
@@ -937,6 +953,15 @@ def test_dropped_identifiers_follow_the_family(store: Store) -> None:
     with store.transaction() as tx:
         merge(tx, "use_a", t(5), ("use_b", anon("b1")))
     assert [record.message_id for record in store.dropped(SPACE, "use_a")] == ["m2", "m1"]  # recording order
+    # The drops of some messages (an events page), whichever profile they were recorded on.
+    assert store.dropped_in(SPACE, ["m3", "m1", "nope"]) == [
+        DroppedRecord("m1", "anonymous_id:null", "blocked value", t(1), "use_a"),
+        DroppedRecord("m3", "anonymous_id:undefined", "blocked value", t(3), None),
+        DroppedRecord("m3", "anonymous_id:0", "blocked value", t(3), None),
+    ]
+    assert store.dropped_in(SPACE, ["m2"]) == [DroppedRecord("m2", "email:e", "cap 1", t(2), "use_b")]
+    assert store.dropped_in(SPACE, []) == []
+    assert store.dropped_in(OTHER, ["m1"]) == []
     assert store.stats(SPACE).dropped == 4
     assert store.dump(SPACE)["dropped"] == [
         ["m1", "anonymous_id:null", "blocked value", "use_a"],

@@ -114,7 +114,7 @@ def test_processes_that_start_together_migrate_the_schema_once(postgres_url: str
         assert process.exitcode == 0
     with psycopg.connect(postgres_url) as db:
         versions = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-    assert versions == [(1,), (2,)]
+    assert versions == [(version,) for version, _, _ in read_migrations("postgres")]
 
 
 def _first_run(url: str, ready: Any, created: Any) -> None:

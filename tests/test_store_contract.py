@@ -131,3 +131,52 @@ def test_sqlite_reads_and_merges_of_one_profile_never_walk_the_whole_space(tmp_p
             ):
                 walks[sql] = plan
         assert walks == {}
+
+
+def test_sqlite_profile_api_pages_read_by_an_index_in_page_order(tmp_path: Path) -> None:
+    """An events page's drops are found by their messages, an account's links page walks the links index
+    in page order from where it starts, explain reads suspects by key. Before: every drop of the profile
+    (0.4 s per page for a bot at 100,000 messages), every link of the account sorted (0.16 s with 100,000
+    users), every suspect of the space (0.16 s with 50,000)."""
+    from helpers import open_space
+    from idstitch.core.identifiers import Identifier
+    from idstitch.storage.sqlite import SQLiteStore
+
+    with open_space(tmp_path) as space:
+        for number in range(5):
+            space.send("group", userId=f"u{number}", groupId="acme", anonymousId="null")
+        store = space.store
+        assert isinstance(store, SQLiteStore)
+        acme, user = space.profile_of("group_id:acme"), space.profile_of("user_id:u1")
+        assert acme is not None and user is not None
+        reader = store._reader()
+        statements: list[str] = []
+        reader.set_trace_callback(statements.append)
+        try:
+            assert len(store.dropped_in(space.name, ["m1", "m2"])) == 2
+            first = store.links(space.name, acme, limit=2)
+            assert len(first) == 2
+            (_, last) = store.link_records(space.name, acme, limit=2)
+            assert len(store.link_records(space.name, acme, after=(last.at, last.segment_id), limit=2)) == 2
+            assert store.links(space.name, user, limit=2) == [acme]
+            assert store.suspects_among(space.name, [Identifier("anonymous_id", "a1", "users")]) == []
+        finally:
+            reader.set_trace_callback(None)
+        plans = {
+            sql: [row[3] for row in reader.execute("EXPLAIN QUERY PLAN " + sql)]
+            for sql in dict.fromkeys(statements)
+            if sql.lstrip().upper().startswith("SELECT")
+        }
+        graph = re.compile(r"^(SCAN|SEARCH) (links|dropped|suspects|profiles)\b")
+        walks = {
+            sql: plan
+            for sql, plan in plans.items()
+            if any(
+                (graph.match(step) and (step.endswith("(space=?)") or step.startswith("SCAN")))
+                or step.startswith("SEARCH dropped USING INDEX dropped_by_profile")
+                or ("AND account_id = " in sql and "TEMP B-TREE" in step)  # a user has few links
+                for step in plan
+            )
+        }
+        assert walks == {}
+        assert any("dropped_by_message" in step for plan in plans.values() for step in plan)

@@ -143,7 +143,7 @@ def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> N
     assert failures == []
     store = SQLiteStore(tmp_path / "new.db", read_only=True)
     try:
-        assert store.schema_version() == 4
+        assert store.schema_version() == read_migrations("sqlite")[-1][0]
     finally:
         store.close()
 
@@ -157,7 +157,7 @@ def test_a_store_a_newer_idstitch_migrated_is_refused_for_writing_and_reading(tm
         db.execute("INSERT INTO schema_migrations VALUES (99, 'future', datetime('now'))")
     for read_only in (False, True):
         with pytest.raises(
-            ConfigError, match=r"schema version 99, newer than this build's 4: .* upgrade idstitch"
+            ConfigError, match=r"schema version 99, newer than this build's \d+: .* upgrade idstitch"
         ):
             SQLiteStore(path, read_only=read_only)
     with closing(sqlite3.connect(path)) as db:

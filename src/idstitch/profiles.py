@@ -97,6 +97,16 @@ def _time(value: datetime) -> str:
     return format_timestamp(value)
 
 
+def _readings(text: str, collection: str) -> list[Identifier]:
+    """Every identifier that `type:value` text can be: a store from the first release may hold a custom
+    type with a colon, so each colon is tried as the separator."""
+    return [
+        Identifier(text[:position], text[position + 1 :], collection)
+        for position, character in enumerate(text)
+        if character == ":"
+    ]
+
+
 def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | None:
     """How a root profile came to be: merges (oldest first), dropped, retired and suspect identifiers."""
     record = store.profile(space, root)
@@ -106,6 +116,8 @@ def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | No
     dropped = store.dropped(space, root)
     on_profile = {f"{item.type}:{item.value}" for item in identifiers if item.suspect}
     related = on_profile | {item.identifier for item in dropped}
+    # The marks of these identifiers are read by key: a space may hold a million suspects.
+    keys = [key for text in related for key in _readings(text, record.collection)]
     suspects = [
         {
             "identifier": item.identifier,
@@ -115,8 +127,7 @@ def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | No
             "message_id": item.message_id,
             "at": _time(item.at),
         }
-        for item in store.suspects(space)
-        if item.collection == record.collection and item.identifier in related
+        for item in store.suspects_among(space, keys)
     ]
     return {
         "segment_id": record.segment_id,

@@ -368,7 +368,12 @@ class ProfileAPI:
             ),
         )
         page, more = records[:limit], records[limit:]
-        dropped = {(item.message_id, item.identifier) for item in store.dropped(call.space, root)}
+        # The drops of this page's messages only: a profile may hold a drop per message (a bot sending a
+        # blocked value), and reading them all made each page cost as much as the profile's history.
+        dropped = {
+            (item.message_id, item.identifier)
+            for item in (store.dropped_in(call.space, [record.message_id for record in page]) if page else ())
+        }
         # An event lists the identifiers it promoted: of this profile's collection, only those the profile
         # holds (a suspect device id that routed the event here, or an id a refused merge left on another
         # profile, is not this profile's).
@@ -446,19 +451,24 @@ class ProfileAPI:
         after = query.cursor_key("next")
         query.done()
         store = self.engine.store
-        linked = store.link_records(call.space, root)
         if after is not None and len(after) == 1:
             # A cursor of an earlier release: the id of the next page's first link.
-            ids = [item.segment_id for item in linked]
+            every = store.link_records(call.space, root)
+            ids = [item.segment_id for item in every]
             if after[0] not in ids:
                 raise _bad_links_cursor()
-            linked = linked[ids.index(after[0]) :]
-        elif after is not None:
+            start = ids.index(after[0])
+            linked = every[start : start + limit + 1]
+        else:
             # The place after the last link shown, in the list's order (first linked, then id): it stays
-            # a place while profiles on the list merge away (a linked id would no longer be listed).
-            if len(after) != 2 or not after[0].isdigit() or len(after[0]) != 20:
-                raise _bad_cursor("next")
-            linked = [item for item in linked if _link_key(item) > after]
+            # a place while profiles on the list merge away (a linked id would no longer be listed). One
+            # page and the link after it are read, not every link (an account may have 200,000 users).
+            position = None
+            if after is not None:
+                if len(after) != 2 or not after[0].isdigit() or len(after[0]) != 20:
+                    raise _bad_cursor("next")
+                position = (_EPOCH + timedelta(microseconds=int(after[0])), after[1])
+            linked = store.link_records(call.space, root, after=position, limit=limit + 1)
         page, more = linked[:limit], linked[limit:]
         other = "users" if call.collection == "accounts" else "accounts"
         data = [

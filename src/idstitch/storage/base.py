@@ -451,12 +451,21 @@ class Store(Protocol):
         """One page of a root family's events, ordered by (timestamp, message_id), filtered by the query."""
         ...
 
-    def links(self, space: str, profile_id: str) -> list[str]:
-        """Root profiles of the other collection linked to this one."""
+    def links(self, space: str, profile_id: str, *, limit: int | None = None) -> list[str]:
+        """Root profiles of the other collection linked to this one, oldest link first (the first `limit`)."""
         ...
 
-    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
-        """The links of `links()` with their times, in its order: by first link, then segment id."""
+    def link_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[LinkRecord]:
+        """The links of `links()` with their times, in its order: by first link, then segment id; a page
+        of at most `limit` after the place (time, segment id) `after`, read by an index (an account may
+        have 200,000 users)."""
         ...
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
@@ -467,8 +476,16 @@ class Store(Protocol):
         """Identifiers dropped from messages that resolved to this profile's family."""
         ...
 
+    def dropped_in(self, space: str, message_ids: Sequence[str]) -> list[DroppedRecord]:
+        """Identifiers dropped from these messages, whichever profile they reached, in recording order."""
+        ...
+
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Identifiers marked non-unique in a space."""
+        ...
+
+    def suspects_among(self, space: str, identifiers: Sequence[Identifier]) -> list[SuspectRecord]:
+        """The marks of these identifiers (the others are not suspect), in `suspects` order."""
         ...
 
     def unmark_declared(self, space: str, identifiers: Sequence[Identifier]) -> None:

@@ -153,6 +153,7 @@ class _Space:
         "learned",
         "links",
         "merges",
+        "message_dropped",
         "message_ids",
         "owned",
         "parent_merges",
@@ -189,6 +190,7 @@ class _Space:
         self.parent_merges: dict[str, list[int]] = {}  # parent_id -> positions in merges
         self.dropped: list[DroppedRecord] = []
         self.profile_dropped: dict[str, list[int]] = {}  # profile_id -> positions in dropped
+        self.message_dropped: dict[str, list[int]] = {}  # message_id -> positions in dropped
 
     def family(self, profile_id: str) -> list[str]:
         """A profile and the profiles whose parent it is."""
@@ -470,12 +472,19 @@ class MemoryStore:
         chosen.sort(key=lambda row: (row[3], row[0]), reverse=descending)
         return [_event_record(row) for row in (chosen if query.limit < 0 else chosen[: query.limit])]
 
-    def links(self, space: str, profile_id: str) -> list[str]:
+    def links(self, space: str, profile_id: str, *, limit: int | None = None) -> list[str]:
         """Roots of the other collection linked to a root, oldest link first."""
-        return [item.segment_id for item in self.link_records(space, profile_id)]
+        return [item.segment_id for item in self.link_records(space, profile_id, limit=limit)]
 
-    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
-        """Roots of the other collection linked to a root, with the time of the first link."""
+    def link_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link (a page)."""
         data = self._read(space)
         links = data.links
         if data.is_account(profile_id):
@@ -488,7 +497,10 @@ class MemoryStore:
                 for account in list(data.user_links.get(profile_id, ()))
             ]
         found = sorted((at, other) for at, other in pairs if at is not None)
-        return [LinkRecord(other, at) for at, other in found]
+        records = [LinkRecord(other, at) for at, other in found]
+        if after is not None:
+            records = [item for item in records if (item.at, item.segment_id) > after]
+        return records[:limit]
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family, oldest first."""
@@ -502,6 +514,26 @@ class MemoryStore:
         log = data.dropped
         return [
             log[position] for position in _family_positions(data.profile_dropped, data.family(profile_id))
+        ]
+
+    def dropped_in(self, space: str, message_ids: Sequence[str]) -> list[DroppedRecord]:
+        """Dropped identifiers of these messages, in the order they were recorded."""
+        data = self._read(space)
+        log = data.dropped
+        return [log[position] for position in _family_positions(data.message_dropped, set(message_ids))]
+
+    def suspects_among(self, space: str, identifiers: Sequence[Identifier]) -> list[SuspectRecord]:
+        """The marks of these identifiers, by time marked."""
+        found = self._read(space).suspects
+        rows = sorted(
+            ((key, found[key]) for key in dict.fromkeys(identifiers) if key in found),
+            key=lambda item: (item[1][3], item[0].type, item[0].value, item[0].collection),
+        )
+        return [
+            SuspectRecord(
+                str(key), key.collection, evidence_type, tuple(_json_decode(values)), message_id, at
+            )
+            for key, (evidence_type, values, message_id, at) in rows
         ]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
@@ -915,6 +947,7 @@ class MemoryTransaction:
         for record in records:
             if profile_id is not None:
                 self._index(data.profile_dropped, profile_id, len(data.dropped))
+            self._index(data.message_dropped, message_id, len(data.dropped))
             self._append(data.dropped, record)
 
     def set_traits(

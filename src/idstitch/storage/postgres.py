@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -690,22 +691,43 @@ class PostgresStore:
             ).fetchall()
         return [event_record(row) for row in rows]
 
-    def links(self, space: str, profile_id: str) -> list[str]:
-        """Roots of the other collection linked to a root."""
-        return [item.segment_id for item in self.link_records(space, profile_id)]
+    def links(self, space: str, profile_id: str, *, limit: int | None = None) -> list[str]:
+        """Roots of the other collection linked to a root, oldest link first."""
+        return [item.segment_id for item in self.link_records(space, profile_id, limit=limit)]
 
-    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
-        """Roots of the other collection linked to a root, with the time of the first link."""
+    def link_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link (a page)."""
         with self._reading() as db:
-            _, column = self._family(db, space, profile_id)
-            if column == "account_id":
-                sql = (
-                    "SELECT user_id, at FROM links WHERE space = %s AND account_id = %s ORDER BY at, user_id"
-                )
-            else:
-                sql = "SELECT account_id, at FROM links WHERE space = %s AND user_id = %s ORDER BY at, account_id"
-            rows = db.execute(sql, (space, profile_id)).fetchall()
+            own, column = self._link_columns(db, space, profile_id)
+            parameters: list[Any] = [space, profile_id]
+            beyond = ""
+            if after is not None:
+                # A row comparison: an account's links index (at, user_id) starts the page where it begins.
+                beyond = f" AND (at, {column}) > (%s, %s)"
+                parameters += [to_micros(after[0]), after[1]]
+            parameters.append(limit)
+            sql = (
+                f"SELECT {column}, at FROM links WHERE space = %s AND {own} = %s{beyond} "
+                f"ORDER BY at, {column} LIMIT %s"
+            )
+            rows = db.execute(sql, parameters).fetchall()
         return [LinkRecord(row[0], from_micros(row[1])) for row in rows]
+
+    def _link_columns(self, db: psycopg.Connection[Any], space: str, profile_id: str) -> tuple[str, str]:
+        """The links column naming this profile and the one naming the other side."""
+        row = db.execute(
+            "SELECT collection FROM profiles WHERE space = %s AND segment_id = %s", (space, profile_id)
+        ).fetchone()
+        if row is not None and row[0] == "accounts":
+            return "account_id", "user_id"
+        return "user_id", "account_id"
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
@@ -728,6 +750,31 @@ class PostgresStore:
                 (space, family),
             ).fetchall()
         return [dropped_record(row) for row in rows]
+
+    def dropped_in(self, space: str, message_ids: Sequence[str]) -> list[DroppedRecord]:
+        """Dropped identifiers of these messages, in recording order."""
+        rows = self._all(
+            "SELECT message_id, identifier, rule, at, profile_id FROM dropped "
+            "WHERE space = %s AND message_id = ANY(%s) ORDER BY sequence",
+            (space, list(message_ids)),
+        )
+        return [dropped_record(row) for row in rows]
+
+    def suspects_among(self, space: str, identifiers: Sequence[Identifier]) -> list[SuspectRecord]:
+        """The marks of these identifiers, read by their keys in one statement."""
+        keys = [[item.collection, item.type, item.value] for item in dict.fromkeys(identifiers)]
+        # LATERAL … OFFSET 0: a primary-key probe per identifier, whatever the planner believes of the
+        # table's size (as the resolver's reads, postgres_transaction._OWNED_SQL).
+        rows = self._all(
+            "SELECT s.type, s.value, s.collection, s.evidence_type, s.evidence_values, s.message_id, s.at "
+            "FROM (SELECT r->>0 AS collection, r->>1 AS type, r->>2 AS value "
+            "FROM jsonb_array_elements(%s::jsonb) AS r) AS k "
+            "CROSS JOIN LATERAL (SELECT * FROM suspects s WHERE s.space = %s AND s.collection = k.collection "
+            "AND s.type = k.type AND s.value = k.value OFFSET 0) AS s",
+            (_json_encode(keys).decode(), space),
+        )
+        rows.sort(key=lambda row: (row[6], row[0], row[1], row[2]))
+        return [suspect_record(row) for row in rows]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Suspect identifiers of a space."""

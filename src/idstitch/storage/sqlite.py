@@ -685,25 +685,43 @@ class SQLiteStore:
             rows.sort(key=lambda row: (row[3], row[0]), reverse=query.descending)
             return [event_record(row) for row in (rows if query.limit < 0 else rows[: query.limit])]
 
-    def links(self, space: str, profile_id: str) -> list[str]:
-        """Roots of the other collection linked to a root."""
-        return [item.segment_id for item in self.link_records(space, profile_id)]
+    def links(self, space: str, profile_id: str, *, limit: int | None = None) -> list[str]:
+        """Roots of the other collection linked to a root, oldest link first."""
+        return [item.segment_id for item in self.link_records(space, profile_id, limit=limit)]
 
-    def link_records(self, space: str, profile_id: str) -> list[LinkRecord]:
-        """Roots of the other collection linked to a root, with the time of the first link."""
+    def link_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[LinkRecord]:
+        """Roots of the other collection linked to a root, with the time of the first link (a page)."""
         with self.snapshot():
             db = self._reader()
-            if self._family_column(db, space, profile_id) == "account_id":
-                # Without INDEXED BY, the ORDER BY makes SQLite walk every link of the space instead.
-                sql = (
-                    "SELECT user_id, at FROM links INDEXED BY links_by_account WHERE space = ? AND account_id = ? "
-                    "ORDER BY at, user_id"
-                )
-            else:
-                sql = (
-                    "SELECT account_id, at FROM links WHERE space = ? AND user_id = ? ORDER BY at, account_id"
-                )
-            return [LinkRecord(row[0], from_micros(row[1])) for row in db.execute(sql, (space, profile_id))]
+            own, column = self._link_columns(db, space, profile_id)
+            # An account's links are read by their index, which is in page order (at, user_id): a page of an
+            # account with 200,000 users reads that page. Without INDEXED BY SQLite walks every link of the
+            # space.
+            indexed = " INDEXED BY links_by_account" if own == "account_id" else ""
+            parameters: list[Any] = [space, profile_id]
+            beyond = ""
+            if after is not None:
+                beyond = f" AND (at, {column}) > (?, ?)"
+                parameters += [to_micros(after[0]), after[1]]
+            parameters.append(-1 if limit is None else limit)
+            sql = (
+                f"SELECT {column}, at FROM links{indexed} WHERE space = ? AND {own} = ?{beyond} "
+                f"ORDER BY at, {column} LIMIT ?"
+            )
+            return [LinkRecord(row[0], from_micros(row[1])) for row in db.execute(sql, parameters)]
+
+    def _link_columns(self, db: sqlite3.Connection, space: str, profile_id: str) -> tuple[str, str]:
+        """The links column naming this profile and the one naming the other side."""
+        if self._family_column(db, space, profile_id) == "account_id":
+            return "account_id", "user_id"
+        return "user_id", "account_id"
 
     def merges(self, space: str, profile_id: str) -> list[MergeRecord]:
         """Merge log of a root's family."""
@@ -730,6 +748,30 @@ class SQLiteStore:
                 (space, *family),
             )
             return [dropped_record(row) for row in rows]
+
+    def dropped_in(self, space: str, message_ids: Sequence[str]) -> list[DroppedRecord]:
+        """Dropped identifiers of these messages, in recording order."""
+        rows = self._reader().execute(
+            "SELECT message_id, identifier, rule, at, profile_id FROM dropped INDEXED BY dropped_by_message "
+            "WHERE space = ? AND message_id IN (SELECT value FROM json_each(?)) ORDER BY sequence",
+            (space, _json_encode(list(message_ids)).decode()),
+        )
+        return [dropped_record(row) for row in rows]
+
+    def suspects_among(self, space: str, identifiers: Sequence[Identifier]) -> list[SuspectRecord]:
+        """The marks of these identifiers, each read by its key."""
+        db = self._reader()
+        records = []
+        for item in dict.fromkeys(identifiers):
+            row = db.execute(
+                "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
+                "WHERE space = ? AND collection = ? AND type = ? AND value = ?",
+                (space, item.collection, item.type, item.value),
+            ).fetchone()
+            if row is not None:
+                records.append(row)
+        records.sort(key=lambda row: (row[6], row[0], row[1], row[2]))
+        return [suspect_record(row) for row in records]
 
     def suspects(self, space: str) -> list[SuspectRecord]:
         """Suspect identifiers of a space."""
