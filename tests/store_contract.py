@@ -848,6 +848,10 @@ def test_evidence_upsert_keeps_the_latest_time(store: Store) -> None:
         anon("zz"): {uid("u1"): t(20)},  # evidence does not need an owner
     }
     assert view(store, [Identifier("anonymous_id", "a1", "accounts")], "accounts").evidence == {}
+    # Non-unique detection off: only the evidence between the identifiers asked for.
+    with store.transaction() as tx:
+        few = tx.load_view(SPACE, "users", [anon("a1"), anon("zz"), uid("u2")], every_pair=False)
+    assert few.evidence == {anon("a1"): {uid("u2"): t(20)}}
 
 
 def test_suspects_first_mark_wins(store: Store) -> None:

@@ -472,9 +472,18 @@ class Engine:
         policy = rules.source(source)
         require_identifier(extraction)
         user_keys, account_keys = view_keys(extraction)
-        users_view = transaction.load_view(space, "users", user_keys) if user_keys else _EMPTY_VIEW
+        # Without non-unique detection the resolver reads only the evidence between the message's own
+        # identifiers (was it stored already): a junk value seen with a million others is not read in full.
+        every_pair = rules.detect_non_unique
+        users_view = (
+            transaction.load_view(space, "users", user_keys, every_pair=every_pair)
+            if user_keys
+            else _EMPTY_VIEW
+        )
         accounts_view = (
-            transaction.load_view(space, "accounts", account_keys) if account_keys else _EMPTY_VIEW
+            transaction.load_view(space, "accounts", account_keys, every_pair=every_pair)
+            if account_keys
+            else _EMPTY_VIEW
         )
         try:
             decision = resolve_message(

@@ -288,8 +288,14 @@ class StoreTransaction(Protocol):
         """Whether this space already stored a message with this id (de-duplication)."""
         ...
 
-    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
-        """The graph neighbourhood of these identifiers: owners (roots), their profiles, evidence, suspects."""
+    def load_view(
+        self, space: str, collection: str, identifiers: Sequence[Identifier], *, every_pair: bool = True
+    ) -> GraphView:
+        """The graph neighbourhood of these identifiers: owners (roots), their profiles, evidence, suspects.
+
+        `every_pair=False` (non-unique detection off): evidence only between these identifiers, which
+        is all the resolver then reads; an identifier shared by a million others is not read in full.
+        """
         ...
 
     def apply_resolution(

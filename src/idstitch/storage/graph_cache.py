@@ -167,8 +167,12 @@ class GraphCacheReader:
         """A profile row (a root with its members)."""
         raise NotImplementedError
 
-    def _view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
-        """Owners, their profiles, evidence and suspects for a message's identifiers."""
+    def _view(
+        self, space: str, collection: str, identifiers: Sequence[Identifier], *, every_pair: bool = True
+    ) -> GraphView:
+        """Owners, their profiles, evidence and suspects for a message's identifiers (evidence only
+        between them unless `every_pair`)."""
+        asked = [(identifier.type, identifier.value) for identifier in identifiers]
         owned: dict[Identifier, StoredIdentifier] = {}
         evidence: dict[Identifier, dict[Identifier, datetime]] = {}
         suspects: set[Identifier] = set()
@@ -195,6 +199,8 @@ class GraphCacheReader:
                 suspects.add(identifier)
                 continue  # a suspect stays suspect: its evidence is never needed again
             partners = self._evidence(key)
+            if partners and not every_pair:
+                partners = {pair: partners[pair] for pair in asked if pair in partners}
             if partners:
                 evidence[identifier] = {
                     Identifier(other_type, other_value, collection): from_micros(last_seen)

@@ -725,7 +725,9 @@ class MemoryTransaction:
         """Whether the message id is stored in this space."""
         return message_id in self._store._read(space).message_ids
 
-    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
+    def load_view(
+        self, space: str, collection: str, identifiers: Sequence[Identifier], *, every_pair: bool = True
+    ) -> GraphView:
         """Owners, their profiles, evidence and suspects for a message's identifiers."""
         data = self._store._read(space)
         table = data.identifiers
@@ -765,6 +767,9 @@ class MemoryTransaction:
                 suspects.add(identifier)
                 continue  # a suspect stays suspect: its evidence is never needed again
             partners = stored_evidence.get(key)
+            if partners and not every_pair:
+                asked = (Identifier(item.type, item.value, collection) for item in identifiers)
+                partners = {other: partners[other] for other in asked if other in partners}
             if partners:
                 evidence[identifier] = dict(partners)
         states = {root: self._profile_state(data, root) for root in roots}

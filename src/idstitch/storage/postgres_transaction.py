@@ -524,11 +524,13 @@ class PostgresTransaction(GraphCacheReader):
         row = self._ask(_STORED_SQL, key).fetchone()
         return bool(row and row[0])
 
-    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
+    def load_view(
+        self, space: str, collection: str, identifiers: Sequence[Identifier], *, every_pair: bool = True
+    ) -> GraphView:
         """Owners, their profiles, evidence and suspects, from what this transaction locked and read."""
         # What was not claimed (the engine claims first; direct callers may not) is claimed now.
         self._claim(space, None, [(space, collection, item.type, item.value) for item in identifiers])
-        return self._view(space, collection, identifiers)
+        return self._view(space, collection, identifiers, every_pair=every_pair)
 
     def _identifier(self, key: IdentifierKey) -> IdentifierEntry | None:
         return self.cache.identifiers[key]  # claimed, or a member of a claimed root

@@ -1007,9 +1007,11 @@ class SQLiteTransaction(GraphCacheReader):
         (self._looked_up if row is None else self._stored_ids).add(key)  # add_event asks again
         return row is not None
 
-    def load_view(self, space: str, collection: str, identifiers: Sequence[Identifier]) -> GraphView:
+    def load_view(
+        self, space: str, collection: str, identifiers: Sequence[Identifier], *, every_pair: bool = True
+    ) -> GraphView:
         """Owners, their profiles, evidence and suspects for a message's identifiers."""
-        return self._view(space, collection, identifiers)
+        return self._view(space, collection, identifiers, every_pair=every_pair)
 
     def _identifier(self, key: IdentifierKey) -> IdentifierEntry | None:
         cache = self.cache
