@@ -1023,8 +1023,21 @@ def test_trait_records_carry_the_source_and_follow_the_not_older_rule(store: Sto
         TraitRecord("nested", {"a": [1, 2.5, None, True]}, "web", t(10)),
         TraitRecord("plan", "free", "web", t(10)),
     ]
+    # A page: from a key on (itself included), only the named keys, the first `limit`.
+    page = store.trait_records(SPACE, "use_a", after="name", limit=2)
+    assert [record.key for record in page] == ["name", "nested"]
+    assert [r.key for r in store.trait_records(SPACE, "use_a", after="nb")] == ["nested", "plan"]
+    assert [r.key for r in store.trait_records(SPACE, "use_a", include=["plan", "city", "zz"])] == [
+        "city",
+        "plan",
+    ]
+    assert [r.key for r in store.trait_records(SPACE, "use_a", after="d", include=["city", "plan"])] == [
+        "plan"
+    ]
+    assert store.trait_records(SPACE, "use_a", after="q") == []
     put(10, "crm", plan="pro")  # a tie: the later write wins, its source with it
     put(20, "app", name=None)  # a removal: left out
+    assert [r.key for r in store.trait_records(SPACE, "use_a", after="n", limit=1)] == ["nested"]
     put(15, "web", name="Older")  # older than the removal: stays removed
     assert records() == {
         "city": ("Oslo", "app", t(5)),

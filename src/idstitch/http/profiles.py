@@ -303,24 +303,22 @@ class ProfileAPI:
         query.done()
         store = self.engine.store
         traits: dict[str, Any]
-        if trait_class:
-            keys: list[str] = []  # idstitch computes no audiences and no computed traits
-            traits = {}
-        elif verbose:
-            records = {item.key: item for item in store.trait_records(call.space, root)}
-            keys = _trait_keys(records, include, after)
+        # idstitch computes no audiences and no computed traits. Otherwise the page and the key after it
+        # are read, not every trait: a profile may hold 50,000 keys.
+        records = (
+            []
+            if trait_class
+            else store.trait_records(call.space, root, after=after, include=include, limit=limit + 1)
+        )
+        page = records[:limit]
+        if verbose:
             traits = {
-                key: VerboseTrait(
-                    records[key].value, records[key].source, format_timestamp(records[key].updated_at)
-                )
-                for key in keys[:limit]
+                item.key: VerboseTrait(item.value, item.source, format_timestamp(item.updated_at))
+                for item in page
             }
         else:
-            # The common lookup: values only, without a record and a time per trait.
-            values = store.traits(call.space, root)
-            keys = _trait_keys(values, include, after)
-            traits = {key: values[key] for key in keys[:limit]}
-        next_key = keys[limit] if len(keys) > limit else ""
+            traits = {item.key: item.value for item in page}
+        next_key = records[limit].key if len(records) > limit else ""
         return _encoder.encode(TraitsResponse(traits, _cursor(call, limit, next_key)))
 
     def _external_ids(self, call: _Call, root: str) -> bytes:
@@ -763,11 +761,6 @@ class _Query:
                 raise _problem(
                     400, "invalid_request_error", f"The parameter `{name}` is given more than once"
                 )
-
-
-def _trait_keys(traits: Mapping[str, object], include: list[str], after: str) -> list[str]:
-    """The keys of a traits page and those after it, sorted (the cursor is the first key of the next page)."""
-    return sorted(key for key in traits if (not include or key in include) and key >= after)
 
 
 def _bad_cursor(name: str) -> HTTPProblem:

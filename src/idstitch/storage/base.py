@@ -435,8 +435,20 @@ class Store(Protocol):
         """Current traits of a root profile."""
         ...
 
-    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
-        """Current traits of a root profile with source and time, sorted by key (removed ones left out)."""
+    def trait_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: str = "",
+        include: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[TraitRecord]:
+        """Current traits of a root profile with source and time, sorted by key (removed ones left out).
+
+        A page: keys from `after` on (itself included), only those in `include` when it names any, the first
+        `limit`; a profile of 50,000 trait keys reads its page only.
+        """
         ...
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:

@@ -392,14 +392,23 @@ class MemoryStore:
             if value is not None
         }
 
-    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
-        """Current traits of a root with their source and time, by key (removals left out)."""
+    def trait_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: str = "",
+        include: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[TraitRecord]:
+        """Current traits of a root with their source and time, by key (removals left out; a page)."""
         stored = self._read(space).traits.get(profile_id, {})
+        named = set(include)
         return [
             TraitRecord(key, _json_decode(value), source, set_at)
             for key, (value, set_at, source, _) in sorted(list(stored.items()))
-            if value is not None
-        ]
+            if value is not None and key >= after and (not named or key in named)
+        ][:limit]
 
     def activity(self, space: str, profile_id: str) -> ProfileActivity:
         """The creating message of a root and the last message ingested for its family."""

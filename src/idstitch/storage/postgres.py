@@ -594,12 +594,24 @@ class PostgresStore:
         )
         return {row[0]: _json_decode(row[1]) for row in rows}
 
-    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
-        """Current traits of a root with their source and time, by key."""
+    def trait_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: str = "",
+        include: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[TraitRecord]:
+        """Current traits of a root with their source and time, by key (a page of them)."""
+        named = " AND key = ANY(%s)" if include else ""
+        parameters: list[Any] = [space, profile_id, after]
+        if include:
+            parameters.append(list(include))
         rows = self._all(
             "SELECT key, value, source, set_at FROM traits WHERE space = %s AND profile_id = %s "
-            "AND value IS NOT NULL ORDER BY key",
-            (space, profile_id),
+            f"AND value IS NOT NULL AND key >= %s{named} ORDER BY key LIMIT %s",
+            (*parameters, limit),
         )
         return [trait_record(row) for row in rows]
 

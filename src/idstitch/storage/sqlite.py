@@ -569,12 +569,24 @@ class SQLiteStore:
         )
         return {row[0]: _json_decode(row[1]) for row in rows}
 
-    def trait_records(self, space: str, profile_id: str) -> list[TraitRecord]:
-        """Current traits of a root with their source and time, by key."""
+    def trait_records(
+        self,
+        space: str,
+        profile_id: str,
+        *,
+        after: str = "",
+        include: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[TraitRecord]:
+        """Current traits of a root with their source and time, by key (a page of them)."""
+        named = " AND key IN (SELECT value FROM json_each(?))" if include else ""
+        parameters: list[Any] = [space, profile_id, after]
+        if include:
+            parameters.append(_json_encode(list(include)).decode())
         rows = self._reader().execute(
             "SELECT key, value, source, set_at FROM traits WHERE space = ? AND profile_id = ? "
-            "AND value IS NOT NULL ORDER BY key",
-            (space, profile_id),
+            f"AND value IS NOT NULL AND key >= ?{named} ORDER BY key LIMIT ?",
+            (*parameters, -1 if limit is None else limit),
         )
         return [trait_record(row) for row in rows]
 
