@@ -888,6 +888,14 @@ def test_suspects_first_mark_wins(store: Store) -> None:
     assert store.suspects_among(SPACE, [anon("free")]) == store.suspects(SPACE)[1:]
     assert store.suspects_among(SPACE, []) == []
     assert store.suspects_among(OTHER, among) == []
+    # Pages of the list: the first `limit`, or from a mark on (itself included); None when not suspect.
+    assert store.suspects(SPACE, limit=1) == store.suspects(SPACE)[:1]
+    assert store.suspects_from(SPACE, anon("a1"), limit=5) == store.suspects(SPACE)
+    assert store.suspects_from(SPACE, anon("free"), limit=5) == store.suspects(SPACE)[1:]
+    assert store.suspects_from(SPACE, anon("a1"), limit=1) == store.suspects(SPACE)[:1]
+    assert store.suspects_from(SPACE, uid("u1"), limit=5) is None
+    assert store.suspects_from(SPACE, Identifier("anonymous_id", "a1", "accounts"), limit=5) is None
+    assert store.suspects_from(OTHER, anon("a1"), limit=5) is None
     assert view(store, [anon("a1"), anon("free"), uid("u1")]).suspects == {anon("a1"), anon("free")}
     assert store.stats(SPACE).suspect == 2
     assert store.dump(SPACE)["suspects"] == [

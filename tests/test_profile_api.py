@@ -21,7 +21,7 @@ from idstitch.core.errors import ConfigError
 from idstitch.core.identifiers import Identifier
 from idstitch.core.messages import format_timestamp
 from idstitch.engine import Engine
-from idstitch.http.profiles import ProfileAPI
+from idstitch.http.profiles import ProfileAPI, _encode_cursor
 from idstitch.http.rate_limits import RateLimiter, SharedBuckets
 from idstitch.storage.base import StoreUnavailable
 from idstitch.storage.urls import open_store
@@ -731,6 +731,29 @@ async def test_merges_show_identifiers_dropped_and_suspects(api: Api) -> None:
     ]
     assert suspects["data"][0]["evidence_type"] == "user_id"
     assert sorted(suspects["data"][0]["evidence_values"]) == ["alice", "bob"]
+
+
+async def test_suspect_pages_walk_the_whole_list_once_and_a_stale_cursor_is_400(api: Api) -> None:
+    """Pages now start at the mark the cursor names (read by key), not by reading the space's list."""
+    for number in range(7):
+        for side in (0, 1):
+            api.web.send("identify", userId=f"s{number}_{side}", anonymousId=f"shared{number}")
+    status, whole = await api.get("/v1/spaces/app/identifiers/suspect", token="at_app")
+    assert status == 200 and len(whole["data"]) == 7
+    walked: list[Any] = []
+    cursor: dict[str, Any] = {}
+    while True:
+        params = {"limit": "3"} | ({"next": cursor["next"]} if cursor else {})
+        status, page = await api.get("/v1/spaces/app/identifiers/suspect", token="at_app", **params)
+        assert status == 200
+        walked += page["data"]
+        cursor = page["cursor"]
+        if not cursor["has_more"]:
+            break
+    assert walked == whole["data"]
+    stale = _encode_cursor(("users", "anonymous_id:never"))
+    status, body = await api.get("/v1/spaces/app/identifiers/suspect", token="at_app", next=stale)
+    assert status == 400 and "does not name a suspect" in body["error"]["message"]
 
 
 async def test_merges_show_a_user_id_an_alias_retired(api: Api) -> None:

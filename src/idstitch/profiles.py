@@ -24,6 +24,7 @@ __all__ = [
     "explain_document",
     "find_root",
     "graph_document",
+    "identifier_readings",
     "parse_profile_id",
 ]
 
@@ -97,7 +98,7 @@ def _time(value: datetime) -> str:
     return format_timestamp(value)
 
 
-def _readings(text: str, collection: str) -> list[Identifier]:
+def identifier_readings(text: str, collection: str) -> list[Identifier]:
     """Every identifier that `type:value` text can be: a store from the first release may hold a custom
     type with a colon, so each colon is tried as the separator."""
     return [
@@ -117,7 +118,7 @@ def explain_document(store: Store, space: str, root: str) -> dict[str, Any] | No
     on_profile = {f"{item.type}:{item.value}" for item in identifiers if item.suspect}
     related = on_profile | {item.identifier for item in dropped}
     # The marks of these identifiers are read by key: a space may hold a million suspects.
-    keys = [key for text in related for key in _readings(text, record.collection)]
+    keys = [key for text in related for key in identifier_readings(text, record.collection)]
     suspects = [
         {
             "identifier": item.identifier,

@@ -498,8 +498,13 @@ class Store(Protocol):
         """Identifiers dropped from these messages, whichever profile they reached, in recording order."""
         ...
 
-    def suspects(self, space: str) -> list[SuspectRecord]:
-        """Identifiers marked non-unique in a space."""
+    def suspects(self, space: str, *, limit: int | None = None) -> list[SuspectRecord]:
+        """Identifiers marked non-unique in a space, by time marked, type, value, collection (the first `limit`)."""
+        ...
+
+    def suspects_from(self, space: str, identifier: Identifier, *, limit: int) -> list[SuspectRecord] | None:
+        """Up to `limit` marks in `suspects` order from this identifier's (included); None when it is not
+        suspect. A page of a space with a million suspects reads only that page."""
         ...
 
     def suspects_among(self, space: str, identifiers: Sequence[Identifier]) -> list[SuspectRecord]:

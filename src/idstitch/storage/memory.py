@@ -210,6 +210,11 @@ def _event_record(row: _Event) -> EventRecord:
     return EventRecord(*row)
 
 
+def _suspect_record(key: Identifier, mark: _Suspect) -> SuspectRecord:
+    evidence_type, values, message_id, at = mark
+    return SuspectRecord(str(key), key.collection, evidence_type, tuple(_json_decode(values)), message_id, at)
+
+
 def _family_positions(index: Mapping[str, list[int]], family: Iterable[str]) -> list[int]:
     positions: list[int] = []
     for member in family:
@@ -545,18 +550,24 @@ class MemoryStore:
             for key, (evidence_type, values, message_id, at) in rows
         ]
 
-    def suspects(self, space: str) -> list[SuspectRecord]:
+    def suspects_from(self, space: str, identifier: Identifier, *, limit: int) -> list[SuspectRecord] | None:
+        """A page of marks from this identifier's (None: not suspect)."""
+        rows = self._suspect_rows(space)
+        keys = [key for key, _ in rows]
+        if identifier not in keys:
+            return None
+        start = keys.index(identifier)
+        return [_suspect_record(key, mark) for key, mark in rows[start : start + limit]]
+
+    def suspects(self, space: str, *, limit: int | None = None) -> list[SuspectRecord]:
         """Suspect identifiers of a space, by time marked."""
-        rows = sorted(
+        return [_suspect_record(key, mark) for key, mark in self._suspect_rows(space)[:limit]]
+
+    def _suspect_rows(self, space: str) -> list[tuple[Identifier, _Suspect]]:
+        return sorted(
             list(self._read(space).suspects.items()),
             key=lambda item: (item[1][3], item[0].type, item[0].value, item[0].collection),
         )
-        return [
-            SuspectRecord(
-                str(key), key.collection, evidence_type, tuple(_json_decode(values)), message_id, at
-            )
-            for key, (evidence_type, values, message_id, at) in rows
-        ]
 
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None

@@ -788,14 +788,31 @@ class PostgresStore:
         rows.sort(key=lambda row: (row[6], row[0], row[1], row[2]))
         return [suspect_record(row) for row in rows]
 
-    def suspects(self, space: str) -> list[SuspectRecord]:
-        """Suspect identifiers of a space."""
+    def suspects(self, space: str, *, limit: int | None = None) -> list[SuspectRecord]:
+        """Suspect identifiers of a space, by time marked (the first `limit`)."""
         rows = self._all(
             "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
-            "WHERE space = %s ORDER BY at, type, value",
-            (space,),
+            "WHERE space = %s ORDER BY at, type, value, collection LIMIT %s",
+            (space, limit),
         )
         return [suspect_record(row) for row in rows]
+
+    def suspects_from(self, space: str, identifier: Identifier, *, limit: int) -> list[SuspectRecord] | None:
+        """A page of marks from this identifier's (None: not suspect), by the suspects_by_time index."""
+        with self._connection() as db:
+            row = db.execute(
+                "SELECT at FROM suspects WHERE space = %s AND collection = %s AND type = %s AND value = %s",
+                (space, identifier.collection, identifier.type, identifier.value),
+            ).fetchone()
+            if row is None:
+                return None
+            rows = db.execute(
+                "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
+                "WHERE space = %s AND (at, type, value, collection) >= (%s, %s, %s, %s) "
+                "ORDER BY at, type, value, collection LIMIT %s",
+                (space, row[0], identifier.type, identifier.value, identifier.collection, limit),
+            ).fetchall()
+        return [suspect_record(item) for item in rows]
 
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None

@@ -785,14 +785,31 @@ class SQLiteStore:
         records.sort(key=lambda row: (row[6], row[0], row[1], row[2]))
         return [suspect_record(row) for row in records]
 
-    def suspects(self, space: str) -> list[SuspectRecord]:
-        """Suspect identifiers of a space."""
+    def suspects(self, space: str, *, limit: int | None = None) -> list[SuspectRecord]:
+        """Suspect identifiers of a space, by time marked (the first `limit`)."""
         rows = self._reader().execute(
             "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
-            "WHERE space = ? ORDER BY at, type, value",
-            (space,),
+            "WHERE space = ? ORDER BY at, type, value, collection LIMIT ?",
+            (space, -1 if limit is None else limit),
         )
         return [suspect_record(row) for row in rows]
+
+    def suspects_from(self, space: str, identifier: Identifier, *, limit: int) -> list[SuspectRecord] | None:
+        """A page of marks from this identifier's (None: not suspect), by the suspects_by_time index."""
+        db = self._reader()
+        key = (space, identifier.collection, identifier.type, identifier.value)
+        row = db.execute(
+            "SELECT at FROM suspects WHERE space = ? AND collection = ? AND type = ? AND value = ?", key
+        ).fetchone()
+        if row is None:
+            return None
+        rows = db.execute(
+            "SELECT type, value, collection, evidence_type, evidence_values, message_id, at FROM suspects "
+            "WHERE space = ? AND (at, type, value, collection) >= (?, ?, ?, ?) "
+            "ORDER BY at, type, value, collection LIMIT ?",
+            (space, row[0], identifier.type, identifier.value, identifier.collection, limit),
+        )
+        return [suspect_record(item) for item in rows]
 
     def unresolved(
         self, space: str, *, limit: int = 100, before_sequence: int | None = None
