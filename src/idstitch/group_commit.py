@@ -19,7 +19,7 @@ from types import TracebackType
 from idstitch.core.errors import IdstitchError, InvalidEvent
 from idstitch.core.messages import Message
 from idstitch.engine import Engine, IngestBatch, IngestResult
-from idstitch.storage.base import StoreConflict, StoreFull, StoreWriteFailed
+from idstitch.storage.base import StoreConflict, StoreWriteFailed
 
 __all__ = ["GroupCommitWriter", "WriterBusy", "WriterClosed", "admit"]
 
@@ -183,11 +183,11 @@ class GroupCommitWriter:
         except BaseException as error:
             if len(group) == 1 or isinstance(error, StoreConflict | StoreWriteFailed):
                 # The kind of error only: /healthz is public, and the text may name the store's file.
-                if isinstance(error, StoreWriteFailed):
-                    full = isinstance(error, StoreFull)
-                    why = "the store's disk is full" if full else "the store could not write to its disk"
-                else:
-                    why = f"{type(error).__name__}; the server's log has the detail"
+                why = (
+                    error.what
+                    if isinstance(error, StoreWriteFailed)
+                    else f"{type(error).__name__}; the server's log has the detail"
+                )
                 self._failure = (time.monotonic(), why)
                 # A conflict the engine gave up on, or a full disk, is the store's (its write lock held
                 # elsewhere), not one caller's: every batch alone would fail the same way, one after the other.

@@ -461,7 +461,7 @@ class ProfileAPI:
             every = store.link_records(call.space, root)
             ids = [item.segment_id for item in every]
             if after[0] not in ids:
-                raise _bad_links_cursor()
+                raise _problem(400, "invalid_request_error", "`next` does not name a link of this profile")
             start = ids.index(after[0])
             linked = every[start : start + limit + 1]
         else:
@@ -787,10 +787,6 @@ def _unbase64(text: str) -> bytes:
     # Segment's cursors are standard base64, ours URL-safe without padding: accept both.
     cleaned = text.strip().replace("-", "+").replace("_", "/")
     return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
-
-
-def _bad_links_cursor() -> HTTPProblem:
-    return _problem(400, "invalid_request_error", "`next` does not name a link of this profile")
 
 
 def _encode_cursor(key: tuple[str, ...]) -> str:

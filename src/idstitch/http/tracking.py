@@ -453,13 +453,10 @@ class TrackingAPI:
         except StoreWriteFailed as failed:
             # Nothing of the request was stored: the client sends it again once space is freed (or the
             # disk mended), and the server takes it without a restart. The operator's log names the store.
-            full = isinstance(failed, StoreFull)
             raise HTTPProblem(
                 503,
-                "store_full" if full else "store_write_failed",
-                "the store's disk is full; retry later"
-                if full
-                else "the store could not write to its disk; retry later",
+                "store_full" if isinstance(failed, StoreFull) else "store_write_failed",
+                f"{failed.what}; retry later",
                 {"Retry-After": str(self.retry_after)},
                 detail=str(failed),
             ) from None

@@ -72,9 +72,13 @@ class StoreWriteFailed(Exception):
     "retry later" (the HTTP edge: 503) or stop with what committed kept.
     """
 
+    what = "the store could not write to its disk"  # for the public: names no file, no OS error
+
 
 class StoreFull(StoreWriteFailed):
     """The store's disk is full: its writes fail until space is freed."""
+
+    what = "the store's disk is full"
 
 
 class LockBusy(StoreConflict):
