@@ -328,7 +328,7 @@ class PostgresStore:
         try:
             newest = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
         except psycopg.errors.InsufficientPrivilege as error:
-            user, schema = db.execute("SELECT current_user, current_schema()").fetchone() or ("?", "?")
+            user, schema = self._where(db)
             raise ConfigError(
                 f"store {_safe(self.url)}: role {user} may not read the tables of schema {schema} "
                 "(permission denied for table schema_migrations): grant it once with GRANT SELECT, INSERT, "
@@ -446,8 +446,7 @@ class PostgresStore:
                 db.execute(sql, parameters)
             except psycopg.errors.InsufficientPrivilege as error:
                 # A start-up write (space, source, token) by a role given only the readers' rights.
-                row = db.execute("SELECT current_user, current_schema()").fetchone() or ("?", "?")
-                user, schema = row
+                user, schema = self._where(db)
                 denied = str(error).splitlines()[0] if str(error) else "permission denied"
                 raise ConfigError(
                     f"store {_safe(self.url)}: role {user} may not write the tables of schema {schema} "
@@ -799,7 +798,7 @@ class PostgresStore:
 
     def suspects_from(self, space: str, identifier: Identifier, *, limit: int) -> list[SuspectRecord] | None:
         """A page of marks from this identifier's (None: not suspect), by the suspects_by_time index."""
-        with self._connection() as db:
+        with self._reading() as db:
             row = db.execute(
                 "SELECT at FROM suspects WHERE space = %s AND collection = %s AND type = %s AND value = %s",
                 (space, identifier.collection, identifier.type, identifier.value),
