@@ -172,7 +172,8 @@ class GraphCacheReader:
     ) -> GraphView:
         """Owners, their profiles, evidence and suspects for a message's identifiers (evidence only
         between them unless `every_pair`)."""
-        asked = [(identifier.type, identifier.value) for identifier in identifiers]
+        # Only with detection off, where it bounds the evidence read: the default path pays nothing.
+        asked = () if every_pair else [(identifier.type, identifier.value) for identifier in identifiers]
         owned: dict[Identifier, StoredIdentifier] = {}
         evidence: dict[Identifier, dict[Identifier, datetime]] = {}
         suspects: set[Identifier] = set()
