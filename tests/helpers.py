@@ -262,3 +262,20 @@ class FailsAtCommit:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
+
+
+@contextmanager
+def counted_steps(connection: sqlite3.Connection) -> Iterator[list[int]]:
+    """Count the steps SQLite's virtual machine runs on `connection` inside: how much a read walked,
+    measured without a clock (the count is `[0]` of what this yields)."""
+    count = [0]
+
+    def step() -> int:
+        count[0] += 1
+        return 0
+
+    connection.set_progress_handler(step, 1)
+    try:
+        yield count
+    finally:
+        connection.set_progress_handler(None, 1)

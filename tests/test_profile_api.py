@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import idstitch.engine as engine_module
-from helpers import Space, World, at, config_from_toml, open_world
+from helpers import Space, World, at, config_from_toml, counted_steps, open_world
 from idstitch.core.errors import ConfigError
 from idstitch.core.identifiers import Identifier
 from idstitch.core.messages import format_timestamp
@@ -462,17 +462,8 @@ async def test_a_page_of_a_huge_profile_reads_as_much_as_one_of_a_small_one(api:
         }
         counted = {}
         for name, (path, params) in paths.items():
-            count = [0]
-
-            def step(count: list[int] = count) -> int:
-                count[0] += 1
-                return 0
-
-            reader.set_progress_handler(step, 1)
-            try:
+            with counted_steps(reader) as count:
                 status, _ = await api.get(path, **params)
-            finally:
-                reader.set_progress_handler(None, 1)
             assert status == 200, name
             counted[name] = count[0]
         return counted

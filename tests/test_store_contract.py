@@ -186,7 +186,7 @@ def test_sqlite_a_page_of_suspects_reads_that_page(tmp_path: Path) -> None:
     """Counted in SQLite VM steps: a page of the admin list of suspects (the first, and one from a cursor)
     costs as much in a space of 300 suspects as in one of 5, and walks the suspects_by_time index.
     Before: every page read every suspect of the space (0.3 s per page at 50,000)."""
-    from helpers import open_space
+    from helpers import counted_steps, open_space
     from idstitch.core.identifiers import Identifier
     from idstitch.storage.sqlite import SQLiteStore
 
@@ -208,17 +208,8 @@ def test_sqlite_a_page_of_suspects_reads_that_page(tmp_path: Path) -> None:
                 lambda: store.suspects(space.name, limit=3),
                 lambda: store.suspects_from(space.name, Identifier("anonymous_id", "a2", "users"), limit=3),
             ):
-                count = [0]
-
-                def step(count: list[int] = count) -> int:
-                    count[0] += 1
-                    return 0
-
-                reader.set_progress_handler(step, 1)
-                try:
+                with counted_steps(reader) as count:
                     assert len(read() or []) == 3
-                finally:
-                    reader.set_progress_handler(None, 1)
                 counted.append(count[0])
             return counted[0], counted[1]
 
