@@ -735,6 +735,38 @@ def test_event_resolutions_reach_todays_roots_in_ingest_order_and_blocked_values
     assert store.blocked_values(OTHER) == frozenset()
 
 
+def test_every_stored_event_is_read_back_whole_in_ingest_order_page_after_page(store: Store) -> None:
+    """What `idstitch copy` replays: each message as stored (payload, source, times), in the order it was
+    stored, not by time, over more than one page, and from after a given sequence on."""
+    store.ensure_space(OTHER)
+    count = 2_345  # past two pages of EVENTS_PAGE
+    with store.transaction() as tx:
+        for number in range(count):
+            at = t(count - number)  # stored newest first: the walk must follow the store's order
+            source = None if number % 7 == 0 else "web"
+            tx.add_event(SPACE, event(f"m{number}", at, None, None, (f"user_id:u{number}",), source=source))
+            if number % 100 == 0:
+                tx.add_event(OTHER, event(f"m{number}", at, None, None, ()))
+    read = list(store.iter_events(SPACE))
+    assert [record.message_id for record in read] == [f"m{number}" for number in range(count)]
+    sequences = [record.sequence for record in read]
+    assert sequences == sorted(sequences) and len(set(sequences)) == count
+    first = read[0]
+    assert (first.source, first.identifiers, first.timestamp, first.received_at) == (
+        None,
+        ("user_id:u0",),
+        t(count),
+        t(count) + timedelta(milliseconds=250),
+    )
+    assert json.loads(first.payload) == {"messageId": "m0"} and read[1].source == "web"
+    after = list(store.iter_events(SPACE, after_sequence=sequences[1999]))
+    assert [record.message_id for record in after] == [f"m{number}" for number in range(2000, count)]
+    assert [record.message_id for record in store.iter_events(OTHER)] == [
+        f"m{n}" for n in range(0, count, 100)
+    ]
+    assert list(store.iter_events("never-written")) == []
+
+
 def test_merge_of_accounts_moves_account_links(store: Store) -> None:
     with store.transaction() as tx:
         create(tx, "use_a", t(1), uid("u1"))

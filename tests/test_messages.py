@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import (
@@ -26,6 +28,7 @@ from idstitch.core.messages import (
     format_timestamp,
     parse_batch,
     parse_message,
+    parse_stored,
     parse_timestamp,
 )
 
@@ -1354,3 +1357,76 @@ def test_a_live_delivery_keeps_the_servers_received_at() -> None:
     assert parse(sent).received_at == datetime(2001, 1, 1, tzinfo=UTC)  # an archive's own is kept
     assert parse(sent, delivery="req-1").received_at == RECEIVED
     assert parse(sent, delivery="req-1").payload["receivedAt"] == "2026-03-01T12:00:00.000Z"
+
+
+_TIMES = st.sampled_from(
+    [
+        None,
+        "",
+        "2026-03-01T11:00:00.000Z",
+        "2026-03-01T11:00:00Z",
+        "2026-03-01T13:00:00.123456+02:00",
+        "2026-03-01T11:05:00.5Z",
+        "2026-03-02T11:00:00.000Z",  # after receipt: a clock ahead
+        "0001-01-01T00:00:00Z",  # Go's zero time
+        "not a time",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    timestamp=_TIMES,
+    original=_TIMES,
+    sent=_TIMES,
+    batch_sent=_TIMES,
+    received=_TIMES,
+    message_id=st.sampled_from([None, "m-1", ""]),
+    mode=st.sampled_from(["live", "live-batch", "file", "file-batch", "plain"]),
+)
+def test_a_stored_payload_parses_back_to_the_message_it_was(
+    timestamp: str | None,
+    original: str | None,
+    sent: str | None,
+    batch_sent: str | None,
+    received: str | None,
+    message_id: str | None,
+    mode: str,
+) -> None:
+    """What `idstitch copy` relies on: however a message arrived (a live request, a batch with its context
+    and sentAt, an archive file), its stored payload read back is the same Message, so a replay resolves
+    every message exactly as it was resolved when it arrived."""
+    fields = {"timestamp": timestamp, "originalTimestamp": original, "sentAt": sent, "receivedAt": received}
+    raw: dict[str, Any] = {
+        "type": "identify",
+        "userId": "u1",
+        "anonymousId": "a1",
+        "traits": {"email": "Ann@Example.com", "plan": "pro"},
+        "writeKey": "wk_secret",
+        **{key: value for key, value in fields.items() if value is not None},
+    }
+    if message_id is not None:
+        raw["messageId"] = message_id
+    envelope: dict[str, Any] = {"batch": [raw], "context": {"ip": "10.0.0.1"}, "integrations": {"All": True}}
+    if batch_sent is not None:
+        envelope["sentAt"] = batch_sent
+    kwargs: dict[str, Any] = {"received_at": RECEIVED}
+    if mode.startswith("live"):
+        kwargs["delivery"] = "req-1"
+    elif mode.startswith("file"):
+        kwargs.update(estimated_receipt=True, occurrences=SourceOccurrences("archive.ndjson"))
+    try:
+        if mode.endswith("batch"):
+            item = parse_batch(envelope, **kwargs)[0][0]
+            if isinstance(item, InvalidEvent):
+                raise item
+            message = item
+        else:
+            message = parse_message(raw, **kwargs)
+    except InvalidEvent:
+        event("rejected on arrival")
+        return  # never stored
+    event("stored")
+    assert "writeKey" not in message.payload
+    stored = msgspec.json.encode(message.payload)
+    assert parse_stored(stored, received_at=message.received_at) == message

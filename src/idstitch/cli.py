@@ -1,10 +1,10 @@
 """The command line: `idstitch ingest | serve | worker | parked | profile | explain | stats | keys |
-migrate | simulate | accuracy | report | bench`.
+migrate | copy | simulate | accuracy | report | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
 0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
 1 the profile asked for (or its space) is not in the store (or the parked request), 2 a usage or configuration error (missing
-file, unknown space, bad store URL, invalid config), 130 / 143 an ingest interrupted by Ctrl-C /
+file, unknown space, bad store URL, invalid config), 130 / 143 an ingest or copy interrupted by Ctrl-C /
 SIGTERM (every batch committed before that is kept; run the same command again to resume). `serve`
 exits 0 after a graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so
 does `worker` (the group it was resolving is committed and acknowledged first). A reader that goes
@@ -53,7 +53,14 @@ from idstitch.core.messages import format_timestamp
 from idstitch.core.rules import IdentityRules
 from idstitch.engine import OutcomeCounts
 from idstitch.profiles import COLLECTIONS, InvalidProfileId, explain_document, find_root
-from idstitch.storage.base import EventQuery, IdentifierRecord, Store, StoreConflict, StoreWriteFailed
+from idstitch.storage.base import (
+    EventQuery,
+    IdentifierRecord,
+    SpaceStats,
+    Store,
+    StoreConflict,
+    StoreWriteFailed,
+)
 from idstitch.storage.urls import open_store
 
 if TYPE_CHECKING:
@@ -1276,6 +1283,202 @@ def migrate(store: StoreOption = DEFAULT_STORE_URL) -> None:
             print(f"store {shown} is at schema version {after}, this build's: nothing to migrate")
         else:
             print(f"store {shown} migrated from schema version {before} to {after}")
+
+
+# -- copy ------------------------------------------------------------------------------------------
+
+
+@app.command("copy")
+def copy_store(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="Store to copy into (postgresql://…, or a new sqlite:///file.db); made and migrated if need be.",
+        ),
+    ],
+    space: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--space",
+            metavar="NAME",
+            help="A space to copy; repeat for several (default: every space stored).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, max=100_000, metavar="N", help="Messages per transaction in the copy."
+        ),
+    ] = 1000,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    store: StoreOption = DEFAULT_STORE_URL,
+    config: ConfigOption = None,
+) -> None:
+    """Copy the store into another (SQLite to PostgreSQL, say): every stored message, resolved again in
+    the order it was stored, and the write keys and tokens; the source store is only read."""
+    from idstitch.engine import Engine
+    from idstitch.storage.urls import redact_url
+
+    with _user_errors():
+        settings = load_config(config)
+        if _same_store(store, to):
+            raise UsageError(f"--to names the store copied from ({redact_url(to)}): name another store")
+        with _store(store, read_only=True) as source, ExitStack() as stack:
+            names = _spaces_to_copy(settings, source, space)
+            target = stack.enter_context(_store(to))
+            before = {name: source.stats(name) for name in names}
+            _copy_access(source, target, names)
+            engine = Engine(target, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
+            _print_created_write_keys(engine)  # a source store without tokens (they came from IDSTITCH_*)
+            _freeze_startup_objects()
+            started = time.monotonic()
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            tallies = {name: _Tally() for name in names}
+            try:
+                _copy_spaces(
+                    engine, source, tallies, batch_size, sum(item.events for item in before.values()), quiet
+                )
+            except (KeyboardInterrupt, _Terminated) as stop:
+                copied = sum(tally.messages for tally in tallies.values())
+                stderr.print(
+                    f"interrupted: {_plural(copied, 'message')} copied and kept; run the same command again "
+                    "to resume (messages already in the copy are skipped)",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+            seconds = time.monotonic() - started
+            report = [
+                _copy_report(name, tallies[name], source.stats(name), target.stats(name)) for name in names
+            ]
+        _print_copy_summary(report, redact_url(to), seconds, as_json)
+
+
+def _same_store(url: str, other: str) -> bool:
+    """Whether two store URLs name one store: the same text, or two spellings of one SQLite file."""
+    if url == other:
+        return True
+    paths = [item.removeprefix("sqlite:///") for item in (url, other) if item.startswith("sqlite:///")]
+    if len(paths) < 2 or not all(Path(path).exists() for path in paths):
+        return False
+    return Path(paths[0]).samefile(paths[1])
+
+
+def _spaces_to_copy(settings: Config, source: Store, asked: list[str] | None) -> list[str]:
+    """The spaces a copy takes: those asked for, else every one the store holds; each must be configured,
+    as its messages are resolved again under the config's rules."""
+    held = source.spaces()
+    names = list(dict.fromkeys(asked)) if asked else held
+    for name in names:
+        if name not in held:
+            raise UsageError(
+                f"space {name} is not in the store (it holds: {', '.join(held) or 'no space yet'})"
+            )
+        if name not in settings.spaces:
+            raise UsageError(
+                f"space {name} is in the store but not in the config: a copy resolves each message again "
+                f"under its space's configured rules; configure it (or copy others with --space)"
+            )
+    if not names:
+        raise UsageError("the store holds no space yet: there is nothing to copy")
+    return names
+
+
+def _copy_access(source: Store, target: Store, names: list[str]) -> None:
+    """The copy answers the write keys and tokens the source answers, so clients keep working after the
+    switch; written before the engine starts, which would otherwise make new ones on a first run."""
+    for name in names:
+        target.ensure_space(name)
+    for record in source.sources():
+        if record.space in names:
+            target.upsert_source(record)
+    for token in source.tokens():
+        if token.space in names:
+            target.upsert_token(token)
+
+
+def _copy_spaces(
+    engine: Engine, source: Store, tallies: dict[str, _Tally], group_size: int, total: int, quiet: bool
+) -> None:
+    """Every stored message of each space through the engine of the copy, in stored order; rejections
+    are listed on stderr as `space: message id (sequence N): reason`."""
+    from idstitch.ingest.stored import read_stored_groups
+
+    progress = Progress(
+        TextColumn("{task.description}", style="progress.description", markup=False),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f} / {task.total:,.0f} messages"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=quiet or not _stderr_is_a_terminal(),
+    )
+    with progress:
+        task = progress.add_task("copy", total=max(total, 1))
+        for name, tally in tallies.items():
+            for group in read_stored_groups(source, name, group_size=group_size):
+                try:
+                    results = engine.ingest_group(group.batches)
+                except ConfigError as error:
+                    raise UsageError(
+                        f"{error}: a message of space {name} was stored from that source; configure it so that "
+                        "its policy applies in the copy (what was copied before is kept)"
+                    ) from None
+                tally.batches += 1
+                for labels, result in zip(group.labels, results, strict=True):
+                    for outcome in result.outcomes:
+                        tally.count(outcome)
+                        if outcome.status == "rejected":
+                            stderr.print(f"{name}: {labels[outcome.index]}: {outcome.error}", soft_wrap=True)
+                progress.advance(task, group.messages)
+
+
+def _copy_report(name: str, tally: _Tally, held: SpaceStats, copied: SpaceStats) -> dict[str, Any]:
+    """One space's copy: what happened to its messages and whether the copy's graph counts as the source's."""
+    source_counts, copy_counts = held.as_dict(), copied.as_dict()
+    differences = [key for key in source_counts if source_counts[key] != copy_counts[key]]
+    return {
+        "space": name,
+        **tally.counts(),
+        "source": source_counts,
+        "copy": copy_counts,
+        "same": not differences,
+        "differences": differences,
+    }
+
+
+def _print_copy_summary(report: list[dict[str, Any]], to: str, seconds: float, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"to": to, "seconds": round(seconds, 3), "spaces": report}))
+        return
+    for item in report:
+        counts = item["copy"]
+        print(
+            f"space {item['space']}: {_plural(item['messages'], 'message')} copied to {to} "
+            f"({item['accepted'] + item['unresolved']:,} new, {item['duplicates']:,} already there, "
+            f"{item['rejected']:,} rejected) in {seconds:.2f} s"
+        )
+        figures = ", ".join(
+            f"{_plural(counts[key], key.rstrip('s'), key)}" for key in counts if key != "space"
+        )
+        if item["same"]:
+            print(f"  the copy holds what the source holds: {figures}")
+            continue
+        shown = "; ".join(
+            f"{key} {item['source'][key]:,} there, {counts[key]:,} here" for key in item["differences"]
+        )
+        stderr.print(
+            f"warning: space {item['space']}: the copy differs from the source ({shown}). The copy resolved "
+            "every stored message under the rules configured now; the source was resolved under the rules "
+            "in force when each message arrived, or it was written to during the copy (run it again to "
+            "copy what is new)",
+            soft_wrap=True,
+        )
 
 
 # -- simulate / accuracy ---------------------------------------------------------------------------

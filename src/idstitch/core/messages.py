@@ -45,6 +45,7 @@ __all__ = [
     "format_timestamp",
     "parse_batch",
     "parse_message",
+    "parse_stored",
     "parse_timestamp",
     "repaired_text",
 ]
@@ -381,6 +382,16 @@ def parse_message(
         None if delivery is None else f"{delivery}#0",
         estimated_receipt,
     )
+
+
+def parse_stored(payload: bytes, *, received_at: datetime) -> Message:
+    """A stored message read back as the Message it was when it arrived (a copy or replay resolves it again).
+
+    The stored payload already holds its messageId, its final timestamp (clock skew corrected, a live
+    client's time moved to originalTimestamp) and its receivedAt, and the batch's context merged in, so
+    parsing it as an archived message gives the same Message; `received_at` is the stored receipt.
+    """
+    return parse_message(decode_json(payload), received_at=received_at)
 
 
 def parse_batch(

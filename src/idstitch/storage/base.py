@@ -544,6 +544,10 @@ class Store(Protocol):
         """Every stored message of a space in ingest order with its root profiles now, read in pages."""
         ...
 
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
+        """Every stored message of a space after a sequence, in ingest order, read in pages (a copy replays them)."""
+        ...
+
     def blocked_values(self, space: str) -> frozenset[str]:
         """Every identifier ("type:value") that a blocked-values rule dropped from some message."""
         ...

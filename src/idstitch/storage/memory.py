@@ -611,6 +611,12 @@ class MemoryStore:
             row = data.events[sequence]
             yield EventResolution(row[0], root(row[6]), root(row[7]), tuple(row[8]))
 
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
+        """Every stored message after a sequence, in ingest order."""
+        for sequence, row in list(self._read(space).events.items()):
+            if sequence > after_sequence:
+                yield _event_record(row)
+
     def blocked_values(self, space: str) -> frozenset[str]:
         """Every identifier that a blocked-values rule dropped from some message."""
         return frozenset(

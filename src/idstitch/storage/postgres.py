@@ -68,6 +68,7 @@ from idstitch.storage.rows import (
     DUMP_QUERIES,
     EVENT_COLUMNS,
     EVENT_RESOLUTIONS_SQL,
+    EVENTS_PAGE,
     INSERT_TOKEN_SQL,
     TOKEN_OF_KIND_SQL,
     dropped_record,
@@ -867,6 +868,17 @@ class PostgresStore:
         while rows := self._all(sql, (space, after)):
             after = rows[-1][0]
             yield from map(event_resolution, rows)
+
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
+        """Every stored message after a sequence, in ingest order, read in pages (each a query of its own)."""
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE space = %s AND sequence > %s "
+            f"ORDER BY sequence LIMIT {EVENTS_PAGE}"
+        )
+        after = after_sequence
+        while rows := self._all(sql, (space, after)):
+            after = rows[-1][-1]
+            yield from map(event_record, rows)
 
     def blocked_values(self, space: str) -> frozenset[str]:
         """Every identifier that a blocked-values rule dropped from some message."""

@@ -26,6 +26,7 @@ from idstitch.storage.times import from_micros, to_micros
 __all__ = [
     "BLOCKED_VALUES_SQL",
     "DUMP_QUERIES",
+    "EVENTS_PAGE",
     "EVENT_COLUMNS",
     "EVENT_INSERT_COLUMNS",
     "EVENT_RESOLUTIONS_PAGE",
@@ -152,6 +153,7 @@ DUMP_QUERIES = {
 # through its (space, message_id) index and sort every page). A merge repoints every descendant to
 # the new root, so one join reaches the root.
 EVENT_RESOLUTIONS_PAGE = 10_000
+EVENTS_PAGE = 1_000  # whole events, payloads included: a page of them stays a few MB
 EVENT_RESOLUTIONS_SQL = (
     "SELECT e.sequence, e.message_id, coalesce(u.parent_id, e.profile_id), "
     "coalesce(a.parent_id, e.account_id), e.identifiers FROM {events} "

@@ -60,6 +60,7 @@ from idstitch.storage.rows import (
     EVENT_COLUMNS,
     EVENT_INSERT_COLUMNS,
     EVENT_RESOLUTIONS_SQL,
+    EVENTS_PAGE,
     INSERT_TOKEN_SQL,
     TOKEN_OF_KIND_SQL,
     dropped_record,
@@ -865,6 +866,21 @@ class SQLiteStore:
         while rows := self._reader().execute(sql, (space, after)).fetchall():
             after = rows[-1][0]
             yield from map(event_resolution, rows)
+
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
+        """Every stored message after a sequence, in ingest order, read in pages.
+
+        Each page is a read of its own, so a long copy holds no snapshot that would keep the WAL from
+        being checkpointed; the walk is by rowid (NOT INDEXED), which is the ingest order.
+        """
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM events NOT INDEXED WHERE space = ? AND sequence > ? "
+            f"ORDER BY sequence LIMIT {EVENTS_PAGE}"
+        )
+        after = after_sequence
+        while rows := self._reader().execute(sql, (space, after)).fetchall():
+            after = rows[-1][-1]
+            yield from map(event_record, rows)
 
     def blocked_values(self, space: str) -> frozenset[str]:
         """Every identifier that a blocked-values rule dropped from some message."""
