@@ -469,3 +469,19 @@ def test_a_captured_client_request_keeps_its_client_times_not_the_files(tmp_path
         "2023-03-01T07:00:00.000Z",  # the client's clock when it sent, not the file's time
         "2023-01-31T23:59:55.000Z",  # its own receivedAt is a real one: corrected against it
     ]
+
+
+def test_gzip_within_gzip_is_read_and_its_damage_reported(tmp_path: Path) -> None:
+    # A .gz uploaded to a bucket with Content-Encoding: gzip comes back compressed twice by some clients.
+    raw = ndjson(message(1), message(2))
+    twice = tmp_path / "twice.gz"
+    twice.write_bytes(gzip.compress(gzip.compress(raw)))
+    with InputFile(twice, received_at=RECEIVED) as source:
+        assert source.compressed
+        assert summary(list(source)) == [(f"{twice}:1", "m1"), (f"{twice}:2", "m2")]
+    inner = gzip.compress(ndjson(*(message(n) for n in range(2000))))
+    cut = tmp_path / "cut-inside.gz"
+    cut.write_bytes(gzip.compress(inner[: len(inner) // 2]))
+    found = items(cut)
+    assert isinstance(found[0][1], Message)
+    assert found[-1][0] == str(cut) and "gzip data ends before the end" in str(found[-1][1])

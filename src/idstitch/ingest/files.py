@@ -12,7 +12,8 @@ Formats, detected from the content and not the file name:
 * A JSON array of messages (possibly pretty-printed), read element by element.
 * One batch envelope or one message as the whole (pretty-printed) file, or several of them one after
   another (what ``jq . *.json`` writes).
-* Any of these gzip-compressed (recognised by its magic bytes), and ``-`` for standard input.
+* Any of these gzip-compressed (recognised by its magic bytes, also when compressed twice, as an
+  archive uploaded with ``Content-Encoding: gzip`` may be), and ``-`` for standard input.
 
 Memory stays bounded: NDJSON is read line by line, arrays element by element, and an element or a
 line over the limits is skipped without being held. Only a pretty-printed single document is read
@@ -69,6 +70,7 @@ MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
 """Largest pretty-printed single document (an envelope or a message spread over lines) read whole."""
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+_GZIP_LAYERS: Final = 3  # gzip within gzip (a .gz uploaded with Content-Encoding: gzip), but not forever
 _CHUNK: Final = 1024 * 1024
 _BUFFER: Final = 64 * 1024  # read-ahead: small enough for the progress of the bytes on disk to be exact-ish
 _GZIP_READ: Final = 64 * 1024
@@ -192,12 +194,17 @@ class InputFile:
         self._parsing = _Parsing(self.name, received_at)
         self._counter = _CountingReader(source)
         # From a pipe, a peek returns whatever has arrived: wait for the two bytes gzip is known by.
-        head, buffered = _look_ahead(self._counter, lambda data: len(data) >= 2)
-        self.compressed = head[:2] == _GZIP_MAGIC
-        self._gunzip = _GunzipReader(buffered) if self.compressed else None
-        self._stream: IO[bytes] = (
-            io.BufferedReader(self._gunzip, buffer_size=_BUFFER) if self._gunzip is not None else buffered
-        )
+        head, stream = _look_ahead(self._counter, lambda data: len(data) >= 2)
+        self._gunzips: list[_GunzipReader] = []
+        # JSON never starts with gzip's magic bytes: decompressed data that does is gzip again.
+        while head[:2] == _GZIP_MAGIC and len(self._gunzips) < _GZIP_LAYERS:
+            gunzip = _GunzipReader(stream)
+            self._gunzips.append(gunzip)
+            head, stream = _look_ahead(
+                io.BufferedReader(gunzip, buffer_size=_BUFFER), lambda data: len(data) >= 2
+            )
+        self.compressed = bool(self._gunzips)
+        self._stream: IO[bytes] = stream
 
     @property
     def position(self) -> int:
@@ -218,11 +225,13 @@ class InputFile:
     def __iter__(self) -> Iterator[Item]:
         """Every item of the input, in order; a damaged gzip stream ends with one InvalidEvent saying so."""
         yield from self._items()
-        if self._gunzip is not None and self._gunzip.error is not None:
-            yield (
-                self.name,
-                InvalidEvent("", f"gzip data {self._gunzip.error}; the rest of the file is skipped"),
-            )
+        for gunzip in self._gunzips:
+            if gunzip.error is not None:
+                yield (
+                    self.name,
+                    InvalidEvent("", f"gzip data {gunzip.error}; the rest of the file is skipped"),
+                )
+                return
 
     def _items(self) -> Iterator[Item]:
         start, stream = _look_ahead(self._stream, lambda data: len(data) >= 2)
