@@ -683,10 +683,12 @@ def test_a_space_with_several_sources_needs_source(cli: CLI) -> None:
     )
 
 
-def test_ingest_of_a_directory_says_it_is_a_directory(cli: CLI) -> None:
+def test_ingest_of_a_directory_without_data_files_says_so(cli: CLI) -> None:
+    # A directory is walked (tests/test_ingest_archive.py); one with nothing to read is a usage error.
     done = cli.run("ingest", ".")
-    assert done.returncode == 2 and "error: .: is a directory" in done.stderr
+    assert done.returncode == 2 and "error: .: no data file in it (.gz, .json" in done.stderr
     assert "no such file" not in done.stderr
+    assert not (cli.directory / "t.db").exists()
 
 
 def test_ingest_of_a_file_that_cannot_be_read_fails_before_writing_anything(cli: CLI) -> None:
@@ -828,7 +830,7 @@ def test_keys_after_a_first_run_killed_before_its_tokens_were_made(cli: CLI) -> 
 def test_help_and_usage_lines(cli: CLI) -> None:
     ingest_help = cli.ok("ingest", "--help", store=False).stdout
     # The program name is `python -m idstitch` here, `idstitch` when installed.
-    assert ingest_help.splitlines()[0].endswith(" idstitch ingest [OPTIONS] FILE...")
+    assert ingest_help.splitlines()[0].endswith(" idstitch ingest [OPTIONS] FILE|DIR...")
     assert "postgresql://" in ingest_help
     for command in ("profile", "explain"):
         usage = cli.ok(command, "--help", store=False).stdout.splitlines()[0]

@@ -485,3 +485,25 @@ def test_gzip_within_gzip_is_read_and_its_damage_reported(tmp_path: Path) -> Non
     found = items(cut)
     assert isinstance(found[0][1], Message)
     assert found[-1][0] == str(cut) and "gzip data ends before the end" in str(found[-1][1])
+
+
+def test_read_groups_merges_the_files_of_a_group_by_received_time(tmp_path: Path) -> None:
+    def at(minute: int, n: int) -> dict[str, object]:
+        return message(n, receivedAt=f"2026-03-01T10:{minute:02d}:00.000Z")
+
+    first, second, alone = tmp_path / "a.ndjson", tmp_path / "b.ndjson", tmp_path / "c.ndjson"
+    first.write_bytes(ndjson(at(1, 1), b"{broken", at(5, 3), at(9, 5)))
+    second.write_bytes(ndjson(at(2, 2), at(5, 4), at(7, 6)))
+    alone.write_bytes(ndjson(at(0, 7)))
+    groups = [[(str(first), None), (str(second), None)], [(str(alone), None)]]
+    batches = list(files_module.read_groups(groups, batch_size=3, received_at=RECEIVED))
+    where = [location.replace(f"{tmp_path}/", "") for batch in batches for location, _ in batch.items]
+    # A broken line keeps its place after the line before it; a tie goes to the group's earlier file; the
+    # next group comes after the whole first one, whatever its times.
+    assert where == [
+        *("a.ndjson:1", "a.ndjson:2", "b.ndjson:1", "a.ndjson:3", "b.ndjson:2", "b.ndjson:3"),
+        *("a.ndjson:4", "c.ndjson:1"),
+    ]
+    assert [len(batch.items) for batch in batches] == [3, 3, 2]
+    total = sum(path.stat().st_size for path in (first, second, alone))
+    assert batches[-1].bytes_read == batches[-1].bytes_total == total

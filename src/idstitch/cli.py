@@ -348,7 +348,9 @@ def ingest(
     files: Annotated[
         list[str],
         typer.Argument(
-            metavar="FILE...", help="NDJSON / JSON / batch-envelope files, .gz or not; - is stdin."
+            metavar="FILE|DIR...",
+            help="NDJSON / JSON / batch-envelope files, .gz or not; - is stdin; a directory is read whole "
+            "(an archive tree of Segment's or RudderStack's storage destination, in received order).",
         ),
     ],
     space: SpaceOption = None,
@@ -374,15 +376,28 @@ def ingest(
 ) -> None:
     """Ingest files of Segment messages; each batch commits as one transaction, re-runs skip stored ones."""
     from idstitch.engine import Engine
-    from idstitch.ingest.files import read_batches
+    from idstitch.ingest.archive import plan_inputs
+    from idstitch.ingest.files import read_groups
 
     with _user_errors():
         for name in files:
             _check_input_file(name)
+        plan = plan_inputs(files)
+        for directory in plan.directories:
+            for group in directory.groups:
+                for path, _ in group:
+                    _check_input_file(path)
+        _allow_open_files(max(len(group) for group in plan.groups))
         settings = load_config(config)
         # Before the store is opened: opening creates the file and the engine bootstraps the spaces,
         # and a usage error must leave nothing behind.
         space_name, source = _ingest_target(settings, space, source)
+        for directory in plan.directories:
+            if directory.skipped:
+                stderr.print(
+                    f"{directory.path}: {_plural(directory.files, 'file')} to read; {directory.skipped_text()}",
+                    soft_wrap=True,
+                )
         with _store(store) as opened:
             engine = Engine(opened, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
             _print_created_write_keys(engine)
@@ -405,7 +420,7 @@ def ingest(
             try:
                 with progress:
                     task = progress.add_task("ingest", total=None, messages=0)
-                    batches = read_batches(files, batch_size=batch_size, received_at=datetime.now(UTC))
+                    batches = read_groups(plan.groups, batch_size=batch_size, received_at=datetime.now(UTC))
                     for batch in batches:
                         result = engine.ingest(
                             [item for _, item in batch.items], space=space_name, source=source
@@ -440,7 +455,28 @@ def ingest(
             finally:
                 signal.signal(signal.SIGTERM, previous)
             seconds = time.monotonic() - started
-            _print_summary(tally.summary(seconds), len(files), as_json)
+            summary = {**tally.summary(seconds), "files": plan.files, "skipped_files": plan.skipped}
+            _print_summary(summary, plan.files, as_json)
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's limit of open files to what reading `needed` files side by side takes.
+
+    The files of one received-day of an archive are read together (merged in received order); a big
+    archive has hundreds a day. Refused up front, before anything is written, when the hard limit is lower.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed + 64  # the store, its journal, the terminal, the interpreter's own
+    if wanted <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        raise UsageError(
+            f"one day of the input is {needed:,} files, read side by side, over this process's limit of "
+            f"{hard:,} open files (ulimit -Hn): raise it, or ingest the archive's source folders one by one"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _check_input_file(name: str) -> None:
@@ -455,7 +491,7 @@ def _check_input_file(name: str) -> None:
         return
     path = Path(name)
     if path.is_dir():
-        raise UsageError(f"{name}: is a directory (name the files in it)")
+        return  # walked by plan_inputs, which checks what it finds
     if not path.exists():
         raise UsageError(f"{name}: no such file")
     try:

@@ -22,6 +22,7 @@ whole, up to :data:`MAX_DOCUMENT_BYTES`.
 
 from __future__ import annotations
 
+import heapq
 import io
 import os
 import re
@@ -29,6 +30,7 @@ import stat
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +59,7 @@ __all__ = [
     "Item",
     "batched",
     "read_batches",
+    "read_groups",
     "read_items",
 ]
 
@@ -72,6 +75,8 @@ MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _GZIP_LAYERS: Final = 3  # gzip within gzip (a .gz uploaded with Content-Encoding: gzip), but not forever
 _CHUNK: Final = 1024 * 1024
+# Decompressed bytes held per gzip input: a day of an archive may be read from hundreds of files side by side.
+_GUNZIP_OUT: Final = 128 * 1024
 _BUFFER: Final = 64 * 1024  # read-ahead: small enough for the progress of the bytes on disk to be exact-ish
 _GZIP_READ: Final = 64 * 1024
 _WHITESPACE: Final = b" \t\r\n"
@@ -150,30 +155,38 @@ class _GunzipReader(io.RawIOBase):
     def _more(self) -> bytes:
         inflate = self._inflate
         if inflate.unconsumed_tail:
-            return inflate.decompress(inflate.unconsumed_tail, _CHUNK)
+            return inflate.decompress(inflate.unconsumed_tail, _GUNZIP_OUT)
         if inflate.eof:
             data = inflate.unused_data or self._raw.read(_GZIP_READ)
             if not data.strip(b"\0"):  # end of the stream (or zero padding after it)
                 self._done = True
                 return b""
             self._inflate = inflate = zlib.decompressobj(wbits=31)  # the next member
-            return inflate.decompress(data, _CHUNK)
+            return inflate.decompress(data, _GUNZIP_OUT)
         data = self._raw.read(_GZIP_READ)
         if not data:
             self.error = "ends before the end of the compressed stream (truncated file?)"
             self._done = True
             return b""
-        return inflate.decompress(data, _CHUNK)
+        return inflate.decompress(data, _GUNZIP_OUT)
 
 
 class InputFile:
     """One input (a path or ``-``): opened, decompressed when gzip, and read as items.
 
     ``size`` is the number of bytes on disk (None for stdin); ``position`` how many of them have been
-    read so far (compressed bytes for a gzip file), for progress bars.
+    read so far (compressed bytes for a gzip file), for progress bars. ``id_name`` names the input in the
+    ids derived for its timeless messages without messageId (default: the file's base name).
     """
 
-    def __init__(self, path: str | Path, *, received_at: datetime, stdin: IO[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        received_at: datetime,
+        stdin: IO[bytes] | None = None,
+        id_name: str | None = None,
+    ) -> None:
         self.name = str(path)
         if self.name == "-":
             source: IO[bytes] = stdin if stdin is not None else sys.stdin.buffer
@@ -191,7 +204,7 @@ class InputFile:
                 # and so builds the same graph.
                 received_at = datetime.fromtimestamp(status.st_mtime, UTC)
         self.received_at = received_at
-        self._parsing = _Parsing(self.name, received_at)
+        self._parsing = _Parsing(id_name or Path(self.name).name, received_at)
         self._counter = _CountingReader(source)
         # From a pipe, a peek returns whatever has arrived: wait for the two bytes gzip is known by.
         head, stream = _look_ahead(self._counter, lambda data: len(data) >= 2)
@@ -265,8 +278,9 @@ class _Parsing:
 
     def __init__(self, name: str, received_at: datetime) -> None:
         self.received_at = received_at
-        # Named by the file's base name: the same file re-run from another directory is the same source.
-        self.occurrences = SourceOccurrences(Path(name).name)
+        # Named by the file's base name (its path within a directory given whole): the same file re-run
+        # from another directory is the same source.
+        self.occurrences = SourceOccurrences(name)
 
     def message(self, value: object) -> Message:
         """One message of this input."""
@@ -802,6 +816,10 @@ class Batch:
     bytes_total: int | None  # sum of the inputs' sizes; None when one of them is stdin
 
 
+InputPath = tuple[str, str | None]
+"""A file to read (or ``-``) and the name its derived message ids use (None: its base name)."""
+
+
 def read_batches(
     paths: Sequence[str | Path],
     *,
@@ -814,23 +832,79 @@ def read_batches(
 
     Files are opened one at a time, as they are reached; `on_open` is called with each.
     """
+    return read_groups(
+        [[(str(path), None)] for path in paths],
+        batch_size=batch_size,
+        received_at=received_at,
+        stdin=stdin,
+        on_open=on_open,
+    )
+
+
+def read_groups(
+    groups: Sequence[Sequence[InputPath]],
+    *,
+    batch_size: int,
+    received_at: datetime,
+    stdin: IO[bytes] | None = None,
+    on_open: Callable[[InputFile], None] | None = None,
+) -> Iterator[Batch]:
+    """Items of every group in turn, in batches of `batch_size`; the files of one group are read side by side
+    and their items merged in the order the messages were received (a day of an archive, written as
+    several files, replayed as it arrived).
+
+    Each message is placed by its own `receivedAt` (its timestamp when it has none: the file's time says
+    nothing of the order within it); an item that is no message keeps its place after the one before it in
+    its file. Ties go to the earlier file of the group, then to file order, so the order is the same on
+    every run. `on_open` is called with each file as it is opened.
+    """
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
+    paths = [path for group in groups for path, _ in group]
     sizes: list[int | None] = [
-        Path(path).stat().st_size if str(path) != "-" and Path(path).is_file() else None for path in paths
+        Path(path).stat().st_size if path != "-" and Path(path).is_file() else None for path in paths
     ]
     total = None if any(size is None for size in sizes) else sum(size or 0 for size in sizes)
     done_before = 0
     batch: list[Item] = []
-    for path in paths:
-        with InputFile(path, received_at=received_at, stdin=stdin) as source:
-            if on_open is not None:
-                on_open(source)
-            for item in source:
+    for group in groups:
+        with ExitStack() as stack:
+            sources: list[InputFile] = []
+            for path, id_name in group:
+                source = stack.enter_context(
+                    InputFile(path, received_at=received_at, stdin=stdin, id_name=id_name)
+                )
+                sources.append(source)
+                if on_open is not None:
+                    on_open(source)
+            items: Iterable[Item] = sources[0] if len(sources) == 1 else _merged(sources)
+            for item in items:
                 batch.append(item)
                 if len(batch) >= batch_size:
-                    yield Batch(batch, done_before + source.position, total)
+                    yield Batch(batch, done_before + sum(source.position for source in sources), total)
                     batch = []
-            done_before += source.position
+            done_before += sum(source.position for source in sources)
     if batch:
         yield Batch(batch, done_before, total)
+
+
+_BEFORE_ANY: Final = datetime.min.replace(tzinfo=UTC)
+
+
+def _merged(sources: Sequence[InputFile]) -> Iterator[Item]:
+    """The items of several inputs, merged by the time each message was received (see read_groups)."""
+
+    def keyed(index: int, source: InputFile) -> Iterator[tuple[datetime, int, int, Item]]:
+        last = _BEFORE_ANY
+        stamp = source.received_at.astimezone(UTC)
+        stamp = stamp.replace(microsecond=stamp.microsecond // 1000 * 1000)  # as messages hold it
+        for sequence, item in enumerate(source):
+            message = item[1]
+            if isinstance(message, Message):
+                # A message without a receivedAt of its own is stamped with the file's time, the same for
+                # all of them: its timestamp is then the better guess of when it came.
+                last = message.received_at if message.received_at != stamp else message.timestamp
+            yield last, index, sequence, item
+
+    for _, _, _, item in heapq.merge(*(keyed(index, source) for index, source in enumerate(sources))):
+        yield item
