@@ -387,3 +387,32 @@ def test_same_named_files_of_two_days_are_two_sources_of_timeless_messages(tmp_p
     assert (first["accepted"], first["duplicates"]) == (2, 0)
     again = json.loads(ok("ingest", "exports", "--json", "--store", "sqlite:///t.db", cwd=tmp_path).stdout)
     assert (again["accepted"], again["duplicates"]) == (0, 2)
+
+
+def test_an_archived_time_after_its_receipt_is_capped_at_the_receipt_as_live(tmp_path: Path) -> None:
+    # A server whose clock ran an hour ahead, its library sending no sentAt: nothing to correct with, and
+    # Segment archived its time as it came. Live, idstitch dates a call no later than it reached the server
+    # (a future time would outrank every later trait); replayed from the archive, the same.
+    received = EARLY
+    ahead = iso(received + timedelta(hours=1))
+    line = {
+        "type": "identify",
+        "messageId": "srv-1",
+        "userId": "u9",
+        "traits": {"plan": "gold"},
+        "originalTimestamp": ahead,
+        "timestamp": ahead,
+        "receivedAt": iso(received),
+    }
+    write_gz(tmp_path / "segment-logs" / "SRVsrc0003" / ms(DAY_1) / "a.gz", line)
+    ok("ingest", "segment-logs", "--store", "sqlite:///t.db", cwd=tmp_path)
+    profile = json.loads(
+        ok("profile", "user_id:u9", "--json", "--store", "sqlite:///t.db", cwd=tmp_path).stdout
+    )
+    assert [item["first_seen"] for item in profile["identifiers"]] == [iso(received)]
+    live = parse_message(
+        {key: value for key, value in line.items() if key not in ("originalTimestamp", "receivedAt")},
+        received_at=received,
+        delivery="request-1",
+    )
+    assert live.timestamp == received

@@ -367,7 +367,8 @@ def parse_message(
     `estimated_receipt` is for files: `received_at` then only stands in for the unknown time the
     messages reached a server (the file's modification time), so `sentAt` corrects `originalTimestamp`
     only against a message's own `receivedAt`; a message without one keeps its client's time
-    (`originalTimestamp`, else `sentAt`).
+    (`originalTimestamp`, else `sentAt`). A message's own `receivedAt` (an archive's) also bounds its time,
+    as the server's clock does live.
     """
     received = _utc_ms(received_at)
     return _parse(
@@ -593,12 +594,14 @@ def _parse(
     received = received_at
     # Whether `received` is when the message reached a server: only then can sentAt correct its time.
     receipt_known = not estimated_receipt
+    # Whether the message carries the time a server received it (an archive of Segment or RudderStack).
+    own_receipt = False
     own_received = get("receivedAt")
     if delivery is None and own_received is not None and own_received != "":
         with contextlib.suppress(InvalidEvent):
             received = _utc_ms(parse_timestamp(own_received, "receivedAt"))
             received_text = own_received if _is_canonical(own_received) else format_timestamp(received)
-            receipt_known = True
+            receipt_known = own_receipt = True
     sent_value = get("sentAt")
     sent_or_error: datetime | InvalidEvent | None = None
     batch_sent_applied = False
@@ -655,8 +658,9 @@ def _parse(
         timestamp = sent
     else:
         timestamp = received
-    if live and timestamp > received:
-        # A call cannot happen after it reached us; a future time would outrank every later trait.
+    if (live or own_receipt) and timestamp > received:
+        # A call cannot happen after it reached us; a future time would outrank every later trait. The same
+        # for an archived message after the receipt it carries: replayed, it is dated as it was live.
         timestamp, timestamp_text = received, None
     timestamp = _truncate_ms(timestamp)
 
