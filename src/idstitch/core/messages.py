@@ -390,9 +390,13 @@ def parse_stored(payload: bytes, *, received_at: datetime) -> Message:
 
     The stored payload already holds its messageId, its final timestamp (clock skew corrected, a live
     client's time moved to originalTimestamp) and its receivedAt, and the batch's context merged in, so
-    parsing it as an archived message gives the same Message; `received_at` is the stored receipt.
+    parsing it as an archived message gives the same Message, once its time is taken as final (it is not
+    capped at its receivedAt again); `received_at` is the stored receipt.
     """
-    return parse_message(decode_json(payload), received_at=received_at)
+    received = _utc_ms(received_at)
+    return _parse(
+        decode_json(payload), received, format_timestamp(received), None, None, None, None, stored=True
+    )
 
 
 def parse_batch(
@@ -527,6 +531,7 @@ def _parse(
     occurrences: SourceOccurrences | None = None,
     delivery: str | None = None,
     estimated_receipt: bool = False,
+    stored: bool = False,
 ) -> Message:
     if not isinstance(raw, dict):
         raise InvalidEvent("", "message must be a JSON object")
@@ -658,7 +663,9 @@ def _parse(
         timestamp = sent
     else:
         timestamp = received
-    if (live or own_receipt) and timestamp > received:
+    # A stored message's time is final: a file's message without a receivedAt of its own kept its time
+    # past the file's, which stands in as its receipt, and a replay must date it as it was dated.
+    if (live or (own_receipt and not stored)) and timestamp > received:
         # A call cannot happen after it reached us; a future time would outrank every later trait. The same
         # for an archived message after the receipt it carries: replayed, it is dated as it was live.
         timestamp, timestamp_text = received, None
