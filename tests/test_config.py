@@ -174,6 +174,35 @@ def test_a_write_key_can_move_to_another_source(tmp_path: Path, after: str, expe
     assert _write_keys(tmp_path, after) == expected
 
 
+def test_a_running_process_opens_its_write_keys_as_its_own_config_says_whatever_a_later_one_wrote(
+    tmp_path: Path,
+) -> None:
+    # A rolling config change: `serve` still runs the old config (wk_prod_crm: prod's merge = false
+    # feed) when a process with the new one (that key moved to staging) starts on the same store and
+    # rewrites its sources. Until restarted, serve must keep writing that key into prod, as its config
+    # says: it wrote it into staging, under staging's policy, and refused staging's own key with 401.
+    before = (
+        '[spaces.prod.sources.crm]\nwrite_key = "wk_prod_crm"\nmerge = false\n'
+        '[spaces.staging.sources.crm]\nwrite_key = "wk_staging_crm"\n'
+    )
+    after = '[spaces.prod]\n[spaces.staging.sources.crm]\nwrite_key = "wk_prod_crm"\n'
+    url = f"sqlite:///{tmp_path}/idstitch.db"
+    running = World(open_store(url), config_from_toml(before))
+    started = World(open_store(url), config_from_toml(after))
+    try:
+        for world, key, expected in (
+            (running, "wk_prod_crm", ("prod", "crm")),
+            (running, "wk_staging_crm", ("staging", "crm")),
+            (started, "wk_prod_crm", ("staging", "crm")),
+            (started, "wk_staging_crm", None),
+        ):
+            found = world.engine.source_for_write_key(key)
+            assert (None if found is None else (found.space, found.name)) == expected, (key, expected)
+    finally:
+        running.close()
+        started.close()
+
+
 def test_token_variables_replace_the_generated_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

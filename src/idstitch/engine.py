@@ -289,11 +289,20 @@ class Engine:
 
     def source_for_write_key(self, write_key: str) -> SourceRecord | None:
         """The configured source a write key belongs to (None for unknown keys)."""
+        # A key the config names opens the source the config gives it, whatever the store says: another
+        # process, started with a newer (or older) config, rewrites the store's sources as it starts, and
+        # this process would then write that key into the space the other config moved it to.
+        for configured_space in self.config.spaces.values():
+            for configured in configured_space.sources.values():
+                if configured.write_key == write_key:
+                    return SourceRecord(configured_space.name, configured.name, write_key)
         for source in self.store.sources():
             if source.write_key == write_key:
-                # The store remembers sources of earlier configs; only those configured now may write.
+                # The store remembers sources of earlier configs; only those configured now may write,
+                # and only with the key generated for them (a configured key was matched above).
                 space = self.config.spaces.get(source.space)
-                if space is None or source.name not in space.sources:
+                configured_source = None if space is None else space.sources.get(source.name)
+                if configured_source is None or configured_source.write_key is not None:
                     return None
                 return source
         return None
