@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from helpers import World, at, config_from_toml, open_space, open_world
-from idstitch.config import DEFAULT_RATE_LIMIT
+from idstitch.config import DEFAULT_RATE_LIMIT, Config
 from idstitch.core.errors import ConfigError, RuleViolation
 from idstitch.core.rules import IdentityRules, ValueList
 
@@ -173,6 +173,37 @@ def test_profile_api_tokens_and_rate_limit_are_checked() -> None:
     ]:
         with pytest.raises(ConfigError, match=complaint):
             config_from_toml(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # prod's write key, which every visitor of prod's site can read in its page, was staging's admin token
+        "[spaces.prod.sources.web]\nwrite_key = 'k'\n[spaces.staging]\nadmin_tokens = ['k']\n",
+        # the same, the token's space first
+        "[spaces.staging]\nprofile_tokens = ['k']\n[spaces.prod.sources.web]\nwrite_key = 'k'\n",
+        # within one space
+        "[spaces.prod]\nprofile_tokens = ['k']\n[spaces.prod.sources.web]\nwrite_key = 'k'\n",
+    ],
+)
+def test_a_write_key_is_never_also_a_profile_api_token(body: str) -> None:
+    # A write key is public (analytics.js and the mobile libraries carry it to every client); a token
+    # reads profiles. One string as both gave anyone holding a space's write key the Profile API of
+    # whichever space took it as a token.
+    with pytest.raises(ConfigError) as info:
+        config_from_toml(body)
+    assert "is also the write key of spaces.prod.sources.web" in str(info.value)
+    assert "'k'" not in str(info.value)  # secrets are not repeated
+
+
+def test_a_write_key_variable_is_never_also_a_token_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDSTITCH_WRITE_KEY", "wk_same")
+    monkeypatch.setenv("IDSTITCH_ADMIN_TOKEN", "wk_same")
+    monkeypatch.delenv("IDSTITCH_PROFILE_TOKEN", raising=False)
+    with pytest.raises(
+        ConfigError, match=r"^IDSTITCH_ADMIN_TOKEN: is also the write key of IDSTITCH_WRITE_KEY"
+    ):
+        Config.default()
 
 
 def test_configured_custom_type_without_priority_follows_the_defaults() -> None:

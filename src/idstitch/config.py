@@ -95,6 +95,12 @@ class Config:
         ):
             if secret:
                 _check_secret(secret, variable)
+        for variable, token in (
+            ("IDSTITCH_PROFILE_TOKEN", profile_token),
+            ("IDSTITCH_ADMIN_TOKEN", admin_token),
+        ):
+            if token and token == write_key:
+                raise ConfigError(f"{variable}: {_PUBLIC_WRITE_KEY.format(where='IDSTITCH_WRITE_KEY')}")
         space = SpaceConfig(
             name=DEFAULT_SPACE,
             rules=IdentityRules.default(),
@@ -116,6 +122,13 @@ class Config:
                 raise
             raise ConfigError(f"{path}: {error}") from None
 
+
+# A write key is public (analytics.js and the mobile libraries carry it to every client) and a token reads
+# profiles: one string as both would open the Profile API, of whichever space took it as a token, to anyone.
+_PUBLIC_WRITE_KEY: Final = (
+    "is also the write key of {where}; a write key is public (clients carry it in web pages and apps), "
+    "so a Profile API token must be another secret"
+)
 
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -181,6 +194,9 @@ def _spaces(data: Mapping[str, Any]) -> dict[str, SpaceConfig]:
             admin_tokens=tuple(admin_tokens),
             rate_limit=rate_limit,
         )
+    for token, holder in tokens.items():
+        if token in write_keys:
+            raise ConfigError(f"{holder}: a token {_PUBLIC_WRITE_KEY.format(where=write_keys[token])}")
     return spaces
 
 
