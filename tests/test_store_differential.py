@@ -7,7 +7,11 @@ timestamps out of order, retried message ids, two spaces), ingests them in one t
 message and in random splits into every store, and compares everything a user can read: each profile's
 `idstitch profile --json` document, explain and graph documents, events, stats, suspects, unresolved.
 
-IDSTITCH_DIFFERENTIAL_EXAMPLES sets how many streams (default 12, ~15 s; 200 and more find rarer cases).
+A second property holds spaces apart: each space of a store that received both reads exactly as a store
+that received only that space's messages.
+
+IDSTITCH_DIFFERENTIAL_EXAMPLES sets how many streams (default 12, ~15 s, and half as many for the second
+property, ~10 s; 200 and more find rarer cases).
 """
 
 from __future__ import annotations
@@ -429,3 +433,61 @@ def test_every_store_and_batching_gives_the_same_observable_graph(
             for space in ("p", "q"):
                 for key, value in seen[1][space].items():
                     assert value == reference[1][space][key], (adapter, name, space, key)
+
+
+def _opener(
+    adapter: str, postgres_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Callable[[], Store], str | None]:
+    """A store opener of the adapter, and the PostgreSQL schema to drop afterwards (None for the others)."""
+    if adapter == "postgres":
+        schema, url = _fresh_schema(postgres_database)
+        opened = open_store(url)
+        return (lambda: opened), schema
+    if adapter == "sqlite-file":
+        # Reopened after every transaction, with a graph cache of two identifiers (both spaces share it).
+        path = tmp_path_factory.mktemp("isolation") / "graph.db"
+        return (lambda: SQLiteStore(path, cache_size=2)), None
+    opened = open_store(f"{adapter}://")
+    return (lambda: opened), None
+
+
+@settings(
+    max_examples=max(1, EXAMPLES // 2),  # three stores per adapter and example
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+@given(stream=streams(), data=st.data())
+def test_a_space_reads_the_same_whatever_another_space_of_the_store_receives(
+    stream: list[tuple[str, str | None, dict[str, Any]]],
+    data: st.DataObject,
+    postgres_database: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # SPEC §1: nothing crosses spaces. p and q (different rules) get the same user ids, devices, emails
+    # and message ids, interleaved in shared transactions: everything a user can read of each space must
+    # be what a store that only ever received that space's messages gives.
+    split = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=4))))
+    for adapter in ("memory", "sqlite-file", "postgres"):
+        seen: dict[str, dict[str, Any]] = {}
+        for label, part, cuts in (
+            ("both", stream, split),
+            ("p", [item for item in stream if item[0] == "p"], []),
+            ("q", [item for item in stream if item[0] == "q"], []),
+        ):
+            opener, schema = _opener(adapter, postgres_database, tmp_path_factory)
+            try:
+                store, _ = _ingest(opener, part, cuts)
+                try:
+                    seen[label] = _observe(store)
+                finally:
+                    store.close()
+            finally:
+                if schema is not None:
+                    _drop_schema(postgres_database, schema)
+        for space in ("p", "q"):
+            for key, value in seen["both"][space].items():
+                assert value == seen[space][space][key], (adapter, space, key)
