@@ -1370,10 +1370,11 @@ def copy_store(
             engine = Engine(target, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
             _print_created_write_keys(engine)  # a source store without tokens (they came from IDSTITCH_*)
             _freeze_startup_objects()
+            started = time.monotonic()
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
             tallies = {name: _Tally() for name in names}
             try:
-                seconds = _copy_spaces(
+                _copy_spaces(
                     engine, source, tallies, batch_size, sum(item.events for item in before.values()), quiet
                 )
             except (KeyboardInterrupt, _Terminated) as stop:
@@ -1386,11 +1387,11 @@ def copy_store(
                 raise typer.Exit(143 if isinstance(stop, _Terminated) else 130) from None
             finally:
                 signal.signal(signal.SIGTERM, previous)
+            seconds = time.monotonic() - started
             report = [
-                _copy_report(name, tallies[name], seconds[name], source.stats(name), target.stats(name))
-                for name in names
+                _copy_report(name, tallies[name], source.stats(name), target.stats(name)) for name in names
             ]
-        _print_copy_summary(report, redact_url(to), as_json)
+        _print_copy_summary(report, redact_url(to), seconds, as_json)
 
 
 def _same_store(url: str, other: str) -> bool:
@@ -1438,9 +1439,9 @@ def _copy_access(source: Store, target: Store, names: list[str]) -> None:
 
 def _copy_spaces(
     engine: Engine, source: Store, tallies: dict[str, _Tally], group_size: int, total: int, quiet: bool
-) -> dict[str, float]:
-    """Every stored message of each space through the engine of the copy, in stored order; the seconds
-    each space took. Rejections are listed on stderr as `space: message id (sequence N): reason`."""
+) -> None:
+    """Every stored message of each space through the engine of the copy, in stored order; rejections
+    are listed on stderr as `space: message id (sequence N): reason`."""
     from idstitch.ingest.stored import read_stored_groups
 
     progress = Progress(
@@ -1453,11 +1454,9 @@ def _copy_spaces(
         console=stderr,
         disable=quiet or not _stderr_is_a_terminal(),
     )
-    seconds: dict[str, float] = {}
     with progress:
         task = progress.add_task("copy", total=max(total, 1))
         for name, tally in tallies.items():
-            started = time.monotonic()
             for group in read_stored_groups(source, name, group_size=group_size):
                 try:
                     results = engine.ingest_group(group.batches)
@@ -1473,19 +1472,15 @@ def _copy_spaces(
                         if outcome.status == "rejected":
                             stderr.print(f"{name}: {labels[outcome.index]}: {outcome.error}", soft_wrap=True)
                 progress.advance(task, group.messages)
-            seconds[name] = time.monotonic() - started
-    return seconds
 
 
-def _copy_report(
-    name: str, tally: _Tally, seconds: float, held: SpaceStats, copied: SpaceStats
-) -> dict[str, Any]:
+def _copy_report(name: str, tally: _Tally, held: SpaceStats, copied: SpaceStats) -> dict[str, Any]:
     """One space's copy: what happened to its messages and whether the copy's graph counts as the source's."""
     source_counts, copy_counts = held.as_dict(), copied.as_dict()
     differences = [key for key in source_counts if source_counts[key] != copy_counts[key]]
     return {
         "space": name,
-        **tally.summary(seconds),
+        **tally.counts(),
         "source": source_counts,
         "copy": copy_counts,
         "same": not differences,
@@ -1493,16 +1488,16 @@ def _copy_report(
     }
 
 
-def _print_copy_summary(report: list[dict[str, Any]], to: str, as_json: bool) -> None:
+def _print_copy_summary(report: list[dict[str, Any]], to: str, seconds: float, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"to": to, "spaces": report}))
+        print(json.dumps({"to": to, "seconds": round(seconds, 3), "spaces": report}))
         return
     for item in report:
         counts = item["copy"]
         print(
             f"space {item['space']}: {_plural(item['messages'], 'message')} copied to {to} "
             f"({item['accepted'] + item['unresolved']:,} new, {item['duplicates']:,} already there, "
-            f"{item['rejected']:,} rejected) in {item['seconds']:.2f} s ({item['messages_per_second']:,} messages/s)"
+            f"{item['rejected']:,} rejected) in {seconds:.2f} s"
         )
         figures = ", ".join(
             f"{_plural(counts[key], key.rstrip('s'), key)}" for key in counts if key != "space"
