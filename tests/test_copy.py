@@ -323,3 +323,69 @@ def test_a_stored_message_that_no_longer_parses_is_rejected_by_id_and_the_rest_i
     assert space["rejected"] == 1 and space["messages"] == space["source"]["events"]
     assert f"default: {message_id} (sequence {sequence}): event: required" in done.stderr, done.stderr
     assert space["copy"]["events"] == space["source"]["events"] - 1 and space["same"] is False
+
+
+# -- reading the source: a PostgreSQL source restarting mid-copy -------------------------------------
+
+
+class _OutagesWhileReading:
+    """A store whose walk of the stored messages fails now and then, as a PostgreSQL source restarting
+    mid-copy does (StoreUnavailable) or one whose connection an admin ended mid-read (StoreConflict)."""
+
+    def __init__(self, store: Any, failures: list[tuple[int, Exception]]) -> None:
+        self.store = store
+        self.failures = failures  # (after how many events of a walk, what is raised), each used once
+        self.walks: list[int] = []  # the after_sequence each walk started from
+
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Any:
+        self.walks.append(after_sequence)
+        for number, event in enumerate(self.store.iter_events(space, after_sequence=after_sequence)):
+            if self.failures and number == self.failures[0][0]:
+                raise self.failures.pop(0)[1]
+            yield event
+
+
+def _memory_store_with(count: int) -> Any:
+    from idstitch.storage.memory import MemoryStore
+
+    store = MemoryStore("memory://")
+    engine = Engine(store, load_config(None))
+    engine.ingest(
+        [parse_message(raw, received_at=RECEIVED) for raw in _simulated(count, seed=2)], space=SPACE
+    )
+    return store
+
+
+def test_the_stored_messages_are_read_through_a_source_outage_each_once_in_order() -> None:
+    from idstitch.ingest.stored import read_stored_groups
+    from idstitch.storage.base import StoreConflict, StoreUnavailable
+
+    store = _memory_store_with(300)
+    expected = [event.message_id for event in store.iter_events(SPACE)]
+    flaky = _OutagesWhileReading(
+        store,
+        [
+            (40, StoreUnavailable("store postgresql://db is unavailable: the server is restarting")),
+            (70, StoreConflict("store postgresql://db: the connection was lost while reading")),
+        ],
+    )
+    groups = list(read_stored_groups(flaky, SPACE, group_size=25, outage_wait=60.0, pause=0.0))
+    read = [item.message_id for group in groups for batch in group.batches for item in batch.items]
+    assert read == expected
+    assert flaky.walks[0] == 0 and len(flaky.walks) == 3  # each retry went on after the last event read
+    assert flaky.walks[1] > 0 and flaky.walks[2] > flaky.walks[1]
+
+
+def test_a_source_outage_longer_than_the_wait_stops_the_read() -> None:
+    from idstitch.ingest.stored import read_stored_groups
+    from idstitch.storage.base import StoreUnavailable
+
+    flaky = _OutagesWhileReading(
+        _memory_store_with(50), [(10, StoreUnavailable("down")), (0, StoreUnavailable("still down"))]
+    )
+    try:
+        list(read_stored_groups(flaky, SPACE, group_size=25, outage_wait=0.0, pause=0.0))
+    except StoreUnavailable as error:
+        assert str(error) == "down"
+    else:
+        raise AssertionError("an outage past the wait must stop the copy")

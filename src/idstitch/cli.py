@@ -1457,7 +1457,8 @@ def _copy_spaces(
     with progress:
         task = progress.add_task("copy", total=max(total, 1))
         for name, tally in tallies.items():
-            for group in read_stored_groups(source, name, group_size=group_size):
+            groups = read_stored_groups(source, name, group_size=group_size, outage_wait=_OUTAGE_WAIT_SECONDS)
+            for group in groups:
                 try:
                     results = engine.ingest_group(group.batches)
                 except ConfigError as error:

@@ -7,15 +7,25 @@ under the same rules, they give the same graph, segment ids included (SPEC §5, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, parse_stored
 from idstitch.engine import IngestBatch
-from idstitch.storage.base import Store
+from idstitch.storage.base import EventRecord, StoreConflict
 
-__all__ = ["StoredGroup", "read_stored_groups"]
+__all__ = ["StoredGroup", "StoredMessages", "read_stored_groups"]
+
+
+class StoredMessages(Protocol):
+    """What a copy reads from the store it copies: its stored messages in order (Store has it)."""
+
+    def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
+        """Every stored message of a space after a sequence, in ingest order."""
+        ...
 
 
 @dataclass(slots=True)
@@ -29,7 +39,13 @@ class StoredGroup:
 
 
 def read_stored_groups(
-    store: Store, space: str, *, group_size: int, after_sequence: int = 0
+    store: StoredMessages,
+    space: str,
+    *,
+    group_size: int,
+    after_sequence: int = 0,
+    outage_wait: float = 0.0,
+    pause: float = 1.0,
 ) -> Iterator[StoredGroup]:
     """The messages `store` holds in `space`, in stored order, as groups of up to `group_size`.
 
@@ -38,9 +54,13 @@ def read_stored_groups(
     resolves and commits the whole group as one transaction (interleaved sources would otherwise commit
     one message at a time). A payload that no longer parses (stored by an idstitch that validated less)
     becomes its InvalidEvent, which the engine rejects with the reason while the rest lands.
+
+    A read that fails because the store's server cannot be reached (a PostgreSQL source restarting) or
+    lost its connection is tried again every `pause` seconds for up to `outage_wait`, from after the last
+    message read, as the engine rides out the same outage of the store it writes to.
     """
     group = StoredGroup()
-    for event in store.iter_events(space, after_sequence=after_sequence):
+    for event in _events_through_outages(store, space, after_sequence, outage_wait, pause):
         item: Message | InvalidEvent
         try:
             item = parse_stored(event.payload, received_at=event.received_at)
@@ -60,3 +80,24 @@ def read_stored_groups(
             group = StoredGroup()
     if group.messages:
         yield group
+
+
+def _events_through_outages(
+    store: StoredMessages, space: str, after_sequence: int, outage_wait: float, pause: float
+) -> Iterator[EventRecord]:
+    """The stored messages after a sequence; a failed page is read again from after the last one read."""
+    after = after_sequence
+    failing_since: float | None = None
+    while True:
+        try:
+            for event in store.iter_events(space, after_sequence=after):
+                after = event.sequence
+                failing_since = None
+                yield event
+            return
+        except StoreConflict:  # StoreUnavailable too: the server is down, or only this connection was lost
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since >= outage_wait:
+                raise
+            time.sleep(pause)
