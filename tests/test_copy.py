@@ -389,3 +389,12 @@ def test_a_source_outage_longer_than_the_wait_stops_the_read() -> None:
         assert str(error) == "down"
     else:
         raise AssertionError("an outage past the wait must stop the copy")
+
+
+def test_a_copy_into_a_store_in_memory_is_refused_as_it_would_vanish_at_exit(tmp_path: Path) -> None:
+    url = _walkthrough_store(tmp_path)
+    for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:", "memory://"):
+        done = _idstitch("copy", "--store", url, "--to", memory, cwd=tmp_path, check=False)
+        assert done.returncode == 2, (memory, done)
+        assert done.stdout == "", memory
+        assert f"--to {memory} is a store in memory" in done.stderr, done.stderr

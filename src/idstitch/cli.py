@@ -1356,10 +1356,12 @@ def copy_store(
     """Copy the store into another (SQLite to PostgreSQL, say): every stored message, resolved again in
     the order it was stored, and the write keys and tokens; the source store is only read."""
     from idstitch.engine import Engine
-    from idstitch.storage.urls import redact_url
+    from idstitch.storage.urls import in_memory, redact_url
 
     with _user_errors():
         settings = load_config(config)
+        if in_memory(to):
+            raise UsageError(f"--to {to} is a store in memory: the copy would vanish when the command ends")
         if _same_store(store, to):
             raise UsageError(f"--to names the store copied from ({redact_url(to)}): name another store")
         with _store(store, read_only=True) as source, ExitStack() as stack:

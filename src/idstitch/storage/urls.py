@@ -8,7 +8,7 @@ import re
 from idstitch.core.errors import ConfigError
 from idstitch.storage.base import Store
 
-__all__ = ["open_store", "redact_url", "without_password"]
+__all__ = ["in_memory", "open_store", "redact_url", "without_password"]
 
 _USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
 # libpq's `sslpassword` (the client key's passphrase) is as secret as `password`.
@@ -28,13 +28,23 @@ def without_password(text: str, url: str) -> str:
     return text
 
 
+_SQLITE_IN_MEMORY = ("", "//", "///:memory:", "//:memory:")
+
+
+def in_memory(url: str) -> bool:
+    """Whether the URL names a store in this process's memory, gone when it exits."""
+    if url.startswith("sqlite:"):
+        return url.removeprefix("sqlite:") in _SQLITE_IN_MEMORY
+    return url in ("memory://", "memory:")
+
+
 def open_store(url: str, *, read_only: bool = False) -> Store:
     """Open (and migrate) the store a URL names; `read_only` opens an existing store for reads only."""
     if url.startswith("sqlite:"):
         from idstitch.storage.sqlite import SQLiteStore
 
         rest = url.removeprefix("sqlite:")
-        if rest in ("", "//", "///:memory:", "//:memory:"):
+        if rest in _SQLITE_IN_MEMORY:
             return SQLiteStore(":memory:", url)
         if not rest.startswith("///"):
             raise ConfigError(
