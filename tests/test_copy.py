@@ -25,7 +25,7 @@ import msgspec
 from helpers import wait_for
 from idstitch.config import load_config
 from idstitch.core.errors import InvalidEvent
-from idstitch.core.messages import Message, format_timestamp, parse_message
+from idstitch.core.messages import Message, format_timestamp, parse_message, parse_stored
 from idstitch.engine import Engine
 from idstitch.sim.population import WorkloadConfig, generate
 from idstitch.storage.urls import open_store
@@ -398,3 +398,84 @@ def test_a_copy_into_a_store_in_memory_is_refused_as_it_would_vanish_at_exit(tmp
         assert done.returncode == 2, (memory, done)
         assert done.stdout == "", memory
         assert f"--to {memory} is a store in memory" in done.stderr, done.stderr
+
+
+# -- a target that already holds the space -------------------------------------------------------------
+
+
+def test_a_space_the_target_holds_with_messages_of_its_own_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """An operator who tried PostgreSQL first (the walkthrough, a bench) and then copies the real store
+    into it: the copy would mix two graphs into one space, replace the write key its clients use, and then
+    blame a rules change. Refused before anything is written."""
+    trial = _walkthrough_store(tmp_path)
+    keys_before = _idstitch("keys", "--store", trial, "--json", cwd=tmp_path).stdout
+    graph_before = _graph(trial)
+    real = f"sqlite:///{tmp_path / 'real.db'}"
+    store = open_store(real)
+    try:
+        Engine(store, load_config(None)).ingest(
+            [parse_message(raw, received_at=RECEIVED) for raw in _simulated(200, seed=4)], space=SPACE
+        )
+    finally:
+        store.close()
+    done = _idstitch("copy", "--store", real, "--to", trial, cwd=tmp_path, check=False)
+    assert done.returncode == 2, done
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    held = graph_before["dump"]["events"]
+    assert f"space default of {trial} already holds {len(held)} messages that the store copied from" in (
+        done.stderr
+    )
+    assert _graph(trial) == graph_before
+    assert _idstitch("keys", "--store", trial, "--json", cwd=tmp_path).stdout == keys_before
+
+
+def _copy_in_process(source: Any, target: Any, count: int | None = None) -> None:
+    """The first `count` stored messages of the source resolved into the target, as a copy does."""
+    from idstitch.ingest.stored import read_stored_groups
+
+    engine = Engine(target, load_config(None))
+    done = 0
+    for group in read_stored_groups(source, SPACE, group_size=1):
+        if count is not None and done >= count:
+            return
+        engine.ingest_group(group.batches)
+        done += group.messages
+
+
+def test_what_a_target_holds_of_a_space_is_found_as_the_sources_first_messages_or_as_foreign() -> None:
+    from idstitch.ingest.stored import copied_before
+    from idstitch.storage.memory import MemoryStore
+
+    source = _memory_store_with(300)
+    events = list(source.iter_events(SPACE))
+
+    empty = MemoryStore("memory://")
+    assert copied_before(source, empty, SPACE).messages == 0
+
+    partial = MemoryStore("memory://")
+    _copy_in_process(source, partial, 120)
+    found = copied_before(source, partial, SPACE)
+    assert (found.messages, found.after_sequence, found.foreign) == (120, events[119].sequence, 0)
+
+    whole = MemoryStore("memory://")
+    _copy_in_process(source, whole)
+    assert copied_before(source, whole, SPACE).messages == len(events)
+
+    # A message the target holds out of the source's order (a PostgreSQL source whose concurrent writers
+    # committed it late): the copy goes on from before it, skipping it as already there.
+    late = MemoryStore("memory://")
+    _copy_in_process(source, late, 50)
+    engine = Engine(late, load_config(None))
+    engine.ingest([parse_stored(events[80].payload, received_at=events[80].received_at)], space=SPACE)
+    found = copied_before(source, late, SPACE)
+    assert (found.messages, found.after_sequence, found.foreign) == (50, events[49].sequence, 0)
+
+    foreign = MemoryStore("memory://")
+    _copy_in_process(source, foreign, 10)
+    stray = parse_message({"type": "track", "event": "Trial", "userId": "t1", "messageId": "trial-1"},
+                          received_at=RECEIVED)  # fmt: skip
+    Engine(foreign, load_config(None)).ingest([stray], space=SPACE)
+    found = copied_before(source, foreign, SPACE)
+    assert (found.foreign, found.first_foreign) == (1, "trial-1")

@@ -66,6 +66,7 @@ from idstitch.storage.urls import open_store
 if TYPE_CHECKING:
     from idstitch.engine import Engine
     from idstitch.http.metrics import Metrics, QueueWorkerFigures
+    from idstitch.ingest.stored import CopiedBefore
     from idstitch.queue.jetstream import QueueConfig
     from idstitch.queue.parked import ParkedRequest
     from idstitch.sim.accuracy import Accuracy
@@ -1367,17 +1368,25 @@ def copy_store(
         with _store(store, read_only=True) as source, ExitStack() as stack:
             names = _spaces_to_copy(settings, source, space)
             target = stack.enter_context(_store(to))
-            before = {name: source.stats(name) for name in names}
-            _copy_access(source, target, names)
-            engine = Engine(target, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
-            _print_created_write_keys(engine)  # a source store without tokens (they came from IDSTITCH_*)
-            _freeze_startup_objects()
             started = time.monotonic()
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
             tallies = {name: _Tally() for name in names}
             try:
+                # Read first (a resumed copy of millions walks a while), written only once it is accepted.
+                resumed = _copied_before(source, target, names, redact_url(to))
+                before = {name: source.stats(name) for name in names}
+                _copy_access(source, target, names)
+                engine = Engine(target, settings, outage_wait=_OUTAGE_WAIT_SECONDS)
+                _print_created_write_keys(engine)  # a source store without tokens (from IDSTITCH_*)
+                _freeze_startup_objects()
                 _copy_spaces(
-                    engine, source, tallies, batch_size, sum(item.events for item in before.values()), quiet
+                    engine,
+                    source,
+                    tallies,
+                    resumed,
+                    batch_size,
+                    sum(item.events for item in before.values()),
+                    quiet,
                 )
             except (KeyboardInterrupt, _Terminated) as stop:
                 copied = sum(tally.messages for tally in tallies.values())
@@ -1426,6 +1435,24 @@ def _spaces_to_copy(settings: Config, source: Store, asked: list[str] | None) ->
     return names
 
 
+def _copied_before(source: Store, target: Store, names: list[str], shown: str) -> dict[str, CopiedBefore]:
+    """What the target holds of each space already; a space holding messages the source does not is
+    refused before anything is written: the copy would mix two graphs and replace the write keys."""
+    from idstitch.ingest.stored import copied_before
+
+    found = {}
+    for name in names:
+        held = found[name] = copied_before(source, target, name, outage_wait=_OUTAGE_WAIT_SECONDS)
+        if held.foreign:
+            raise UsageError(
+                f"space {name} of {shown} already holds {_plural(held.foreign, 'message')} that the store "
+                f"copied from does not (the first: {held.first_foreign}); a copy goes into a space of its "
+                "own, so that two graphs do not mix: name another --to (a new file, or another PostgreSQL "
+                "database or schema), or leave that space out with --space"
+            )
+    return found
+
+
 def _copy_access(source: Store, target: Store, names: list[str]) -> None:
     """The copy answers the write keys and tokens the source answers, so clients keep working after the
     switch; written before the engine starts, which would otherwise make new ones on a first run."""
@@ -1440,10 +1467,16 @@ def _copy_access(source: Store, target: Store, names: list[str]) -> None:
 
 
 def _copy_spaces(
-    engine: Engine, source: Store, tallies: dict[str, _Tally], group_size: int, total: int, quiet: bool
+    engine: Engine,
+    source: Store,
+    tallies: dict[str, _Tally],
+    resumed: dict[str, CopiedBefore],
+    group_size: int,
+    total: int,
+    quiet: bool,
 ) -> None:
-    """Every stored message of each space through the engine of the copy, in stored order; rejections
-    are listed on stderr as `space: message id (sequence N): reason`."""
+    """Every stored message of each space through the engine of the copy, in stored order, after those an
+    earlier run copied; rejections are listed on stderr as `space: message id (sequence N): reason`."""
     from idstitch.ingest.stored import read_stored_groups
 
     progress = Progress(
@@ -1459,7 +1492,17 @@ def _copy_spaces(
     with progress:
         task = progress.add_task("copy", total=max(total, 1))
         for name, tally in tallies.items():
-            groups = read_stored_groups(source, name, group_size=group_size, outage_wait=_OUTAGE_WAIT_SECONDS)
+            held = resumed[name]
+            tally.messages += held.messages  # already there: counted as the duplicates they would be
+            tally.duplicates += held.messages
+            progress.advance(task, held.messages)
+            groups = read_stored_groups(
+                source,
+                name,
+                group_size=group_size,
+                after_sequence=held.after_sequence,
+                outage_wait=_OUTAGE_WAIT_SECONDS,
+            )
             for group in groups:
                 try:
                     results = engine.ingest_group(group.batches)

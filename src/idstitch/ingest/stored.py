@@ -17,7 +17,7 @@ from idstitch.core.messages import Message, parse_stored
 from idstitch.engine import IngestBatch
 from idstitch.storage.base import EventRecord, StoreConflict
 
-__all__ = ["StoredGroup", "StoredMessages", "read_stored_groups"]
+__all__ = ["CopiedBefore", "StoredGroup", "StoredMessages", "copied_before", "read_stored_groups"]
 
 
 class StoredMessages(Protocol):
@@ -26,6 +26,58 @@ class StoredMessages(Protocol):
     def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
         """Every stored message of a space after a sequence, in ingest order."""
         ...
+
+
+class StoredMessageIds(Protocol):
+    """What a copy reads from the store it writes to, to find what an earlier run put there (Store has it)."""
+
+    def iter_event_ids(self, space: str) -> Iterator[str]:
+        """Every stored message id of a space, in ingest order."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CopiedBefore:
+    """What the store copied into already holds of one space, measured against the store copied from."""
+
+    messages: int  # the source's first messages, held in the same order: an earlier run copied them
+    after_sequence: int  # the source's sequence of the last of those: the copy goes on after it
+    foreign: int  # messages held that the source does not hold at all: another store's
+    first_foreign: str | None = None
+
+
+def copied_before(
+    source: StoredMessages, target: StoredMessageIds, space: str, *, outage_wait: float = 0.0
+) -> CopiedBefore:
+    """How far an earlier copy of `space` got, and whether the target holds messages of its own.
+
+    A copy commits the source's messages in their order, so an interrupted one leaves the source's first
+    messages: those are skipped without being resolved again (a resumed copy of millions would otherwise
+    check each one as a duplicate). Past the first difference (a message rejected again, or one a
+    PostgreSQL source committed late and a later run appended) the copy goes on with its duplicate check;
+    the target's messages the source never held are counted, as a copy into them would mix two graphs.
+    """
+    held = iter(target.iter_event_ids(space))
+    expected = next(held, None)
+    if expected is None:
+        return CopiedBefore(0, 0, 0)
+    messages = after = 0
+    unmatched: dict[str, None] | None = None  # the target's messages not (yet) seen in the source, in order
+    for event in _events_through_outages(source, space, 0, outage_wait, 1.0):
+        if unmatched is None:
+            if event.message_id == expected:
+                messages, after = messages + 1, event.sequence
+                expected = next(held, None)
+                if expected is None:
+                    return CopiedBefore(messages, after, 0)
+                continue
+            unmatched = dict.fromkeys([expected, *held])
+        unmatched.pop(event.message_id, None)
+        if not unmatched:
+            return CopiedBefore(messages, after, 0)
+    if unmatched is None:  # the source ended before what the target holds did
+        unmatched = dict.fromkeys([expected, *held]) if expected is not None else {}
+    return CopiedBefore(messages, after, len(unmatched), next(iter(unmatched), None))
 
 
 @dataclass(slots=True)
