@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from helpers import wait_for
 from idstitch.config import load_config
@@ -479,3 +480,23 @@ def test_what_a_target_holds_of_a_space_is_found_as_the_sources_first_messages_o
     Engine(foreign, load_config(None)).ingest([stray], space=SPACE)
     found = copied_before(source, foreign, SPACE)
     assert (found.foreign, found.first_foreign) == (1, "trial-1")
+
+
+def test_each_space_of_the_summary_says_the_time_it_took_not_the_whole_copys(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from idstitch.cli import _copy_report, _print_copy_summary, _Tally
+    from idstitch.storage.base import SpaceStats
+
+    report = []
+    for name, seconds in (("blog", 1.25), ("shop", 20.5)):
+        tally = _Tally(messages=3, accepted=3)
+        tally.seconds = seconds
+        report.append(_copy_report(name, tally, SpaceStats(name, events=3), SpaceStats(name, events=3)))
+    _print_copy_summary(report, "sqlite:///copy.db", 21.9, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(" in 1.25 s") and lines[2].endswith(" in 20.50 s"), lines
+    _print_copy_summary(report, "sqlite:///copy.db", 21.9, as_json=True)
+    document = json.loads(capsys.readouterr().out)
+    assert document["seconds"] == 21.9
+    assert [space["seconds"] for space in document["spaces"]] == [1.25, 20.5]

@@ -334,6 +334,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 @dataclass
 class _Tally(OutcomeCounts):
     batches: int = 0
+    seconds: float = 0.0  # a copy's time on this space
 
     def summary(self, seconds: float) -> dict[str, Any]:
         return {
@@ -1492,6 +1493,7 @@ def _copy_spaces(
     with progress:
         task = progress.add_task("copy", total=max(total, 1))
         for name, tally in tallies.items():
+            started = time.monotonic()
             held = resumed[name]
             tally.messages += held.messages  # already there: counted as the duplicates they would be
             tally.duplicates += held.messages
@@ -1518,6 +1520,7 @@ def _copy_spaces(
                         if outcome.status == "rejected":
                             stderr.print(f"{name}: {labels[outcome.index]}: {outcome.error}", soft_wrap=True)
                 progress.advance(task, group.messages)
+            tally.seconds = time.monotonic() - started
 
 
 def _copy_report(name: str, tally: _Tally, held: SpaceStats, copied: SpaceStats) -> dict[str, Any]:
@@ -1527,6 +1530,7 @@ def _copy_report(name: str, tally: _Tally, held: SpaceStats, copied: SpaceStats)
     return {
         "space": name,
         **tally.counts(),
+        "seconds": round(tally.seconds, 3),
         "source": source_counts,
         "copy": copy_counts,
         "same": not differences,
@@ -1543,7 +1547,7 @@ def _print_copy_summary(report: list[dict[str, Any]], to: str, seconds: float, a
         print(
             f"space {item['space']}: {_plural(item['messages'], 'message')} copied to {to} "
             f"({item['accepted'] + item['unresolved']:,} new, {item['duplicates']:,} already there, "
-            f"{item['rejected']:,} rejected) in {seconds:.2f} s"
+            f"{item['rejected']:,} rejected) in {item['seconds']:.2f} s"
         )
         figures = ", ".join(
             f"{_plural(counts[key], key.rstrip('s'), key)}" for key in counts if key != "space"
