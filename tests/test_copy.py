@@ -85,10 +85,16 @@ def _simulated(count: int, seed: int) -> list[dict[str, Any]]:
     return [item.message for item in generate(WorkloadConfig(messages=count, seed=seed))]
 
 
-def _post(base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    data = gzip.compress(json.dumps(body).encode())
+def _post(
+    base_url: str,
+    path: str,
+    body: dict[str, Any] | None,
+    write_key: str = WRITE_KEY,
+    raw: bytes | None = None,
+) -> dict[str, Any]:
+    data = gzip.compress(raw if raw is not None else json.dumps(body).encode())
     request = urllib.request.Request(f"{base_url}{path}", data=data, method="POST")
-    request.add_header("Authorization", "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode())
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{write_key}:".encode()).decode())
     request.add_header("Content-Encoding", "gzip")
     with urllib.request.urlopen(request, timeout=60) as response:
         answer: dict[str, Any] = json.loads(response.read())
@@ -500,3 +506,234 @@ def test_each_space_of_the_summary_says_the_time_it_took_not_the_whole_copys(
     document = json.loads(capsys.readouterr().out)
     assert document["seconds"] == 21.9
     assert [space["seconds"] for space in document["spaces"]] == [1.25, 20.5]
+
+
+# -- every row, for a store as a company's is -------------------------------------------------------------
+
+TWO_SPACES = """
+[spaces.shop]
+profile_tokens = ["pt_shop"]
+admin_tokens = ["at_shop"]
+email_from_track_properties = true
+
+[spaces.shop.sources.web]
+write_key = "wk_shop_web"
+
+[spaces.shop.sources.crm]
+write_key = "wk_shop_crm"
+merge = false
+
+[spaces.shop.sources.partner]
+write_key = "wk_shop_partner"
+identifier_types = ["email", "phone", "anonymous_id"]
+
+[spaces.shop.sources.archive]
+write_key = "wk_shop_archive"
+
+[spaces.shop.identifiers.phone]
+priority = 3
+limit = 2
+window = "ever"
+trait_keys = ["phone"]
+
+[spaces.shop.identifiers.anonymous_id]
+limit = 2
+window = "daily"
+
+[spaces.shop.identifiers.crm_id]
+collection = "accounts"
+trait_keys = ["crmId"]
+
+[spaces.shop.blocked]
+exact = ["void"]
+regex = ["^test-.*$"]
+
+[spaces.shop.non_unique]
+exact = ["shared-kiosk"]
+
+[spaces.blog]
+profile_tokens = ["pt_blog"]
+alias = false
+custom_limit = 2
+custom_window = "monthly"
+
+[spaces.blog.sources.web]
+write_key = "wk_blog_web"
+
+[spaces.blog.identifiers.user_id]
+limit = 2
+window = "monthly"
+"""
+_TABLES = ("sources", "tokens", "learned_types", "profiles", "identifiers", "evidence", "suspects", "events")
+_TABLES += ("traits", "links", "merges", "dropped")
+
+
+def _rows(url: str, space: str) -> dict[str, list[str]]:
+    """Every row of every table of a space, each column by name but the store's own sequences, sorted."""
+    if url.startswith("sqlite:///"):
+        db: Any = sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True)
+        columns = "SELECT name FROM pragma_table_info(?)"
+        mark = "?"
+    else:
+        import psycopg
+
+        db = psycopg.connect(url)
+        columns = (
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_name = %s AND table_schema = current_schema()"
+        )
+        mark = "%s"
+    try:
+        found = {}
+        for table in _TABLES:
+            names = sorted(row[0] for row in db.execute(columns, (table,)) if row[0] != "sequence")
+            rows = db.execute(f"SELECT {', '.join(names)} FROM {table} WHERE space = {mark}", (space,))
+            found[table] = sorted(repr(dict(zip(names, map(_plain, row), strict=True))) for row in rows)
+        return found
+    finally:
+        db.close()
+
+
+def _plain(value: Any) -> Any:
+    """A column's value as both stores give it: PostgreSQL's booleans and bytea as SQLite's."""
+    if isinstance(value, bool):
+        return int(value)
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def _calls(prefix: str) -> list[dict[str, Any]]:
+    """Client calls of a dozen people: merges, traits set and removed, accounts, custom ids, aliases,
+    a shared device, a declared kiosk and junk ids that leave messages unresolved."""
+    calls: list[dict[str, Any]] = []
+    for person in range(12):
+        anonymous, user = f"{prefix}anon{person}", f"{prefix}user{person}"
+        external = [
+            {"id": f"loy{person}", "type": f"{prefix}Loyalty", "collection": "users", "encoding": "none"},
+            {"id": base64.b64encode(f"b{person}".encode()).decode(), "type": "b64id", "collection": "users",
+             "encoding": "base64"},
+            {"id": f"acct{person % 4}", "type": "erp_account", "collection": "accounts", "encoding": "none"},
+        ]  # fmt: skip
+        traits = {"email": f"{prefix}p{person}@example.com", "plan": "pro", "phone": f"+1555{person:04d}"}
+        calls += [
+            {"method": "page", "anonymous_id": anonymous, "name": "Home", "properties": {"path": "/"}},
+            {"method": "track", "anonymous_id": anonymous, "event": "Viewed",
+             "properties": {"email": f" {prefix}P{person}@Example.com "}},
+            {"method": "identify", "user_id": user, "anonymous_id": anonymous, "traits": traits},
+            {"method": "identify", "user_id": user, "traits": {"plan": None, "nick": "😀\u202eRTL"}},
+            {"method": "group", "user_id": user, "group_id": f"{prefix}org{person % 3}",
+             "traits": {"name": f"Org {person % 3}", "crmId": f"crm{person % 3}"}},
+            {"method": "track", "user_id": user, "event": "Bought", "context": {"externalIds": external}},
+            {"method": "alias", "previous_id": f"{prefix}old{person}", "user_id": user},
+            # Two profiles, then a message that joins them (a merge, unless the source may not merge).
+            {"method": "page", "anonymous_id": f"{prefix}later{person}", "name": "Pricing"},
+            {"method": "track", "user_id": f"{prefix}other{person}", "event": "Signed In"},
+            {"method": "identify", "user_id": f"{prefix}other{person}", "anonymous_id": f"{prefix}later{person}"},
+        ]  # fmt: skip
+    for user, anonymous in (
+        ("alice", "lib1"),
+        ("bob", "lib1"),
+        ("carol", "shared-kiosk"),
+        ("dave", "shared-kiosk"),
+    ):
+        calls.append({"method": "identify", "user_id": f"{prefix}{user}", "anonymous_id": anonymous})
+    calls += [
+        {"method": "page", "anonymous_id": "lib1", "name": "Catalogue"},
+        {"method": "track", "user_id": "null", "anonymous_id": "00000000-0000-0000-0000-000000000000",
+         "event": "Junk"},
+        {"method": "track", "user_id": "test-123", "anonymous_id": "void", "event": "Junk"},
+    ]  # fmt: skip
+    return calls
+
+
+def _send(client_class: Any, write_key: str, host: str, calls: list[dict[str, Any]]) -> None:
+    errors: list[str] = []
+    client = client_class(write_key=write_key, host=host, gzip=True, upload_size=17, upload_interval=0.05,
+                          max_retries=3, on_error=lambda error, batch: errors.append(repr(error)))  # fmt: skip
+    for call in calls:
+        fields = dict(call)
+        getattr(client, fields.pop("method"))(**fields)
+    client.flush()
+    client.shutdown()
+    assert errors == []
+
+
+HOSTILE = [
+    {"type": "identify", "userId": "nul\u0000user", "traits": {"k\u0000": "v\u0000"}},
+    {"type": "identify", "userId": "\u202egnp.live", "traits": {"name": "עברית", "e": "👩‍👩‍👧‍👦"}},
+    {"type": "track", "userId": "big", "event": "Big", "properties": {"blob": "x" * 31_000}},
+    {"type": "Identify", "user_id": 12345, "traits": {"email": "  MiXeD@Example.COM "}},
+    {"type": "identify", "userId": 123456789012345678901234567890, "anonymousId": 1.5},
+    {"type": "track", "userId": "skew", "event": "S", "originalTimestamp": "2026-05-01T00:05:00Z",
+     "sentAt": "2026-05-01T00:07:00Z"},
+    {"type": "track", "userId": "future", "event": "F", "timestamp": "2099-01-01T00:00:00Z"},
+    {"type": "track", "userId": "leap", "event": "L", "timestamp": "2016-12-31T23:59:60Z"},
+    {"type": "track", "userId": "lower", "event": "L", "timestamp": "2026-05-01t00:00:00.123456z"},
+    {"type": "track", "userId": "numeric-id", "event": "N", "messageId": 987654321},
+    {"type": "identify", "userId": "no-context-traits", "context": {"traits": None}},
+    {"type": "identify", "userId": "e5a", "traits": {"email": "jane@example.com"}},
+    {"type": "identify", "userId": "e5b", "traits": {"email": "jane@example.com"}},
+    {"type": "alias", "previousId": "e5a", "userId": "e5a_new"},
+    {"type": "alias", "previousId": "e5a_new", "userId": "e5a_newer"},
+    {"type": "group", "anonymousId": "grp-anon", "groupId": 42, "traits": {"name": None}},
+]  # fmt: skip
+
+
+def test_a_store_of_two_spaces_from_client_libraries_archives_and_hostile_strings_is_copied_row_for_row(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Beyond the dump: every column of every table (the non-unique evidence, learned types in first-seen
+    order, suspects' evidence, traits' message and source, ...) is the source's, through PostgreSQL and
+    back, for a store built as a company's is: two spaces with their own rules, sources with their own
+    policies, real client libraries through `serve`, hostile strings, and archives without messageIds."""
+    from rudderstack.analytics import Client as RudderClient
+    from segment.analytics import Client as SegmentClient
+
+    config = tmp_path / "idstitch.toml"
+    config.write_text(TWO_SPACES)
+    server = Server(tmp_path / "serve", args=("--config", str(config)))
+    server.env = {key: value for key, value in server.env.items() if not key.startswith("IDSTITCH_")}
+    server.start()
+    try:
+        _send(SegmentClient, "wk_shop_web", server.base_url, _calls("sp_"))
+        _send(RudderClient, "wk_shop_crm", server.base_url, _calls("rp_"))
+        _send(SegmentClient, "wk_blog_web", server.base_url, _calls("bl_"))
+        for key in ("wk_shop_partner", "wk_blog_web"):
+            body = {
+                "batch": HOSTILE,
+                "context": {"ip": "10.0.0.1"},
+                "sentAt": format_timestamp(datetime.now(UTC)),
+            }
+            assert _post(server.base_url, "/v1/batch", body, write_key=key)["success"] is True
+        # An unpaired surrogate and a NUL (read leniently, as a browser's JSON.stringify writes them).
+        raw = b'{"type":"identify","userId":"surr\\ud800x","traits":{"t":"\\udc00\\u0000","n":12345678901234567890123}}'
+        assert (
+            _post(server.base_url, "/v1/identify", None, write_key="wk_shop_web", raw=raw)["success"] is True
+        )
+    finally:
+        server.stop()
+    archive = tmp_path / "archive-2026-05.ndjson"
+    lines = []
+    for number in range(120):
+        message: dict[str, Any] = {"type": "track", "event": "Archived", "userId": f"arch{number % 15}",
+                                   "anonymousId": f"archanon{number % 21}"}  # fmt: skip
+        if number % 4:
+            message["timestamp"] = f"2026-05-01T00:{number % 60:02d}:00Z"
+        lines += [
+            json.dumps(message),
+            json.dumps({"type": "track", "event": "Same", "anonymousId": "timeless"}),
+        ]
+    archive.write_text("\n".join(lines) + "\n")
+    _idstitch("ingest", str(archive), "--store", server.store_url, "--config", str(config),
+              "--space", "shop", "--source", "archive", "--quiet", cwd=tmp_path)  # fmt: skip
+
+    back = f"sqlite:///{tmp_path / 'back.db'}"
+    for source, target in ((server.store_url, postgres_url), (postgres_url, back)):
+        done = _idstitch("copy", "--store", source, "--to", target, "--config", str(config), "--json",
+                         cwd=tmp_path)  # fmt: skip
+        assert all(space["same"] and not space["rejected"] for space in json.loads(done.stdout)["spaces"])
+    for space in ("shop", "blog"):
+        rows = _rows(server.store_url, space)
+        assert rows["merges"] and rows["learned_types"] and rows["links"], space
+        assert space == "blog" or (rows["suspects"] and rows["dropped"])  # the shop's stricter rules
+        assert _rows(postgres_url, space) == rows
+        assert _rows(back, space) == rows
