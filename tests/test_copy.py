@@ -737,3 +737,36 @@ def test_a_store_of_two_spaces_from_client_libraries_archives_and_hostile_string
         assert space == "blog" or (rows["suspects"] and rows["dropped"])  # the shop's stricter rules
         assert _rows(postgres_url, space) == rows
         assert _rows(back, space) == rows
+
+
+def test_a_rules_change_that_keeps_every_count_is_said_by_the_messages_it_changed(tmp_path: Path) -> None:
+    """The counts alone miss a change that moves or drops as many as before: a window widened (the same
+    identifiers dropped, by another rule, which `explain` names), or a priority that sends a message to
+    another of its profiles. Each message the copy resolves is checked against where the source put it
+    and what the source dropped from it."""
+    rules = "[spaces.default]\n[spaces.default.sources.web]\nwrite_key = 'wk_web'\n"
+    rules += "[spaces.default.identifiers.anonymous_id]\nlimit = 1\nwindow = '{window}'\n"
+    daily, weekly = tmp_path / "daily.toml", tmp_path / "weekly.toml"
+    daily.write_text(rules.format(window="daily"))
+    weekly.write_text(rules.format(window="weekly"))
+    messages = tmp_path / "messages.ndjson"
+    stream = [
+        {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m1", "timestamp": "2026-05-01T10:00:00Z"},
+        {"type": "identify", "userId": "u1", "anonymousId": "a2", "messageId": "m2", "timestamp": "2026-05-01T11:00:00Z"},
+    ]  # fmt: skip
+    messages.write_text("".join(json.dumps(item) + "\n" for item in stream))
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    _idstitch("ingest", str(messages), "--store", url, "--config", str(daily), "--quiet", cwd=tmp_path)
+    target = f"sqlite:///{tmp_path / 'copy.db'}"
+    done = _idstitch("copy", "--store", url, "--to", target, "--config", str(weekly), "--json", cwd=tmp_path)
+    (space,) = json.loads(done.stdout)["spaces"]
+    assert space["source"] == space["copy"]  # every count the same: a2 is dropped either way
+    assert space["same"] is False and space["drops_differ"] == 1 and space["moved"] == 0, space
+    text = _idstitch("copy", "--store", url, "--to", f"sqlite:///{tmp_path / 'again.db'}", "--config",
+                     str(weekly), cwd=tmp_path)  # fmt: skip
+    assert "warning: space default: the copy differs from the source (1 message dropped other " in text.stderr
+    assert "the copy holds what the source holds" not in text.stdout
+    same = _idstitch("copy", "--store", url, "--to", f"sqlite:///{tmp_path / 'same.db'}", "--config",
+                     str(daily), "--json", cwd=tmp_path)  # fmt: skip
+    (space,) = json.loads(same.stdout)["spaces"]
+    assert space["same"] is True and space["drops_differ"] == 0 and space["moved"] == 0

@@ -335,6 +335,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 class _Tally(OutcomeCounts):
     batches: int = 0
     seconds: float = 0.0  # a copy's time on this space
+    moved: int = 0  # messages a copy resolved to another profile or account than the source had
+    drops_differ: int = 0  # messages a copy dropped other identifiers from than the source, or by other rules
 
     def summary(self, seconds: float) -> dict[str, Any]:
         return {
@@ -1478,7 +1480,7 @@ def _copy_spaces(
 ) -> None:
     """Every stored message of each space through the engine of the copy, in stored order, after those an
     earlier run copied; rejections are listed on stderr as `space: message id (sequence N): reason`."""
-    from idstitch.ingest.stored import read_stored_groups
+    from idstitch.ingest.stored import drops_differing, read_stored_groups
 
     progress = Progress(
         TextColumn("{task.description}", style="progress.description", markup=False),
@@ -1514,11 +1516,24 @@ def _copy_spaces(
                         "its policy applies in the copy (what was copied before is kept)"
                     ) from None
                 tally.batches += 1
-                for labels, result in zip(group.labels, results, strict=True):
+                resolved: list[str] = []
+                for labels, placed, result in zip(group.labels, group.placed, results, strict=True):
                     for outcome in result.outcomes:
                         tally.count(outcome)
                         if outcome.status == "rejected":
                             stderr.print(f"{name}: {labels[outcome.index]}: {outcome.error}", soft_wrap=True)
+                        elif outcome.status != "duplicate":
+                            # Where the source put it: another place is a rules change (or another order).
+                            message_id, profile_id, account_id = placed[outcome.index]
+                            resolved.append(message_id)
+                            tally.moved += (outcome.profile_id, outcome.account_id) != (
+                                profile_id,
+                                account_id,
+                            )
+                if resolved:
+                    tally.drops_differ += drops_differing(
+                        source, engine.store, name, resolved, outage_wait=_OUTAGE_WAIT_SECONDS
+                    )
                 progress.advance(task, group.messages)
             tally.seconds = time.monotonic() - started
 
@@ -1533,7 +1548,9 @@ def _copy_report(name: str, tally: _Tally, held: SpaceStats, copied: SpaceStats)
         "seconds": round(tally.seconds, 3),
         "source": source_counts,
         "copy": copy_counts,
-        "same": not differences,
+        "moved": tally.moved,
+        "drops_differ": tally.drops_differ,
+        "same": not differences and not tally.moved and not tally.drops_differ,
         "differences": differences,
     }
 
@@ -1555,14 +1572,20 @@ def _print_copy_summary(report: list[dict[str, Any]], to: str, seconds: float, a
         if item["same"]:
             print(f"  the copy holds what the source holds: {figures}")
             continue
-        shown = "; ".join(
-            f"{key} {item['source'][key]:,} there, {counts[key]:,} here" for key in item["differences"]
-        )
+        said = []
+        if item["moved"]:
+            said.append(f"{_plural(item['moved'], 'message')} resolved to another profile or account")
+        if item["drops_differ"]:
+            said.append(
+                f"{_plural(item['drops_differ'], 'message')} dropped other identifiers, or by other rules"
+            )
+        said += [f"{key} {item['source'][key]:,} there, {counts[key]:,} here" for key in item["differences"]]
+        shown = "; ".join(said)
         stderr.print(
             f"warning: space {item['space']}: the copy differs from the source ({shown}). The copy resolved "
             "every stored message under the rules configured now; the source was resolved under the rules "
             "in force when each message arrived, or it was written to during the copy (run it again to "
-            "copy what is new)",
+            "copy what is new), or (a PostgreSQL source with several writers) resolved in another order",
             soft_wrap=True,
         )
 

@@ -8,16 +8,23 @@ under the same rules, they give the same graph, segment ids included (SPEC §5, 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, parse_stored
 from idstitch.engine import IngestBatch
-from idstitch.storage.base import EventRecord, StoreConflict
+from idstitch.storage.base import DroppedRecord, EventRecord, StoreConflict
 
-__all__ = ["CopiedBefore", "StoredGroup", "StoredMessages", "copied_before", "read_stored_groups"]
+__all__ = [
+    "CopiedBefore",
+    "StoredGroup",
+    "StoredMessages",
+    "copied_before",
+    "drops_differing",
+    "read_stored_groups",
+]
 
 
 class StoredMessages(Protocol):
@@ -25,6 +32,10 @@ class StoredMessages(Protocol):
 
     def iter_events(self, space: str, *, after_sequence: int = 0) -> Iterator[EventRecord]:
         """Every stored message of a space after a sequence, in ingest order."""
+        ...
+
+    def dropped_in(self, space: str, message_ids: Sequence[str]) -> list[DroppedRecord]:
+        """Dropped identifiers of these messages, in recording order."""
         ...
 
 
@@ -86,6 +97,8 @@ class StoredGroup:
 
     batches: list[IngestBatch] = field(default_factory=list)
     labels: list[list[str]] = field(default_factory=list)  # per batch, each message's `id (sequence N)`
+    # Per batch, each message's id and the profile and account the source resolved it to.
+    placed: list[list[tuple[str, str | None, str | None]]] = field(default_factory=list)
     messages: int = 0
     last_sequence: int = 0
 
@@ -123,8 +136,10 @@ def read_stored_groups(
             last = IngestBatch([], space, event.source)
             group.batches.append(last)
             group.labels.append([])
+            group.placed.append([])
         last.items.append(item)
         group.labels[-1].append(f"{event.message_id} (sequence {event.sequence})")
+        group.placed[-1].append((event.message_id, event.profile_id, event.account_id))
         group.messages += 1
         group.last_sequence = event.sequence
         if group.messages >= group_size:
@@ -132,6 +147,46 @@ def read_stored_groups(
             group = StoredGroup()
     if group.messages:
         yield group
+
+
+def drops_differing(
+    source: StoredMessages,
+    target: StoredMessages,
+    space: str,
+    message_ids: Sequence[str],
+    *,
+    outage_wait: float = 0.0,
+) -> int:
+    """How many of these messages the two stores dropped other identifiers from, or by other rules.
+
+    A rules change can leave every count as it was (a window widened drops the same identifiers, by a rule
+    `explain` names otherwise): the drops of the messages a copy resolved are compared, one read a group.
+    """
+
+    def drops(store: StoredMessages) -> dict[str, set[tuple[str, str, str | None]]]:
+        found: dict[str, set[tuple[str, str, str | None]]] = {}
+        for record in _through_outages(lambda: store.dropped_in(space, message_ids), outage_wait, 1.0):
+            found.setdefault(record.message_id, set()).add(
+                (record.identifier, record.rule, record.profile_id)
+            )
+        return found
+
+    there, here = drops(source), drops(target)
+    return sum(1 for message_id in message_ids if there.get(message_id) != here.get(message_id))
+
+
+def _through_outages(
+    read: Callable[[], list[DroppedRecord]], wait: float, pause: float
+) -> list[DroppedRecord]:
+    """One read, tried again while the store cannot be reached (or lost its connection), for up to `wait`."""
+    started = time.monotonic()
+    while True:
+        try:
+            return read()
+        except StoreConflict:
+            if time.monotonic() - started >= wait:
+                raise
+            time.sleep(pause)
 
 
 def _events_through_outages(
