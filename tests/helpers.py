@@ -10,6 +10,7 @@ minute per message unless given as `at=` or `timestamp=`), so runs are determini
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import time
@@ -35,6 +36,8 @@ __all__ = [
     "Space",
     "World",
     "at",
+    "clean_env",
+    "committed_events",
     "config_from_toml",
     "ident",
     "open_space",
@@ -224,6 +227,26 @@ def world_at(tmp_path: Path | None, toml: str | None = None) -> Iterator[World]:
         yield world
     finally:
         world.close()
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the IDSTITCH_* of the developer's shell, for a CLI subprocess."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+
+
+def committed_events(database: Path) -> int:
+    """Events committed to a SQLite store so far, read through a read-only connection of its own (0 before
+    the file or its schema exists), while another process writes it."""
+    if not database.exists():
+        return 0
+    try:
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(connection.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:
+        return 0
 
 
 def wait_for(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -23,7 +22,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from helpers import wait_for
+from helpers import clean_env, committed_events, wait_for
 from idstitch.config import load_config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, format_timestamp, parse_message, parse_stored
@@ -51,7 +50,7 @@ def _idstitch(
     *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The CLI in a subprocess, with no IDSTITCH_* of the caller's shell (only those of `env`)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")} | (env or {})
+    env = clean_env() | (env or {})
     done = subprocess.run(
         [sys.executable, "-m", "idstitch", *args],
         cwd=cwd,
@@ -184,17 +183,6 @@ def _ingest_two_sources(url: str, config_path: Path, count: int) -> None:
         store.close()
 
 
-def _stored_events(url: str) -> int:
-    path = url.removeprefix("sqlite:///")
-    if not Path(path).exists():
-        return 0
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        try:
-            return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
-        except sqlite3.OperationalError:  # not created yet
-            return 0
-
-
 def test_a_copy_keeps_each_messages_source_policy_and_a_killed_copy_resumes_to_the_same_graph(
     tmp_path: Path,
 ) -> None:
@@ -202,18 +190,20 @@ def test_a_copy_keeps_each_messages_source_policy_and_a_killed_copy_resumes_to_t
     config.write_text(TWO_SOURCES)
     source_url = f"sqlite:///{tmp_path / 'source.db'}"
     _ingest_two_sources(source_url, config, 6_000)
-    target_url = f"sqlite:///{tmp_path / 'copy.db'}"
+    target = tmp_path / "copy.db"
+    target_url = f"sqlite:///{target}"
     command = [sys.executable, "-m", "idstitch", "copy", "--store", source_url, "--to", target_url]
     command += ["--config", str(config), "--batch-size", "50", "--quiet"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
-    copying = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    copying = subprocess.Popen(
+        command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
-        wait_for(lambda: _stored_events(target_url) >= 500, "the copy's first batches", copying)
+        wait_for(lambda: committed_events(target) >= 500, "the copy's first batches", copying)
     finally:
         copying.send_signal(signal.SIGKILL)
         copying.wait(timeout=30)
     assert copying.returncode == -signal.SIGKILL, "the copy ended before it could be killed: make it longer"
-    killed_at = _stored_events(target_url)
+    killed_at = committed_events(target)
     assert 0 < killed_at < 6_000
 
     done = _idstitch(

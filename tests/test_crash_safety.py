@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RECEIVED, FailsAtCommit, wait_for
+from helpers import RECEIVED, FailsAtCommit, clean_env, committed_events, wait_for
 from idstitch.config import Config
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine
@@ -93,24 +93,6 @@ def ingest_command(path: Path, url: str) -> list[str]:
     ]
 
 
-def clean_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
-
-
-def stored_events(database: Path) -> int:
-    """Events committed so far, read through a separate read-only connection (0 before the schema exists)."""
-    if not database.exists():
-        return 0
-    try:
-        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(connection.execute("SELECT count(*) FROM events").fetchone()[0])
-        finally:
-            connection.close()
-    except sqlite3.OperationalError:
-        return 0
-
-
 def dump_and_ids(url: str) -> tuple[dict[str, object], set[str]]:
     store = open_store(url)
     try:
@@ -144,7 +126,7 @@ def kill_9_once(workload: Path, database: Path, at_least: int) -> None:
     """Run `idstitch ingest` and SIGKILL it as soon as `at_least` events are committed."""
     victim = start_ingest(workload, database)
     try:
-        wait_for(lambda: stored_events(database) >= at_least, f"{at_least:,} committed events", victim)
+        wait_for(lambda: committed_events(database) >= at_least, f"{at_least:,} committed events", victim)
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
     finally:
@@ -230,7 +212,7 @@ def test_sigterm_stops_cleanly_between_batches(tmp_path: Path) -> None:
     database = tmp_path / "t.db"
     process = start_ingest(workload, database)
     try:
-        wait_for(lambda: stored_events(database) >= 300, "300 committed events", process)
+        wait_for(lambda: committed_events(database) >= 300, "300 committed events", process)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     finally:
