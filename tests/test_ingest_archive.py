@@ -416,3 +416,22 @@ def test_an_archived_time_after_its_receipt_is_capped_at_the_receipt_as_live(tmp
         delivery="request-1",
     )
     assert live.timestamp == received
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_by_its_bytes(tmp_path: Path) -> None:
+    # Archives copied from other systems hold names in Latin-1 (`café` as the byte 0xE9). A message without
+    # messageId or time in such a file took its id from the name, which could not be encoded: a traceback,
+    # exit 1. Now the name's bytes stand in (undecodable ones written `\xe9`), in the rejections too.
+    day = tmp_path / "exports" / "2026-03-01"
+    day.mkdir(parents=True)
+    name = os.fsdecode(b"caf\xe9.json")
+    (day / name).write_text(json.dumps({"type": "page", "name": "Home", "anonymousId": "a1"}) + "\n{bad\n")
+    loose = tmp_path / os.fsdecode(b"loose-\xe9.ndjson")
+    loose.write_text(json.dumps({"type": "page", "name": "Home", "anonymousId": "a2"}) + "\n")
+    command = ("ingest", "exports", str(loose.name), "--json", "--store", "sqlite:///t.db")
+    first = run(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (json.loads(first.stdout)["accepted"], json.loads(first.stdout)["rejected"]) == (2, 1)
+    assert os.path.join("exports", "2026-03-01", "caf\\xe9.json") + ":2: invalid JSON" in first.stderr
+    again = json.loads(ok(*command, cwd=tmp_path).stdout)
+    assert (again["accepted"], again["duplicates"]) == (0, 2)

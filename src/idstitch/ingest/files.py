@@ -171,6 +171,19 @@ class _GunzipReader(io.RawIOBase):
         return inflate.decompress(data, _GUNZIP_OUT)
 
 
+def printable_path(path: str) -> str:
+    """A path as text that can be printed and hashed: a name's bytes that are not UTF-8 are written `\\xe9`.
+
+    The operating system hands such names to Python as lone surrogates (`caf\\udce9.json`), which no
+    UTF-8 output or digest accepts; a name that is UTF-8 comes back unchanged.
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate not made by the file system's decoding: typed as such
+        raw = path.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class InputFile:
     """One input (a path or ``-``): opened, decompressed when gzip, and read as items.
 
@@ -187,7 +200,7 @@ class InputFile:
         stdin: IO[bytes] | None = None,
         id_name: str | None = None,
     ) -> None:
-        self.name = str(path)
+        self.name = printable_path(str(path))
         if self.name == "-":
             source: IO[bytes] = stdin if stdin is not None else sys.stdin.buffer
             self.size: int | None = None
@@ -204,7 +217,7 @@ class InputFile:
                 # and so builds the same graph.
                 received_at = datetime.fromtimestamp(status.st_mtime, UTC)
         self.received_at = received_at
-        self._parsing = _Parsing(id_name or Path(self.name).name, received_at)
+        self._parsing = _Parsing(printable_path(id_name) if id_name else Path(self.name).name, received_at)
         self._counter = _CountingReader(source)
         # From a pipe, a peek returns whatever has arrived: wait for the two bytes gzip is known by.
         head, stream = _look_ahead(self._counter, lambda data: len(data) >= 2)
