@@ -435,3 +435,20 @@ def test_a_file_name_that_is_not_utf8_is_read_and_named_by_its_bytes(tmp_path: P
     assert os.path.join("exports", "2026-03-01", "caf\\xe9.json") + ":2: invalid JSON" in first.stderr
     again = json.loads(ok(*command, cwd=tmp_path).stdout)
     assert (again["accepted"], again["duplicates"]) == (0, 2)
+
+
+def test_entries_named_as_data_files_but_not_files_are_skipped_as_such(tmp_path: Path) -> None:
+    # A dangling link, a link loop and a pipe named `.gz` were said to be "not named as a data file".
+    day = tmp_path / "segment-logs" / WEB / ms(DAY_1)
+    write_gz(day / "a.gz", STORY[0])
+    (day / "gone.gz").symlink_to("nowhere.gz")
+    (day / "loop.gz").symlink_to("loop.gz")
+    os.mkfifo(day / "pipe.gz")
+    (tmp_path / "segment-logs" / "dummy-object.txt").write_text("x")
+    done = ok("ingest", "segment-logs", "--json", "--store", "sqlite:///t.db", cwd=tmp_path)
+    assert json.loads(done.stdout)["skipped_files"] == 4
+    assert (
+        "segment-logs: 1 file to read; skipped 4 files: 1 not named as a data file (.gz, .json, .ndjson, "
+        ".jsonl, .ldjson): segment-logs/dummy-object.txt, 3 not regular files (a link to a folder, a dangling "
+        f"or looping link, a pipe or a socket): {os.path.join('segment-logs', WEB, ms(DAY_1), 'gone.gz')}, …"
+    ) in done.stderr.splitlines(), done.stderr

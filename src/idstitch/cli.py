@@ -381,7 +381,7 @@ def ingest(
     """Ingest files of Segment messages; each batch commits as one transaction, re-runs skip stored ones."""
     from idstitch.engine import Engine
     from idstitch.ingest.archive import plan_inputs
-    from idstitch.ingest.files import read_groups
+    from idstitch.ingest.files import printable_path, read_groups
 
     with _user_errors():
         for name in files:
@@ -399,7 +399,8 @@ def ingest(
         for directory in plan.directories:
             if directory.skipped:
                 stderr.print(
-                    f"{directory.path}: {_plural(directory.files, 'file')} to read; {directory.skipped_text()}",
+                    f"{printable_path(directory.path)}: {_plural(directory.files, 'file')} to read; "
+                    f"{directory.skipped_text()}",
                     soft_wrap=True,
                 )
         with _store(store) as opened:

@@ -31,7 +31,7 @@ from datetime import UTC, date, datetime
 from typing import Final
 
 from idstitch.core.errors import IdstitchError
-from idstitch.ingest.files import InputPath
+from idstitch.ingest.files import InputPath, printable_path
 
 __all__ = ["DATA_SUFFIXES", "ArchiveError", "Directory", "Plan", "plan_inputs", "scan_directory"]
 
@@ -61,6 +61,7 @@ class Directory:
     groups: list[list[InputPath]]
     hidden: int = 0
     others: list[str] = field(default_factory=list)
+    irregular: list[str] = field(default_factory=list)  # named like data, but no file: a link, a pipe
 
     @property
     def files(self) -> int:
@@ -70,7 +71,7 @@ class Directory:
     @property
     def skipped(self) -> int:
         """How many entries were left out."""
-        return self.hidden + len(self.others)
+        return self.hidden + len(self.others) + len(self.irregular)
 
     def skipped_text(self) -> str:
         """What was skipped, in words: `skipped 2 files: 1 hidden, 1 not named as a data file (…): x.txt`."""
@@ -78,10 +79,22 @@ class Directory:
         if self.hidden:
             parts.append(f"{self.hidden:,} hidden")
         if self.others:
-            shown = self.others[0] + (", …" if len(self.others) > 1 else "")
-            parts.append(f"{len(self.others):,} not named as a data file ({_SUFFIX_LIST}): {shown}")
+            parts.append(
+                f"{len(self.others):,} not named as a data file ({_SUFFIX_LIST}): {_first(self.others)}"
+            )
+        if self.irregular:
+            what = "not a regular file" if len(self.irregular) == 1 else "not regular files"
+            parts.append(
+                f"{len(self.irregular):,} {what} (a link to a folder, a dangling or looping link, a pipe or a "
+                f"socket): {_first(self.irregular)}"
+            )
         noun = "file" if self.skipped == 1 else "files"
         return f"skipped {self.skipped:,} {noun}: {', '.join(parts)}"
+
+
+def _first(paths: list[str]) -> str:
+    """The first of some paths, printable, and `…` when there are more."""
+    return printable_path(paths[0]) + (", …" if len(paths) > 1 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +134,11 @@ def scan_directory(path: str) -> Directory:
     found: list[tuple[str, str]] = []  # (path, path relative to the directory)
     hidden = 0
     others: list[str] = []
+    irregular: list[str] = []
 
     def refuse(error: OSError) -> None:
-        raise ArchiveError(f"{error.filename}: cannot be read ({error.strerror or error})") from None
+        where = printable_path(str(error.filename))
+        raise ArchiveError(f"{where}: cannot be read ({error.strerror or error})") from None
 
     for folder, subfolders, names in os.walk(path, onerror=refuse):
         kept = []
@@ -131,7 +146,7 @@ def scan_directory(path: str) -> Directory:
             if name.startswith("."):
                 hidden += 1
             elif os.path.islink(os.path.join(folder, name)):
-                others.append(os.path.join(folder, name))  # not followed: a link may loop back up the tree
+                irregular.append(os.path.join(folder, name))  # not followed: a link may loop back up the tree
             else:
                 kept.append(name)
         subfolders[:] = kept
@@ -139,15 +154,18 @@ def scan_directory(path: str) -> Directory:
             full = os.path.join(folder, name)
             if name.startswith("."):
                 hidden += 1
-            elif not name.lower().endswith(DATA_SUFFIXES) or not _is_regular(full):
+            elif not name.lower().endswith(DATA_SUFFIXES):
                 others.append(full)
+            elif not _is_regular(full):
+                irregular.append(full)
             else:
                 found.append((full, os.path.relpath(full, path)))
     others.sort(key=_natural)
-    directory = Directory(path, _grouped(found), hidden, others)
+    irregular.sort(key=_natural)
+    directory = Directory(path, _grouped(found), hidden, others, irregular)
     if not directory.groups:
         skipped = f"; {directory.skipped_text()}" if directory.skipped else ""
-        raise ArchiveError(f"{path}: no data file in it ({_SUFFIX_LIST}){skipped}")
+        raise ArchiveError(f"{printable_path(path)}: no data file in it ({_SUFFIX_LIST}){skipped}")
     return directory
 
 
