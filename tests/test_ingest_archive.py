@@ -452,3 +452,36 @@ def test_entries_named_as_data_files_but_not_files_are_skipped_as_such(tmp_path:
         ".jsonl, .ldjson): segment-logs/dummy-object.txt, 3 not regular files (a link to a folder, a dangling "
         f"or looping link, a pipe or a socket): {os.path.join('segment-logs', WEB, ms(DAY_1), 'gone.gz')}, …"
     ) in done.stderr.splitlines(), done.stderr
+
+
+def test_a_file_that_cannot_be_opened_mid_run_stops_with_what_was_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Day 2's file vanished (an `aws s3 sync --delete` running beside the backfill) after day 1 was
+    # committed. That was exit 2, "a usage error: nothing written", and no word of resuming.
+    from typer.testing import CliRunner
+
+    import idstitch.ingest.files as files
+    from idstitch.cli import app
+
+    logs = tmp_path / "segment-logs"
+    write_gz(logs / WEB / ms(DAY_1) / "a.gz", STORY[0], STORY[2])
+    vanishing = write_gz(logs / WEB / ms(DAY_2) / "a.gz", STORY[4])
+
+    def open_file(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).absolute() == vanishing:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", open_file, raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["ingest", "segment-logs", "--batch-size", "1", "--store", "sqlite:///t.db"]
+    )
+    assert result.exit_code == 1, result.output
+    assert (
+        f"error: {os.path.join('segment-logs', WEB, ms(DAY_2), 'a.gz')}: cannot be read (No such file or "
+        "directory); 2 batches (2 messages) committed and kept: run the same command again to resume (stored "
+        "messages are skipped)"
+    ) in result.output.replace("\n", " ")
+    assert stored_events(tmp_path / "t.db") == 2

@@ -457,6 +457,19 @@ def ingest(
                     "disk) and run the same command again to resume (stored messages are skipped)",
                     1,
                 )
+            except BrokenPipeError:
+                raise  # stderr's reader has gone (`2>&1 | head`): not the input's fault, see _user_errors
+            except OSError as failure:
+                # An input that could be read when the run started cannot now (deleted by a sync running
+                # beside it, a disk error): not a usage error (exit 2 says nothing was written), and the
+                # batches before it are kept.
+                where = f"{printable_path(failure.filename)}: cannot be read" if failure.filename else "input"
+                _error(
+                    f"{where} ({failure.strerror or failure}); {_plural(tally.batches, 'batch', 'batches')} "
+                    f"({_plural(tally.messages, 'message')}) committed and kept: run the same command again "
+                    "to resume (stored messages are skipped)",
+                    1,
+                )
             finally:
                 signal.signal(signal.SIGTERM, previous)
             seconds = time.monotonic() - started
