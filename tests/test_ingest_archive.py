@@ -485,3 +485,52 @@ def test_a_file_that_cannot_be_opened_mid_run_stops_with_what_was_kept(
         "messages are skipped)"
     ) in result.output.replace("\n", " ")
     assert stored_events(tmp_path / "t.db") == 2
+
+
+def test_a_day_of_more_files_than_the_open_file_limit_is_still_merged_in_received_order(
+    tmp_path: Path,
+) -> None:
+    # A busy archive has a day of hundreds of files (several sources, a file per 100 MB or per hour), and a
+    # hard limit of open files (`ulimit -Hn`) is often 1024 or 4096, which an unprivileged user cannot raise.
+    # That day was refused ("over this process's limit of open files"), and the way out the error offered,
+    # one source folder at a time, replays the sources one after the other: another graph. Now the files of
+    # such a day take turns at the descriptors there are; the graph is the one the messages give in order.
+    people = 40
+    messages = []
+    for n in range(300):
+        source = (WEB, IOS, "SRVsrc0003")[n % 3]
+        person = (n * 7) % people
+        received = EARLY + timedelta(seconds=n)
+        fields: dict[str, Any] = {"anonymousId": f"{source[:3]}-{person}"}
+        if n % 4 == 0:
+            fields["userId"] = f"u{person % 25}"
+        message = archived(n, "identify" if "userId" in fields else "page", received, source=source, **fields)
+        messages.append(message)
+    # 150 files in one day, each holding two messages received far apart: no file can be read to its end
+    # before the others are started.
+    for index in range(150):
+        first, second = messages[index], messages[index + 150]
+        source = str(first["projectId"])
+        write_gz(tmp_path / "segment-logs" / source / ms(DAY_1) / f"f{index:03d}.gz", first, second)
+    reference = tmp_path / "history.ndjson"
+    reference.write_text("".join(json.dumps(message) + "\n" for message in messages))
+    ok("ingest", str(reference), "--store", "sqlite:///reference.db", cwd=tmp_path)
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "idstitch", "ingest", "segment-logs", "--json", "--store", "sqlite:///t.db"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+        preexec_fn=limited,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["accepted"] == 300
+    assert dump(tmp_path / "t.db") == dump(tmp_path / "reference.db")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn
 
 import typer
 from rich.console import Console
@@ -391,7 +391,7 @@ def ingest(
             for group in directory.groups:
                 for path, _ in group:
                     _check_input_file(path)
-        _allow_open_files(max(len(group) for group in plan.groups))
+        max_open = _allow_open_files(max(len(group) for group in plan.groups))
         settings = load_config(config)
         # Before the store is opened: opening creates the file and the engine bootstraps the spaces,
         # and a usage error must leave nothing behind.
@@ -425,7 +425,9 @@ def ingest(
             try:
                 with progress:
                     task = progress.add_task("ingest", total=None, messages=0)
-                    batches = read_groups(plan.groups, batch_size=batch_size, received_at=datetime.now(UTC))
+                    batches = read_groups(
+                        plan.groups, batch_size=batch_size, received_at=datetime.now(UTC), max_open=max_open
+                    )
                     for batch in batches:
                         result = engine.ingest(
                             [item for _, item in batch.items], space=space_name, source=source
@@ -477,24 +479,34 @@ def ingest(
             _print_summary(summary, plan.files, as_json)
 
 
-def _allow_open_files(needed: int) -> None:
+def _allow_open_files(needed: int) -> int | None:
     """Raise this process's limit of open files to what reading `needed` files side by side takes.
 
     The files of one received-day of an archive are read together (merged in received order); a big
-    archive has hundreds a day. Refused up front, before anything is written, when the hard limit is lower.
+    archive has hundreds a day. Past the hard limit (which only root may raise), the files of such a day
+    take turns at the descriptors there are: returned is how many may be open at once, None for all.
     """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = needed + 64  # the store, its journal, the terminal, the interpreter's own
+    wanted = needed + _RESERVED_FILES
     if wanted <= soft:
-        return
-    if hard != resource.RLIM_INFINITY and wanted > hard:
-        raise UsageError(
-            f"one day of the input is {needed:,} files, read side by side, over this process's limit of "
-            f"{hard:,} open files (ulimit -Hn): raise it, or ingest the archive's source folders one by one"
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return None
+    if hard == resource.RLIM_INFINITY or wanted <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return None
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        open_now = len(os.listdir("/dev/fd"))
+    except OSError:
+        open_now = 16
+    return max(1, hard - open_now - _RESERVED_FILES)
+
+
+# Descriptors kept free of input files: the store (SQLite's database, journal and WAL index, or
+# PostgreSQL's socket), the terminal, the interpreter's own.
+_RESERVED_FILES: Final = 32
 
 
 def _check_input_file(name: str) -> None:

@@ -171,6 +171,75 @@ class _GunzipReader(io.RawIOBase):
         return inflate.decompress(data, _GUNZIP_OUT)
 
 
+class FilePool:
+    """Descriptors for the files of a group that has more of them than the process may hold open at once.
+
+    The files take turns: the one read least recently is closed when another needs a descriptor, and
+    reopened at the byte where it stopped when its turn comes again (its decompressor keeps its state).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._open: dict[_ReopeningFile, None] = {}  # in the order last read: a dict keeps insertion order
+
+    def use(self, file: _ReopeningFile) -> None:
+        """Make room for `file` (now the most recently read), closing the least recently read when full."""
+        if file in self._open:
+            del self._open[file]
+        else:
+            while len(self._open) >= self.capacity:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                oldest.suspend()
+        self._open[file] = None
+
+    def release(self, file: _ReopeningFile) -> None:
+        """`file` is closed for good."""
+        self._open.pop(file, None)
+
+
+class _ReopeningFile(io.RawIOBase):
+    """A regular file read from start to end that may be closed between reads (see FilePool)."""
+
+    def __init__(self, path: str | Path, pool: FilePool) -> None:
+        self._path = path
+        self._pool = pool
+        self._offset = 0
+        self._handle: io.FileIO | None = None
+        self._resume()
+
+    def _resume(self) -> io.FileIO:
+        self._pool.use(self)
+        if self._handle is None:
+            self._handle = io.FileIO(self._path, "rb")
+            self._handle.seek(self._offset)
+        return self._handle
+
+    def suspend(self) -> None:
+        """Give the descriptor back; the next read reopens the file where this one stopped."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._resume().fileno()
+
+    def readinto(self, buffer: Any) -> int:
+        size = self._resume().readinto(buffer) or 0
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._pool.release(self)
+        self.suspend()
+        super().close()
+
+    __hash__ = object.__hash__
+
+
 def printable_path(path: str) -> str:
     """A path as text that can be printed and hashed: a name's bytes that are not UTF-8 are written `\\xe9`.
 
@@ -199,6 +268,7 @@ class InputFile:
         received_at: datetime,
         stdin: IO[bytes] | None = None,
         id_name: str | None = None,
+        pool: FilePool | None = None,
     ) -> None:
         self.name = printable_path(str(path))
         if self.name == "-":
@@ -206,7 +276,12 @@ class InputFile:
             self.size: int | None = None
             self._owned: IO[bytes] | None = None
         else:
-            source = open(path, "rb")  # noqa: SIM115 - closed by close()
+            # A file of a group too big for the descriptors there are takes turns at them (FilePool).
+            source = (
+                open(path, "rb")  # noqa: SIM115 - closed by close()
+                if pool is None
+                else io.BufferedReader(_ReopeningFile(path, pool))
+            )
             self._owned = source
             status = os.fstat(source.fileno())
             regular = stat.S_ISREG(status.st_mode)
@@ -861,10 +936,12 @@ def read_groups(
     received_at: datetime,
     stdin: IO[bytes] | None = None,
     on_open: Callable[[InputFile], None] | None = None,
+    max_open: int | None = None,
 ) -> Iterator[Batch]:
     """Items of every group in turn, in batches of `batch_size`; the files of one group are read side by side
     and their items merged in the order the messages were received (a day of an archive, written as
-    several files, replayed as it arrived).
+    several files, replayed as it arrived). A group of more than `max_open` files holds at most that many
+    open at once (see FilePool); by default every file of a group is open.
 
     Each message is placed by its own `receivedAt` (its timestamp when it has none: the file's time says
     nothing of the order within it); an item that is no message keeps its place after the one before it in
@@ -883,9 +960,10 @@ def read_groups(
     for group in groups:
         with ExitStack() as stack:
             sources: list[InputFile] = []
+            pool = FilePool(max_open) if max_open is not None and len(group) > max_open else None
             for path, id_name in group:
                 source = stack.enter_context(
-                    InputFile(path, received_at=received_at, stdin=stdin, id_name=id_name)
+                    InputFile(path, received_at=received_at, stdin=stdin, id_name=id_name, pool=pool)
                 )
                 sources.append(source)
                 if on_open is not None:
