@@ -134,7 +134,21 @@ class _GunzipReader(io.RawIOBase):
         self._inflate = zlib.decompressobj(wbits=31)
         self._pending = b""
         self._done = False
+        self._taken = 0  # bytes read from `raw`
+        self.produced = 0  # bytes decompressed
+        self._delivered = 0  # bytes handed out
         self.error: str | None = None
+
+    @property
+    def decompressed(self) -> int:
+        """Bytes of `raw` decompressed so far: those read ahead and waiting in the decompressor are not."""
+        inflate = self._inflate
+        waiting = len(inflate.unconsumed_tail) + (len(inflate.unused_data) if inflate.eof else 0)
+        return self._taken - waiting
+
+    def tell(self) -> int:
+        """Bytes handed out so far (a BufferedReader above tells from it what its reader has taken)."""
+        return self._delivered
 
     def readable(self) -> bool:
         return True
@@ -144,12 +158,14 @@ class _GunzipReader(io.RawIOBase):
         while not self._pending and not self._done:
             try:
                 self._pending = self._more()
+                self.produced += len(self._pending)
             except zlib.error as error:
                 self.error = f"is corrupt ({error})"
                 self._done = True
         size = min(len(view), len(self._pending))
         view[:size] = self._pending[:size]
         self._pending = self._pending[size:]
+        self._delivered += size
         return size
 
     def _more(self) -> bytes:
@@ -157,18 +173,23 @@ class _GunzipReader(io.RawIOBase):
         if inflate.unconsumed_tail:
             return inflate.decompress(inflate.unconsumed_tail, _GUNZIP_OUT)
         if inflate.eof:
-            data = inflate.unused_data or self._raw.read(_GZIP_READ)
+            data = inflate.unused_data or self._read()
             if not data.strip(b"\0"):  # end of the stream (or zero padding after it)
                 self._done = True
                 return b""
             self._inflate = inflate = zlib.decompressobj(wbits=31)  # the next member
             return inflate.decompress(data, _GUNZIP_OUT)
-        data = self._raw.read(_GZIP_READ)
+        data = self._read()
         if not data:
             self.error = "ends before the end of the compressed stream (truncated file?)"
             self._done = True
             return b""
         return inflate.decompress(data, _GUNZIP_OUT)
+
+    def _read(self) -> bytes:
+        data = self._raw.read(_GZIP_READ)
+        self._taken += len(data)
+        return data
 
 
 class FilePool:
@@ -306,11 +327,30 @@ class InputFile:
             )
         self.compressed = bool(self._gunzips)
         self._stream: IO[bytes] = stream
+        self._reported = 0
 
     @property
     def position(self) -> int:
-        """Bytes of the input consumed so far (read ahead in chunks, so it leads by at most one chunk)."""
-        return self._counter.count
+        """Bytes of the input behind what has been parsed so far: of a plain file, those taken from its
+        buffer; of a gzip file, its compressed bytes in proportion to the decompressed ones taken. Not the
+        bytes read: each file of a day read side by side has its first chunk read the moment it is opened,
+        which would show the day as good as done before its first message. Never goes back."""
+        self._reported = max(self._reported, self._parsed_bytes())
+        return self._reported
+
+    def _parsed_bytes(self) -> int:
+        if self.size is None:
+            return self._counter.count  # a pipe: nothing is read ahead of what has arrived
+        try:
+            taken = self._stream.tell()  # by the parser, of the decompressed data (see tell())
+        except (OSError, ValueError):
+            return self._counter.count
+        if not self._gunzips:
+            return min(taken, self._counter.count)
+        if len(self._gunzips) > 1:
+            return self._gunzips[0].decompressed
+        gunzip = self._gunzips[0]
+        return gunzip.decompressed * taken // gunzip.produced if gunzip.produced else 0
 
     def close(self) -> None:
         """Close the file (standard input is left open)."""
@@ -536,9 +576,14 @@ class _Concat(io.RawIOBase):
     def __init__(self, head: bytes, rest: Any) -> None:
         self._head = memoryview(head)
         self._rest = rest
+        self._delivered = 0
 
     def readable(self) -> bool:
         return True
+
+    def tell(self) -> int:
+        """Bytes handed out so far (a BufferedReader above tells from it what its reader has taken)."""
+        return self._delivered
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -546,10 +591,12 @@ class _Concat(io.RawIOBase):
             size = min(len(view), len(self._head))
             view[:size] = self._head[:size]
             self._head = self._head[size:]
-            return size
-        data = self._rest.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        else:
+            data = self._rest.read(len(view))
+            size = len(data)
+            view[:size] = data
+        self._delivered += size
+        return size
 
 
 def _document_items(document: tuple[int, object], name: str, parsing: _Parsing) -> Iterator[Item]:
@@ -974,7 +1021,8 @@ def read_groups(
                 if len(batch) >= batch_size:
                     yield Batch(batch, done_before + sum(source.position for source in sources), total)
                     batch = []
-            done_before += sum(source.position for source in sources)
+            # Read to its end: a file counts whole (zero padding or a damaged tail was skipped, not unread).
+            done_before += sum(source.size or source.position for source in sources)
     if batch:
         yield Batch(batch, done_before, total)
 
