@@ -534,3 +534,22 @@ def test_a_day_of_more_files_than_the_open_file_limit_is_still_merged_in_receive
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["accepted"] == 300
     assert dump(tmp_path / "t.db") == dump(tmp_path / "reference.db")
+
+
+def test_a_soft_limit_that_cannot_be_raised_to_unlimited_leaves_the_files_taking_turns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # macOS reports an unlimited hard limit of open files but refuses a soft one past kern.maxfilesperproc
+    # (setrlimit: EINVAL, in Python a ValueError). A day of more files than that was a traceback.
+    import resource
+
+    from idstitch import cli
+
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert cli._allow_open_files(100) is None  # within the soft limit: nothing to raise
+    allowed = cli._allow_open_files(30_000)
+    assert allowed is not None and 1 <= allowed <= 256 - 32

@@ -492,16 +492,18 @@ def _allow_open_files(needed: int) -> int | None:
     wanted = needed + _RESERVED_FILES
     if wanted <= soft:
         return None
-    if hard == resource.RLIM_INFINITY or wanted <= hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        return None
-    if soft < hard:
+    # macOS says its hard limit is unlimited but refuses a soft one past kern.maxfilesperproc (a ValueError).
+    with suppress(ValueError, OSError):
+        if hard == resource.RLIM_INFINITY or wanted <= hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return None
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
         open_now = len(os.listdir("/dev/fd"))
     except OSError:
         open_now = 16
-    return max(1, hard - open_now - _RESERVED_FILES)
+    return max(1, soft - open_now - _RESERVED_FILES)
 
 
 # Descriptors kept free of input files: the store (SQLite's database, journal and WAL index, or
