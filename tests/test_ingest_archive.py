@@ -553,3 +553,60 @@ def test_a_soft_limit_that_cannot_be_raised_to_unlimited_leaves_the_files_taking
     assert cli._allow_open_files(100) is None  # within the soft limit: nothing to raise
     allowed = cli._allow_open_files(30_000)
     assert allowed is not None and 1 <= allowed <= 256 - 32
+
+
+def test_a_sub_folder_that_cannot_be_read_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root reads every folder, so the refusal of one (EACCES) is played by os.scandir, which os.walk uses.
+    from idstitch.ingest.archive import ArchiveError, scan_directory
+
+    write_gz(tmp_path / "segment-logs" / WEB / ms(DAY_1) / "a.gz", STORY[0])
+    locked = tmp_path / "segment-logs" / IOS
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ArchiveError) as refused:
+        scan_directory(str(tmp_path / "segment-logs"))
+    assert str(refused.value) == f"{locked}: cannot be read (Permission denied)"
+
+
+def test_empty_truncated_and_not_gzip_files_of_a_day_leave_the_others_merged(tmp_path: Path) -> None:
+    # Interrupted downloads: an empty .gz, a .gz cut short, an HTML error page saved as .gz, beside good files.
+    day = tmp_path / "segment-logs" / WEB / ms(DAY_1)
+    write_gz(day / "a.gz", STORY[0], STORY[2])
+    write_gz(tmp_path / "segment-logs" / IOS / ms(DAY_1) / "a.gz", STORY[1], STORY[3])
+    (day / "empty.gz").write_bytes(b"")
+    whole = gzip.compress(
+        b"".join(
+            json.dumps(archived(50 + n, "page", EARLY, anonymousId=f"t{n}")).encode() + b"\n"
+            for n in range(400)
+        )
+    )
+    (day / "cut.gz").write_bytes(whole[: len(whole) // 2])
+    (day / "error.gz").write_bytes(b"<html><body>403 Forbidden</body></html>\n")
+    done = ok("ingest", "segment-logs", "--json", "--store", "sqlite:///t.db", cwd=tmp_path)
+    summary = json.loads(done.stdout)
+    assert summary["files"] == 5
+    cut = os.path.join("segment-logs", WEB, ms(DAY_1), "cut.gz")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("segment-logs/")]
+    assert (
+        errors[-1]
+        == f"{cut}: gzip data ends before the end of the compressed stream (truncated file?); the rest of the file is skipped"
+    )
+    assert any(
+        line.startswith(os.path.join("segment-logs", WEB, ms(DAY_1), "error.gz") + ":1: invalid JSON")
+        for line in errors
+    )
+    web = json.loads(ok("profile", "user_id:u1", "--json", "--store", "sqlite:///t.db", cwd=tmp_path).stdout)
+    assert web["event_count"] == 4 and len(web["merged_segment_ids"]) == 1
+    again = json.loads(
+        ok("ingest", "segment-logs", "--json", "--store", "sqlite:///t.db", cwd=tmp_path).stdout
+    )
+    assert again["accepted"] == 0 and again["rejected"] == summary["rejected"]
