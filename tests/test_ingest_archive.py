@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from helpers import wait_for
+from helpers import clean_env, committed_events, wait_for
 from idstitch.core.messages import Message, parse_message
 from idstitch.ingest.files import read_items
 from idstitch.storage.urls import open_store
@@ -83,7 +83,7 @@ def write_gz(path: Path, *lines: dict[str, Any] | bytes, mtime: float | None = N
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env = clean_env()
     done = subprocess.run(
         [sys.executable, "-m", "idstitch", *args],
         capture_output=True,
@@ -329,26 +329,10 @@ def big_archive(root: Path, days: int, per_file: int) -> int:
     return count
 
 
-def stored_events(database: Path) -> int:
-    import sqlite3
-
-    if not database.exists():
-        return 0
-    try:
-        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(connection.execute("SELECT count(*) FROM events").fetchone()[0])
-        finally:
-            connection.close()
-    except sqlite3.OperationalError:
-        return 0
-
-
-@pytest.mark.slow
 def test_kill_9_mid_archive_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     total = big_archive(tmp_path, days=12, per_file=400)
     command = ["ingest", "segment-logs", "--batch-size", "100", "--quiet", "--json"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env = clean_env()
     crashed = tmp_path / "crashed.db"
     victim = subprocess.Popen(
         [sys.executable, "-m", "idstitch", *command, "--store", f"sqlite:///{crashed}"],
@@ -358,7 +342,7 @@ def test_kill_9_mid_archive_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: stored_events(crashed) >= 2000, "2,000 committed events", victim)
+        wait_for(lambda: committed_events(crashed) >= 2000, "2,000 committed events", victim)
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
     finally:
@@ -366,7 +350,7 @@ def test_kill_9_mid_archive_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
             victim.kill()
             victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    assert 2000 <= stored_events(crashed) < total, "the kill must land mid-run"
+    assert 2000 <= committed_events(crashed) < total, "the kill must land mid-run"
     resumed = json.loads(ok(*command, "--store", f"sqlite:///{crashed}", cwd=tmp_path).stdout)
     assert resumed["duplicates"] >= 2000 and resumed["rejected"] == 0
     reference = json.loads(ok(*command, "--store", "sqlite:///reference.db", cwd=tmp_path).stdout)
@@ -484,7 +468,7 @@ def test_a_file_that_cannot_be_opened_mid_run_stops_with_what_was_kept(
         "directory); 2 batches (2 messages) committed and kept: run the same command again to resume (stored "
         "messages are skipped)"
     ) in result.output.replace("\n", " ")
-    assert stored_events(tmp_path / "t.db") == 2
+    assert committed_events(tmp_path / "t.db") == 2
 
 
 def test_a_day_of_more_files_than_the_open_file_limit_is_still_merged_in_received_order(
@@ -521,7 +505,7 @@ def test_a_day_of_more_files_than_the_open_file_limit_is_still_merged_in_receive
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IDSTITCH_")}
+    env = clean_env()
     done = subprocess.run(
         [sys.executable, "-m", "idstitch", "ingest", "segment-logs", "--json", "--store", "sqlite:///t.db"],
         capture_output=True,
