@@ -484,6 +484,59 @@ def test_rejected_message_learns_no_type(tmp_path: Path) -> None:
         world.close()
 
 
+def test_learned_types_stop_at_the_spaces_cap_and_the_rest_are_dropped_explained(tmp_path: Path) -> None:
+    # Anyone holding a public write key can send a new externalIds type with every message; each was
+    # added to the rules for good, and learning the next one read and rebuilt them all (10,000 types
+    # took over a minute per request of 50 messages, holding up every other client's writes).
+    world = open_world(tmp_path, "[spaces.s]\nmax_learned_types = 3\n")
+    try:
+        space = world.space()
+        outcomes = [
+            space.send("track", userId=f"u{n}", context={"externalIds": [ext("x", f"t{n}")]})
+            for n in range(5)
+        ]
+        assert [row[0] for row in _learned(world, "s")] == ["t0", "t1", "t2"]
+        assert [outcome.dropped for outcome in outcomes[:3]] == [(), (), ()]
+        for n in (3, 4):
+            assert outcomes[n].status == "resolved"
+            assert [(str(item.identifier), item.rule) for item in outcomes[n].dropped] == [
+                (f"t{n}:x", "cap 3 learned identifier types per space")
+            ]
+            assert space.identifiers_of(f"user_id:u{n}") == {f"user_id:u{n}"}
+        # A type learned before the cap goes on being read; a message with only a refused type is
+        # unresolved, as one whose identifiers are all blocked.
+        again = space.send("track", userId="u9", context={"externalIds": [ext("y", "t1")]})
+        assert again.dropped == () and space.identifiers_of("user_id:u9") == {"user_id:u9", "t1:y"}
+        alone = space.send("track", context={"externalIds": [ext("x", "t7")]})
+        assert alone.status == "unresolved"
+        assert world.store.learned_types("s") == [("t0", "users"), ("t1", "users"), ("t2", "users")]
+    finally:
+        world.close()
+
+
+def test_a_configured_custom_type_is_no_learned_one_and_a_cap_of_0_learns_none(tmp_path: Path) -> None:
+    toml = "[spaces.s]\nmax_learned_types = 0\n[spaces.s.identifiers.phone]\n"
+    world = open_world(tmp_path, toml)
+    try:
+        space = world.space()
+        sent = space.send("track", userId="u1", context={"externalIds": [ext("1", "phone"), ext("x", "new")]})
+        assert [str(item.identifier) for item in sent.dropped] == ["new:x"]
+        assert space.identifiers_of("user_id:u1") == {"user_id:u1", "phone:1"}
+        assert world.store.learned_types("s") == []
+    finally:
+        world.close()
+
+
+def test_the_default_cap_of_learned_types_is_100() -> None:
+    assert IdentityRules.default().max_learned_types == 100
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "10", True])
+def test_a_bad_learned_type_cap_names_the_field(value: object) -> None:
+    with pytest.raises(RuleViolation, match=r"spaces\.app_a\.max_learned_types"):
+        IdentityRules.from_config({"max_learned_types": value}, "spaces.app_a")
+
+
 # --- trait-key identifiers by collection ----------------------------------------------------------
 
 ACCOUNT_TRAIT_KEYS = """
@@ -568,6 +621,12 @@ def test_value_list_patterns_match_alone_and_combined_alike(regex: list[str], co
 
 def test_rules_document_shows_every_space_setting() -> None:
     # GET …/rules is "the rules in effect": settings that change what is read or learned belong in it.
-    table = {"custom_limit": 2, "custom_window": "daily", "email_from_track_properties": True, "alias": False}
+    table = {
+        "custom_limit": 2,
+        "custom_window": "daily",
+        "email_from_track_properties": True,
+        "alias": False,
+        "max_learned_types": 7,
+    }
     document = IdentityRules.from_config(table).as_dict()
     assert {key: document[key] for key in table} == table

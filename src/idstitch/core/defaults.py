@@ -10,6 +10,7 @@ __all__ = [
     "DEFAULT_CUSTOM_RULE",
     "DEFAULT_IDENTIFIER_RULES",
     "DEFAULT_MAX_IDENTIFIERS",
+    "DEFAULT_MAX_LEARNED_TYPES",
     "DEFAULT_MAX_MERGES",
 ]
 
@@ -63,3 +64,6 @@ DEFAULT_BLOCKED_REGEX: Final[tuple[str, ...]] = ("^[0-]*$", r"^\s+$")
 
 DEFAULT_MAX_MERGES: Final = 100
 DEFAULT_MAX_IDENTIFIERS: Final = 1000
+# Beyond DEFAULTS.md: custom types learned from context.externalIds per space. Any client holding a
+# public write key can name a new type in every message, and each would become a rule for good.
+DEFAULT_MAX_LEARNED_TYPES: Final = 100

@@ -116,10 +116,20 @@ def resolve_message(
                     revive.append(current[0])
             if previous not in users:
                 users.append(previous)
+    accounts = list(extraction.accounts)
+    new_names = list(dict.fromkeys(item.type for item in (*users, *accounts) if not rules.knows(item.type)))
+    if len(new_names) > rules.learned_room:
+        # Past the space's cap a new type is no identifier: every client with a public write key could
+        # otherwise add rules for good (learning one reads and rebuilds them all).
+        refused = set(new_names[rules.learned_room :])
+        reason = f"cap {rules.max_learned_types} learned identifier types per space"
+        dropped += tuple(Dropped(item, reason) for item in (*users, *accounts) if item.type in refused)
+        users = [item for item in users if item.type not in refused]
+        accounts = [item for item in accounts if item.type not in refused]
     new_types = tuple(
         dict.fromkeys(
             (identifier.type, identifier.collection)
-            for identifier in (*users, *extraction.accounts)
+            for identifier in (*users, *accounts)
             if not rules.knows(identifier.type)
         )
     )
@@ -143,7 +153,7 @@ def resolve_message(
     )
     account_resolution = (
         resolve_collection(
-            list(extraction.accounts),
+            accounts,
             collection="accounts",
             space=space,
             message_id=message.message_id,
@@ -152,7 +162,7 @@ def resolve_message(
             view=accounts_view,
             source=source,
         )
-        if extraction.accounts
+        if accounts
         else None
     )
     return MessageResolution(user_resolution, account_resolution, dropped, new_types)

@@ -15,6 +15,7 @@ from idstitch.core.defaults import (
     DEFAULT_CUSTOM_RULE,
     DEFAULT_IDENTIFIER_RULES,
     DEFAULT_MAX_IDENTIFIERS,
+    DEFAULT_MAX_LEARNED_TYPES,
     DEFAULT_MAX_MERGES,
 )
 from idstitch.core.errors import RuleViolation
@@ -55,6 +56,7 @@ _SPACE_KEYS: Final = (
     "custom_window",
     "max_merges",
     "max_identifiers",
+    "max_learned_types",
     "alias",
     "detect_non_unique",
     "email_from_track_properties",
@@ -166,6 +168,7 @@ class IdentityRules:
     custom_window: str = "ever"
     max_merges: int = DEFAULT_MAX_MERGES
     max_identifiers: int = DEFAULT_MAX_IDENTIFIERS
+    max_learned_types: int = DEFAULT_MAX_LEARNED_TYPES
     alias_enabled: bool = True
     detect_non_unique: bool = True
     email_from_track_properties: bool = False
@@ -220,6 +223,12 @@ class IdentityRules:
         """Sort key: lower is more trusted (priority, then position in the rules' order)."""
         found = self._rank.get(identifier_type)
         return found if found is not None else (self.rule(identifier_type).priority, len(self._rank))
+
+    @property
+    def learned_room(self) -> int:
+        """How many more custom types may be learned before `max_learned_types` is reached."""
+        # A learned type that is configured since counts as configured, not toward the cap.
+        return max(0, self.max_learned_types - (len(self._all) - len(self.configured)))
 
     def knows(self, identifier_type: str) -> bool:
         """Whether the type is configured or already learned."""
@@ -288,6 +297,7 @@ class IdentityRules:
             "custom_window": self.custom_window,
             "max_merges": self.max_merges,
             "max_identifiers": self.max_identifiers,
+            "max_learned_types": self.max_learned_types,
             "alias": self.alias_enabled,
             "detect_non_unique": self.detect_non_unique,
             "email_from_track_properties": self.email_from_track_properties,
@@ -413,6 +423,9 @@ class IdentityRules:
             max_identifiers=_positive(
                 space.get("max_identifiers", DEFAULT_MAX_IDENTIFIERS), f"{where}.max_identifiers"
             ),
+            max_learned_types=_whole(
+                space.get("max_learned_types", DEFAULT_MAX_LEARNED_TYPES), f"{where}.max_learned_types"
+            ),
             alias_enabled=_flag(space, "alias", True, where),
             detect_non_unique=_flag(space, "detect_non_unique", True, where),
             email_from_track_properties=_flag(space, "email_from_track_properties", False, where),
@@ -477,6 +490,14 @@ def _positive(value: object, where: str) -> int:
         raise RuleViolation(f"{where}: must be a whole number of at least 1, got {_typed(value)}")
     if value < 1:
         raise RuleViolation(f"{where}: must be a whole number of at least 1, got {value}")
+    return value
+
+
+def _whole(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RuleViolation(f"{where}: must be a whole number of at least 0, got {_typed(value)}")
+    if value < 0:
+        raise RuleViolation(f"{where}: must be a whole number of at least 0, got {value}")
     return value
 
 
