@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import idstitch.engine as engine_module
-from helpers import Space, at, ident, open_space, open_world
+from helpers import Space, at, ident, open_space, open_world, world_at
 from idstitch.core.identifiers import DAMAGED_REASON, Identifier
 
 ZEROS = "00000000-0000-0000-0000-000000000000"
@@ -100,6 +100,91 @@ def test_e3_cross_device(space: Space) -> None:
     # The iPhone's anonymous id shows the order completed on Android.
     assert "Order Completed" in {event.name for event in space.events_of("anonymous_id:i1")}
     assert space.profile_of("anonymous_id:d7") == space.profile_of("anonymous_id:i1")
+
+
+# The README's "Untrusted clients" config: public sources (page, apps) may contribute anonymous ids
+# only; the backend, whose write key stays secret, says which person an anonymous id belongs to.
+UNTRUSTED_CLIENTS = """
+[spaces.s.sources.web]
+write_key = "wk_web"
+identifier_types = ["anonymous_id"]
+
+[spaces.s.sources.ios]
+write_key = "wk_ios"
+identifier_types = ["anonymous_id"]
+
+[spaces.s.sources.android]
+write_key = "wk_android"
+identifier_types = ["anonymous_id"]
+
+[spaces.s.sources.backend]
+write_key = "wk_backend"
+"""
+
+
+def test_e2_with_untrusted_clients_the_backend_identifies_the_pages_anonymous_id(tmp_path: Path) -> None:
+    with world_at(tmp_path, UNTRUSTED_CLIENTS) as world:
+        web = world.space_for_write_key("wk_web")
+        backend = world.space_for_write_key("wk_backend")
+        for minute in range(3):
+            web.send("page", anonymousId="a1", name=f"Page {minute}", at=at(minutes=minute))
+        # analytics.js repeats the userId on each call once identify ran in the page: dropped, explained.
+        page = web.send("identify", userId="u1", anonymousId="a1", at=at(minutes=4))
+        assert [(str(item.identifier), item.rule) for item in page.dropped] == [
+            ("user_id:u1", "source web may not contribute user_id")
+        ]
+        known = backend.send(
+            "identify", userId="u1", anonymousId="a1", traits={"email": "j@x.io"}, at=at(minutes=5)
+        )
+        assert known.profile_id == page.profile_id and known.merged == ()
+        assert backend.roots() == [known.profile_id]
+        assert backend.identifiers_of("user_id:u1") == {"anonymous_id:a1", "user_id:u1", "email:j@x.io"}
+        assert backend.event_count_of("user_id:u1") == 5
+
+
+def test_e3_with_untrusted_clients_each_device_is_joined_by_the_backend(tmp_path: Path) -> None:
+    with world_at(tmp_path, UNTRUSTED_CLIENTS) as world:
+        ios = world.space_for_write_key("wk_ios")
+        android = world.space_for_write_key("wk_android")
+        backend = world.space_for_write_key("wk_backend")
+        cart = ios.send("track", event="Added to Cart", anonymousId="i1", userId="u1", at=at(minutes=1))
+        order = android.send(
+            "track", event="Order Completed", anonymousId="d7", userId="u1", at=at(minutes=2)
+        )
+        assert cart.profile_id != order.profile_id  # the apps' userId is not believed
+        # Each app's login goes through the backend, which sends the device's anonymousId with the user.
+        backend.send("track", event="Logged In", userId="u1", anonymousId="i1", at=at(minutes=3))
+        backend.send("track", event="Logged In", userId="u1", anonymousId="d7", at=at(minutes=4))
+        assert backend.roots() == [cart.profile_id]
+        assert backend.identifiers_of("user_id:u1") == {"user_id:u1", "anonymous_id:i1", "anonymous_id:d7"}
+        assert "Order Completed" in {event.name for event in backend.events_of("anonymous_id:i1")}
+
+
+def test_with_untrusted_clients_a_forged_email_cannot_squat_the_victims(tmp_path: Path) -> None:
+    # With a source that may contribute user_id and email, Mallory's `identify(userId=mallory,
+    # traits.email=victim's)` before the victim signs up keeps that email on Mallory's profile, and the
+    # user_id limit then drops the victim's email and the victim's own anonymous id at every login
+    # (SPEC §4 step 5 drops the least trusted first). A public source limited to anonymous ids cannot.
+    toml = UNTRUSTED_CLIENTS.replace('identifier_types = ["anonymous_id"]', "", 1)
+    with world_at(tmp_path, toml) as world:
+        web = world.space_for_write_key("wk_web")
+        web.send("identify", userId="mallory", traits={"email": "new@x.io"}, at=at(minutes=1))
+        signup = world.space_for_write_key("wk_backend").send(
+            "identify", userId="newbie", anonymousId="n1", traits={"email": "new@x.io"}, at=at(minutes=2)
+        )
+        assert sorted(str(item.identifier) for item in signup.dropped) == [
+            "anonymous_id:n1",
+            "email:new@x.io",
+        ]
+        assert web.identifiers_of("email:new@x.io") == {"user_id:mallory", "email:new@x.io"}
+    with world_at(tmp_path / "limited", UNTRUSTED_CLIENTS) as world:
+        web = world.space_for_write_key("wk_web")
+        web.send("identify", userId="mallory", traits={"email": "new@x.io"}, at=at(minutes=1))
+        signup = world.space_for_write_key("wk_backend").send(
+            "identify", userId="newbie", anonymousId="n1", traits={"email": "new@x.io"}, at=at(minutes=2)
+        )
+        assert signup.dropped == ()
+        assert web.identifiers_of("email:new@x.io") == {"user_id:newbie", "anonymous_id:n1", "email:new@x.io"}
 
 
 def test_e4_merge_of_two_existing_profiles(space: Space) -> None:

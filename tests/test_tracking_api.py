@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from idstitch.http.auth import basic_user
 from idstitch.http.logs import JsonFormatter
 from idstitch.http.source_settings import parse_public_url
 from idstitch.http.tracking import TrackingAPI
+from idstitch.profiles import explain_document
 from idstitch.queue.envelope import RequestTooLarge
 from idstitch.storage.base import Store, StoreUnavailable
 from idstitch.storage.urls import open_store
@@ -151,16 +153,25 @@ class Api:
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    world = open_world(tmp_path, CONFIG)
+    async with open_api(tmp_path, CONFIG) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def open_api(tmp_path: Path, toml: str) -> AsyncIterator[Api]:
+    """The app over a fresh store configured by `toml`, closed on leaving."""
+    world = open_world(tmp_path, toml)
     engine = GatedEngine(world.store, world.config)
     writer = GroupCommitWriter(engine, max_pending_messages=3000)
     tracking = TrackingAPI(writer, clock=lambda: RECEIVED)
     transport = httpx.ASGITransport(app=tracking)
-    async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
-        yield Api(world, engine, writer, tracking, client)
-    engine.gate.set()
-    writer.close()
-    world.close()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://idstitch.test") as client:
+            yield Api(world, engine, writer, tracking, client)
+    finally:
+        engine.gate.set()
+        writer.close()
+        world.close()
 
 
 def track(number: int, **fields: Any) -> dict[str, Any]:
@@ -289,6 +300,168 @@ async def test_a_wrong_or_missing_key_is_401_and_nothing_is_stored(api: Api) -> 
     response = await api.client.post("/v1/track", json=track(5))
     assert response.headers["www-authenticate"] == 'Basic realm="idstitch"'
     assert api.event_ids() == [] and api.event_ids("other") == []
+
+
+# -- untrusted clients -----------------------------------------------------------------------------
+# A browser or an app carries its write key in the open, so anyone can send `identify` with another
+# person's userId or email. The README's "Untrusted clients" config: the public source may contribute
+# anonymous ids only; the backend, whose key stays secret, says who is who.
+
+UNTRUSTED_CONFIG = """
+[spaces.app]
+email_from_track_properties = true
+
+[spaces.app.sources.web]
+write_key = "wk_web"
+identifier_types = ["anonymous_id"]
+
+[spaces.app.sources.backend]
+write_key = "wk_backend"
+
+[spaces.app.identifiers.phone]
+trait_keys = ["phone"]
+"""
+VICTIM = {"user_id:victim", "anonymous_id:v_anon", "email:victim@x.io", "phone:+15550100"}
+
+
+def external(id: str, type: str, encoding: str = "none", collection: str = "users") -> dict[str, str]:
+    return {"id": id, "type": type, "collection": collection, "encoding": encoding}
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# Every place identifiers.py reads an identifier from, each naming the victim's; "att" is the attacker's
+# own anonymousId. None of them may reach the victim's profile through a source limited to anonymous ids.
+FORGERIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "userId": ("identify", {"userId": "victim"}),
+    "traits.email in another case": ("identify", {"traits": {"email": " VICTIM@x.io"}}),
+    "context.traits.email": ("track", {"event": "x", "context": {"traits": {"email": "victim@x.io"}}}),
+    "properties.email": ("track", {"event": "x", "properties": {"email": "victim@x.io"}}),
+    "a custom trait key": ("identify", {"traits": {"Phone": "+15550100"}}),
+    "a custom key in properties": ("track", {"event": "x", "properties": {"phone": "+15550100"}}),
+    "externalIds in base64": (
+        "track",
+        {
+            "event": "x",
+            "context": {
+                "externalIds": [
+                    external(b64("victim"), "USER_ID", "base64"),
+                    external(b64("victim@x.io"), "Email", "BASE64"),
+                    external("+15550100", "phone"),
+                ]
+            },
+        },
+    ),
+    "alias of the victim's user_id": ("alias", {"userId": "att_uid", "previousId": "victim"}),
+    "alias to the victim's user_id": ("alias", {"userId": "victim", "previousId": "att"}),
+    "group": (
+        "group",
+        {"userId": "victim", "groupId": "acme", "context": {"traits": {"email": "victim@x.io"}}},
+    ),
+    "a device id": ("track", {"event": "x", "context": {"device": {"type": "ios", "id": "dev-v"}}}),
+}
+
+
+@asynccontextmanager
+async def victim_and_web(tmp_path: Path) -> AsyncIterator[Api]:
+    """UNTRUSTED_CONFIG with a victim the backend identified (anonymous id, user id, email, phone,
+    an iPhone) and an attacker who browsed with anonymousId att."""
+    async with open_api(tmp_path, UNTRUSTED_CONFIG) as api:
+        victim_page = {"anonymousId": "v_anon", "name": "Home"}
+        assert await api.post("/v1/page", victim_page, key="wk_web") == (200, OK)
+        identify = {
+            "userId": "victim",
+            "anonymousId": "v_anon",
+            "traits": {"email": "victim@x.io", "phone": "+15550100", "address": "1 Secret St"},
+            "context": {"device": {"type": "ios", "id": "dev-v"}},
+        }
+        assert await api.post("/v1/identify", identify, key="wk_backend") == (200, OK)
+        assert await api.post("/v1/page", {"anonymousId": "att", "name": "Home"}, key="wk_web") == (200, OK)
+        yield api
+
+
+@pytest.mark.parametrize("path", list(FORGERIES))
+async def test_a_source_limited_to_anonymous_ids_lets_no_forged_identifier_through(
+    tmp_path: Path, path: str
+) -> None:
+    call, fields = FORGERIES[path]
+    async with victim_and_web(tmp_path) as api:
+        space = api.world.space(SPACE)
+        assert await api.post(f"/v1/{call}", {"anonymousId": "att", **fields}, key="wk_web") == (200, OK)
+        assert space.identifiers_of("user_id:victim") == VICTIM | {"ios.id:dev-v"}
+        assert space.identifiers_of("anonymous_id:att") == {"anonymous_id:att"}
+        assert space.profile_of("anonymous_id:att") != space.profile_of("user_id:victim")
+        assert "address" not in space.traits_of("anonymous_id:att")
+        assert space.store.stats(SPACE).merges == 0
+        # What was dropped is explained on the attacker's own profile, each with the source's rule.
+        document = explain_document(space.store, SPACE, str(space.profile_of("anonymous_id:att")))
+        assert document is not None and document["dropped"]
+        assert {item["rule"].partition(" may not")[0] for item in document["dropped"]} == {"source web"}
+
+
+async def test_batch_level_context_obeys_the_source_of_the_request(tmp_path: Path) -> None:
+    async with victim_and_web(tmp_path) as api:
+        space = api.world.space(SPACE)
+        body = {
+            "batch": [{"type": "track", "event": "b", "anonymousId": "att"}],
+            "context": {"traits": {"email": "victim@x.io"}, "externalIds": [external("victim", "user_id")]},
+        }
+        assert await api.post("/v1/batch", body, key="wk_web") == (200, OK)
+        assert space.identifiers_of("anonymous_id:att") == {"anonymous_id:att"}
+        assert space.identifiers_of("user_id:victim") == VICTIM | {"ios.id:dev-v"}
+
+
+async def test_basic_auth_names_the_source_whatever_write_key_the_body_names(tmp_path: Path) -> None:
+    # A client holding the public key cannot borrow the backend's policy by naming its key in the body.
+    async with victim_and_web(tmp_path) as api:
+        space = api.world.space(SPACE)
+        forged = {"userId": "victim", "anonymousId": "att", "writeKey": "wk_backend"}
+        assert await api.post("/v1/identify", forged, key="wk_web") == (200, OK)
+        batch = {"batch": [{**forged, "type": "identify"}], "writeKey": "wk_backend"}
+        assert await api.post("/v1/batch", batch, key="wk_web") == (200, OK)
+        assert space.identifiers_of("anonymous_id:att") == {"anonymous_id:att"}
+        assert {event.source for event in space.events_of("anonymous_id:att")} == {"web"}
+
+
+async def test_a_public_write_key_cannot_grow_the_rules_without_bound(tmp_path: Path) -> None:
+    # Each new externalIds type became a rule of the space for good, and learning one rebuilt them all:
+    # a client with the page's key could send thousands and stall every writer. Past the cap (100 by
+    # default) new types are dropped; a source limited to anonymous ids teaches none at all.
+    spam = [
+        {
+            "type": "track",
+            "event": "x",
+            "anonymousId": f"s{n}",
+            "context": {"externalIds": [external("v", f"t{n}")]},
+        }
+        for n in range(150)
+    ]
+    async with open_api(tmp_path, CONFIG) as api:
+        assert await api.post("/v1/batch", {"batch": spam}) == (200, OK)
+        assert len(api.world.store.learned_types(SPACE)) == 100
+        assert api.engine.rules(SPACE).knows("t99") and not api.engine.rules(SPACE).knows("t100")
+    async with open_api(tmp_path / "limited", UNTRUSTED_CONFIG) as api:
+        assert await api.post("/v1/batch", {"batch": spam}, key="wk_web") == (200, OK)
+        assert api.world.store.learned_types(SPACE) == []
+
+
+async def test_with_an_unrestricted_public_source_a_forged_identify_joins_the_victim(tmp_path: Path) -> None:
+    # The threat the README's "Untrusted clients" describes, as it is with the default rules and one
+    # source: the attacker's device joins the victim's profile, so whatever reads profiles by the
+    # visitor's own anonymousId reads the victim's traits and events. merge = false does not stop it
+    # (a fresh anonymousId is a new identifier joining one profile, not a merge of two).
+    toml = CONFIG + '\n[spaces.app.sources.public_nomerge]\nwrite_key = "wk_nomerge"\nmerge = false\n'
+    async with open_api(tmp_path, toml) as api:
+        space = api.world.space(SPACE)
+        identify = {"userId": "victim", "anonymousId": "v_anon", "traits": {"address": "1 Secret St"}}
+        assert await api.post("/v1/identify", identify) == (200, OK)
+        for key, anonymous_id in (("wk_test", "att1"), ("wk_nomerge", "att2")):
+            forged = {"userId": "victim", "anonymousId": anonymous_id}
+            assert await api.post("/v1/identify", forged, key=key) == (200, OK)
+            assert space.profile_of(f"anonymous_id:{anonymous_id}") == space.profile_of("user_id:victim")
+            assert space.traits_of(f"anonymous_id:{anonymous_id}")["address"] == "1 Secret St"
 
 
 # -- invalid requests ------------------------------------------------------------------------------
