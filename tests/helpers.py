@@ -11,6 +11,7 @@ minute per message unless given as `at=` or `timestamp=`), so runs are determini
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -40,6 +41,7 @@ __all__ = [
     "committed_events",
     "config_from_toml",
     "ident",
+    "kill_when",
     "open_space",
     "open_world",
     "wait_for",
@@ -258,6 +260,19 @@ def wait_for(
         assert process.poll() is None, f"the process ended (exit {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def kill_when(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `process` as soon as `condition` holds, as a crash would (no clean-up runs), and reap it."""
+    try:
+        wait_for(condition, what, process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, f"{process.args!r} ended before it could be killed"
 
 
 class FailsAtCommit:

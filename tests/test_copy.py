@@ -10,7 +10,6 @@ import base64
 import gzip
 import json
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from helpers import clean_env, committed_events, wait_for
+from helpers import clean_env, committed_events, kill_when
 from idstitch.config import load_config
 from idstitch.core.errors import InvalidEvent
 from idstitch.core.messages import Message, format_timestamp, parse_message, parse_stored
@@ -197,12 +196,7 @@ def test_a_copy_keeps_each_messages_source_policy_and_a_killed_copy_resumes_to_t
     copying = subprocess.Popen(
         command, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        wait_for(lambda: committed_events(target) >= 500, "the copy's first batches", copying)
-    finally:
-        copying.send_signal(signal.SIGKILL)
-        copying.wait(timeout=30)
-    assert copying.returncode == -signal.SIGKILL, "the copy ended before it could be killed: make it longer"
+    kill_when(lambda: committed_events(target) >= 500, "the copy's first batches", copying)
     killed_at = committed_events(target)
     assert 0 < killed_at < 6_000
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RECEIVED, FailsAtCommit, clean_env, committed_events, wait_for
+from helpers import RECEIVED, FailsAtCommit, clean_env, committed_events, kill_when, wait_for
 from idstitch.config import Config
 from idstitch.core.messages import Message, parse_message
 from idstitch.engine import Engine
@@ -125,15 +125,7 @@ def start_ingest(workload: Path, database: Path) -> subprocess.Popen[bytes]:
 def kill_9_once(workload: Path, database: Path, at_least: int) -> None:
     """Run `idstitch ingest` and SIGKILL it as soon as `at_least` events are committed."""
     victim = start_ingest(workload, database)
-    try:
-        wait_for(lambda: committed_events(database) >= at_least, f"{at_least:,} committed events", victim)
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    kill_when(lambda: committed_events(database) >= at_least, f"{at_least:,} committed events", victim)
 
 
 def prefix_file(workload: Path, stored: set[str], path: Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import clean_env, committed_events, wait_for
+from helpers import clean_env, committed_events, kill_when
 from idstitch.core.messages import Message, parse_message
 from idstitch.ingest.files import read_items
 from idstitch.storage.urls import open_store
@@ -341,15 +340,7 @@ def test_kill_9_mid_archive_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
-        wait_for(lambda: committed_events(crashed) >= 2000, "2,000 committed events", victim)
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    kill_when(lambda: committed_events(crashed) >= 2000, "2,000 committed events", victim)
     assert 2000 <= committed_events(crashed) < total, "the kill must land mid-run"
     resumed = json.loads(ok(*command, "--store", f"sqlite:///{crashed}", cwd=tmp_path).stdout)
     assert resumed["duplicates"] >= 2000 and resumed["rejected"] == 0
