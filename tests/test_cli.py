@@ -416,6 +416,32 @@ def test_shared_device_junk_ids_explain_and_stats(cli: CLI) -> None:
     assert "suspect" in cli.ok("stats").stdout
 
 
+def test_explain_text_gives_one_line_per_identifier_and_rule_however_often_it_was_dropped(cli: CLI) -> None:
+    """A page of a public source (README: Untrusted clients) that may not send user_id goes on naming the
+    logged-in user: every call drops it again. The JSON keeps each drop; the text says it once, counted."""
+    config = cli.directory / "public.toml"
+    config.write_text(
+        '[spaces.default.sources.web]\nwrite_key = "wk_web"\nidentifier_types = ["anonymous_id"]\n'
+    )
+    pages = [msg(n, anonymousId="a1", userId="u1") for n in range(1, 5)]
+    path = cli.write(
+        "pages.ndjson", *pages, msg(5, anonymousId="a1", userId="u1", traits={"email": "j@x.io"})
+    )
+    cli.ok("ingest", str(path), "--config", str(config))
+    explained = cli.json("explain", "anonymous_id:a1", "--config", str(config))
+    assert [d["message_id"] for d in explained["dropped"] if d["identifier"] == "user_id:u1"] == [
+        "m1", "m2", "m3", "m4", "m5"
+    ]  # fmt: skip
+    text = cli.ok("explain", "anonymous_id:a1", "--config", str(config)).stdout
+    assert "dropped identifiers: 6\n" in text
+    assert (
+        f"  {at(1)}  user_id:u1  rule: source web may not contribute user_id  "
+        f"(5 messages, the last ingested m5 at {at(5)})\n"
+    ) in text
+    assert f"  {at(5)}  email:j@x.io  rule: source web may not contribute email  (message m5)\n" in text
+    assert text.count("user_id:u1") == 1
+
+
 def test_bad_input_is_reported_per_line_and_every_good_line_lands(cli: CLI) -> None:
     big = msg(6, "track", userId="u6", properties={"blob": "x" * (40 * 1024)})
     path = cli.write(

@@ -1186,10 +1186,19 @@ def _render_explain(document: dict[str, Any]) -> None:
         )
     dropped = document["dropped"]
     lines.append(f"dropped identifiers: {len(dropped)}")
+    # One line per identifier and rule: a logged-in page of a source that may not send user_id drops it
+    # from every call, and thousands of identical lines would bury the drops that differ.
+    repeated: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for item in dropped:
-        lines.append(
-            f"  {item['at']}  {item['identifier']}  rule: {item['rule']}  (message {item['message_id']})"
+        repeated.setdefault((item["identifier"], item["rule"]), []).append(item)
+    for (identifier, rule), items in repeated.items():
+        first, last = items[0], items[-1]
+        where = (
+            f"message {first['message_id']}"
+            if len(items) == 1
+            else f"{len(items):,} messages, the last ingested {last['message_id']} at {last['at']}"
         )
+        lines.append(f"  {first['at']}  {identifier}  rule: {rule}  ({where})")
     retired = document["retired"]
     lines.append(
         f"retired identifiers: {len(retired)}"
