@@ -187,6 +187,34 @@ def test_with_untrusted_clients_a_forged_email_cannot_squat_the_victims(tmp_path
         assert web.identifiers_of("email:new@x.io") == {"user_id:newbie", "anonymous_id:n1", "email:new@x.io"}
 
 
+def test_with_untrusted_clients_an_email_claimed_without_a_user_id_takes_the_owners_signup(
+    tmp_path: Path,
+) -> None:
+    # README (Untrusted clients): a public source that may contribute email but not user_id lets a
+    # visitor claim an email with no userId; the owner's signup then lands on the visitor's profile,
+    # so the visitor's own anonymous id reads the owner's profile. Limited to anonymous ids, it cannot.
+    toml = UNTRUSTED_CLIENTS.replace(
+        'identifier_types = ["anonymous_id"]', 'identifier_types = ["anonymous_id", "email"]', 1
+    )
+    with world_at(tmp_path, toml) as world:
+        web = world.space_for_write_key("wk_web")
+        claim = web.send("identify", anonymousId="m1", traits={"email": "new@x.io"}, at=at(minutes=1))
+        signup = world.space_for_write_key("wk_backend").send(
+            "identify", userId="newbie", anonymousId="n1", traits={"email": "new@x.io"}, at=at(minutes=2)
+        )
+        assert signup.dropped == ()
+        assert signup.profile_id == claim.profile_id
+        assert "user_id:newbie" in web.identifiers_of("anonymous_id:m1")
+    with world_at(tmp_path / "limited", UNTRUSTED_CLIENTS) as world:
+        web = world.space_for_write_key("wk_web")
+        claim = web.send("identify", anonymousId="m1", traits={"email": "new@x.io"}, at=at(minutes=1))
+        signup = world.space_for_write_key("wk_backend").send(
+            "identify", userId="newbie", anonymousId="n1", traits={"email": "new@x.io"}, at=at(minutes=2)
+        )
+        assert signup.profile_id != claim.profile_id
+        assert web.identifiers_of("anonymous_id:m1") == {"anonymous_id:m1"}
+
+
 def test_e4_merge_of_two_existing_profiles(space: Space) -> None:
     a = space.send("page", anonymousId="a1", at=at(minutes=1)).profile_id
     b = space.send("identify", traits={"email": "j@x.io"}, at=at(minutes=2)).profile_id
