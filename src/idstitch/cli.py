@@ -2,10 +2,15 @@
 migrate | copy | simulate | accuracy | report | bench`.
 
 An edge: it parses arguments, calls the engine or reads the store, and prints. Exit codes:
-0 success (also for an ingest that rejected some messages: they are listed on stderr and counted),
-1 the profile asked for (or its space) is not in the store (or the parked request), 2 a usage or configuration error (missing
-file, unknown space, bad store URL, invalid config), 130 / 143 an ingest or copy interrupted by Ctrl-C /
-SIGTERM (every batch committed before that is kept; run the same command again to resume). `serve`
+0 success (also for an ingest that rejected some messages: they are listed on stderr and counted);
+1 the profile asked for (or its space) is not in the store (or the parked request), or the store stayed
+locked, unavailable (PostgreSQL gone past the 2 minutes) or unwritable (a full disk), or an ingest input
+(a file of a directory included) could no longer be read, with what committed before kept; 2 a usage or
+configuration error before anything is written (missing or unreadable file, a directory without a data
+file or with an unreadable entry, unknown space or source, bad store URL, invalid config, a copy refused;
+a copy that meets a stored message whose source is no longer configured keeps what it copied before);
+130 / 143 an ingest or copy interrupted by Ctrl-C / SIGTERM (every batch committed before that is kept;
+run the same command again to resume). `serve`
 exits 0 after a graceful SIGTERM / Ctrl-C (every request accepted was committed and answered); so
 does `worker` (the group it was resolving is committed and acknowledged first). A reader that goes
 away (`| head`) changes neither what a command does nor its exit code.
