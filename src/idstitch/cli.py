@@ -178,6 +178,14 @@ SpaceOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+JsonSummaryOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+BatchSizeOption = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", min=1, max=100_000, metavar="N", help="Messages per transaction (group commit)."
+    ),
+]
 _QUEUE_HELP = (
     "NATS JetStream URL: nats://host:port[,nats://other:port][?stream=NAME&subject=PREFIX&consumer=NAME"
     "&ack_wait=SECONDS] "
@@ -372,14 +380,9 @@ def ingest(
             "(default: the space's only source).",
         ),
     ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", min=1, max=100_000, metavar="N", help="Messages per transaction (group commit)."
-        ),
-    ] = 1000,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    batch_size: BatchSizeOption = 1000,
+    quiet: QuietOption = False,
+    as_json: JsonSummaryOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
@@ -735,7 +738,7 @@ def worker(
     drain: Annotated[
         bool, typer.Option("--drain", help="Exit once the queue is empty instead of waiting for more.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: JsonSummaryOption = False,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -1388,14 +1391,9 @@ def copy_store(
             help="A space to copy; repeat for several (default: every space stored).",
         ),
     ] = None,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", min=1, max=100_000, metavar="N", help="Messages per transaction in the copy."
-        ),
-    ] = 1000,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    batch_size: BatchSizeOption = 1000,
+    quiet: QuietOption = False,
+    as_json: JsonSummaryOption = False,
     store: StoreOption = DEFAULT_STORE_URL,
     config: ConfigOption = None,
 ) -> None:
