@@ -117,22 +117,21 @@ def resolve_message(
             if previous not in users:
                 users.append(previous)
     accounts = list(extraction.accounts)
-    new_names = list(dict.fromkeys(item.type for item in (*users, *accounts) if not rules.knows(item.type)))
-    if len(new_names) > rules.learned_room:
-        # Past the space's cap a new type is no identifier: every client with a public write key could
-        # otherwise add rules for good (learning one reads and rebuilds them all).
-        refused = set(new_names[rules.learned_room :])
-        reason = f"cap {rules.max_learned_types} learned identifier types per space"
-        dropped += tuple(Dropped(item, reason) for item in (*users, *accounts) if item.type in refused)
-        users = [item for item in users if item.type not in refused]
-        accounts = [item for item in accounts if item.type not in refused]
-    new_types = tuple(
-        dict.fromkeys(
-            (identifier.type, identifier.collection)
-            for identifier in (*users, *accounts)
-            if not rules.knows(identifier.type)
-        )
-    )
+    # One pass over the message's identifiers for types the space does not know yet (most have none).
+    unknown = [item for item in (*users, *accounts) if not rules.knows(item.type)]
+    if unknown:
+        new_names = list(dict.fromkeys(item.type for item in unknown))
+        room = rules.learned_room
+        if len(new_names) > room:
+            # Past the space's cap a new type is no identifier: every client with a public write key could
+            # otherwise add rules for good (learning one reads and rebuilds them all).
+            refused = set(new_names[room:])
+            reason = f"cap {rules.max_learned_types} learned identifier types per space"
+            dropped += tuple(Dropped(item, reason) for item in (*users, *accounts) if item.type in refused)
+            users = [item for item in users if item.type not in refused]
+            accounts = [item for item in accounts if item.type not in refused]
+            unknown = [item for item in unknown if item.type not in refused]
+    new_types = tuple(dict.fromkeys((identifier.type, identifier.collection) for identifier in unknown))
     if new_types:
         rules = rules.with_learned(new_types)
     user_resolution = (
