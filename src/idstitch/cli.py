@@ -1557,14 +1557,16 @@ def _copy_spaces(
                     ) from None
                 tally.batches += 1
                 resolved: list[str] = []
-                for labels, placed, result in zip(group.labels, group.placed, results, strict=True):
+                for placed, result in zip(group.placed, results, strict=True):
                     for outcome in result.outcomes:
                         tally.count(outcome)
+                        message_id, sequence, profile_id, account_id = placed[outcome.index]
                         if outcome.status == "rejected":
-                            stderr.print(f"{name}: {labels[outcome.index]}: {outcome.error}", soft_wrap=True)
+                            stderr.print(
+                                f"{name}: {message_id} (sequence {sequence}): {outcome.error}", soft_wrap=True
+                            )
                         elif outcome.status != "duplicate":
                             # Where the source put it: another place is a rules change (or another order).
-                            message_id, profile_id, account_id = placed[outcome.index]
                             resolved.append(message_id)
                             tally.moved += (outcome.profile_id, outcome.account_id) != (
                                 profile_id,

@@ -96,11 +96,10 @@ class StoredGroup:
     """Consecutive stored messages of one space, for one transaction: a batch per run of one source."""
 
     batches: list[IngestBatch] = field(default_factory=list)
-    labels: list[list[str]] = field(default_factory=list)  # per batch, each message's `id (sequence N)`
-    # Per batch, each message's id and the profile and account the source resolved it to.
-    placed: list[list[tuple[str, str | None, str | None]]] = field(default_factory=list)
+    # Per batch, each message as the source stored it: its id, sequence, and the profile and account it
+    # resolved to there.
+    placed: list[list[tuple[str, int, str | None, str | None]]] = field(default_factory=list)
     messages: int = 0
-    last_sequence: int = 0
 
 
 def read_stored_groups(
@@ -135,13 +134,10 @@ def read_stored_groups(
         if last is None or last.source != event.source:
             last = IngestBatch([], space, event.source)
             group.batches.append(last)
-            group.labels.append([])
             group.placed.append([])
         last.items.append(item)
-        group.labels[-1].append(f"{event.message_id} (sequence {event.sequence})")
-        group.placed[-1].append((event.message_id, event.profile_id, event.account_id))
+        group.placed[-1].append((event.message_id, event.sequence, event.profile_id, event.account_id))
         group.messages += 1
-        group.last_sequence = event.sequence
         if group.messages >= group_size:
             yield group
             group = StoredGroup()
